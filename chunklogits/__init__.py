@@ -1,0 +1,16 @@
+"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]`` tensor."""
+
+from . import memory, reference
+from ._blocks import set_block_budget
+from .logprobs import logsumexp, token_logprobs
+from .loss import linear_cross_entropy
+
+__all__ = [
+    "linear_cross_entropy",
+    "logsumexp",
+    "memory",
+    "reference",
+    "set_block_budget",
+    "token_logprobs",
+]
+__version__ = "0.1.0"

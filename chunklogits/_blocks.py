@@ -1,0 +1,388 @@
+"""The block engine: per-row softmax statistics of ``hidden @ weight.T`` without the full logits.
+
+The ``[N, V]`` logits are visited in blocks of ``chunk_size`` rows x one vocabulary shard. Each block
+is computed by one GEMM, transformed (``logit_scale``, ``softcap``, ``temperature``) in fp32 and
+folded into fp32 per-row running statistics with the online log-sum-exp merge:
+
+    m' = max(m, max_v z_v),   s' = s * exp(m - m') + sum_v exp(z_v - m')
+
+so that only ``O(N)`` numbers outlive a block. Everything that consumes logits is built from four
+statistics per row (``RowStats``): the log-sum-exp, the target logit, the mean logit and the
+expected logit under the softmax. ``row_stats`` returns them as a differentiable function of
+``hidden``, ``weight`` and ``bias``: its backward pass recomputes each block, forms
+``dL/dz = p * (a + b * z) + c * onehot(target) + d`` from per-row coefficients and multiplies it
+back through the two GEMMs, so the loss, log-prob and entropy ops never write their own backward.
+
+Blocks are walked vocabulary shard by shard (outer) and row chunk by row chunk (inner), so each
+shard's weight gradient is finished before the next shard starts and needs no ``[V, D]`` fp32
+accumulator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import cache
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Bytes of transient memory one block element costs at the peak of a backward step: the GEMM
+# output in half precision (2), its fp32 copy (4), the softmax (4), the half-precision gradient (2).
+_BYTES_PER_BLOCK_ELEMENT = 12
+_MIN_SHARD = 128
+_MAX_CHUNK = 16384
+
+_settings = {"block_budget": 32 * 2**20}
+
+
+def set_block_budget(nbytes: int) -> int:
+    """Set the transient memory (bytes) one logits block may use when ``shards``/``chunk_size``
+    are left to ``None``; returns the previous budget. The default, 32 MiB, keeps blocks large
+    enough for efficient GEMMs and the working memory far below the weight's size."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 2**16:
+        raise ValueError(f"nbytes: expected an int >= 65536, got {nbytes!r}")
+    previous = _settings["block_budget"]
+    _settings["block_budget"] = nbytes
+    return previous
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z = softcap(logit_scale * x) / temperature`` applied to a raw fp32 block ``x``, with
+    ``softcap(u) = c * tanh(u / c)`` (Gemma-2/3), ``logit_scale`` for Cohere (``logit_scale``)
+    and Granite (``1 / logits_scaling``)."""
+
+    logit_scale: float | None = None
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def apply_(self, x: Tensor) -> Tensor:
+        """Transform a raw block in place and return it."""
+        if self.logit_scale is not None:
+            x.mul_(self.logit_scale)
+        if self.softcap is not None:
+            x.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.temperature != 1.0:
+            x.div_(self.temperature)
+        return x
+
+    @property
+    def linear_factor(self) -> float:
+        """``dz/dx`` when there is no softcap (the transform is then linear)."""
+        return (self.logit_scale or 1.0) / self.temperature
+
+    def chain_(self, grad: Tensor, z: Tensor) -> Tensor:
+        """Turn ``dL/dz`` into ``dL/dx`` in place, given the transformed block ``z``."""
+        if self.softcap is not None:
+            # tanh(u / c) = z * temperature / c, and d/du c * tanh(u / c) = 1 - tanh(u / c)^2.
+            tanh = z * (self.temperature / self.softcap)
+            grad.mul_(tanh.square_().neg_().add_(1.0))
+        if self.linear_factor != 1.0:
+            grad.mul_(self.linear_factor)
+        return grad
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How ``[rows, vocab]`` is cut: ``chunk_size`` rows per block, vocabulary shard ``i`` is
+    ``[shard_bounds[i], shard_bounds[i + 1])``, GEMMs run in ``compute_dtype``."""
+
+    rows: int
+    chunk_size: int
+    shard_bounds: tuple[int, ...]
+    compute_dtype: torch.dtype
+
+    @property
+    def shards(self) -> list[tuple[int, int]]:
+        return list(zip(self.shard_bounds[:-1], self.shard_bounds[1:], strict=True))
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.chunk_size, self.rows)) for r in range(0, self.rows, self.chunk_size)]
+
+
+def _check_count(name: str, value, low: int, high: int | None = None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an int {bound}, got {value}")
+
+
+def plan_blocks(
+    rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+) -> BlockPlan:
+    """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
+    block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
+    widest shards the budget leaves room for."""
+    _check_count("shards", shards, 1, vocab)
+    _check_count("chunk_size", chunk_size, 1)
+    elements = max(1, _settings["block_budget"] // _BYTES_PER_BLOCK_ELEMENT)
+    if chunk_size is None:
+        width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
+        chunk_size = max(1, min(rows, _MAX_CHUNK, elements // width))
+    if shards is None:
+        width = max(min(vocab, _MIN_SHARD), elements // chunk_size)
+        shards = math.ceil(vocab / width)
+    bounds = tuple(round(i * vocab / shards) for i in range(shards + 1))
+    return BlockPlan(rows, chunk_size, bounds, block_compute_dtype(dtype, device))
+
+
+def block_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype block GEMMs run in. Half precision on accelerators, where it is the fast path.
+    On CPUs it depends on the instruction set (a CPU with AVX512-BF16 multiplies bf16 about twice
+    as fast as fp32; one without multiplies fp16 tens of times slower than fp32), so it is
+    measured once per process: the faster of ``dtype`` and fp32 on a representative block."""
+    if dtype in (torch.float32, torch.float64) or device.type != "cpu":
+        return dtype
+    return _faster_cpu_dtype(dtype)
+
+
+@cache
+def _faster_cpu_dtype(dtype: torch.dtype) -> torch.dtype:
+    def seconds(dt: torch.dtype) -> float:
+        a = torch.randn(256, 256).to(dt)
+        b = torch.randn(1024, 256).to(dt)
+        a @ b.T  # warm up the kernel selection
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b.T
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return dtype if seconds(dtype) <= seconds(torch.float32) else torch.float32
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of ``z = transform(hidden @ weight.T + bias)`` over the vocabulary.
+
+    ``lse``: ``logsumexp(z)``; ``target``: ``z[target]``; ``mean``: ``z.mean()``;
+    ``expected``: ``(softmax(z) * z).sum()``. Unrequested ones are ``None``.
+    """
+
+    lse: Tensor
+    target: Tensor | None
+    mean: Tensor | None
+    expected: Tensor | None
+
+
+class _Rows:
+    """The rows of ``hidden2d`` selected by ``index`` (all rows when ``None``), served chunk by
+    chunk in the compute dtype. With a single chunk it is gathered once and reused for every
+    shard; with several, each is gathered when needed (a ``chunk x D`` copy beside a
+    ``chunk x shard x D`` GEMM)."""
+
+    def __init__(self, hidden2d: Tensor, index: Tensor | None, plan: BlockPlan):
+        self.hidden2d, self.index, self.dtype = hidden2d, index, plan.compute_dtype
+        self.chunks = plan.chunks
+        self._single = self._load(*self.chunks[0]) if len(self.chunks) == 1 else None
+
+    def _load(self, r0: int, r1: int) -> Tensor:
+        rows = self.hidden2d[r0:r1] if self.index is None else self.hidden2d[self.index[r0:r1]]
+        return rows.to(self.dtype)
+
+    def __iter__(self):
+        for r0, r1 in self.chunks:
+            yield r0, r1, self._single if self._single is not None else self._load(r0, r1)
+
+
+def _shard_params(weight, bias, v0, v1, plan, stat_dtype):
+    w = weight[v0:v1].to(plan.compute_dtype)
+    b = None if bias is None else bias[v0:v1].to(stat_dtype)
+    return w, b
+
+
+def _block_logits(h, w, b, transform: LogitTransform, stat_dtype) -> Tensor:
+    z = (h @ w.T).to(stat_dtype)
+    if b is not None:
+        z += b
+    return transform.apply_(z)
+
+
+def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    """(mask of rows whose target lies in [v0, v1), column of that target clamped into the shard)."""
+    inside = (targets >= v0) & (targets < v1)
+    return inside, (targets - v0).clamp_(0, v1 - v0 - 1)
+
+
+def _forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected):
+    stat_dtype = torch.promote_types(hidden2d.dtype, torch.float32)
+    n, vocab = plan.rows, weight.shape[0]
+    new = {"device": hidden2d.device, "dtype": stat_dtype}
+    running_max = torch.full((n,), -math.inf, **new)
+    sum_exp = torch.zeros(n, **new)
+    target = torch.zeros(n, **new) if targets is not None else None
+    total = torch.zeros(n, **new) if want_mean else None
+    weighted = torch.zeros(n, **new) if want_expected else None
+    rows = _Rows(hidden2d, index, plan)
+    for v0, v1 in plan.shards:
+        w, b = _shard_params(weight, bias, v0, v1, plan, stat_dtype)
+        for r0, r1, h in rows:
+            z = _block_logits(h, w, b, transform, stat_dtype)
+            if target is not None:
+                inside, column = _target_in_shard(targets[r0:r1], v0, v1)
+                picked = z.gather(1, column[:, None]).squeeze(1)
+                target[r0:r1] = torch.where(inside, picked, target[r0:r1])
+            if total is not None:
+                total[r0:r1] += z.sum(1)
+            old_max = running_max[r0:r1]
+            new_max = torch.maximum(old_max, z.amax(1))
+            rescale = (old_max - new_max).exp_()
+            running_max[r0:r1] = new_max
+            if weighted is None:
+                exp = z.sub_(new_max[:, None]).exp_()
+            else:
+                exp = (z - new_max[:, None]).exp_()
+                weighted[r0:r1] = weighted[r0:r1] * rescale + torch.linalg.vecdot(exp, z)
+            sum_exp[r0:r1] = sum_exp[r0:r1] * rescale + exp.sum(1)
+    lse = running_max + sum_exp.log()
+    mean = None if total is None else total / vocab
+    expected = None if weighted is None else weighted / sum_exp
+    return RowStats(lse, target, mean, expected)
+
+
+class _GradCoefficients(NamedTuple):
+    """``dL/dz[i, v] = p[i, v] * (p_coef[i] + pz_coef[i] * z[i, v]) + target_coef[i] * [v == t_i]
+    + uniform[i]``; ``None`` terms are zero."""
+
+    p_coef: Tensor | None
+    pz_coef: Tensor | None
+    target_coef: Tensor | None
+    uniform: Tensor | None
+
+
+def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoefficients:
+    # d lse / dz = p;  d z_t / dz = onehot(t);  d mean / dz = 1 / V;
+    # d (sum_v p_v z_v) / dz_v = p_v * (1 + z_v - expected).
+    p_coef = grads.lse
+    pz_coef = None
+    if grads.expected is not None:
+        shift = grads.expected * (1.0 - stats.expected)
+        p_coef = shift if p_coef is None else p_coef + shift
+        pz_coef = grads.expected
+    uniform = None if grads.mean is None else grads.mean / vocab
+    return _GradCoefficients(p_coef, pz_coef, grads.target, uniform)
+
+
+def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
+    stat_dtype = lse.dtype
+    need_hidden, need_weight, need_bias = needs
+    rows = _Rows(hidden2d, index, plan)
+    single_chunk = len(plan.chunks) == 1
+    grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
+    grad_rows = grad_rows if need_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
+    keep_z = coef.pz_coef is not None or transform.softcap is not None
+    for v0, v1 in plan.shards:
+        w, b = _shard_params(weight, bias, v0, v1, plan, stat_dtype)
+        grad_w = None
+        if need_weight and not single_chunk:
+            grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
+        for r0, r1, h in rows:
+            z = _block_logits(h, w, b, transform, stat_dtype)
+            grad = (z - lse[r0:r1, None]).exp_() if keep_z else z.sub_(lse[r0:r1, None]).exp_()
+            p_coef = coef.p_coef[r0:r1] if coef.p_coef is not None else None
+            if coef.pz_coef is not None:
+                grad.mul_(z * coef.pz_coef[r0:r1, None] + (0.0 if p_coef is None else p_coef[:, None]))
+            elif p_coef is not None:
+                grad.mul_(p_coef[:, None])
+            else:
+                grad.zero_()
+            if coef.target_coef is not None:
+                inside, column = _target_in_shard(targets[r0:r1], v0, v1)
+                grad.scatter_add_(1, column[:, None], (coef.target_coef[r0:r1] * inside)[:, None])
+            if coef.uniform is not None:
+                grad.add_(coef.uniform[r0:r1, None])
+            transform.chain_(grad, z)
+            del z
+            if grad_bias is not None:
+                grad_bias[v0:v1] += grad.sum(0)
+            grad = grad.to(plan.compute_dtype)
+            if grad_rows is not None:
+                grad_rows[r0:r1] += grad @ w
+            if grad_w is not None:
+                grad_w += (grad.T @ h).to(stat_dtype)
+            elif need_weight:
+                grad_weight[v0:v1] = grad.T @ h
+        if grad_w is not None:
+            grad_weight[v0:v1] = grad_w
+    grad_hidden = None
+    if grad_rows is not None:
+        grad_hidden = torch.zeros_like(hidden2d)
+        if index is None:
+            grad_hidden.copy_(grad_rows)
+        else:
+            grad_hidden[index] = grad_rows.to(hidden2d.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+class _RowStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected):
+        stats = _forward_stats(
+            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected
+        )
+        ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.expected)
+        ctx.transform, ctx.plan = transform, plan
+        # Statistics that do not reach the loss get ``None`` gradients instead of zeros, so their
+        # terms are skipped in the backward blocks.
+        ctx.set_materialize_grads(False)
+        ctx.layout = tuple(s is not None for s in stats)
+        return tuple(s for s in stats if s is not None)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        hidden2d, weight, bias, index, targets, lse, expected = ctx.saved_tensors
+        present = iter(grad_outputs)
+        grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
+        stats = RowStats(lse, None, None, expected)
+        coef = _coefficients(stats, grads, weight.shape[0])
+        needs = ctx.needs_input_grad[:3]
+        grad_hidden, grad_weight, grad_bias = _backward_blocks(
+            hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def row_stats(
+    hidden2d: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    index: Tensor | None = None,
+    targets: Tensor | None = None,
+    transform: LogitTransform = LogitTransform(),
+    plan: BlockPlan,
+    want_mean: bool = False,
+    want_expected: bool = False,
+) -> RowStats:
+    """Differentiable ``RowStats`` of ``z = transform(hidden2d[index] @ weight.T + bias)``.
+
+    hidden2d: ``[M, D]``; weight: ``[V, D]``; bias: ``[V]`` or None; index: ``[N]`` rows of
+    ``hidden2d`` to use (None: all ``M``); targets: ``[N]`` in ``[0, V)`` or None. Statistics are
+    ``[N]`` in fp32 (fp64 for fp64 inputs). Inputs are assumed validated by the public op.
+    Naive equivalent: ``z = transform(F.linear(hidden2d[index], weight, bias).float())``, then
+    ``z.logsumexp(-1)``, ``z.gather(-1, targets)``, ``z.mean(-1)``, ``(z.softmax(-1) * z).sum(-1)``.
+    """
+    out = iter(
+        _RowStatsFunction.apply(
+            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected
+        )
+    )
+    present = (True, targets is not None, want_mean, want_expected)
+    return RowStats(*(next(out) if kept else None for kept in present))

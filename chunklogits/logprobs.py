@@ -1,0 +1,92 @@
+"""Per-token log-probabilities, entropy and log-sum-exp of a linear head without its logits."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._blocks import plan_blocks, row_stats
+from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``log p(tokens)`` under ``softmax(z / temperature)``, and optionally the softmax's entropy.
+
+    Naive equivalent (``reference.token_logprobs``; TRL's ``selective_log_softmax``, verl's
+    ``logprobs_from_logits`` and ``entropy_from_logits`` on the same logits)::
+
+        z = softcap(F.linear(hidden, weight, bias).float() * logit_scale) / temperature
+        logprobs = z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+
+    Args:
+        hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]`` or None (hidden's dtype).
+        tokens: ``hidden.shape[:-1]`` integers in ``[0, V)``: the token whose log-prob is wanted
+            at each position (for a causal LM, the *next* token: see ``sequence_logprobs``).
+        temperature: divides the (softcapped) logits, as RL trainers do before the log-softmax.
+        return_entropy: also return the entropy of the tempered softmax at each position.
+        softcap, logit_scale, shards, chunk_size: as in ``linear_cross_entropy``.
+
+    Returns:
+        fp32 ``logprobs`` shaped like ``tokens`` (and ``entropy``, same shape). Both are
+        differentiable with respect to hidden, weight and bias.
+    """
+    check_head(hidden, weight, bias)
+    check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
+    flat_tokens = tokens.reshape(-1)
+    check_in_vocab("tokens", flat_tokens, weight.shape[0])
+    transform = make_transform(softcap, logit_scale, temperature)
+    plan = plan_blocks(
+        flat_tokens.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
+    )
+    stats = row_stats(
+        flat_rows(hidden), weight, bias, targets=flat_tokens, transform=transform, plan=plan,
+        want_expected=return_entropy,
+    )
+    logprobs = (stats.target - stats.lse).reshape(tokens.shape)
+    if not return_entropy:
+        return logprobs
+    return logprobs, (stats.lse - stats.expected).reshape(tokens.shape)
+
+
+def logsumexp(
+    hidden: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    temperature: float = 1.0,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``logsumexp`` over the vocabulary of the transformed logits, per position.
+
+    Naive equivalent (``reference.logsumexp``)::
+
+        z = softcap(F.linear(hidden, weight, bias).float() * logit_scale) / temperature
+        lse = z.logsumexp(-1)
+
+    hidden ``[..., D]``, weight ``[V, D]``, bias ``[V]`` or None; returns fp32 ``[...]``,
+    differentiable with respect to hidden, weight and bias. Other arguments as in
+    ``linear_cross_entropy``.
+    """
+    check_head(hidden, weight, bias)
+    transform = make_transform(softcap, logit_scale, temperature)
+    rows = flat_rows(hidden)
+    plan = plan_blocks(
+        rows.shape[0], weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
+    )
+    stats = row_stats(rows, weight, bias, transform=transform, plan=plan)
+    return stats.lse.reshape(hidden.shape[:-1])

@@ -1,0 +1,148 @@
+"""Cross-entropy of a linear head without materialising its logits."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from ._blocks import plan_blocks, row_stats
+from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shift: bool = False,
+) -> Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, never holding the logits.
+
+    Naive equivalent (``reference.linear_cross_entropy``)::
+
+        z = F.linear(hidden, weight, bias).float() * logit_scale   # scale, softcap optional
+        z = softcap * torch.tanh(z / softcap)
+        if shift: z, labels = z[..., :-1, :], labels[..., 1:]
+        loss = F.cross_entropy(z.flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=label_smoothing)
+        # + z_loss * logsumexp(z)^2 per label, reduced the same way
+
+    Args:
+        hidden: ``[..., D]`` activations in the model dtype (fp16, bf16, fp32 or fp64).
+        weight: ``[V, D]`` output embedding, hidden's dtype and device.
+        labels: ``hidden.shape[:-1]`` integer targets in ``[0, V)`` or ``ignore_index``.
+        bias: ``[V]`` or None.
+        shards: number of vocabulary shards per pass (``1 <= shards <= V``); None picks it from
+            the block budget (``chunklogits.set_block_budget``).
+        chunk_size: rows per block; None picks it from the block budget.
+        ignore_index: label value that contributes neither loss nor gradient. Such rows are
+            dropped before any logits are computed.
+        reduction: ``"mean"`` (over non-ignored labels), ``"sum"`` or ``"none"`` (labels' shape,
+            ``labels[..., 1:]``'s with ``shift``, 0 at ignored positions), as ``F.cross_entropy``.
+        num_items_in_batch: with ``reduction="mean"``, divide the sum by this count instead of
+            the number of non-ignored labels (transformers' gradient-accumulation rule).
+        label_smoothing: ``eps`` in ``[0, 1]``: the target is ``(1 - eps) * onehot + eps / V``.
+        z_loss: coefficient of ``logsumexp(z)^2`` added to each label's loss (PaLM).
+        softcap: ``c`` of Gemma-2/3's ``c * tanh(z / c)``, applied after ``logit_scale``.
+        logit_scale: multiplier of the raw logits (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``).
+        shift: predict ``labels[..., t + 1]`` from ``hidden[..., t, :]`` (causal LM training)
+            without copying hidden.
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
+        Differentiable with respect to hidden, weight and bias.
+
+    Memory and time: the logits exist one block (``chunk_size x V / shards``) at a time; the
+    forward pass keeps four fp32 numbers per row and saves only the log-sum-exp for backward.
+    The backward pass recomputes each block's logits: one more ``2 N V D`` GEMM than the naive
+    version (8 instead of 6 ``N V D``). Computing the gradients during the forward pass instead,
+    as some fused losses do, would need either the ``[N, V]`` logits of a chunk for the whole
+    vocabulary plus an fp32 ``[V, D]`` weight-gradient accumulator, or a rounding of the
+    weight gradient at every chunk; both contradict what this function is for.
+    """
+    check_head(hidden, weight, bias)
+    check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    _check_fraction("label_smoothing", label_smoothing, high=1.0)
+    _check_fraction("z_loss", z_loss, high=None)
+    if num_items_in_batch is not None:
+        _check_num_items(num_items_in_batch, reduction)
+    if shift and hidden.dim() < 2:
+        raise ValueError(f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}")
+    transform = make_transform(softcap, logit_scale)
+
+    targets_full = labels
+    if shift:
+        targets_full = labels.new_full(labels.shape, ignore_index)
+        targets_full[..., :-1] = labels[..., 1:]
+    flat_targets = targets_full.reshape(-1)
+    index = (flat_targets != ignore_index).nonzero().squeeze(1)
+    targets = flat_targets[index]
+    check_in_vocab("labels", targets, weight.shape[0], ignore_index)
+    if index.numel() == flat_targets.numel():
+        index, targets = None, flat_targets
+
+    plan = plan_blocks(
+        targets.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
+    )
+    stats = row_stats(
+        flat_rows(hidden), weight, bias, index=index, targets=targets, transform=transform, plan=plan,
+        want_mean=label_smoothing > 0,
+    )
+    row_loss = stats.lse - stats.target
+    if label_smoothing > 0:
+        row_loss = stats.lse - (1.0 - label_smoothing) * stats.target - label_smoothing * stats.mean
+    if z_loss > 0:
+        row_loss = row_loss + z_loss * stats.lse.square()
+
+    if reduction == "none":
+        out = row_loss
+        if index is not None:
+            out = row_loss.new_zeros(flat_targets.shape).index_put((index,), row_loss)
+        out = out.reshape(labels.shape)
+        return out[..., :-1] if shift else out
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    return total / targets.numel()
+
+
+def _check_fraction(name: str, value, high: float | None) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a float, got {value!r}")
+    if not (value >= 0 and (high is None or value <= high)):
+        expected = f"in [0, {high}]" if high is not None else ">= 0"
+        raise ValueError(f"{name}: expected a float {expected}, got {value!r}")
+
+
+def _check_num_items(num_items, reduction: str) -> None:
+    if reduction != "mean":
+        raise ValueError(
+            f"num_items_in_batch: only meaningful with reduction='mean', got reduction={reduction!r}"
+        )
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1 or num_items.dtype.is_complex:
+            raise ValueError(f"num_items_in_batch: expected a scalar, got a tensor of shape {tuple(num_items.shape)}")
+        return
+    if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
+        raise ValueError(f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}")
