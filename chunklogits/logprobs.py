@@ -52,12 +52,12 @@ def token_logprobs(
     )
     stats = row_stats(
         flat_rows(hidden), weight, bias, targets=flat_tokens, transform=transform, plan=plan,
-        want_expected=return_entropy,
+        want_entropy=return_entropy,
     )
     logprobs = (stats.target - stats.lse).reshape(tokens.shape)
     if not return_entropy:
         return logprobs
-    return logprobs, (stats.lse - stats.expected).reshape(tokens.shape)
+    return logprobs, stats.entropy.reshape(tokens.shape)
 
 
 def logsumexp(
