@@ -48,10 +48,20 @@ def token_logprobs(
     check_in_vocab("tokens", flat_tokens, weight.shape[0])
     transform = make_transform(softcap, logit_scale, temperature)
     plan = plan_blocks(
-        flat_tokens.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
+        flat_tokens.numel(),
+        weight.shape[0],
+        hidden.dtype,
+        hidden.device,
+        shards=shards,
+        chunk_size=chunk_size,
     )
     stats = row_stats(
-        flat_rows(hidden), weight, bias, targets=flat_tokens, transform=transform, plan=plan,
+        flat_rows(hidden),
+        weight,
+        bias,
+        targets=flat_tokens,
+        transform=transform,
+        plan=plan,
         want_entropy=return_entropy,
     )
     logprobs = (stats.target - stats.lse).reshape(tokens.shape)
@@ -86,7 +96,12 @@ def logsumexp(
     transform = make_transform(softcap, logit_scale, temperature)
     rows = flat_rows(hidden)
     plan = plan_blocks(
-        rows.shape[0], weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
+        rows.shape[0],
+        weight.shape[0],
+        hidden.dtype,
+        hidden.device,
+        shards=shards,
+        chunk_size=chunk_size,
     )
     stats = row_stats(rows, weight, bias, transform=transform, plan=plan)
     return stats.lse.reshape(hidden.shape[:-1])
