@@ -1,0 +1,531 @@
+"""What the main job (``python -m chunklogits``) and ``bench/`` measure: the ways a causal LM's last
+layer is used — as transformers did at the time of issue #30860, as transformers 5.x does, as RL
+trainers do, and with chunklogits — each run on the same model and inputs, timed, and measured
+with ``chunklogits.memory.peak()``.
+
+A *task* is one thing a user does with the logits (``prefill``: the first forward pass of
+``generate()``; ``logprobs``: per-token log-probs and entropy for scoring or an RL reference
+model; ``loss``: a training step; ``sampling``: one decoding step for a batch of sequences). Each
+task has cases, the ways of doing it; the first case of a task is the most precise baseline (its
+fp32 answer is what the others are compared with) and the case named ``"chunklogits"`` is ours.
+Every case returns its answer (the last row's logits, the log-probs and entropies, the loss, the
+tokens), so that the report can show that they agree.
+
+Nothing here downloads: models are built from a preset shape with random weights, or loaded from
+a local directory or ``config.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import memory
+from .logprobs import token_logprobs
+from .loss import linear_cross_entropy
+
+# Shapes of public checkpoints (their config.json on the Hugging Face Hub), with random weights:
+# meta-llama/Llama-3.2-1B, meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1, google/gemma-7b.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "llama3-1b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+        ),
+    ),
+    "llama3-8b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+        ),
+    ),
+    "mistral-7b": (
+        "mistral",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "gemma-7b": (
+        "gemma",
+        dict(
+            vocab_size=256000,
+            hidden_size=3072,
+            intermediate_size=24576,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            head_dim=256,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+# The sequence lengths of the seed issue's figures: 100, 500, 1000, ..., 6500 tokens.
+SEED_SIZES = (100, *range(500, 6501, 500))
+
+# One decoding step samples as a typical generation config does.
+SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
+
+_WARMUP_TOKENS = 16
+
+
+@dataclass
+class Workload:
+    """A causal LM split where chunklogits takes over: ``base`` (the decoder, returning the last
+    hidden states) and the output layer ``head`` (``weight [V, D]``, ``bias [V]`` or None)."""
+
+    model: nn.Module
+    shards: int | None = None
+    base: nn.Module = field(init=False)
+    head: nn.Module = field(init=False)
+
+    def __post_init__(self):
+        self.base = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        if self.head is None or not isinstance(getattr(self.head, "weight", None), Tensor):
+            raise ValueError(
+                f"model: expected a causal LM with an output layer, got {type(self.model).__name__}"
+            )
+
+    @property
+    def weight(self) -> Tensor:
+        return self.head.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.head, "bias", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def hidden(self, ids: Tensor, use_cache: bool) -> Tensor:
+        """``[B, T, D]`` last hidden states: what the output layer is applied to."""
+        return self.base(ids, use_cache=use_cache).last_hidden_state
+
+    def check_plain_head(self) -> None:
+        """Refuse models whose logits are not ``head(base(ids))``, e.g. Gemma-2's softcap: the
+        chunklogits cases here call the ops without a logit transform."""
+        ids = self.tokens(1, 8, seed=1)
+        with torch.no_grad():
+            expected = self.model(ids, use_cache=False).logits
+            got = self.head(self.hidden(ids, use_cache=False))
+        if not torch.equal(expected, got):
+            difference = (expected.float() - got.float()).abs().max().item()
+            raise ValueError(
+                f"model: {type(self.model).__name__}'s logits are not its output layer applied to "
+                f"its decoder's hidden states (they differ by up to {difference:.3g}: a logit "
+                "softcap or scale?); the benchmark supports plain heads only"
+            )
+
+    def tokens(self, batch: int, length: int, seed: int = 0) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.vocab, (batch, length), generator=g).to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines written after the code they stand for (not imported: those packages are optional).
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """TRL's ``selective_log_softmax`` (trl/trainer/utils.py) on half-precision logits: one
+    sequence's ``log_softmax`` at a time, in the logits' dtype, then the gather."""
+    rows = zip(logits, index, strict=True)
+    return torch.stack([row.log_softmax(-1).gather(-1, i[:, None]).squeeze(-1) for row, i in rows])
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """TRL's ``entropy_from_logits`` (trl/trainer/utils.py): ``chunk_size`` flattened rows at a
+    time, in the logits' dtype."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for chunk in flat.split(chunk_size):
+        logp = chunk.log_softmax(-1)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases. Each takes the workload and the task's inputs and returns its answer.
+
+
+def _prefill_upcast(w: Workload, ids: Tensor) -> Tensor:
+    # transformers <= 4.45 (issue #30860): ``logits = self.lm_head(hidden_states).float()``.
+    logits = w.model(ids, use_cache=True).logits.float()
+    return logits[:, -1].clone()
+
+
+def _prefill_half(w: Workload, ids: Tensor) -> Tensor:
+    return w.model(ids, use_cache=True).logits[:, -1].float()
+
+
+def _prefill_keep_last(w: Workload, ids: Tensor) -> Tensor:
+    return w.model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+def _prefill_chunklogits(w: Workload, ids: Tensor) -> Tensor:
+    # chunklogits' prefill keeps the hidden states; only the next token's row is ever computed.
+    hidden = w.hidden(ids, use_cache=True)
+    return F.linear(hidden[:, -1], w.weight, w.bias).float()
+
+
+def _logprobs_upcast(w: Workload, ids: Tensor) -> Tensor:
+    logits = w.model(ids, use_cache=False).logits[:, :-1].float()
+    logp = logits.log_softmax(-1)
+    picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.stack([picked, -(logp.exp() * logp).sum(-1)])
+
+
+def _logprobs_trl(w: Workload, ids: Tensor) -> Tensor:
+    logits = w.model(ids, use_cache=False).logits[:, :-1]
+    picked = selective_log_softmax(logits, ids[:, 1:])
+    return torch.stack([picked.float(), entropy_from_logits(logits).float()])
+
+
+def _logprobs_chunklogits(w: Workload, ids: Tensor) -> Tensor:
+    hidden = w.hidden(ids, use_cache=False)[:, :-1]
+    logp, entropy = token_logprobs(
+        hidden, w.weight, ids[:, 1:], bias=w.bias, return_entropy=True, shards=w.shards
+    )
+    return torch.stack([logp, entropy])
+
+
+def _loss_upcast(w: Workload, ids: Tensor) -> Tensor:
+    # transformers <= 4.44's LlamaForCausalLM.forward with labels: upcast, then a shifted copy.
+    logits = w.head(w.hidden(ids, use_cache=False)).float()
+    shifted = logits[..., :-1, :].contiguous()
+    loss = F.cross_entropy(shifted.view(-1, shifted.shape[-1]), ids[..., 1:].reshape(-1))
+    loss.backward()
+    return loss.detach()
+
+
+def _loss_transformers(w: Workload, ids: Tensor) -> Tensor:
+    loss = w.model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach()
+
+
+def _loss_chunklogits(w: Workload, ids: Tensor) -> Tensor:
+    hidden = w.hidden(ids, use_cache=False)
+    loss = linear_cross_entropy(hidden, w.weight, ids, bias=w.bias, shift=True, shards=w.shards)
+    loss.backward()
+    return loss.detach()
+
+
+def _sample_transformers(w: Workload, hidden_last: Tensor, prompt: Tensor) -> Tensor:
+    # One step of generate()'s sampling loop, with transformers' own warpers.
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList(
+        [
+            TemperatureLogitsWarper(SAMPLING["temperature"]),
+            TopKLogitsWarper(SAMPLING["top_k"]),
+            TopPLogitsWarper(SAMPLING["top_p"]),
+        ]
+    )
+    scores = warpers(prompt, w.head(hidden_last).float())
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Task:
+    """``cases`` ways of doing one thing; ``size`` is tokens per sequence, or sequences for
+    ``sampling``; ``grad``: the cases run backward (a training step)."""
+
+    name: str
+    title: str
+    size_label: str
+    value_label: str
+    cases: tuple[Case, ...]
+    grad: bool = False
+
+
+TASKS: dict[str, Task] = {
+    "prefill": Task(
+        "prefill",
+        "Inference prefill: the first forward pass of generate()",
+        "tokens",
+        "next token",
+        (
+            Case("transformers 4.40 (fp32 logits)", _prefill_upcast),
+            Case("transformers 5.x (half logits)", _prefill_half),
+            Case("transformers 5.x generate (logits_to_keep=1)", _prefill_keep_last),
+            Case("chunklogits", _prefill_chunklogits),
+        ),
+    ),
+    "logprobs": Task(
+        "logprobs",
+        "Per-token log-probs and entropy (scoring, RL reference model), no grad",
+        "tokens",
+        "mean log-prob",
+        (
+            Case("log_softmax(logits.float())", _logprobs_upcast),
+            Case("TRL selective_log_softmax + entropy_from_logits", _logprobs_trl),
+            Case("chunklogits", _logprobs_chunklogits),
+        ),
+    ),
+    "loss": Task(
+        "loss",
+        "Training step: forward, causal LM loss, backward",
+        "tokens",
+        "loss",
+        (
+            Case("transformers 4.40 (fp32 logits + shifted copy)", _loss_upcast),
+            Case("transformers 5.x (ForCausalLMLoss)", _loss_transformers),
+            Case("chunklogits", _loss_chunklogits),
+        ),
+        grad=True,
+    ),
+    "sampling": Task(
+        "sampling",
+        "One sampling step (temperature 0.7, top-k 50, top-p 0.9) for a batch of sequences",
+        "sequences",
+        "",
+        (Case("transformers generate() warpers", _sample_transformers),),
+    ),
+}
+
+
+def task_inputs(w: Workload, task: Task, size: int, batch: int) -> tuple[Tensor, ...]:
+    """The inputs of ``task``'s cases at ``size``: token ids ``[batch, size]``, or for sampling
+    the last hidden states ``[size, D]`` of ``size`` short prompts and the prompts."""
+    if task.name != "sampling":
+        return (w.tokens(batch, size),)
+    prompt = w.tokens(size, 4)
+    with torch.no_grad():
+        return w.hidden(prompt, use_cache=False)[:, -1].contiguous(), prompt
+
+
+def summary_value(task: Task, answer: Tensor) -> float | None:
+    """The number shown in the table's value column for one answer."""
+    if task.name == "prefill":
+        return float(answer[0].argmax())
+    if task.name == "logprobs":
+        return answer[0].mean().item()
+    if task.name == "loss":
+        return answer.item()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring.
+
+
+@dataclass
+class Result:
+    """One case at one size: ``seconds`` (one run, after a warm-up at a small size),
+    ``peak_bytes`` above the level at entry (``memory.peak``), ``value`` (see
+    ``summary_value``), ``max_diff`` = max |answer - first case's answer| (None for sampling),
+    ``skipped``: why it was not run."""
+
+    task: str
+    case: str
+    size: int
+    seconds: float | None = None
+    peak_bytes: int | None = None
+    value: float | None = None
+    max_diff: float | None = None
+    skipped: str | None = None
+
+    @property
+    def peak_mib(self) -> float | None:
+        return None if self.peak_bytes is None else self.peak_bytes / 2**20
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can still get: free CUDA memory, or Linux's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_case(w: Workload, task: Task, case: Case, inputs: tuple[Tensor, ...]):
+    """(seconds, peak bytes, answer) of one run."""
+    w.model.zero_grad(set_to_none=True)
+    with memory.peak(w.device) as used, torch.set_grad_enabled(task.grad):
+        start = time.perf_counter()
+        answer = case.run(w, *inputs)
+        _synchronize(w.device)
+        seconds = time.perf_counter() - start
+    w.model.zero_grad(set_to_none=True)
+    return seconds, used.bytes, answer.detach()
+
+
+def run_task(
+    w: Workload,
+    task: Task,
+    sizes: Sequence[int],
+    *,
+    batch: int = 1,
+    headroom: float = 0.85,
+    on_step: Callable[[str], None] = lambda description: None,
+) -> list[Result]:
+    """Run every case of ``task`` at every size, sizes ascending within a case.
+
+    A case is skipped at a size when its peak, extrapolated linearly from its previous size,
+    would exceed ``headroom`` times the memory available (``available_bytes``), and at every
+    larger size after that. ``on_step(description)`` is called before each run.
+    """
+    results: list[Result] = []
+    first_answers: dict[int, Tensor] = {}
+    for case in task.cases:
+        on_step(f"{task.name}: {case.name} (warm-up)")
+        _run_case(w, task, case, task_inputs(w, task, min(_WARMUP_TOKENS, *sizes), batch))
+        previous: Result | None = None
+        for size in sorted(sizes):
+            on_step(f"{task.name}: {case.name}, {size} {task.size_label}")
+            result = Result(task.name, case.name, size)
+            results.append(result)
+            reason = _too_big(previous, size, w.device, headroom)
+            if reason:
+                result.skipped = reason
+                previous = result
+                continue
+            seconds, peak_bytes, answer = _run_case(
+                w, task, case, task_inputs(w, task, size, batch)
+            )
+            result.seconds, result.peak_bytes = seconds, peak_bytes
+            result.value = summary_value(task, answer)
+            if case is task.cases[0]:
+                first_answers[size] = answer
+            if task.name != "sampling" and size in first_answers:
+                reference = first_answers[size].double()
+                result.max_diff = (answer.double() - reference).abs().max().item()
+            previous = result
+    return results
+
+
+def _too_big(previous: Result | None, size: int, device: torch.device, headroom: float):
+    if previous is None:
+        return None
+    if previous.skipped:
+        return previous.skipped
+    predicted = previous.peak_bytes * size / previous.size
+    available = available_bytes(device)
+    if predicted > headroom * available:
+        return (
+            f"not run: needs about {predicted / 2**30:.1f} GiB "
+            f"(extrapolated from {previous.size}), {available / 2**30:.1f} GiB available"
+        )
+    return None
+
+
+def count_steps(tasks: Iterable[Task], sizes: Sequence[int], batches: Sequence[int]) -> int:
+    """How many times ``run_task`` calls ``on_step`` for these tasks."""
+    return sum(len(t.cases) * (1 + len(batches if t.name == "sampling" else sizes)) for t in tasks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+def build_model(
+    preset: str | None = None,
+    *,
+    path: str | os.PathLike | None = None,
+    layers: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """A causal LM in eval mode, without downloads: ``preset`` (a key of ``PRESETS``) with random
+    weights, or ``path``: a local checkpoint directory (its weights are loaded) or a directory
+    or file holding only a ``config.json`` (random weights). ``layers`` overrides the number of
+    decoder layers of a model built from a config; a checkpoint keeps its own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (preset is None) == (path is None):
+        raise ValueError("build_model: expected exactly one of preset and path")
+    if layers is not None and (not isinstance(layers, int) or layers < 1):
+        raise ValueError(f"layers: expected an int >= 1, got {layers!r}")
+    torch.manual_seed(seed)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+        model_type, shape = PRESETS[preset]
+        config = AutoConfig.for_model(
+            model_type, num_hidden_layers=layers or 2, max_position_embeddings=8192, **shape
+        )
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"model: expected a checkpoint directory or config.json, got {path}")
+        if path.is_dir() and _has_weights(path):
+            if layers is not None:
+                raise ValueError("layers: a checkpoint keeps its own layers; drop --layers")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            return model.to(device).eval()
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise ValueError(f"model: expected {config_file} to exist")
+        config = AutoConfig.from_pretrained(config_file, local_files_only=True)
+        if layers is not None:
+            config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _has_weights(directory: Path) -> bool:
+    patterns = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+    return any(next(directory.glob(p), None) is not None for p in patterns)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
+
+
+def iter_tasks(names: Iterable[str]) -> Iterator[Task]:
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"tasks: expected names from {sorted(TASKS)}, got {name!r}")
+        yield TASKS[name]
