@@ -454,8 +454,8 @@ def _too_big(previous: Result | None, size: int, device: torch.device, headroom:
     available = available_bytes(device)
     if predicted > headroom * available:
         return (
-            f"not run: needs about {predicted / 2**30:.1f} GiB "
-            f"(extrapolated from {previous.size}), {available / 2**30:.1f} GiB available"
+            f"not run: needs about {predicted / 2**20:,.0f} MiB "
+            f"(extrapolated from {previous.size}), {available / 2**20:,.0f} MiB available"
         )
     return None
 

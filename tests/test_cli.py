@@ -1,0 +1,215 @@
+"""The main job (``python -m chunklogits``) on tiny models: the numbers in its table are the ones
+computed independently here (reference loss, log-probs, next token), its files exist and parse,
+and bad flags or models are refused with a message naming them. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+
+from chunklogits import benchmark, cli, reference
+from chunklogits.benchmark import TASKS, Workload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama(vocab: int = 300, layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+
+
+def seeded_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny fp32 Llama saved with save_pretrained, as a user's local checkpoint."""
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(tiny_llama(), dtype=torch.float32)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def job(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    argv = ["--model", str(checkpoint), "--dtype", "float32", "--sizes", "8,16"]
+    argv += ["--batches", "2,3", "--out", str(out)]
+    assert cli.main(argv) == 0
+    header, results = json.loads((out / "results.json").read_text()).values()
+    return out, header, results
+
+
+def _rows(results, task, case=None):
+    return [r for r in results if r["task"] == task and (case is None or r["case"] == case)]
+
+
+def test_table_values_equal_independent_computations(checkpoint, job):
+    _, header, results = job
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    weight = model.lm_head.weight
+    assert header["vocab x hidden"] == "300 x 32"
+    for size in (8, 16):
+        ids = seeded_tokens(300, 1, size)
+        with torch.no_grad():
+            hidden = model.model(ids).last_hidden_state
+            next_token = model(ids).logits[0, -1].argmax().item()
+            loss = reference.linear_cross_entropy(hidden, weight, ids, shift=True).item()
+            logprobs = reference.token_logprobs(hidden[:, :-1], weight, ids[:, 1:])
+        for task, expected in (("prefill", next_token), ("loss", loss)):
+            rows = [r for r in _rows(results, task) if r["size"] == size]
+            assert len(rows) == len(TASKS[task].cases)
+            for row in rows:
+                assert row["value"] == pytest.approx(expected, abs=1e-5), row
+        for row in (r for r in _rows(results, "logprobs") if r["size"] == size):
+            assert row["value"] == pytest.approx(logprobs.mean().item(), abs=1e-5), row
+        ours = next(r for r in _rows(results, "loss", "chunklogits") if r["size"] == size)
+        assert ours["max_diff"] <= 1e-5
+
+
+def test_markdown_table_matches_the_json(job):
+    out, _, results = job
+    text = (out / "report.md").read_text()
+    for task in TASKS.values():
+        assert f"## {task.title}" in text
+        assert f"![{task.name}]({task.name}.png)" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    table = [[cell.strip() for cell in row] for row in rows if row[0].strip() != "implementation"]
+    assert len(table) == len(results)
+    for cells, r in zip(table, results, strict=True):
+        assert cells[0] == r["case"] and int(cells[1]) == r["size"]
+        assert float(cells[2]) == pytest.approx(r["peak_bytes"] / 2**20, abs=0.05)
+        assert float(cells[4]) == pytest.approx(r["seconds"], abs=0.005)
+        ours = [o for o in _rows(results, r["task"], "chunklogits") if o["size"] == r["size"]]
+        if ours and ours[0]["peak_bytes"]:
+            assert float(cells[3]) == pytest.approx(r["peak_bytes"] / ours[0]["peak_bytes"], 0.01)
+        else:
+            assert cells[3] == "—"
+
+
+def test_figures_are_png_images(job):
+    import matplotlib.image
+
+    out, _, _ = job
+    for task in TASKS:
+        image = matplotlib.image.imread(out / f"{task}.png")
+        assert image.ndim == 3 and image.shape[0] >= 300 and image.shape[1] >= 1000
+
+
+def test_module_entry_point_runs_offline_from_a_config_json(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)  # writes config.json only: random weights
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    argv = ["--model", str(tmp_path / "config.json"), "--layers", "1", "--tasks", "loss"]
+    argv += ["--sizes", "12", "--dtype", "float32", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "chunklogits", "bench", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    header, results = json.loads((out / "results.json").read_text()).values()
+    # The same seed builds the same random model in this process.
+    model = benchmark.build_model(path=tmp_path / "config.json", layers=1, dtype=torch.float32)
+    assert model.config.num_hidden_layers == 1
+    ids = seeded_tokens(300, 1, 12)
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        expected = reference.linear_cross_entropy(hidden, model.lm_head.weight, ids, shift=True)
+    assert [r["case"] for r in results] == [c.name for c in TASKS["loss"].cases]
+    for row in results:
+        assert row["value"] == pytest.approx(expected.item(), abs=1e-5)
+    assert re.search(r"\| chunklogits \| 12 \| [0-9.]+ \| 1\.00 \|", done.stdout)
+
+
+def test_progress_steps_are_counted_exactly(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    calls = []
+    benchmark.run_task(Workload(model), TASKS["loss"], (8, 16), on_step=calls.append)
+    assert len(calls) == benchmark.count_steps([TASKS["loss"]], (8, 16), ()) == 9
+    assert calls[0] == "loss: transformers 4.40 (fp32 logits + shifted copy) (warm-up)"
+
+
+def test_cases_that_would_not_fit_are_skipped_with_the_estimate(monkeypatch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama(vocab=4096), dtype=torch.float32).eval()
+    monkeypatch.setattr(benchmark, "available_bytes", lambda device: 0)
+    results = benchmark.run_task(Workload(model), TASKS["prefill"], (256, 512, 1024))
+    for case in TASKS["prefill"].cases:
+        first, second, third = (r for r in results if r.case == case.name)
+        assert first.peak_bytes > 0 and first.skipped is None
+        predicted = first.peak_bytes * 512 / 256 / 2**20
+        assert second.peak_bytes is None and f"about {predicted:,.0f} MiB" in second.skipped
+        assert third.skipped == second.skipped
+
+
+def test_trl_baselines_equal_the_textbook_expressions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 4
+    index = torch.randint(0, 50, (3, 7), generator=g)
+    logp = logits.log_softmax(-1)
+    picked = benchmark.selective_log_softmax(logits, index)
+    torch.testing.assert_close(picked, logp.gather(-1, index[..., None]).squeeze(-1))
+    entropy = benchmark.entropy_from_logits(logits, chunk_size=4)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
+
+
+def test_a_head_with_a_logit_transform_is_refused():
+    config = Gemma2Config(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=0.5,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match=r"model: Gemma2ForCausalLM's logits are not its output"):
+        Workload(model).check_plain_head()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/nonexistent/dir"], "model: expected a checkpoint directory or config.json"),
+        (["--sizes", "1,8"], "--sizes: expected integers >= 2, got '1,8'"),
+        (["--sizes", "8,x"], "--sizes: expected comma-separated integers, got '8,x'"),
+        (["--tasks", "loss,nope"], "--tasks: expected names from"),
+        (["--shards", "0"], "--shards: expected an integer >= 1, got '0'"),
+        (["--batch", "-2"], "--batch: expected an integer >= 1, got '-2'"),
+    ],
+)
+def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_keeps_its_layers(checkpoint):
+    with pytest.raises(ValueError, match="layers: a checkpoint keeps its own layers"):
+        benchmark.build_model(path=checkpoint, layers=1)
