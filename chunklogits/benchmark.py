@@ -172,6 +172,14 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     return torch.cat(parts).reshape(logits.shape[:-1])
 
 
+def verl_entropy_from_logits(logits: Tensor) -> Tensor:
+    """verl's ``entropy_from_logits`` (verl/utils/torch_functional.py): the softmax, then
+    ``logsumexp(z) - sum(p * z)``, in the logits' dtype. (verl's log-probs without flash-attn,
+    ``logprobs_from_logits_v2``, are ``selective_log_softmax`` above.)"""
+    p = logits.softmax(-1)
+    return logits.logsumexp(-1) - (p * logits).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The cases. Each takes the workload and the task's inputs and returns its answer.
 
