@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tasks = list(benchmark.iter_tasks(args.tasks))
     results = _run(workload, tasks, sizes, args)
-    header["load average at end"] = report.machine()["load average (1, 5, 15 min)"]
+    header["load average at end"] = report.load_average()
     header["wall time s"] = round(time.time() - started)
 
     text = write_report(out, header, tasks, results)

@@ -131,7 +131,7 @@ def machine() -> dict[str, object]:
         "torch threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
         "cpu cores": os.cpu_count(),
-        "load average (1, 5, 15 min)": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "load average at start (1, 5, 15 min)": load_average(),
     }
     try:
         import transformers
@@ -142,6 +142,12 @@ def machine() -> dict[str, object]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages: above the core count, other processes
+    share the cores and timings are slower than on a quiet machine."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _cpu_name() -> str:

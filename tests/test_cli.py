@@ -131,6 +131,7 @@ def test_module_entry_point_runs_offline_from_a_config_json(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     header, results = json.loads((out / "results.json").read_text()).values()
+    assert header["model"] == str(tmp_path / "config.json")
     # The same seed builds the same random model in this process.
     model = benchmark.build_model(path=tmp_path / "config.json", layers=1, dtype=torch.float32)
     assert model.config.num_hidden_layers == 1
