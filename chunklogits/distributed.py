@@ -92,9 +92,10 @@ def _fingerprints(hidden2d: Tensor, targets: Tensor | None) -> Tensor:
     inputs' device. The labels' checksum weighs each by its position (exact int64 arithmetic),
     so that labels in another order differ; once their minimum and maximum agree, every rank
     checks their range against the whole vocabulary alike."""
+    # Per-row reductions in hidden's dtype first: a ``dtype=`` argument would copy hidden.
     hidden = [
-        hidden2d.sum(dtype=torch.float64),
-        torch.linalg.vector_norm(hidden2d, 1, dtype=torch.float64),
+        hidden2d.sum(1).double().sum(),
+        torch.linalg.vector_norm(hidden2d, 1, dim=1).double().sum(),
     ]
     if targets is None or targets.numel() == 0:
         return torch.stack([*hidden, *hidden2d.new_zeros(3, dtype=torch.float64)])
