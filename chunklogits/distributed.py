@@ -8,11 +8,14 @@ combined with two all-reduces of ``O(rows)`` fp32 numbers, as Megatron-LM's voca
 cross-entropy does::
 
     m = all_reduce_max(lse_r)                       # lse_r: log-sum-exp over the slice
-    w_r = exp(lse_r - m)                            # the slice's share of the softmax mass, / e^m
-    lse = m + log(all_reduce_sum(w_r))
-    expected = all_reduce_sum(w_r * expected_r) / all_reduce_sum(w_r)
+    w_r = exp(lse_r - m)                            # the slice's softmax mass, times e^-m
+    s = all_reduce_sum(w_r);  lse = m + log(s)
+    entropy = log(s) + all_reduce_sum(w_r * (entropy_r + m - lse_r)) / s
     target = all_reduce_sum(target_r)               # 0 on the ranks that do not hold the target
     mean = all_reduce_sum(V_r * mean_r) / V
+
+(The entropy of a softmax split into disjoint slices of masses ``p_r = w_r / s``:
+``sum_r p_r * entropy_r - sum_r p_r * log p_r``, every term non-negative.)
 
 Every rank then holds the whole vocabulary's statistics, hence the same loss. Its backward pass
 gives each rank the gradient of its own weight (and bias) slice, and all-reduces the hidden
@@ -63,8 +66,8 @@ class VocabSlice:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         share = (stats.lse - top).exp_()
         parts = [share]
-        if stats.expected is not None:
-            parts.append(share * stats.expected)
+        if stats.entropy is not None:
+            parts.append(share * (stats.entropy + top - stats.lse))
         if stats.target is not None:
             parts.append(stats.target)
         if stats.mean is not None:
@@ -72,11 +75,11 @@ class VocabSlice:
         sums = torch.stack(parts)
         dist.all_reduce(sums, group=self.group)
         summed = iter(sums)
-        total_share = next(summed)
-        expected = None if stats.expected is None else next(summed) / total_share
+        total = next(summed)
+        entropy = None if stats.entropy is None else total.log() + next(summed) / total
         target = None if stats.target is None else next(summed)
         mean = None if stats.mean is None else next(summed) / self.vocab
-        return RowStats(top + total_share.log(), target, mean, expected)
+        return RowStats(top + total.log(), target, mean, entropy)
 
     def reduce_grad(self, grad_hidden: Tensor) -> Tensor:
         """Each rank's hidden gradient covers its own slice; the full one is their sum."""

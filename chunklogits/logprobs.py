@@ -60,12 +60,12 @@ def token_logprobs(
     check_in_vocab("tokens", flat_tokens, ranks.vocab)
     stats = row_stats(
         hidden2d, weight, bias, targets=flat_tokens, transform=transform, plan=plan,
-        want_expected=return_entropy, vocab_parallel=vocab_slice,
+        want_entropy=return_entropy, vocab_parallel=vocab_slice,
     )
     logprobs = (stats.target - stats.lse).reshape(tokens.shape)
     if not return_entropy:
         return logprobs
-    return logprobs, (stats.lse - stats.expected).reshape(tokens.shape)
+    return logprobs, stats.entropy.reshape(tokens.shape)
 
 
 def logsumexp(

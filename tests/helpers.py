@@ -7,10 +7,13 @@ from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Absolute slack on top of the naive same-dtype error, as a multiple of the largest magnitude of
-# the fp64 result: covers a different but equally valid order of fp32 accumulation, and
-# half-precision partial sums that round once more than the naive single GEMM does.
-_SLACK = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# Absolute slack on top of the naive same-dtype error, relative to the largest magnitude of the
+# fp64 result. fp32: 1e-5 (~80 eps): both computations are then within ~1e-6 of the truth and
+# differ only in the order of summation and in the algebraic form of the softmax gradient; a
+# formula error shows up at 1e-3 or more. Half precision: 1 eps, the extra rounding of each
+# vocabulary shard's partial GEMM result (the naive computation does one GEMM over the whole
+# vocabulary and rounds once).
+_SLACK = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def seeded(seed: int = 0) -> torch.Generator:
