@@ -1,4 +1,5 @@
-"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]`` tensor."""
+"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]``
+logits tensor."""
 
 from . import memory, reference
 from ._blocks import set_block_budget

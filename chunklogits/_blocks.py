@@ -1,8 +1,8 @@
 """The block engine: per-row softmax statistics of ``hidden @ weight.T`` without the full logits.
 
-The ``[N, V]`` logits are visited in blocks of ``chunk_size`` rows x one vocabulary shard. Each block
-is computed by one GEMM, transformed (``logit_scale``, ``softcap``, ``temperature``) in fp32 and
-folded into fp32 per-row running statistics with the online log-sum-exp merge:
+The ``[N, V]`` logits are visited in blocks of ``chunk_size`` rows x one vocabulary shard. Each
+block is computed by one GEMM, transformed (``logit_scale``, ``softcap``, ``temperature``) in
+fp32 and folded into fp32 per-row running statistics with the online log-sum-exp merge:
 
     m' = max(m, max_v z_v),   s' = s * exp(m - m') + sum_v exp(z_v - m')
 
@@ -102,7 +102,9 @@ class BlockPlan:
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
-        return [(r, min(r + self.chunk_size, self.rows)) for r in range(0, self.rows, self.chunk_size)]
+        return [
+            (r, min(r + self.chunk_size, self.rows)) for r in range(0, self.rows, self.chunk_size)
+        ]
 
 
 def _check_count(name: str, value, low: int, high: int | None = None) -> None:
@@ -205,7 +207,11 @@ class _Workspace:
 
     def __init__(self, plan: BlockPlan, device: torch.device):
         widest = max(v1 - v0 for v0, v1 in plan.shards)
-        self.numel, self.device, self._buffers = min(plan.chunk_size, plan.rows) * widest, device, {}
+        self.numel, self.device, self._buffers = (
+            min(plan.chunk_size, plan.rows) * widest,
+            device,
+            {},
+        )
 
     def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
         buffer = self._buffers.get(role)
@@ -236,12 +242,14 @@ def _block_logits(h, w, b, transform: LogitTransform, work: _Workspace, stat_dty
 
 
 def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
-    """(mask of rows whose target lies in [v0, v1), column of that target clamped into the shard)."""
+    """(mask of rows whose target is in [v0, v1), column of that target clamped into the shard)."""
     inside = (targets >= v0) & (targets < v1)
     return inside, (targets - v0).clamp_(0, v1 - v0 - 1)
 
 
-def _forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy):
+def _forward_stats(
+    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
+):
     stat_dtype = torch.promote_types(hidden2d.dtype, torch.float32)
     n, vocab = plan.rows, weight.shape[0]
     new = {"device": hidden2d.device, "dtype": stat_dtype}
@@ -315,7 +323,9 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
     grad_rows = grad_rows if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
+    grad_bias = (
+        torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
+    )
     keep_z = transform.softcap is not None  # the softcap's derivative is read off z
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
@@ -370,7 +380,16 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
 class _RowStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy,
+        ctx,
+        hidden2d,
+        weight,
+        bias,
+        index,
+        targets,
+        transform,
+        plan,
+        want_mean,
+        want_entropy,
         vocab_parallel,
     ):
         stats = _forward_stats(
@@ -436,7 +455,15 @@ def row_stats(
         targets = targets - vocab_parallel.start
     out = iter(
         _RowStatsFunction.apply(
-            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy,
+            hidden2d,
+            weight,
+            bias,
+            index,
+            targets,
+            transform,
+            plan,
+            want_mean,
+            want_entropy,
             vocab_parallel,
         )
     )

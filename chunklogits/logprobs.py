@@ -52,15 +52,25 @@ def token_logprobs(
         flat_tokens = tokens.reshape(-1)
         transform = make_transform(softcap, logit_scale, temperature)
         plan = plan_blocks(
-            flat_tokens.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards,
+            flat_tokens.numel(),
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
             chunk_size=chunk_size,
         )
         hidden2d = flat_rows(hidden)
         vocab_slice = ranks.agree(hidden2d, weight, bias, transform, flat_tokens, "tokens")
     check_in_vocab("tokens", flat_tokens, ranks.vocab)
     stats = row_stats(
-        hidden2d, weight, bias, targets=flat_tokens, transform=transform, plan=plan,
-        want_entropy=return_entropy, vocab_parallel=vocab_slice,
+        hidden2d,
+        weight,
+        bias,
+        targets=flat_tokens,
+        transform=transform,
+        plan=plan,
+        want_entropy=return_entropy,
+        vocab_parallel=vocab_slice,
     )
     logprobs = (stats.target - stats.lse).reshape(tokens.shape)
     if not return_entropy:
@@ -96,7 +106,11 @@ def logsumexp(
         transform = make_transform(softcap, logit_scale, temperature)
         rows = flat_rows(hidden)
         plan = plan_blocks(
-            rows.shape[0], weight.shape[0], hidden.dtype, hidden.device, shards=shards,
+            rows.shape[0],
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
             chunk_size=chunk_size,
         )
         vocab_slice = ranks.agree(rows, weight, bias, transform)

@@ -111,15 +111,26 @@ def linear_cross_entropy(
         if index.numel() == flat_targets.numel():
             index, targets = None, flat_targets
         plan = plan_blocks(
-            targets.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards,
+            targets.numel(),
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
             chunk_size=chunk_size,
         )
         hidden2d = flat_rows(hidden)
         vocab_slice = ranks.agree(hidden2d, weight, bias, transform, targets, "labels")
     check_in_vocab("labels", targets, ranks.vocab, ignore_index)
     stats = row_stats(
-        hidden2d, weight, bias, index=index, targets=targets, transform=transform, plan=plan,
-        want_mean=label_smoothing > 0, vocab_parallel=vocab_slice,
+        hidden2d,
+        weight,
+        bias,
+        index=index,
+        targets=targets,
+        transform=transform,
+        plan=plan,
+        want_mean=label_smoothing > 0,
+        vocab_parallel=vocab_slice,
     )
     row_loss = stats.lse - stats.target
     if label_smoothing > 0:
@@ -152,11 +163,17 @@ def _check_fraction(name: str, value, high: float | None) -> None:
 def _check_num_items(num_items, reduction: str) -> None:
     if reduction != "mean":
         raise ValueError(
-            f"num_items_in_batch: only meaningful with reduction='mean', got reduction={reduction!r}"
+            "num_items_in_batch: only meaningful with reduction='mean', "
+            f"got reduction={reduction!r}"
         )
     if isinstance(num_items, Tensor):
         if num_items.numel() != 1 or num_items.dtype.is_complex:
-            raise ValueError(f"num_items_in_batch: expected a scalar, got a tensor of shape {tuple(num_items.shape)}")
+            raise ValueError(
+                "num_items_in_batch: expected a scalar, "
+                f"got a tensor of shape {tuple(num_items.shape)}"
+            )
         return
     if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
-        raise ValueError(f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}")
+        raise ValueError(
+            f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}"
+        )

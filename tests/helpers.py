@@ -21,7 +21,9 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def assert_as_accurate(ours: Tensor, naive: Tensor, exact: Tensor, dtype: torch.dtype, what: str = "") -> None:
+def assert_as_accurate(
+    ours: Tensor, naive: Tensor, exact: Tensor, dtype: torch.dtype, what: str = ""
+) -> None:
     """The accuracy oracle of design.md: ``|exact - ours| <= |exact - naive| + slack`` elementwise,
     where ``exact`` is the fp64 ground truth and ``naive`` the materialising computation in
     ``dtype``; ``slack = _SLACK[dtype] * max|exact|``."""

@@ -17,14 +17,38 @@ def good():
 @pytest.mark.parametrize(
     "change, error, words",
     [
-        ({"labels": torch.tensor([[0, 1, 2, 3, V]] * 2)}, ValueError, ["labels", "[0, 20)", "got 20"]),
-        ({"labels": torch.tensor([[0, 1, 2, 3, -5]] * 2)}, ValueError, ["labels", "ignore_index=-100", "got -5"]),
-        ({"labels": torch.zeros(2, 4, dtype=torch.long)}, ValueError, ["labels", "(2, 5)", "(2, 4)"]),
+        (
+            {"labels": torch.tensor([[0, 1, 2, 3, V]] * 2)},
+            ValueError,
+            ["labels", "[0, 20)", "got 20"],
+        ),
+        (
+            {"labels": torch.tensor([[0, 1, 2, 3, -5]] * 2)},
+            ValueError,
+            ["labels", "ignore_index=-100", "got -5"],
+        ),
+        (
+            {"labels": torch.zeros(2, 4, dtype=torch.long)},
+            ValueError,
+            ["labels", "(2, 5)", "(2, 4)"],
+        ),
         ({"labels": torch.zeros(2, 5)}, TypeError, ["labels", "integer", "float32"]),
-        ({"weight": torch.randn(V, D + 1)}, ValueError, ["weight", "D = hidden.shape[-1] = 8", "(20, 9)"]),
+        (
+            {"weight": torch.randn(V, D + 1)},
+            ValueError,
+            ["weight", "D = hidden.shape[-1] = 8", "(20, 9)"],
+        ),
         ({"weight": torch.randn(V, D, 1)}, ValueError, ["weight", "[V, D]", "(20, 8, 1)"]),
-        ({"weight": torch.randn(V, D, dtype=torch.float64)}, TypeError, ["weight", "float32", "float64"]),
-        ({"hidden": torch.ones(2, 5, D, dtype=torch.long)}, TypeError, ["hidden", "floating", "int64"]),
+        (
+            {"weight": torch.randn(V, D, dtype=torch.float64)},
+            TypeError,
+            ["weight", "float32", "float64"],
+        ),
+        (
+            {"hidden": torch.ones(2, 5, D, dtype=torch.long)},
+            TypeError,
+            ["hidden", "floating", "int64"],
+        ),
         ({"hidden": [[0.0] * D]}, TypeError, ["hidden", "torch.Tensor", "list"]),
         ({"bias": torch.randn(V + 1)}, ValueError, ["bias", "[20]", "(21,)"]),
         ({"shards": 0}, ValueError, ["shards", "[1, 20]", "got 0"]),
@@ -37,8 +61,16 @@ def good():
         ({"softcap": 0.0}, ValueError, ["softcap", "> 0", "0.0"]),
         ({"logit_scale": float("nan")}, ValueError, ["logit_scale", "finite", "nan"]),
         ({"num_items_in_batch": 0}, ValueError, ["num_items_in_batch", "positive", "0"]),
-        ({"num_items_in_batch": 4, "reduction": "sum"}, ValueError, ["num_items_in_batch", "'mean'", "'sum'"]),
-        ({"hidden": torch.randn(D), "labels": torch.tensor(1), "shift": True}, ValueError, ["hidden", "shift=True", "(8,)"]),
+        (
+            {"num_items_in_batch": 4, "reduction": "sum"},
+            ValueError,
+            ["num_items_in_batch", "'mean'", "'sum'"],
+        ),
+        (
+            {"hidden": torch.randn(D), "labels": torch.tensor(1), "shift": True},
+            ValueError,
+            ["hidden", "shift=True", "(8,)"],
+        ),
     ],
 )
 def test_linear_cross_entropy_errors(change, error, words):

@@ -13,11 +13,16 @@ from tests.test_loss import make_inputs
 
 def outputs_and_grads(fn, hidden, weight, bias, tokens, **kw):
     """``(logprobs, entropy, grads...)`` of a random linear combination of both outputs."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    leaves = [
+        t.detach().clone().requires_grad_() if t is not None else None
+        for t in (hidden, weight, bias)
+    ]
     logprobs, entropy = fn(leaves[0], leaves[1], tokens, bias=leaves[2], return_entropy=True, **kw)
     g = seeded(3)
     up_lp, up_ent = torch.randn(tokens.shape, generator=g), torch.randn(tokens.shape, generator=g)
-    ((logprobs * up_lp.to(logprobs.dtype)).sum() + (entropy * up_ent.to(entropy.dtype)).sum()).backward()
+    (
+        (logprobs * up_lp.to(logprobs.dtype)).sum() + (entropy * up_ent.to(entropy.dtype)).sum()
+    ).backward()
     return [logprobs.detach(), entropy.detach()] + [t.grad for t in leaves if t is not None]
 
 
@@ -34,7 +39,9 @@ def test_logprobs_and_entropy_match_oracle(dtype, shards, options):
     f64 = [t.double() for t in (hidden, weight, bias)]
     exact = outputs_and_grads(reference.token_logprobs, *f64, tokens, **options)
     naive = outputs_and_grads(reference.token_logprobs, hidden, weight, bias, tokens, **options)
-    ours = outputs_and_grads(cl.token_logprobs, hidden, weight, bias, tokens, shards=shards, **options)
+    ours = outputs_and_grads(
+        cl.token_logprobs, hidden, weight, bias, tokens, shards=shards, **options
+    )
     names = ["logprobs", "entropy", "grad hidden", "grad weight", "grad bias"]
     for name, o, n, e in zip(names, ours, naive, exact, strict=True):
         assert o.shape == e.shape
@@ -49,7 +56,9 @@ def test_logprobs_equal_trl_and_verl_formulas():
     logits = (hidden @ weight.T) / 0.9
     trl = logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
     verl = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-    logprobs, entropy = cl.token_logprobs(hidden, weight, tokens, temperature=0.9, return_entropy=True, shards=7)
+    logprobs, entropy = cl.token_logprobs(
+        hidden, weight, tokens, temperature=0.9, return_entropy=True, shards=7
+    )
     torch.testing.assert_close(logprobs, trl)
     torch.testing.assert_close(entropy, verl)
 
@@ -59,13 +68,19 @@ def test_logsumexp_matches_oracle(dtype):
     hidden, weight, bias, _ = make_inputs((4, 9), 251, 40, dtype, bias=True)
     upstream = torch.randn(4, 9, generator=seeded(5))
     results = []
-    for fn, cast in [(reference.logsumexp, torch.float64), (reference.logsumexp, dtype), (cl.logsumexp, dtype)]:
+    for fn, cast in [
+        (reference.logsumexp, torch.float64),
+        (reference.logsumexp, dtype),
+        (cl.logsumexp, dtype),
+    ]:
         leaves = [t.detach().to(cast).requires_grad_() for t in (hidden, weight, bias)]
         lse = fn(leaves[0], leaves[1], bias=leaves[2], softcap=5.0, temperature=0.8)
         (lse * upstream.to(lse.dtype)).sum().backward()
         results.append([lse.detach()] + [t.grad for t in leaves])
     exact, naive, ours = results
-    for name, o, n, e in zip(["lse", "grad hidden", "grad weight", "grad bias"], ours, naive, exact, strict=True):
+    for name, o, n, e in zip(
+        ["lse", "grad hidden", "grad weight", "grad bias"], ours, naive, exact, strict=True
+    ):
         assert_as_accurate(o, n, e, dtype, name)
 
 
@@ -74,7 +89,11 @@ def test_entropy_alone_backpropagates():
     hidden, weight, _, _ = make_inputs((2, 6), 90, 12, torch.float64)
     tokens = torch.randint(0, 90, (2, 6), generator=seeded(6))
     ours = hidden.detach().clone().requires_grad_()
-    cl.token_logprobs(ours, weight.detach(), tokens, return_entropy=True, shards=4)[1].sum().backward()
+    cl.token_logprobs(ours, weight.detach(), tokens, return_entropy=True, shards=4)[
+        1
+    ].sum().backward()
     naive = hidden.detach().clone().requires_grad_()
-    reference.token_logprobs(naive, weight.detach(), tokens, return_entropy=True)[1].sum().backward()
+    reference.token_logprobs(naive, weight.detach(), tokens, return_entropy=True)[
+        1
+    ].sum().backward()
     torch.testing.assert_close(ours.grad, naive.grad)

@@ -29,7 +29,10 @@ def make_inputs(shape, vocab, dim, dtype, ignored=0.0, bias=False, seed=0):
 def run(fn, hidden, weight, bias, labels, upstream=None, **kw):
     """Loss and gradients of ``fn`` at ``(hidden, weight, bias)`` cast to the dtype of ``hidden``
     given (fp64 copies make the ground truth)."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    leaves = [
+        t.detach().clone().requires_grad_() if t is not None else None
+        for t in (hidden, weight, bias)
+    ]
     loss = fn(leaves[0], leaves[1], labels, bias=leaves[2], **kw)
     target = loss if upstream is None else (loss * upstream.to(loss.dtype)).sum()
     target.backward()
@@ -55,7 +58,9 @@ def check_against_oracle(hidden, weight, bias, labels, dtype, upstream=None, **k
 def test_matches_oracle(dtype, reduction, ignored, shards):
     hidden, weight, _, labels = make_inputs((3, 41), 507, 123, dtype, ignored)
     upstream = torch.rand(labels.shape, generator=seeded(1)) if reduction == "none" else None
-    check_against_oracle(hidden, weight, None, labels, dtype, upstream, reduction=reduction, shards=shards)
+    check_against_oracle(
+        hidden, weight, None, labels, dtype, upstream, reduction=reduction, shards=shards
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -63,7 +68,9 @@ def test_fp16_matches_oracle(reduction):
     # fp16 GEMMs are slow on CPUs without native support: tiny shapes only.
     hidden, weight, bias, labels = make_inputs((2, 9), 67, 19, torch.float16, 0.3, bias=True)
     upstream = torch.rand(labels.shape, generator=seeded(1)) if reduction == "none" else None
-    check_against_oracle(hidden, weight, bias, labels, torch.float16, upstream, reduction=reduction, shards=3)
+    check_against_oracle(
+        hidden, weight, bias, labels, torch.float16, upstream, reduction=reduction, shards=3
+    )
 
 
 @pytest.mark.parametrize(
@@ -86,17 +93,21 @@ def test_options_match_oracle(dtype, reduction, options):
     if reduction == "none":
         shape = labels[..., 1:].shape if options.get("shift") else labels.shape
         upstream = torch.rand(shape, generator=seeded(1))
-    check_against_oracle(hidden, weight, bias, labels, dtype, upstream, reduction=reduction, shards=5, **options)
+    check_against_oracle(
+        hidden, weight, bias, labels, dtype, upstream, reduction=reduction, shards=5, **options
+    )
 
 
 @pytest.mark.parametrize("num_items", [300, torch.tensor(77)], ids=["int", "tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_num_items_in_batch(dtype, num_items):
     hidden, weight, bias, labels = make_inputs((4, 23), 301, 48, dtype, 0.3, bias=True)
-    ours, exact = check_against_oracle(
+    _, exact = check_against_oracle(
         hidden, weight, bias, labels, dtype, shift=True, num_items_in_batch=num_items
     )
-    summed = reference.linear_cross_entropy(hidden.double(), weight.double(), labels, bias=bias.double(), shift=True, reduction="sum")
+    summed = reference.linear_cross_entropy(
+        hidden.double(), weight.double(), labels, bias=bias.double(), shift=True, reduction="sum"
+    )
     torch.testing.assert_close(exact[0], summed.detach() / num_items)
 
 
@@ -105,7 +116,9 @@ def test_all_ignored(reduction):
     hidden, weight, _, labels = make_inputs((2, 7), 50, 16, torch.float32, ignored=1.0)
     upstream = torch.ones(labels.shape) if reduction == "none" else None
     ours = run(cl.linear_cross_entropy, hidden, weight, None, labels, upstream, reduction=reduction)
-    naive = run(reference.linear_cross_entropy, hidden, weight, None, labels, upstream, reduction=reduction)
+    naive = run(
+        reference.linear_cross_entropy, hidden, weight, None, labels, upstream, reduction=reduction
+    )
     for o, n in zip(ours, naive, strict=True):
         torch.testing.assert_close(o, n, equal_nan=True)
 
@@ -124,7 +137,16 @@ def test_leading_dims_and_1d():
 def test_result_independent_of_blocking():
     hidden, weight, bias, labels = make_inputs((4, 33), 507, 64, torch.float32, 0.3, bias=True)
     results = [
-        run(cl.linear_cross_entropy, hidden, weight, bias, labels, shards=s, chunk_size=c, softcap=4.0)
+        run(
+            cl.linear_cross_entropy,
+            hidden,
+            weight,
+            bias,
+            labels,
+            shards=s,
+            chunk_size=c,
+            softcap=4.0,
+        )
         for s, c in [(1, None), (3, 7), (8, 1), (507, 64), (None, None)]
     ]
     for other in results[1:]:
@@ -156,16 +178,30 @@ def test_no_grad_inference_matches():
     with torch.no_grad():
         ours = cl.linear_cross_entropy(hidden, weight, labels, reduction="none")
         naive = reference.linear_cross_entropy(hidden, weight, labels, reduction="none")
-        exact = reference.linear_cross_entropy(hidden.double(), weight.double(), labels, reduction="none")
+        exact = reference.linear_cross_entropy(
+            hidden.double(), weight.double(), labels, reduction="none"
+        )
     assert not ours.requires_grad
     assert_as_accurate(ours, naive, exact, torch.bfloat16, "no_grad loss")
 
 
-@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32-blocks", "bf16-blocks"])
+@pytest.mark.parametrize(
+    "compute", [torch.float32, torch.bfloat16], ids=["fp32-blocks", "bf16-blocks"]
+)
 def test_both_cpu_compute_paths(monkeypatch, compute):
     # CPUs differ in which GEMM is faster; whichever block dtype is measured faster, the result
     # meets the oracle.
     monkeypatch.setattr("chunklogits._blocks.block_compute_dtype", lambda dtype, device: compute)
     hidden, weight, bias, labels = make_inputs((2, 30), 211, 40, torch.bfloat16, 0.3, bias=True)
     upstream = torch.rand(labels.shape, generator=seeded(1))
-    check_against_oracle(hidden, weight, bias, labels, torch.bfloat16, upstream, reduction="none", shards=4, softcap=6.0)
+    check_against_oracle(
+        hidden,
+        weight,
+        bias,
+        labels,
+        torch.bfloat16,
+        upstream,
+        reduction="none",
+        shards=4,
+        softcap=6.0,
+    )

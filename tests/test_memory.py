@@ -40,4 +40,6 @@ def test_loss_working_memory_is_a_tenth_of_the_lower_bound():
     grads = hidden.grad.nbytes + weight.grad.nbytes
     lower_bound = hidden.nbytes + weight.nbytes + grads
     working = measured.bytes - grads
-    assert working <= 0.10 * lower_bound, f"working {working / MiB:.1f} MiB > 10% of {lower_bound / MiB:.0f} MiB"
+    assert working <= 0.10 * lower_bound, (
+        f"working {working / MiB:.1f} MiB > 10% of {lower_bound / MiB:.0f} MiB"
+    )
