@@ -233,6 +233,13 @@ BAD_INPUTS = {
         ValueError,
         "labels: expected the same values",
     ),
+    "ignored_on_one_rank": (
+        _loss,
+        "one",
+        lambda a, k: a["labels"].__setitem__(0, -100),
+        ValueError,
+        "labels: expected the same number of positions that are not ignored",
+    ),
     "bias_on_one_rank": (
         _loss,
         "one",
@@ -292,33 +299,61 @@ BAD_INPUTS = {
 }
 
 
-def _bad_call(rank: int, world: int, name: str) -> tuple[str, str]:
-    """(error type name, message) of the scenario on this rank, or ("", "") if nothing raised."""
-    op, who, change, _, _ = BAD_INPUTS[name]
-    g = torch.Generator().manual_seed(5)
-    args = {
-        "hidden": torch.randn(6, _DIM, generator=g),
-        "labels": torch.randint(0, sum(_SLICES[:world]) - 1, (6,), generator=g),
-        "weight": torch.randn(_SLICES[rank], _DIM, generator=g),
-    }  # last: its size varies
-    kwargs = {"process_group": dist.group.WORLD}
-    if who == "all" or rank == 1:
-        change(args, kwargs)
+def _raised(call) -> tuple[str, str]:
+    """(error type name, message) of what ``call()`` raised, or ("", "") if nothing."""
     try:
-        op(**args, **kwargs)
+        call()
     except (ValueError, TypeError) as error:
         return type(error).__name__, str(error)
     return "", ""
 
 
-def _rowwise_head(rank: int, world: int) -> tuple[str, str]:
+def _bad_call(rank: int, world: int, name: str) -> tuple[str, str]:
+    op, who, change, _, _ = BAD_INPUTS[name]
+    g = torch.Generator().manual_seed(5)
+    args = {
+        "hidden": torch.randn(6, _DIM, generator=g),
+        "labels": torch.randint(0, sum(_SLICES[:world]) - 1, (6,), generator=g),
+        "weight": torch.randn(_SLICES[rank], _DIM, generator=g),  # last: its size varies
+    }
+    kwargs = {"process_group": dist.group.WORLD}
+    if who == "all" or rank == 1:
+        change(args, kwargs)
+    return _raised(lambda: op(**args, **kwargs))
+
+
+# name: (how nn.Linear(D, 40) is parallelised, which of its parameters is passed as a plain
+# tensor, expected error type, what its message starts with)
+BAD_DTENSOR_HEADS = {
+    "rowwise_weight": (
+        RowwiseParallel,
+        None,
+        ValueError,
+        "weight: expected a DTensor sharded on the vocabulary dimension 0",
+    ),
+    "plain_bias": (
+        ColwiseParallel,
+        "bias",
+        ValueError,
+        "bias: expected a DTensor placed like the weight",
+    ),
+    "plain_weight": (
+        ColwiseParallel,
+        "weight",
+        TypeError,
+        "bias: expected a plain tensor like the weight, got a DTensor",
+    ),
+}
+
+
+def _bad_dtensor_head(rank: int, world: int, name: str) -> tuple[str, str]:
+    style, plain, _, _ = BAD_DTENSOR_HEADS[name]
     head = nn.Linear(_DIM, 40)
-    parallelize_module(head, init_device_mesh("cpu", (world,)), RowwiseParallel())
-    try:
-        local_head(head.weight, head.bias)
-    except ValueError as error:
-        return type(error).__name__, str(error)
-    return "", ""
+    parallelize_module(head, init_device_mesh("cpu", (world,)), style())
+    params = {"weight": head.weight, "bias": head.bias}
+    if plain is not None:
+        params[plain] = params[plain].full_tensor().detach()
+    return _raised(lambda: local_head(**params))
 
 
 # --- FSDP2: a small LM whose loss is chunklogits on its lm_head trains as in one process ---------
@@ -385,8 +420,9 @@ def _single_process_losses(dtype: torch.dtype, world: int) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int) -> dict:
-    results = {"bad": {name: _bad_call(rank, world, name) for name in BAD_INPUTS}}
-    results["bad"]["rowwise_dtensor"] = _rowwise_head(rank, world)
+    bad = {name: _bad_call(rank, world, name) for name in BAD_INPUTS}
+    bad.update({name: _bad_dtensor_head(rank, world, name) for name in BAD_DTENSOR_HEADS})
+    results = {"bad": bad}
     results.update({name: _numeric_case(rank, world, case) for name, case in CASES.items()})
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
@@ -418,16 +454,13 @@ def test_matches_single_process(name, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", [*BAD_INPUTS, "rowwise_dtensor"])
+@pytest.mark.parametrize("name", [*BAD_INPUTS, *BAD_DTENSOR_HEADS])
 def test_bad_input_raises_on_every_rank(name, world):
-    if name == "rowwise_dtensor":
-        kind, start = ValueError, "weight: expected a DTensor sharded on the vocabulary dimension 0"
-    else:
-        _, _, _, kind, start = BAD_INPUTS[name]
+    kind, start = (BAD_INPUTS.get(name) or BAD_DTENSOR_HEADS[name])[-2:]
+    start = start.format(vocab=sum(_SLICES[:world]))  # the whole vocabulary's size
     for rank, results in enumerate(_ranks(world)):
         raised, message = results["bad"][name]
         assert raised == kind.__name__, f"rank {rank} of {world} raised {raised!r}: {message}"
-        start = start.format(vocab=sum(_SLICES[:world]))  # the whole vocabulary's size
         assert message.startswith(start), f"rank {rank} of {world}: {message}"
         if name in ("labels_dtype_on_one_rank", "shards_beyond_slice") and rank != 1:
             assert message.endswith("(raised on group rank 1 of process_group)"), message
@@ -446,3 +479,11 @@ def test_local_head_passes_plain_tensors_through():
     weight, bias = torch.randn(7, 3), torch.randn(7)
     local = local_head(weight, bias)
     assert local.weight is weight and local.bias is bias and local.process_group is None
+
+
+def test_process_group_needs_initialised_distributed():
+    assert not dist.is_initialized()
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    hidden, weight, labels = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match=r"^process_group: expected an initialised torch\.distr"):
+        chunklogits.linear_cross_entropy(hidden, weight, labels, process_group=group)
