@@ -380,13 +380,25 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
 class _RowStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
+        ctx,
+        hidden2d,
+        weight,
+        bias,
+        index,
+        targets,
+        transform,
+        plan,
+        want_mean,
+        want_entropy,
+        vocab_parallel,
     ):
         stats = _forward_stats(
             hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
         )
+        if vocab_parallel is not None:
+            stats = vocab_parallel.combine(stats)
         ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.entropy)
-        ctx.transform, ctx.plan = transform, plan
+        ctx.transform, ctx.plan, ctx.vocab_parallel = transform, plan, vocab_parallel
         # Statistics that do not reach the loss get ``None`` gradients instead of zeros, so their
         # terms are skipped in the backward blocks.
         ctx.set_materialize_grads(False)
@@ -400,12 +412,15 @@ class _RowStatsFunction(torch.autograd.Function):
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
         stats = RowStats(lse, None, None, entropy)
-        coef = _coefficients(stats, grads, weight.shape[0])
+        parallel = ctx.vocab_parallel
+        coef = _coefficients(stats, grads, weight.shape[0] if parallel is None else parallel.vocab)
         needs = ctx.needs_input_grad[:3]
         grad_hidden, grad_weight, grad_bias = _backward_blocks(
             hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
         )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        if parallel is not None and grad_hidden is not None:
+            grad_hidden = parallel.reduce_grad(grad_hidden)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def row_stats(
@@ -419,6 +434,7 @@ def row_stats(
     plan: BlockPlan,
     want_mean: bool = False,
     want_entropy: bool = False,
+    vocab_parallel=None,
 ) -> RowStats:
     """Differentiable ``RowStats`` of ``z = transform(hidden2d[index] @ weight.T + bias)``.
 
@@ -428,10 +444,27 @@ def row_stats(
     Naive equivalent: ``z = transform(F.linear(hidden2d[index], weight, bias).float())``, then
     ``z.logsumexp(-1)``, ``z.gather(-1, targets)``, ``z.mean(-1)``,
     ``-(z.softmax(-1) * z.log_softmax(-1)).sum(-1)``.
+
+    vocab_parallel: None, or the hook of ``distributed.VocabSlice``: ``weight`` and ``bias`` are
+    rows ``[start, start + V)`` of a vocabulary of ``vocab`` entries spread over several ranks,
+    ``targets`` are indices into the whole vocabulary (a row whose target another rank holds gets
+    a local target logit of 0), ``combine(stats)`` turns this slice's statistics into the whole
+    vocabulary's, and ``reduce_grad(grad_hidden)`` sums the ranks' hidden gradients.
     """
+    if vocab_parallel is not None and targets is not None:
+        targets = targets - vocab_parallel.start
     out = iter(
         _RowStatsFunction.apply(
-            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
+            hidden2d,
+            weight,
+            bias,
+            index,
+            targets,
+            transform,
+            plan,
+            want_mean,
+            want_entropy,
+            vocab_parallel,
         )
     )
     present = (True, targets is not None, want_mean, want_entropy)

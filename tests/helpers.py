@@ -40,3 +40,57 @@ def assert_as_accurate(
             f"|exact - naive| = {naive_error.flatten()[worst].item():.3g}, slack = {slack:.3g} "
             f"(exact {exact.flatten()[worst].item():.6g}, ours {ours.flatten()[worst].item():.6g})"
         )
+
+
+def run_ranks(worker, world: int, *args, timeout: float = 180.0) -> list:
+    """Run ``worker(rank, world, *args)`` in ``world`` fresh processes that have joined one gloo
+    process group (CPU), and return each rank's return value, by rank. ``worker`` must be a
+    module-level function (it is pickled by name). A rank that raises fails the call with its
+    traceback; ranks still running after ``timeout`` seconds are killed and reported as hung."""
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(
+            _rank_main,
+            args=(world, _free_port(), out_dir, worker, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise AssertionError(f"{worker.__name__}: ranks still running after {timeout} s")
+        return [torch.load(f"{out_dir}/{rank}.pt") for rank in range(world)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str, worker, args) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # several ranks share a few cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.save(worker(rank, world, *args), f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
