@@ -214,3 +214,19 @@ def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys, tmp_path):
 def test_a_checkpoint_keeps_its_layers(checkpoint):
     with pytest.raises(ValueError, match="layers: a checkpoint keeps its own layers"):
         benchmark.build_model(path=checkpoint, layers=1)
+
+
+def test_seed_headline_ratios_are_peaks_over_ours():
+    from bench.seed_figures import HEADLINE_TOKENS, headline
+
+    peaks = {"transformers 4.40 (fp32 logits)": 9 * 2**30, "chunklogits": 3 * 2**29}
+    results = [
+        benchmark.Result("prefill", case, size, seconds=1.0, peak_bytes=peak)
+        for case, peak in peaks.items()
+        for size in (HEADLINE_TOKENS - 500, HEADLINE_TOKENS)
+    ]
+    runs = [{"shape": "llama3-8b", "task": "prefill", "results": [vars(r) for r in results]}]
+    lines = headline(runs, "prefill")
+    assert lines[2] == "| transformers 4.40 (fp32 logits) | 9.00 | 6.00 |"
+    assert lines[3] == "| chunklogits | 1.50 | 1.00 |"
+    assert len(lines) == 4
