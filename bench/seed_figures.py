@@ -123,7 +123,7 @@ def write_outputs(out: Path, runs) -> None:
         if not shapes:
             continue
         panels = [
-            (f"{s} (V = {benchmark.PRESETS[s][1]['vocab_size']:,})", _results(runs, s, task_name))
+            (f"{s} (V = {benchmark.PRESETS[s].vocab_size:,})", _results(runs, s, task_name))
             for s in shapes
         ]
         name = f"seed_{task_name}.png"

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,56 +32,31 @@ from . import memory
 from .logprobs import token_logprobs
 from .loss import linear_cross_entropy
 
-# Shapes of public checkpoints (their config.json on the Hugging Face Hub), with random weights:
-# meta-llama/Llama-3.2-1B, meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1, google/gemma-7b.
-PRESETS: dict[str, tuple[str, dict]] = {
-    "llama3-1b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=True,
-            rope_theta=500000.0,
-        ),
-    ),
-    "llama3-8b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=False,
-            rope_theta=500000.0,
-        ),
-    ),
-    "mistral-7b": (
-        "mistral",
-        dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "gemma-7b": (
-        "gemma",
-        dict(
-            vocab_size=256000,
-            hidden_size=3072,
-            intermediate_size=24576,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            head_dim=256,
-            tie_word_embeddings=True,
-        ),
-    ),
+
+class Preset(NamedTuple):
+    """The shape of a public checkpoint (its config.json on the Hugging Face Hub)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool
+    extra: dict
+
+    def config_kwargs(self) -> dict:
+        kwargs = self._asdict()
+        del kwargs["model_type"], kwargs["extra"]
+        return {**kwargs, **self.extra}
+
+
+_LLAMA3_ROPE = {"rope_theta": 500000.0}
+PRESETS: dict[str, Preset] = {
+    "llama3-1b": Preset("llama", 128256, 2048, 8192, 32, 8, True, _LLAMA3_ROPE),  # Llama-3.2-1B
+    "llama3-8b": Preset("llama", 128256, 4096, 14336, 32, 8, False, _LLAMA3_ROPE),  # Llama-3-8B
+    "mistral-7b": Preset("mistral", 32000, 4096, 14336, 32, 8, False, {}),  # Mistral-7B-v0.1
+    "gemma-7b": Preset("gemma", 256000, 3072, 24576, 16, 16, True, {"head_dim": 256}),  # gemma-7b
 }
 
 # The sequence lengths of the seed issue's figures: 100, 500, 1000, ..., 6500 tokens.
@@ -500,9 +476,12 @@ def build_model(
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-        model_type, shape = PRESETS[preset]
+        shape = PRESETS[preset]
         config = AutoConfig.for_model(
-            model_type, num_hidden_layers=layers or 2, max_position_embeddings=8192, **shape
+            shape.model_type,
+            num_hidden_layers=layers or 2,
+            max_position_embeddings=8192,
+            **shape.config_kwargs(),
         )
     else:
         path = Path(path)

@@ -94,3 +94,19 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, worker, args) -> 
         torch.save(worker(rank, world, *args), f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32):
+    """A tiny untied Llama config (4 heads, 2 key-value heads) for model-level tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )

@@ -17,21 +17,13 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from chunklogits import benchmark, cli, reference
 from chunklogits.benchmark import TASKS, Workload
+from tests.helpers import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_llama(vocab: int = 300, layers: int = 2) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    return tiny_llama_config(vocab, layers)
 
 
 def seeded_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import chunklogits as cl
 from chunklogits.benchmark import selective_log_softmax
+from tests.helpers import tiny_llama_config
 
 
 def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None):
@@ -55,16 +56,9 @@ VOCAB = 211
 
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    return AutoModelForCausalLM.from_config(
+        tiny_llama_config(VOCAB, hidden=48), dtype=torch.float32
     )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def padded_batch(seed: int = 0):
