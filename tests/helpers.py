@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -110,3 +111,13 @@ def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32):
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run on one thread: on a shared, oversubscribed machine two OpenMP threads wait
+    on each other at every op and a tiny forward takes seconds instead of milliseconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from chunklogits import benchmark, cli, reference
 from chunklogits.benchmark import TASKS, Workload
-from tests.helpers import tiny_llama_config
+from tests.helpers import one_thread, tiny_llama_config
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +112,7 @@ def test_figures_are_png_images(job):
 def test_module_entry_point_runs_offline_from_a_config_json(tmp_path):
     tiny_llama().save_pretrained(tmp_path)  # writes config.json only: random weights
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     argv = ["--model", str(tmp_path / "config.json"), "--layers", "1", "--tasks", "loss"]
     argv += ["--sizes", "12", "--dtype", "float32", "--out", str(out)]
     done = subprocess.run(

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import chunklogits as cl
 from chunklogits.benchmark import selective_log_softmax
-from tests.helpers import tiny_llama_config
+from tests.helpers import one_thread, tiny_llama_config
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None):
