@@ -6,13 +6,15 @@ them, half logits as 5.x returns them, ``logits_to_keep=1`` as ``generate()`` as
 chunklogits) and for a training step (forward, loss, backward). Real hidden sizes, one decoder
 layer, random weights (``chunklogits.benchmark.PRESETS``).
 
-    python bench/seed_figures.py --out docs/figures            # everything (hours on a CPU)
-    python bench/seed_figures.py --shapes llama3-8b --tasks prefill
+    python -m bench.seed_figures --out docs/figures            # everything (hours on a CPU)
+    python -m bench.seed_figures --out docs/figures --shapes llama3-8b --tasks loss \
+        --sizes 100,1000,2000,3500,5000,6500                    # a coarse grid first
 
-Results accumulate in ``OUT/seed_results.json``, one entry per (shape, task) with the machine
-and its load: a rerun skips the pairs already there (``--fresh`` redoes them), so the sweep can
-be run piecewise. ``OUT/seed_prefill.png``, ``OUT/seed_loss.png`` and ``OUT/seed.md`` are
-rewritten from that file after every pair.
+Results accumulate in ``OUT/seed_results.json``, one entry per run of a (shape, task) pair with
+the machine and its load: a rerun measures only the sizes a pair does not have yet (``--fresh``
+forgets the pair's earlier results), so the sweep can be run piecewise, e.g. on a coarse grid first.
+``OUT/seed_prefill.png``, ``OUT/seed_loss.png`` and ``OUT/seed.md`` are rewritten from that
+file after every run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="prefill,loss")
     p.add_argument("--sizes", default=",".join(map(str, SEED_SIZES)))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fresh", action="store_true", help="redo pairs already in the results")
+    p.add_argument("--fresh", action="store_true", help="forget these pairs' earlier results")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,35 +51,30 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     memory.pin_allocator()
     for shape in args.shapes.split(","):
-        todo = [
-            t
-            for t in args.tasks.split(",")
-            if args.fresh or not any(r["shape"] == shape and r["task"] == t for r in runs)
-        ]
-        if not todo:
+        if args.fresh:
+            tasks = args.tasks.split(",")
+            runs = [r for r in runs if r["shape"] != shape or r["task"] not in tasks]
+        todo = {}
+        for name in args.tasks.split(","):
+            done = {r.size for r in _results(runs, shape, name)}
+            todo[name] = [size for size in sizes if size not in done]
+        if not any(todo.values()):
             continue
         model = benchmark.build_model(shape, layers=1, device=args.device)
         workload = benchmark.Workload(model)
-        for task in benchmark.iter_tasks(todo):
-            print(f"{shape}: {task.name} ...", file=sys.stderr, flush=True)
+        for task in benchmark.iter_tasks(name for name, missing in todo.items() if missing):
+            print(f"{shape}: {task.name} {todo[task.name]} ...", file=sys.stderr, flush=True)
             machine, started = report.machine(), time.time()
             results = benchmark.run_task(
                 workload,
                 task,
-                sizes,
+                todo[task.name],
                 on_step=lambda d: print(f"  {d}", file=sys.stderr, flush=True),
             )
             machine["load average at end"] = report.load_average()
             machine["wall time s"] = round(time.time() - started)
-            runs = [r for r in runs if (r["shape"], r["task"]) != (shape, task.name)]
-            runs.append(
-                {
-                    "shape": shape,
-                    "task": task.name,
-                    "machine": machine,
-                    "results": [asdict(r) for r in results],
-                }
-            )
+            run = {"shape": shape, "task": task.name, "sizes": todo[task.name]}
+            runs.append({**run, "machine": machine, "results": [asdict(r) for r in results]})
             store.write_text(json.dumps(runs, indent=1))
             write_outputs(out, runs)
         del model, workload
@@ -85,11 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _runs(runs, shape: str, task: str) -> list[dict]:
+    return [r for r in runs if r["shape"] == shape and r["task"] == task]
+
+
 def _results(runs, shape: str, task: str) -> list[Result]:
-    for run in runs:
-        if run["shape"] == shape and run["task"] == task:
-            return [Result(**r) for r in run["results"]]
-    return []
+    """Every result of the pair, a later run's replacing an earlier one's for the same case and
+    size; sorted by case (in the task's order) and size."""
+    merged = {}
+    for run in _runs(runs, shape, task):
+        for r in run["results"]:
+            merged[r["case"], r["size"]] = Result(**r)
+    order = [c.name for c in TASKS[task].cases]
+    return sorted(merged.values(), key=lambda r: (order.index(r.case), r.size))
 
 
 def headline(runs, task: str) -> list[str]:
@@ -131,9 +136,14 @@ def write_outputs(out: Path, runs) -> None:
         lines += [f"## {task.title}", "", f"![{task_name}]({name})", ""]
         lines += [*headline(runs, task_name), ""]
         for shape in shapes:
-            run = next(r for r in runs if r["shape"] == shape and r["task"] == task_name)
-            load = ", ".join(f"{k}: {v}" for k, v in run["machine"].items() if k not in _MACHINE)
-            lines += [f"### {shape}", "", f"{load}.", ""]
+            lines += [f"### {shape}", ""]
+            for run in _runs(runs, shape, task_name):
+                sizes = run.get("sizes") or sorted({r["size"] for r in run["results"]})
+                load = ", ".join(
+                    f"{k}: {v}" for k, v in run["machine"].items() if k not in _MACHINE
+                )
+                lines += [f"- {', '.join(map(str, sizes))} tokens: {load}."]
+            lines += [""]
             lines += [report.markdown_table(task, _results(runs, shape, task_name)), ""]
     (out / "seed.md").write_text("\n".join(lines))
 

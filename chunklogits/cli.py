@@ -83,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
         "--batches",
         type=_int_list,
         default=DEFAULT_BATCHES,
-        help="sequences per sampling step, comma-separated (default %(default)s)",
+        help="sequences per sampling step, comma-separated (default "
+        f"{','.join(map(str, DEFAULT_BATCHES))})",
     )
     p.add_argument("--batch", type=_positive, default=1, help="sequences per forward (default 1)")
     p.add_argument(
