@@ -224,3 +224,31 @@ def test_seed_headline_ratios_are_peaks_over_ours():
     assert lines[2] == "| transformers 4.40 (fp32 logits) | 9.00 | 6.00 |"
     assert lines[3] == "| chunklogits | 1.50 | 1.00 |"
     assert len(lines) == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "build_model: expected exactly one of preset and path"),
+        ({"preset": "llama3-1b", "path": "x"}, "build_model: expected exactly one of preset"),
+        ({"preset": "llama3-70b"}, "preset: expected one of ['gemma-7b', 'llama3-1b', "),
+        ({"preset": "llama3-1b", "layers": 0}, "layers: expected an int >= 1, got 0"),
+        ({"path": "/nonexistent"}, "model: expected a checkpoint directory or config.json"),
+    ],
+)
+def test_build_model_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        benchmark.build_model(**kwargs)
+    assert message in str(error.value)
+
+
+def test_a_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"model: expected .*config\.json to exist"):
+        benchmark.build_model(path=tmp_path)
+
+
+def test_a_model_without_output_layer_is_refused():
+    from transformers import LlamaModel
+
+    with pytest.raises(ValueError, match="model: expected a causal LM with an output layer"):
+        Workload(LlamaModel(tiny_llama()))
