@@ -1,0 +1,614 @@
+"""Fused Triton kernels for the block engine: drop-in replacements of ``_blocks._forward_stats``
+and ``_blocks._backward_blocks`` (same arguments, same results up to floating-point rounding),
+chosen automatically for CUDA tensors when triton imports (``serves``). The PyTorch block loop of
+``_blocks`` stays the fallback and the oracle these kernels are tested against.
+
+Forward (``forward_stats``): ``_stats_kernel`` computes the logits ``tile x tile`` at a time with
+``tl.dot`` over ``D`` and folds each tile straight into per-row running statistics held in
+registers (the online log-sum-exp merge of ``_blocks``); no logits reach global memory. The
+vocabulary is cut into a few contiguous ranges so that the grid fills the GPU: each program owns
+one row tile and one range and writes one partial of each statistic, merged afterwards by a few
+PyTorch ops on ``[ranges, N]`` tensors.
+
+Backward (``backward_blocks``), for each (row chunk, vocabulary shard) block of the plan:
+
+1. ``_grad_logits_kernel`` recomputes the logits tile by tile and writes ``G = dL/dx`` (the
+   coefficients of ``_GradCoefficients`` and the chain rule through the transform applied in
+   registers) in the input dtype into a ``[chunk, shard]`` buffer, with per-tile column sums for
+   the bias gradient.
+2. ``_matmul_kernel`` twice: ``grad_hidden[rows] += G @ weight[shard]`` and
+   ``grad_weight[shard] += G.T @ hidden[rows]``, accumulated in fp32 registers.
+
+A gradient summed over several blocks (``grad_hidden`` over shards, ``grad_weight`` over row
+chunks) is carried between blocks as a compensated pair ``hi + lo`` of two tensors of the input
+dtype: ``hi`` is the output tensor itself and ``lo`` its rounding error, so the running sum keeps
+about twice the input dtype's precision and is rounded once at the end, as the naive computation
+rounds it, with no fp32 copy of either gradient. The block is wider than the PyTorch loop's for
+the same memory: its only transient is ``G`` (2 bytes per element in half precision instead of
+``_BYTES_PER_BLOCK_ELEMENT``), so consecutive plan shards are merged (``_shard_groups``).
+
+Opt-in gradient filter (``set_gradient_filter``; Cut Cross-Entropy, Wijmans et al. 2024, sec.
+4.3): tiles where every softmax probability is below ``eps`` and no target falls are skipped by
+both gradient GEMMs, and the vocabulary is visited in descending order of its mean logit so that
+the probable entries share tiles and more tiles are skipped. It is *not exact* (the skipped
+entries' ``p * W`` terms are dropped) and is off by default. Nothing here synchronises with the
+host: tile skipping is decided inside the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._blocks import _BYTES_PER_BLOCK_ELEMENT, RowStats
+
+_SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_settings: dict[str, object] = {"enabled": True, "gradient_filter": None}
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Tile sizes. Logits tiles are ``tile`` rows x ``tile`` vocabulary entries, ``block_d`` of
+    ``D`` per ``tl.dot`` step. A gradient GEMM program owns ``tile`` output rows x ``block_c``
+    columns and reduces ``block_k`` at a time (``block_k`` divides ``tile``, so that the filter's
+    per-tile flags line up with the GEMMs' rows and reduction)."""
+
+    tile: int
+    block_d: int
+    block_k: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+
+# Untuned starting points for CUDA (no GPU was available when these kernels were written), kept
+# under ~100 KiB of shared memory per program; small tiles on CPU, where only Triton's
+# interpreter runs them (tests), so that tiles are ragged and block_k < tile.
+_CONFIGS = {
+    ("cuda", 2): _Config(tile=128, block_d=64, block_k=64, block_c=128, num_warps=8, num_stages=3),
+    ("cuda", 4): _Config(tile=64, block_d=32, block_k=32, block_c=64, num_warps=4, num_stages=2),
+    ("cpu", 2): _Config(tile=64, block_d=64, block_k=32, block_c=64, num_warps=4, num_stages=1),
+    ("cpu", 4): _Config(tile=64, block_d=64, block_k=32, block_c=64, num_warps=4, num_stages=1),
+}
+_GROUP = 8  # row tiles per program group: consecutive programs share column tiles in L2
+
+
+def enable(flag: bool) -> bool:
+    """Let the Triton kernels serve CUDA tensors (True, the default) or force the PyTorch block
+    loop (False, for comparison and debugging); returns the previous setting."""
+    previous = _settings["enabled"]
+    _settings["enabled"] = bool(flag)
+    return previous
+
+
+def set_gradient_filter(eps: float | str | None) -> float | str | None:
+    """Skip gradient tiles whose softmax probabilities are all below ``eps`` (and that hold no
+    target), visiting the vocabulary sorted by mean logit; returns the previous setting.
+
+    ``None`` (default): exact gradients. ``"auto"``: ``torch.finfo(dtype).eps / 32`` (2^-12 in
+    bf16), the threshold of Cut Cross-Entropy. A float in ``(0, 1)``: that threshold. Not exact:
+    use it only where the softmax is peaked (trained models); on a near-uniform softmax every
+    non-target entry is below the threshold and its gradient is dropped. Never applied to a loss
+    whose gradient has a uniform term over the vocabulary (label smoothing, mean logit).
+    """
+    if eps is not None and eps != "auto":
+        if not isinstance(eps, float | int) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ValueError(f"eps: expected None, 'auto' or a float in (0, 1), got {eps!r}")
+        eps = float(eps)
+    previous = _settings["gradient_filter"]
+    _settings["gradient_filter"] = eps
+    return previous
+
+
+def serves(hidden2d: Tensor) -> bool:
+    """Whether the kernels run for ``hidden2d``: a CUDA tensor of a dtype ``tl.dot`` takes on
+    this GPU (bf16 from compute capability 8), unless disabled with ``enable(False)``."""
+    if not (_settings["enabled"] and hidden2d.is_cuda and hidden2d.dtype in _SERVED_DTYPES):
+        return False
+    return hidden2d.dtype != torch.bfloat16 or _capability(hidden2d.device)[0] >= 8
+
+
+@cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@cache
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep every streaming multiprocessor busy (4 per SM); a few on CPU."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _config(t: Tensor) -> _Config:
+    return _CONFIGS[("cuda" if t.is_cuda else "cpu", 4 if t.dtype == torch.float32 else 2)]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 GEMMs follow PyTorch's setting: TF32 only where torch would use it too.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _transform_args(transform) -> dict:
+    """The transform as kernel arguments: runtime scalars plus constexpr switches."""
+    return {
+        "logit_scale": 1.0 if transform.logit_scale is None else transform.logit_scale,
+        "softcap": 1.0 if transform.softcap is None else transform.softcap,
+        "temperature": transform.temperature,
+        "HAS_SCALE": transform.logit_scale is not None,
+        "HAS_SOFTCAP": transform.softcap is not None,
+        "HAS_TEMPERATURE": transform.temperature != 1.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers
+
+
+@triton.jit
+def _tanh(u):
+    # tanh from exp, symmetric so that exp never overflows (libdevice's tanh has no interpreter
+    # implementation, and this is as accurate in absolute terms).
+    t = tl.exp(-2.0 * tl.abs(u))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(u < 0, -r, r)
+
+
+# Triton's interpreter multiplies the bit patterns of bf16 tl.dot operands instead of their values
+# (triton-lang/triton#11584, "not supported yet"). Interpreted, bf16 tiles are widened to fp32
+# before the dot: the same exact products and fp32 sums as the GPU's bf16 dot.
+_WIDEN_BF16_DOTS = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _tile_coords(pid, tiles_r, tiles_c, GROUP: tl.constexpr):
+    """Program ``pid`` -> (row tile, column tile), ``GROUP`` row tiles at a time per column tile,
+    so that programs running together reuse each other's operands from L2."""
+    per_group = GROUP * tiles_c
+    first_r = (pid // per_group) * GROUP
+    group_rows = tl.minimum(tiles_r - first_r, GROUP)
+    return first_r + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _logits_tile(
+    hidden, stride_hn, stride_hd, rows, row_ok,
+    weight, stride_wv, stride_wd, ids, col_ok,
+    bias, D, logit_scale, softcap, temperature,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``z = transform(hidden[rows] @ weight[ids].T + bias[ids])`` for one tile, fp32
+    ``[BLOCK_N, BLOCK_V]``; ``rows``/``ids`` are int64 row numbers of hidden/weight."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = hidden + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd
+    w_ptrs = weight + ids[None, :] * stride_wv + offs_d[:, None] * stride_wd
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = offs_d < D - d0
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        acc = _dot(h, w, acc, DOT_PRECISION)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        acc += tl.load(bias + ids, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # The same order of operations as LogitTransform.apply_.
+    if HAS_SCALE:
+        acc = acc * logit_scale
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    if HAS_TEMPERATURE:
+        acc = acc / temperature
+    return acc
+
+
+@triton.jit
+def _stats_kernel(
+    hidden, stride_hn, stride_hd, index, weight, stride_wv, stride_wd, bias, targets, partials,
+    N, V, D, tiles_per_range, logit_scale, softcap, temperature,
+    HAS_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    WANT_MEAN: tl.constexpr, WANT_EXPECTED: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One row tile x one vocabulary range -> partial (max, sum exp(z - max), target logit,
+    sum z, sum exp(z - max) * z) per row, in ``partials[5, ranges, N]``."""
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(N, BLOCK_N)
+    vocab_range = pid // row_tiles
+    offs_n = (pid % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    if HAS_INDEX:
+        rows = tl.load(index + offs_n, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = offs_n.to(tl.int64)
+    if HAS_TARGETS:
+        target_ids = tl.load(targets + offs_n, mask=row_ok, other=-1)
+
+    running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)
+    target = tl.zeros((BLOCK_N,), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    weighted = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = vocab_range * tiles_per_range * BLOCK_V
+    v_end = tl.minimum(V, v_begin + tiles_per_range * BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        ids = v0 + tl.arange(0, BLOCK_V)
+        col_ok = ids < v_end
+        ids = ids.to(tl.int64)
+        z = _logits_tile(
+            hidden, stride_hn, stride_hd, rows, row_ok, weight, stride_wv, stride_wd, ids, col_ok,
+            bias, D, logit_scale, softcap, temperature, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP,
+            HAS_TEMPERATURE, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
+        z_or_zero = tl.where(col_ok[None, :], z, 0.0)
+        new_max = tl.maximum(running_max, tl.max(tl.where(col_ok[None, :], z, float("-inf")), 1))
+        rescale = tl.exp(running_max - new_max)
+        exp = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
+        sum_exp = sum_exp * rescale + tl.sum(exp, 1)
+        if WANT_EXPECTED:
+            weighted = weighted * rescale + tl.sum(exp * z_or_zero, 1)
+        if WANT_MEAN:
+            total += tl.sum(z_or_zero, 1)
+        if HAS_TARGETS:
+            target += tl.sum(tl.where(ids[None, :] == target_ids[:, None], z_or_zero, 0.0), 1)
+        running_max = new_max
+
+    out = partials + vocab_range * N + offs_n
+    plane = tl.num_programs(0) // row_tiles * N
+    tl.store(out, running_max, mask=row_ok)
+    tl.store(out + plane, sum_exp, mask=row_ok)
+    if HAS_TARGETS:
+        tl.store(out + 2 * plane, target, mask=row_ok)
+    if WANT_MEAN:
+        tl.store(out + 3 * plane, total, mask=row_ok)
+    if WANT_EXPECTED:
+        tl.store(out + 4 * plane, weighted, mask=row_ok)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    hidden, stride_hn, stride_hd, index, weight, stride_wv, stride_wd, vocab_ids, v0, bias,
+    targets, lse, p_coef, pz_coef, target_coef, uniform, grad, bias_part, keep_flags,
+    C, S, D, eps, linear_factor, logit_scale, softcap, temperature,
+    HAS_INDEX: tl.constexpr, HAS_VOCAB_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_P: tl.constexpr, HAS_P_COEF: tl.constexpr,
+    HAS_PZ: tl.constexpr, HAS_TARGET_COEF: tl.constexpr,
+    HAS_UNIFORM: tl.constexpr, STORE_GRAD: tl.constexpr, NEED_BIAS: tl.constexpr,
+    FILTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``grad[r, j] = dL/dx`` of block row ``r`` (of ``C``) and shard column ``j`` (of ``S``):
+    ``(p * (p_coef + pz_coef * z) + target_coef * [id_j == target] + uniform) * dz/dx``. Row
+    arguments (index, targets, lse, coefficients) start at the chunk's first row; column ``j`` is
+    vocabulary entry ``vocab_ids[j]`` (sorted order) or ``v0 + j``."""
+    tiles_c = tl.cdiv(S, TILE)
+    tile_r, tile_c = _tile_coords(tl.program_id(0), tl.cdiv(C, TILE), tiles_c, GROUP)
+    offs_r = tile_r * TILE + tl.arange(0, TILE)
+    offs_c = tile_c * TILE + tl.arange(0, TILE)
+    row_ok = offs_r < C
+    col_ok = offs_c < S
+    if HAS_INDEX:
+        rows = tl.load(index + offs_r, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = offs_r.to(tl.int64)
+    if HAS_VOCAB_IDS:
+        ids = tl.load(vocab_ids + offs_c, mask=col_ok, other=0).to(tl.int64)
+    else:
+        ids = (v0 + offs_c).to(tl.int64)
+    z = _logits_tile(
+        hidden, stride_hn, stride_hd, rows, row_ok, weight, stride_wv, stride_wd, ids, col_ok,
+        bias, D, logit_scale, softcap, temperature, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP,
+        HAS_TEMPERATURE, TILE, TILE, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    valid = row_ok[:, None] & col_ok[None, :]
+
+    g = tl.zeros((TILE, TILE), dtype=tl.float32)
+    if HAS_P:
+        row_lse = tl.load(lse + offs_r, mask=row_ok, other=float("inf"))
+        p = tl.where(valid, tl.exp(z - row_lse[:, None]), 0.0)
+        factor = tl.zeros((TILE, TILE), dtype=tl.float32)
+        if HAS_PZ:
+            factor += tl.load(pz_coef + offs_r, mask=row_ok, other=0.0)[:, None] * z
+        if HAS_P_COEF:
+            factor += tl.load(p_coef + offs_r, mask=row_ok, other=0.0)[:, None]
+        g = p * factor
+    is_target = tl.zeros((TILE, TILE), dtype=tl.int1)
+    if HAS_TARGETS:
+        row_targets = tl.load(targets + offs_r, mask=row_ok, other=-1)
+        is_target = (ids[None, :] == row_targets[:, None]) & valid
+    if HAS_TARGET_COEF:
+        coef = tl.load(target_coef + offs_r, mask=row_ok, other=0.0)
+        g += tl.where(is_target, coef[:, None], 0.0)
+    if HAS_UNIFORM:
+        g += tl.load(uniform + offs_r, mask=row_ok, other=0.0)[:, None]
+    # Chain rule through the transform, as LogitTransform.chain_.
+    if HAS_SOFTCAP:
+        th = z * (temperature / softcap)
+        g = g * (1.0 - th * th)
+    g = tl.where(valid, g * linear_factor, 0.0)
+
+    if NEED_BIAS:
+        tl.store(bias_part + tile_r * S + offs_c, tl.sum(g, 0), mask=col_ok)
+    if STORE_GRAD:
+        g_ptrs = grad + offs_r[:, None].to(tl.int64) * S + offs_c[None, :]
+        if FILTER:
+            keep = tl.max(tl.where(is_target, 1.0, 0.0)) > 0
+            if HAS_P:
+                keep = keep | (tl.max(p) >= eps)
+            tl.store(keep_flags + tile_r * tiles_c + tile_c, keep.to(tl.int8))
+            if keep:
+                tl.store(g_ptrs, g.to(grad.dtype.element_ty), mask=valid)
+        else:
+            tl.store(g_ptrs, g.to(grad.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _matmul_step(acc, a, stride_ar, stride_ak, b, b_rows, stride_bk, stride_bc, offs_r, row_ok,
+                 offs_c, col_ok, k0, K, HAS_B_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``acc + a[offs_r, k0:k0+BLOCK_K] @ b[b_rows[k0:k0+BLOCK_K], offs_c]``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    if HAS_B_ROWS:
+        k_rows = tl.load(b_rows + offs_k, mask=k_ok, other=0).to(tl.int64)
+    else:
+        k_rows = offs_k.to(tl.int64)
+    a_ptrs = a + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak
+    a_tile = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    b_ptrs = b + k_rows[:, None] * stride_bk + offs_c[None, :] * stride_bc
+    b_tile = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return _dot(a_tile, b_tile, acc, DOT_PRECISION)
+
+
+@triton.jit
+def _matmul_kernel(
+    a, stride_ar, stride_ak, b, b_rows, stride_bk, stride_bc, out, out_rows, stride_or, lo,
+    kept_tiles, kept_counts, R, K, C,
+    HAS_B_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr, HAS_LO: tl.constexpr,
+    ACCUMULATE: tl.constexpr, FILTER: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``out[out_rows[r], c] (+)= sum_k a[r, k] * b[b_rows[k], c]`` for ``r < R``, ``c < C``
+    (``out`` has unit column stride, ``lo`` is a contiguous ``[R, C]``), fp32 accumulation over
+    ``TILE`` rows x ``BLOCK_C`` columns per program. ``ACCUMULATE`` adds to the compensated pair
+    ``out + lo``, else overwrites it. ``FILTER``: the reduction visits only the ``TILE``-wide
+    tiles listed in row ``r // TILE`` of ``kept_tiles`` (``[R tiles, K tiles]``, the first
+    ``kept_counts[r // TILE]`` entries), ``BLOCK_K`` (dividing ``TILE``) at a time. A list rather
+    than a branch per tile keeps the loop free of conditionals, so its loads stay pipelined."""
+    tile_r, tile_c = _tile_coords(tl.program_id(0), tl.cdiv(R, TILE), tl.cdiv(C, BLOCK_C), GROUP)
+    offs_r = tile_r * TILE + tl.arange(0, TILE)
+    offs_c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = offs_r < R
+    col_ok = offs_c < C
+    acc = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
+    steps_per_tile: tl.constexpr = TILE // BLOCK_K
+    if FILTER:
+        steps = tl.load(kept_counts + tile_r) * steps_per_tile
+    else:
+        steps = tl.cdiv(K, BLOCK_K)
+    for step in range(0, steps):
+        if FILTER:
+            k_tile = tl.load(kept_tiles + tile_r * tl.cdiv(K, TILE) + step // steps_per_tile)
+            k0 = k_tile * TILE + (step % steps_per_tile) * BLOCK_K
+        else:
+            k0 = step * BLOCK_K
+        acc = _matmul_step(
+            acc, a, stride_ar, stride_ak, b, b_rows, stride_bk, stride_bc, offs_r, row_ok,
+            offs_c, col_ok, k0, K, HAS_B_ROWS, BLOCK_K, DOT_PRECISION,
+        )  # fmt: skip
+
+    if HAS_OUT_ROWS:
+        rows = tl.load(out_rows + offs_r, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = offs_r.to(tl.int64)
+    mask = row_ok[:, None] & col_ok[None, :]
+    out_ptrs = out + rows[:, None] * stride_or + offs_c[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LO:
+        lo_ptrs = lo + offs_r[:, None].to(tl.int64) * C + offs_c[None, :]
+        if ACCUMULATE:
+            acc += tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
+        hi = acc.to(out.dtype.element_ty)
+        tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop-in replacements of the PyTorch block loop
+
+
+def forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected):
+    """``_blocks._forward_stats`` with one fused kernel (``plan`` is not needed: no block of
+    logits is ever stored)."""
+    n, vocab = plan.rows, weight.shape[0]
+    config = _config(hidden2d)
+    row_tiles = max(1, triton.cdiv(n, config.tile))
+    vocab_tiles = triton.cdiv(vocab, config.tile)
+    ranges = max(1, min(vocab_tiles, triton.cdiv(_programs_wanted(hidden2d.device), row_tiles)))
+    tiles_per_range = triton.cdiv(vocab_tiles, ranges)
+    ranges = triton.cdiv(vocab_tiles, tiles_per_range)
+    partials = torch.empty(5, ranges, n, dtype=torch.float32, device=hidden2d.device)
+    if n > 0:
+        _stats_kernel[(row_tiles * ranges,)](
+            hidden2d, *hidden2d.stride(), _span(index, 0, n), weight, *weight.stride(),
+            _span(bias, 0, vocab), _span(targets, 0, n), partials,
+            n, vocab, hidden2d.shape[1], tiles_per_range, **_transform_args(transform),
+            HAS_INDEX=index is not None, HAS_BIAS=bias is not None,
+            HAS_TARGETS=targets is not None, WANT_MEAN=want_mean, WANT_EXPECTED=want_expected,
+            BLOCK_N=config.tile, BLOCK_V=config.tile, BLOCK_D=config.block_d,
+            DOT_PRECISION=_dot_precision(hidden2d.dtype), num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
+    range_max, range_sum, range_target, range_total, range_weighted = partials
+    running_max = range_max.amax(0)
+    rescale = (range_max - running_max).exp_()
+    sum_exp = (range_sum * rescale).sum(0)
+    lse = running_max + sum_exp.log()
+    target = range_target.sum(0) if targets is not None else None
+    mean = range_total.sum(0) / vocab if want_mean else None
+    expected = (range_weighted * rescale).sum(0) / sum_exp if want_expected else None
+    return RowStats(lse, target, mean, expected)
+
+
+def _shard_groups(plan, element_bytes: int) -> list[tuple[int, int]]:
+    """The plan's shards, consecutive ones merged so that a ``G`` block of ``element_bytes`` per
+    entry takes the memory the plan budgets for a PyTorch block."""
+    step = max(1, _BYTES_PER_BLOCK_ELEMENT // element_bytes)
+    bounds = list(plan.shard_bounds[::step])
+    if bounds[-1] != plan.shard_bounds[-1]:
+        bounds.append(plan.shard_bounds[-1])
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _filter_eps(dtype: torch.dtype, coef) -> float | None:
+    eps = _settings["gradient_filter"]
+    if eps is None or coef.uniform is not None:
+        return None
+    return torch.finfo(dtype).eps / 32 if eps == "auto" else eps
+
+
+def _vocab_order(hidden2d, weight, bias, index, transform) -> Tensor:
+    """Vocabulary ids by descending mean raw logit over the rows (ascending for a negative
+    ``logit_scale``; the rest of the transform is increasing): probable entries first, so that
+    the tiles the filter keeps are few. Two GEMVs in the input dtype, no host sync."""
+    if index is None:
+        row_weights = hidden2d.new_full((hidden2d.shape[0],), 1.0 / max(1, hidden2d.shape[0]))
+    else:
+        row_weights = hidden2d.new_zeros(hidden2d.shape[0])
+        row_weights.index_fill_(0, index, 1.0 / max(1, index.numel()))
+    mean_logit = torch.mv(weight, torch.mv(hidden2d.T, row_weights)).float()
+    if bias is not None:
+        mean_logit += bias.float()
+    return torch.argsort(mean_logit, descending=(transform.logit_scale or 1.0) > 0)
+
+
+def backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
+    """``_blocks._backward_blocks`` with fused kernels (see the module docstring)."""
+    need_hidden, need_weight, need_bias = needs
+    device, dtype, dim = hidden2d.device, hidden2d.dtype, hidden2d.shape[1]
+    config = _config(hidden2d)
+    tile = config.tile
+    chunks = plan.chunks
+    shards = _shard_groups(plan, dtype.itemsize)
+    width = max(v1 - v0 for v0, v1 in shards)
+    eps = _filter_eps(dtype, coef)
+    order = _vocab_order(hidden2d, weight, bias, index, transform) if eps is not None else None
+
+    new = {"dtype": dtype, "device": device}
+    grad_hidden = torch.zeros(hidden2d.shape, **new) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need_bias else None
+    if plan.rows == 0:
+        return grad_hidden, grad_weight, grad_bias if grad_bias is None else grad_bias.to(bias.dtype)
+    # Low halves of the compensated sums, where a gradient is summed over several blocks in half
+    # precision (fp32 sums are carried in fp32 already).
+    half = dtype != torch.float32
+    lo_hidden = torch.empty(plan.rows, dim, **new) if need_hidden and half and len(shards) > 1 else None
+    lo_weight = torch.empty(width, dim, **new) if need_weight and half and len(chunks) > 1 else None
+    # One block's G, bias partials and filter flags, each contiguous [rows, columns] per block.
+    store_grad = need_hidden or need_weight
+    grad = torch.empty(plan.chunk_size * width if store_grad else 0, **new)
+    row_tiles = triton.cdiv(plan.chunk_size, tile)
+    bias_part = torch.empty(row_tiles * width if need_bias else 0, dtype=torch.float32, device=device)
+    keep = torch.empty(row_tiles * triton.cdiv(width, tile), dtype=torch.int8, device=device)
+    precision = _dot_precision(dtype)
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    for shard_number, (v0, v1) in enumerate(shards):
+        s = v1 - v0
+        ids = order[v0:v1] if order is not None else None
+        for chunk_number, (r0, r1) in enumerate(chunks):
+            c = r1 - r0
+            rows = _span(index, r0, r1)
+            tiles_r, tiles_c = triton.cdiv(c, tile), triton.cdiv(s, tile)
+            block = grad[: c * s].view(c, s)
+            chunk_hidden = hidden2d if rows is not None else hidden2d[r0:r1]
+            _grad_logits_kernel[(tiles_r * tiles_c,)](
+                chunk_hidden, *hidden2d.stride(), rows, weight, *weight.stride(), ids, v0,
+                _span(bias, 0, weight.shape[0]),
+                _span(targets, r0, r1), _span(lse, r0, r1), _span(coef.p_coef, r0, r1),
+                _span(coef.pz_coef, r0, r1), _span(coef.target_coef, r0, r1),
+                _span(coef.uniform, r0, r1), block, bias_part, keep, c, s, dim,
+                0.0 if eps is None else eps, transform.linear_factor, **_transform_args(transform),
+                HAS_INDEX=rows is not None, HAS_VOCAB_IDS=ids is not None,
+                HAS_BIAS=bias is not None, HAS_TARGETS=targets is not None,
+                HAS_P=coef.p_coef is not None or coef.pz_coef is not None,
+                HAS_P_COEF=coef.p_coef is not None, HAS_PZ=coef.pz_coef is not None,
+                HAS_TARGET_COEF=coef.target_coef is not None, HAS_UNIFORM=coef.uniform is not None,
+                STORE_GRAD=store_grad, NEED_BIAS=need_bias, FILTER=eps is not None, GROUP=_GROUP,
+                TILE=tile, BLOCK_D=config.block_d, DOT_PRECISION=precision, **launch,
+            )  # fmt: skip
+            if need_bias:
+                bias_grad = bias_part[: tiles_r * s].view(tiles_r, s).sum(0)
+                if ids is None:
+                    grad_bias[v0:v1] += bias_grad
+                else:
+                    grad_bias.index_add_(0, ids, bias_grad)
+            flags = keep[: tiles_r * tiles_c].view(tiles_r, tiles_c) if eps is not None else None
+            if need_hidden:
+                # grad_hidden[rows] (+)= G @ weight[shard], summed over the shards.
+                _matmul(
+                    block, weight if ids is not None else weight[v0:v1], ids,
+                    grad_hidden if rows is not None else grad_hidden[r0:r1], rows,
+                    _span(lo_hidden, r0, r1), shard_number > 0, flags, config,
+                )
+            if need_weight:
+                # grad_weight[shard] (+)= G.T @ hidden[rows], summed over the row chunks.
+                _matmul(
+                    block.T, chunk_hidden, rows,
+                    grad_weight if ids is not None else grad_weight[v0:v1], ids,
+                    _span(lo_weight, 0, s), chunk_number > 0,
+                    flags.T if flags is not None else None, config,
+                )
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _span(t: Tensor | None, start: int, stop: int) -> Tensor | None:
+    """Rows ``start:stop`` of ``t`` (or None), contiguous as the kernels read them (autograd
+    hands out expanded, stride-0 gradients, e.g. of ``.sum()``)."""
+    return None if t is None else t[start:stop].contiguous()
+
+
+def _matmul(a, b, b_rows, out, out_rows, lo, accumulate, keep_flags, config):
+    """``out[out_rows] (+)= a @ b[b_rows]`` with ``_matmul_kernel`` (``None`` rows: all, in
+    order). ``keep_flags`` (``[row tiles, reduction tiles]`` of the filter, or None) become, per
+    row tile, the list of kept reduction tiles in order and its length."""
+    r, k = a.shape
+    c = b.shape[1]
+    kept_tiles = kept_counts = None
+    if keep_flags is not None:
+        keep_flags = keep_flags.contiguous()  # sort keeps a transposed input's strides
+        kept_tiles = keep_flags.argsort(dim=1, descending=True, stable=True).to(torch.int32)
+        kept_counts = keep_flags.sum(1, dtype=torch.int32)
+    _matmul_kernel[(triton.cdiv(r, config.tile) * triton.cdiv(c, config.block_c),)](
+        a, *a.stride(), b, b_rows, *b.stride(), out, out_rows, out.stride(0), lo, kept_tiles,
+        kept_counts, r, k, c, HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None,
+        HAS_LO=lo is not None, ACCUMULATE=accumulate, FILTER=keep_flags is not None,
+        GROUP=_GROUP, TILE=config.tile, BLOCK_K=config.block_k, BLOCK_C=config.block_c,
+        DOT_PRECISION=_dot_precision(a.dtype), num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
