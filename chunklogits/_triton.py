@@ -37,9 +37,10 @@ host: tile skipping is decided inside the kernels.
 
 from __future__ import annotations
 
-import math
+import itertools
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -403,7 +404,7 @@ def _matmul_kernel(
     col_ok = offs_c < C
     acc = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
     steps_per_tile: tl.constexpr = TILE // BLOCK_K
-    if FILTER:
+    if FILTER:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         steps = tl.load(kept_counts + tile_r) * steps_per_tile
     else:
         steps = tl.cdiv(K, BLOCK_K)
@@ -439,7 +440,9 @@ def _matmul_kernel(
 # Drop-in replacements of the PyTorch block loop
 
 
-def forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected):
+def forward_stats(
+    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected
+):
     """``_blocks._forward_stats`` with one fused kernel (``plan`` is not needed: no block of
     logits is ever stored)."""
     n, vocab = plan.rows, weight.shape[0]
@@ -452,8 +455,8 @@ def forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_
     partials = torch.empty(5, ranges, n, dtype=torch.float32, device=hidden2d.device)
     if n > 0:
         _stats_kernel[(row_tiles * ranges,)](
-            hidden2d, *hidden2d.stride(), _span(index, 0, n), weight, *weight.stride(),
-            _span(bias, 0, vocab), _span(targets, 0, n), partials,
+            hidden2d, *hidden2d.stride(), _contiguous(index, 0, n), weight, *weight.stride(),
+            _contiguous(bias, 0, vocab), _contiguous(targets, 0, n), partials,
             n, vocab, hidden2d.shape[1], tiles_per_range, **_transform_args(transform),
             HAS_INDEX=index is not None, HAS_BIAS=bias is not None,
             HAS_TARGETS=targets is not None, WANT_MEAN=want_mean, WANT_EXPECTED=want_expected,
@@ -479,7 +482,7 @@ def _shard_groups(plan, element_bytes: int) -> list[tuple[int, int]]:
     bounds = list(plan.shard_bounds[::step])
     if bounds[-1] != plan.shard_bounds[-1]:
         bounds.append(plan.shard_bounds[-1])
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 def _filter_eps(dtype: torch.dtype, coef) -> float | None:
@@ -504,99 +507,129 @@ def _vocab_order(hidden2d, weight, bias, index, transform) -> Tensor:
     return torch.argsort(mean_logit, descending=(transform.logit_scale or 1.0) > 0)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Rows ``start:stop`` of a block, of the tensors indexed like ``hidden2d`` (or ``weight``):
+    through ``ids``, their row numbers, where an index (or the vocabulary order) selects them,
+    else as a slice."""
+
+    start: int
+    stop: int
+    ids: Tensor | None
+
+    def of(self, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(tensor, row ids)`` for a kernel: ``t`` with ``ids``, or ``t[start:stop]``."""
+        return (t, self.ids) if self.ids is not None else (t[self.start : self.stop], None)
+
+
 def backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
     """``_blocks._backward_blocks`` with fused kernels (see the module docstring)."""
     need_hidden, need_weight, need_bias = needs
     device, dtype, dim = hidden2d.device, hidden2d.dtype, hidden2d.shape[1]
     config = _config(hidden2d)
-    tile = config.tile
-    chunks = plan.chunks
     shards = _shard_groups(plan, dtype.itemsize)
     width = max(v1 - v0 for v0, v1 in shards)
     eps = _filter_eps(dtype, coef)
     order = _vocab_order(hidden2d, weight, bias, index, transform) if eps is not None else None
-
     new = {"dtype": dtype, "device": device}
     grad_hidden = torch.zeros(hidden2d.shape, **new) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need_bias else None
-    if plan.rows == 0:
-        return grad_hidden, grad_weight, grad_bias if grad_bias is None else grad_bias.to(bias.dtype)
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device)
     # Low halves of the compensated sums, where a gradient is summed over several blocks in half
     # precision (fp32 sums are carried in fp32 already).
     half = dtype != torch.float32
-    lo_hidden = torch.empty(plan.rows, dim, **new) if need_hidden and half and len(shards) > 1 else None
-    lo_weight = torch.empty(width, dim, **new) if need_weight and half and len(chunks) > 1 else None
-    # One block's G, bias partials and filter flags, each contiguous [rows, columns] per block.
-    store_grad = need_hidden or need_weight
-    grad = torch.empty(plan.chunk_size * width if store_grad else 0, **new)
-    row_tiles = triton.cdiv(plan.chunk_size, tile)
-    bias_part = torch.empty(row_tiles * width if need_bias else 0, dtype=torch.float32, device=device)
-    keep = torch.empty(row_tiles * triton.cdiv(width, tile), dtype=torch.int8, device=device)
-    precision = _dot_precision(dtype)
-    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    multi_shard, multi_chunk = len(shards) > 1, len(plan.chunks) > 1
+    lo_hidden = torch.empty(plan.rows, dim, **new) if need_hidden and half and multi_shard else None
+    lo_weight = torch.empty(width, dim, **new) if need_weight and half and multi_chunk else None
+    # One block's G, bias partials and filter flags, each a contiguous [rows, columns] per block.
+    row_tiles = triton.cdiv(plan.chunk_size, config.tile)
+    buffers = _BlockBuffers(
+        grad=torch.empty(plan.chunk_size * width if need_hidden or need_weight else 0, **new),
+        bias_part=torch.empty(
+            row_tiles * width if need_bias else 0, **new | {"dtype": torch.float32}
+        ),
+        keep=torch.empty(
+            row_tiles * triton.cdiv(width, config.tile), **new | {"dtype": torch.int8}
+        ),
+    )
 
     for shard_number, (v0, v1) in enumerate(shards):
-        s = v1 - v0
-        ids = order[v0:v1] if order is not None else None
-        for chunk_number, (r0, r1) in enumerate(chunks):
-            c = r1 - r0
-            rows = _span(index, r0, r1)
-            tiles_r, tiles_c = triton.cdiv(c, tile), triton.cdiv(s, tile)
-            block = grad[: c * s].view(c, s)
-            chunk_hidden = hidden2d if rows is not None else hidden2d[r0:r1]
-            _grad_logits_kernel[(tiles_r * tiles_c,)](
-                chunk_hidden, *hidden2d.stride(), rows, weight, *weight.stride(), ids, v0,
-                _span(bias, 0, weight.shape[0]),
-                _span(targets, r0, r1), _span(lse, r0, r1), _span(coef.p_coef, r0, r1),
-                _span(coef.pz_coef, r0, r1), _span(coef.target_coef, r0, r1),
-                _span(coef.uniform, r0, r1), block, bias_part, keep, c, s, dim,
-                0.0 if eps is None else eps, transform.linear_factor, **_transform_args(transform),
-                HAS_INDEX=rows is not None, HAS_VOCAB_IDS=ids is not None,
-                HAS_BIAS=bias is not None, HAS_TARGETS=targets is not None,
-                HAS_P=coef.p_coef is not None or coef.pz_coef is not None,
-                HAS_P_COEF=coef.p_coef is not None, HAS_PZ=coef.pz_coef is not None,
-                HAS_TARGET_COEF=coef.target_coef is not None, HAS_UNIFORM=coef.uniform is not None,
-                STORE_GRAD=store_grad, NEED_BIAS=need_bias, FILTER=eps is not None, GROUP=_GROUP,
-                TILE=tile, BLOCK_D=config.block_d, DOT_PRECISION=precision, **launch,
+        vocab = _Rows(v0, v1, order[v0:v1] if order is not None else None)
+        for chunk_number, (r0, r1) in enumerate(plan.chunks):
+            rows = _Rows(r0, r1, _contiguous(index, r0, r1))
+            block, flags = _grad_logits(
+                hidden2d, weight, bias, targets, lse, coef, transform, rows, vocab, eps,
+                need_bias, grad_bias, buffers, config,
             )  # fmt: skip
-            if need_bias:
-                bias_grad = bias_part[: tiles_r * s].view(tiles_r, s).sum(0)
-                if ids is None:
-                    grad_bias[v0:v1] += bias_grad
-                else:
-                    grad_bias.index_add_(0, ids, bias_grad)
-            flags = keep[: tiles_r * tiles_c].view(tiles_r, tiles_c) if eps is not None else None
-            if need_hidden:
-                # grad_hidden[rows] (+)= G @ weight[shard], summed over the shards.
+            if need_hidden:  # grad_hidden[rows] (+)= G @ weight[vocab], summed over the shards
+                lo = _contiguous(lo_hidden, r0, r1)
+                _matmul(block, vocab.of(weight), rows.of(grad_hidden), lo, shard_number > 0, flags)
+            if need_weight:  # grad_weight[vocab] (+)= G.T @ hidden[rows], summed over the chunks
+                lo = _contiguous(lo_weight, 0, v1 - v0)
+                flags = flags.T if flags is not None else None
                 _matmul(
-                    block, weight if ids is not None else weight[v0:v1], ids,
-                    grad_hidden if rows is not None else grad_hidden[r0:r1], rows,
-                    _span(lo_hidden, r0, r1), shard_number > 0, flags, config,
+                    block.T, rows.of(hidden2d), vocab.of(grad_weight), lo, chunk_number > 0, flags
                 )
-            if need_weight:
-                # grad_weight[shard] (+)= G.T @ hidden[rows], summed over the row chunks.
-                _matmul(
-                    block.T, chunk_hidden, rows,
-                    grad_weight if ids is not None else grad_weight[v0:v1], ids,
-                    _span(lo_weight, 0, s), chunk_number > 0,
-                    flags.T if flags is not None else None, config,
-                )
-    if grad_bias is not None:
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_bias else None
 
 
-def _span(t: Tensor | None, start: int, stop: int) -> Tensor | None:
+class _BlockBuffers(NamedTuple):
+    grad: Tensor
+    bias_part: Tensor
+    keep: Tensor
+
+
+def _grad_logits(hidden2d, weight, bias, targets, lse, coef, transform, rows, vocab, eps,
+                 need_bias, grad_bias, buffers, config):  # fmt: skip
+    """Launch ``_grad_logits_kernel`` for one block, add its bias gradient to ``grad_bias``;
+    return the block's ``G`` (``[rows, vocab]`` view of ``buffers.grad``) and, with the filter,
+    its per-tile keep flags."""
+    r0, r1, v0, v1 = rows.start, rows.stop, vocab.start, vocab.stop
+    c, s = r1 - r0, v1 - v0
+    tiles_r, tiles_c = triton.cdiv(c, config.tile), triton.cdiv(s, config.tile)
+    block = buffers.grad[: c * s].view(c, s) if buffers.grad.numel() else None
+    hidden_rows, row_ids = rows.of(hidden2d)
+    _grad_logits_kernel[(tiles_r * tiles_c,)](
+        hidden_rows, *hidden2d.stride(), row_ids, weight, *weight.stride(), vocab.ids, v0,
+        _contiguous(bias, 0, weight.shape[0]), _contiguous(targets, r0, r1),
+        _contiguous(lse, r0, r1), _contiguous(coef.p_coef, r0, r1),
+        _contiguous(coef.pz_coef, r0, r1), _contiguous(coef.target_coef, r0, r1),
+        _contiguous(coef.uniform, r0, r1), block, buffers.bias_part, buffers.keep, c, s,
+        hidden2d.shape[1], 0.0 if eps is None else eps, transform.linear_factor,
+        **_transform_args(transform), HAS_INDEX=row_ids is not None,
+        HAS_VOCAB_IDS=vocab.ids is not None, HAS_BIAS=bias is not None,
+        HAS_TARGETS=targets is not None,
+        HAS_P=coef.p_coef is not None or coef.pz_coef is not None,
+        HAS_P_COEF=coef.p_coef is not None, HAS_PZ=coef.pz_coef is not None,
+        HAS_TARGET_COEF=coef.target_coef is not None, HAS_UNIFORM=coef.uniform is not None,
+        STORE_GRAD=block is not None, NEED_BIAS=need_bias, FILTER=eps is not None,
+        GROUP=_GROUP, TILE=config.tile, BLOCK_D=config.block_d,
+        DOT_PRECISION=_dot_precision(hidden2d.dtype), num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    if need_bias:
+        bias_grad = buffers.bias_part[: tiles_r * s].view(tiles_r, s).sum(0)
+        if vocab.ids is None:
+            grad_bias[v0:v1] += bias_grad
+        else:
+            grad_bias.index_add_(0, vocab.ids, bias_grad)
+    flags = buffers.keep[: tiles_r * tiles_c].view(tiles_r, tiles_c) if eps is not None else None
+    return block, flags
+
+
+def _contiguous(t: Tensor | None, start: int, stop: int) -> Tensor | None:
     """Rows ``start:stop`` of ``t`` (or None), contiguous as the kernels read them (autograd
     hands out expanded, stride-0 gradients, e.g. of ``.sum()``)."""
     return None if t is None else t[start:stop].contiguous()
 
 
-def _matmul(a, b, b_rows, out, out_rows, lo, accumulate, keep_flags, config):
-    """``out[out_rows] (+)= a @ b[b_rows]`` with ``_matmul_kernel`` (``None`` rows: all, in
-    order). ``keep_flags`` (``[row tiles, reduction tiles]`` of the filter, or None) become, per
-    row tile, the list of kept reduction tiles in order and its length."""
+def _matmul(a, b_rows, out_rows, lo, accumulate, keep_flags):
+    """``out[out_ids] (+)= a @ b[b_ids]`` with ``_matmul_kernel``, where ``b_rows`` and
+    ``out_rows`` are ``(tensor, row ids or None for all rows in order)``. ``keep_flags``
+    (``[row tiles, reduction tiles]`` of the filter, or None) become, per row tile, the list of
+    kept reduction tiles in order and its length."""
+    (b, b_ids), (out, out_ids) = b_rows, out_rows
+    config = _config(a)
     r, k = a.shape
     c = b.shape[1]
     kept_tiles = kept_counts = None
@@ -605,8 +638,8 @@ def _matmul(a, b, b_rows, out, out_rows, lo, accumulate, keep_flags, config):
         kept_tiles = keep_flags.argsort(dim=1, descending=True, stable=True).to(torch.int32)
         kept_counts = keep_flags.sum(1, dtype=torch.int32)
     _matmul_kernel[(triton.cdiv(r, config.tile) * triton.cdiv(c, config.block_c),)](
-        a, *a.stride(), b, b_rows, *b.stride(), out, out_rows, out.stride(0), lo, kept_tiles,
-        kept_counts, r, k, c, HAS_B_ROWS=b_rows is not None, HAS_OUT_ROWS=out_rows is not None,
+        a, *a.stride(), b, b_ids, *b.stride(), out, out_ids, out.stride(0), lo, kept_tiles,
+        kept_counts, r, k, c, HAS_B_ROWS=b_ids is not None, HAS_OUT_ROWS=out_ids is not None,
         HAS_LO=lo is not None, ACCUMULATE=accumulate, FILTER=keep_flags is not None,
         GROUP=_GROUP, TILE=config.tile, BLOCK_K=config.block_k, BLOCK_C=config.block_c,
         DOT_PRECISION=_dot_precision(a.dtype), num_warps=config.num_warps,

@@ -40,9 +40,8 @@ STATS = ("lse", "target", "mean", "expected")
 def kernels(monkeypatch):
     """Route the block engine through the Triton kernels whatever the device (on CPU they run in
     the interpreter)."""
-    monkeypatch.setattr(
-        _blocks, "_block_functions", lambda hidden2d: (_triton.forward_stats, _triton.backward_blocks)
-    )
+    kernels = (_triton.forward_stats, _triton.backward_blocks)
+    monkeypatch.setattr(_blocks, "_block_functions", lambda hidden2d: kernels)
     previous = _triton.set_gradient_filter(None)
     yield
     _triton.set_gradient_filter(previous)
@@ -103,9 +102,13 @@ def test_forward_stats(dtype, transform):
         assert_as_accurate(o, n, e, dtype, f"{name} {transform}")
 
 
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+
+
 def _stats_and_grads(stats_fn, hidden, weight, bias, upstream):
     """Statistics and the gradients of ``sum_k upstream[k] . stats[k]`` w.r.t. the leaves."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    leaves = _leaves(hidden, weight, bias)
     stats = stats_fn(*leaves)
     loss = sum((u * s.to(u.dtype)).sum() for u, s in zip(upstream, stats, strict=True))
     loss.backward()
@@ -169,7 +172,7 @@ def test_row_stats_gradients(kernels, dtype, case):
 
 
 def _public_op_results(fn, hidden, weight, bias, upstream, *args, **kw):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    leaves = _leaves(hidden, weight, bias)
     out = fn(leaves[0], leaves[1], *args, bias=leaves[2], **kw)
     outs = out if isinstance(out, tuple) else (out,)
     sum((u * o).sum() for u, o in zip(upstream, outs, strict=True)).backward()
@@ -200,6 +203,23 @@ def test_linear_cross_entropy(kernels):
         "linear_cross_entropy", torch.bfloat16, hidden, weight, bias, upstream, labels.to(DEVICE),
         label_smoothing=0.1, z_loss=1e-3, softcap=4.0, shards=5,
     )  # fmt: skip
+
+
+def test_all_labels_ignored(kernels):
+    """No row left: a zero loss and zero gradients, as the naive computation gives."""
+    hidden, weight, bias = make_head(torch.float32, bias=True)
+    labels = torch.full((N,), -100, device=DEVICE)
+    upstream = [torch.ones((), device=DEVICE)]
+    _check_public_op(
+        "linear_cross_entropy",
+        torch.float32,
+        hidden,
+        weight,
+        bias,
+        upstream,
+        labels,
+        reduction="sum",
+    )
 
 
 def test_token_logprobs_with_entropy(kernels):
@@ -239,7 +259,7 @@ def test_gradient_filter_drops_exactly_the_skipped_tiles(kernels):
     plan = plan_blocks(N, V, torch.float32, DEVICE, shards=2)
     order = _triton._vocab_order(hidden, weight, bias, None, transform)
     mean_logit = (hidden.double().mean(0) @ weight.double().T + bias.double())[order]
-    assert torch.all(mean_logit[:-1] >= mean_logit[1:] - 1e-4), "vocabulary not sorted by mean logit"
+    assert torch.all(mean_logit[:-1] >= mean_logit[1:] - 1e-4), "not sorted by mean logit"
 
     # fp64 gradient of sum(lse - target) w.r.t. the logits, and the tiles the filter keeps.
     z = hidden.double() @ weight.double().T + bias.double()
@@ -261,7 +281,7 @@ def test_gradient_filter_drops_exactly_the_skipped_tiles(kernels):
     filtered = grad_z * keep
     expected = [filtered @ weight.double(), filtered.T @ hidden.double(), grad_z.sum(0)]
 
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    leaves = _leaves(hidden, weight, bias)
     stats = row_stats(*leaves, targets=targets, transform=transform, plan=plan)
     (stats.lse - stats.target).sum().backward()
     for name, leaf, e in zip(("hidden", "weight", "bias"), leaves, expected, strict=True):
@@ -270,9 +290,11 @@ def test_gradient_filter_drops_exactly_the_skipped_tiles(kernels):
 
 
 def test_set_gradient_filter_checks_eps():
-    with pytest.raises(ValueError, match="eps: expected None, 'auto' or a float in \\(0, 1\\), got 2"):
+    with pytest.raises(
+        ValueError, match=r"eps: expected None, 'auto' or a float in \(0, 1\), got 2"
+    ):
         _triton.set_gradient_filter(2)
-    with pytest.raises(ValueError, match="eps: .* got 'on'"):
+    with pytest.raises(ValueError, match=r"eps: .* got 'on'"):
         _triton.set_gradient_filter("on")
     assert _triton.set_gradient_filter(None) is None
 
