@@ -38,6 +38,7 @@ host: tile skipping is decided inside the kernels.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
@@ -167,7 +168,11 @@ def _tanh(u):
 # Triton's interpreter multiplies the bit patterns of bf16 tl.dot operands instead of their values
 # (triton-lang/triton#11584, "not supported yet"). Interpreted, bf16 tiles are widened to fp32
 # before the dot: the same exact products and fp32 sums as the GPU's bf16 dot.
-_WIDEN_BF16_DOTS = tl.constexpr(triton.knobs.runtime.interpret)
+_WIDEN_BF16_DOTS = tl.constexpr(
+    triton.knobs.runtime.interpret
+    if hasattr(triton, "knobs")  # triton >= 3.4; before, the variable was read directly
+    else os.environ.get("TRITON_INTERPRET", "0") == "1"
+)
 
 
 @triton.jit

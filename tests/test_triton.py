@@ -9,7 +9,11 @@ tensors (``TRITON_INTERPRET=1``, which must be set before the kernels are decora
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed (extra 'gpu'): kernels untested")
+triton = pytest.importorskip("triton", reason="triton not installed (extra 'gpu')")
 
 import chunklogits as cl  # noqa: E402
 from chunklogits import _blocks, _triton, reference  # noqa: E402
@@ -330,3 +334,29 @@ def test_cuda_dispatch_runs_the_kernels_by_default(dtype):
     labels = torch.randint(0, V, (N,), generator=seeded(11)).to(DEVICE)
     upstream = [torch.ones((), device=DEVICE)]
     _check_public_op("linear_cross_entropy", dtype, hidden, weight, bias, upstream, labels)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels are compiled and run by the tests above")
+@pytest.mark.skipif(
+    not hasattr(triton.runtime.jit, "create_function_from_signature"),
+    reason=f"tests/triton_compile.py follows the launcher of triton 3.9, not {triton.__version__}",
+)
+def test_kernels_compile_for_h100():
+    """Without a GPU: every kernel variant the ops launch compiles for sm_90 (tests/
+    triton_compile.py, ptxas included), its loads software-pipelined, its dots on wgmma, within
+    99 KiB of shared memory (the per-block limit of sm_86/sm_89 GPUs; H100 allows 227 KiB)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.triton_compile", "90"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    variants = [json.loads(line) for line in result.stdout.splitlines()]
+    kernels = {"_stats_kernel", "_grad_logits_kernel", "_matmul_kernel"}
+    assert {v["kernel"] for v in variants} == kernels
+    assert any("FILTER" in v["switches"] for v in variants if v["kernel"] == "_matmul_kernel")
+    for variant in variants:
+        assert variant["pipelined"] and variant["wgmma"], variant
+        assert variant["shared_bytes"] <= 99 * 1024, variant
