@@ -230,16 +230,17 @@ def _logits_tile(
 @triton.jit
 def _stats_kernel(
     hidden, stride_hn, stride_hd, index, weight, stride_wv, stride_wd, bias, targets, partials,
-    N, V, D, tiles_per_range, logit_scale, softcap, temperature,
+    N, V, D, row_tiles, vocab_tiles, ranges, logit_scale, softcap, temperature,
     HAS_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
     WANT_MEAN: tl.constexpr, WANT_EXPECTED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One row tile x one vocabulary range -> partial (max, sum exp(z - max), target logit,
-    sum z, sum exp(z - max) * z) per row, in ``partials[5, ranges, N]``."""
+    sum z, sum exp(z - max) * z) per row, in ``partials[5, ranges, N]``. The ``vocab_tiles``
+    tiles of ``BLOCK_V`` entries are dealt out evenly, range ``r`` getting tiles
+    ``[r * vocab_tiles // ranges, (r + 1) * vocab_tiles // ranges)``."""
     pid = tl.program_id(0)
-    row_tiles = tl.cdiv(N, BLOCK_N)
     vocab_range = pid // row_tiles
     offs_n = (pid % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
@@ -255,11 +256,11 @@ def _stats_kernel(
     target = tl.zeros((BLOCK_N,), tl.float32)
     total = tl.zeros((BLOCK_N,), tl.float32)
     weighted = tl.zeros((BLOCK_N,), tl.float32)
-    v_begin = vocab_range * tiles_per_range * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_range * BLOCK_V)
+    v_begin = vocab_range * vocab_tiles // ranges * BLOCK_V
+    v_end = (vocab_range + 1) * vocab_tiles // ranges * BLOCK_V
     for v0 in range(v_begin, v_end, BLOCK_V):
         ids = v0 + tl.arange(0, BLOCK_V)
-        col_ok = ids < v_end
+        col_ok = ids < V
         ids = ids.to(tl.int64)
         z = _logits_tile(
             hidden, stride_hn, stride_hd, rows, row_ok, weight, stride_wv, stride_wd, ids, col_ok,
@@ -280,7 +281,7 @@ def _stats_kernel(
         running_max = new_max
 
     out = partials + vocab_range * N + offs_n
-    plane = tl.num_programs(0) // row_tiles * N
+    plane = ranges * N
     tl.store(out, running_max, mask=row_ok)
     tl.store(out + plane, sum_exp, mask=row_ok)
     if HAS_TARGETS:
@@ -455,14 +456,13 @@ def forward_stats(
     row_tiles = max(1, triton.cdiv(n, config.tile))
     vocab_tiles = triton.cdiv(vocab, config.tile)
     ranges = max(1, min(vocab_tiles, triton.cdiv(_programs_wanted(hidden2d.device), row_tiles)))
-    tiles_per_range = triton.cdiv(vocab_tiles, ranges)
-    ranges = triton.cdiv(vocab_tiles, tiles_per_range)
     partials = torch.empty(5, ranges, n, dtype=torch.float32, device=hidden2d.device)
     if n > 0:
         _stats_kernel[(row_tiles * ranges,)](
             hidden2d, *hidden2d.stride(), _contiguous(index, 0, n), weight, *weight.stride(),
             _contiguous(bias, 0, vocab), _contiguous(targets, 0, n), partials,
-            n, vocab, hidden2d.shape[1], tiles_per_range, **_transform_args(transform),
+            n, vocab, hidden2d.shape[1], row_tiles, vocab_tiles, ranges,
+            **_transform_args(transform),
             HAS_INDEX=index is not None, HAS_BIAS=bias is not None,
             HAS_TARGETS=targets is not None, WANT_MEAN=want_mean, WANT_EXPECTED=want_expected,
             BLOCK_N=config.tile, BLOCK_V=config.tile, BLOCK_D=config.block_d,

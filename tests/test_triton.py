@@ -29,6 +29,13 @@ from chunklogits._blocks import LogitTransform, plan_blocks, row_stats  # noqa: 
 from tests.helpers import DTYPES, assert_as_accurate, seeded  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+if not CUDA and _TRITON_VERSION < (3, 9):
+    pytest.skip(
+        f"Triton {triton.__version__}'s interpreter cannot bound loops by per-program integer "
+        "arithmetic; the CPU tests need triton >= 3.9 (the test extra's)",
+        allow_module_level=True,
+    )
 if not CUDA and type(_triton._stats_kernel).__name__ != "InterpretedFunction":
     raise RuntimeError(
         "chunklogits._triton was imported before TRITON_INTERPRET=1 was set, so its kernels "
@@ -127,7 +134,7 @@ BACKWARD_CASES = {
     ),
     # several row chunks and vocabulary shards: the compensated sums over blocks
     "lse-target-many-blocks": dict(
-        want=("lse", "target"), with_index=False, bias=False, shards=18, chunk_size=30,
+        want=("lse", "target"), with_index=False, bias=False, shards=12, chunk_size=34,
         transform=LogitTransform(temperature=1.3),
     ),
     # entropy-style statistics only (no target), negative scale, shards and index
