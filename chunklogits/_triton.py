@@ -51,6 +51,10 @@ from torch import Tensor
 from ._blocks import _BYTES_PER_BLOCK_ELEMENT, RowStats
 
 _SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Oldest triton the kernels were compiled with (3.6 and 3.9, for sm_90); older ones get the
+# PyTorch loop rather than a compile error at the first call.
+_MIN_TRITON = (3, 6)
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 _settings: dict[str, object] = {"enabled": True, "gradient_filter": None}
 
 
@@ -110,8 +114,11 @@ def set_gradient_filter(eps: float | str | None) -> float | str | None:
 
 def serves(hidden2d: Tensor) -> bool:
     """Whether the kernels run for ``hidden2d``: a CUDA tensor of a dtype ``tl.dot`` takes on
-    this GPU (bf16 from compute capability 8), unless disabled with ``enable(False)``."""
+    this GPU (bf16 from compute capability 8), with triton >= 3.6, unless disabled with
+    ``enable(False)``."""
     if not (_settings["enabled"] and hidden2d.is_cuda and hidden2d.dtype in _SERVED_DTYPES):
+        return False
+    if _TRITON_VERSION < _MIN_TRITON:
         return False
     return hidden2d.dtype != torch.bfloat16 or _capability(hidden2d.device)[0] >= 8
 

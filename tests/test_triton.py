@@ -29,8 +29,7 @@ from chunklogits._blocks import LogitTransform, plan_blocks, row_stats  # noqa: 
 from tests.helpers import DTYPES, assert_as_accurate, seeded  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-if not CUDA and _TRITON_VERSION < (3, 9):
+if not CUDA and _triton._TRITON_VERSION < (3, 9):
     pytest.skip(
         f"Triton {triton.__version__}'s interpreter cannot bound loops by per-program integer "
         "arithmetic; the CPU tests need triton >= 3.9 (the test extra's)",
