@@ -544,9 +544,17 @@ def backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform
     eps = _filter_eps(dtype, coef)
     order = _vocab_order(hidden2d, weight, bias, index, transform) if eps is not None else None
     new = {"dtype": dtype, "device": device}
-    grad_hidden = torch.zeros(hidden2d.shape, **new) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device)
+    # The first block of each shard (chunk) overwrites its rows of grad_weight (grad_hidden), so
+    # only rows no block visits need zeros: ignored rows of hidden, or all when there is no row.
+    some_rows = plan.rows > 0
+    grad_hidden = grad_weight = grad_bias = None
+    if need_hidden:
+        fresh = torch.empty if index is None and some_rows else torch.zeros
+        grad_hidden = fresh(hidden2d.shape, **new)
+    if need_weight:
+        grad_weight = (torch.empty if some_rows else torch.zeros)(weight.shape, **new)
+    if need_bias:
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device)
     # Low halves of the compensated sums, where a gradient is summed over several blocks in half
     # precision (fp32 sums are carried in fp32 already).
     half = dtype != torch.float32

@@ -299,6 +299,35 @@ def test_gradient_filter_drops_exactly_the_skipped_tiles(kernels):
         assert_as_accurate(leaf.grad, e, e, torch.float32, f"filtered grad {name}")
 
 
+@pytest.mark.parametrize("grad_filter", [None, 2.0**-12], ids=["exact", "filtered"])
+def test_every_gradient_element_is_written(kernels, monkeypatch, grad_filter):
+    """Buffers and outputs are allocated uninitialised: poisoned with NaN (and 7 for integer
+    flags), the gradients must come out identical, over several shards and row chunks, with
+    ignored rows, exact and filtered."""
+    hidden, weight, bias = make_head(torch.bfloat16, bias=True, peaked=10.0)
+    index, _ = _index_and_targets(with_index=True)
+    targets = torch.randint(0, 8, (index.numel(),), generator=seeded(12)).to(DEVICE)
+    plan = plan_blocks(index.numel(), V, torch.bfloat16, DEVICE, shards=12, chunk_size=30)
+    _triton.set_gradient_filter(grad_filter)
+
+    def gradients():
+        leaves = _leaves(hidden, weight, bias)
+        stats = row_stats(*leaves, index=index, targets=targets, plan=plan)
+        (stats.lse - stats.target).sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    clean = gradients()
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 7)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for name, dirty, expected in zip(("hidden", "weight", "bias"), gradients(), clean, strict=True):
+        assert torch.equal(dirty, expected), f"grad {name} depends on uninitialised memory"
+
+
 def test_set_gradient_filter_checks_eps():
     with pytest.raises(
         ValueError, match=r"eps: expected None, 'auto' or a float in \(0, 1\), got 2"
