@@ -191,6 +191,17 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _row_numbers(ids, offs, ok, start, HAS_IDS: tl.constexpr):
+    """int64 row numbers of block positions ``offs``: ``ids[offs]`` (an index, the vocabulary
+    order) or ``start + offs``."""
+    if HAS_IDS:
+        numbers = tl.load(ids + offs, mask=ok, other=0).to(tl.int64)
+    else:
+        numbers = (start + offs).to(tl.int64)
+    return numbers
+
+
+@triton.jit
 def _tile_coords(pid, tiles_r, tiles_c, GROUP: tl.constexpr):
     """Program ``pid`` -> (row tile, column tile), ``GROUP`` row tiles at a time per column tile,
     so that programs running together reuse each other's operands from L2."""
@@ -251,10 +262,7 @@ def _stats_kernel(
     vocab_range = pid // row_tiles
     offs_n = (pid % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
-    if HAS_INDEX:
-        rows = tl.load(index + offs_n, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = offs_n.to(tl.int64)
+    rows = _row_numbers(index, offs_n, row_ok, 0, HAS_INDEX)
     if HAS_TARGETS:
         target_ids = tl.load(targets + offs_n, mask=row_ok, other=-1)
 
@@ -322,14 +330,8 @@ def _grad_logits_kernel(
     offs_c = tile_c * TILE + tl.arange(0, TILE)
     row_ok = offs_r < C
     col_ok = offs_c < S
-    if HAS_INDEX:
-        rows = tl.load(index + offs_r, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = offs_r.to(tl.int64)
-    if HAS_VOCAB_IDS:
-        ids = tl.load(vocab_ids + offs_c, mask=col_ok, other=0).to(tl.int64)
-    else:
-        ids = (v0 + offs_c).to(tl.int64)
+    rows = _row_numbers(index, offs_r, row_ok, 0, HAS_INDEX)
+    ids = _row_numbers(vocab_ids, offs_c, col_ok, v0, HAS_VOCAB_IDS)
     z = _logits_tile(
         hidden, stride_hn, stride_hd, rows, row_ok, weight, stride_wv, stride_wd, ids, col_ok,
         bias, D, logit_scale, softcap, temperature, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP,
@@ -384,10 +386,7 @@ def _matmul_step(acc, a, stride_ar, stride_ak, b, b_rows, stride_bk, stride_bc, 
     """``acc + a[offs_r, k0:k0+BLOCK_K] @ b[b_rows[k0:k0+BLOCK_K], offs_c]``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    if HAS_B_ROWS:
-        k_rows = tl.load(b_rows + offs_k, mask=k_ok, other=0).to(tl.int64)
-    else:
-        k_rows = offs_k.to(tl.int64)
+    k_rows = _row_numbers(b_rows, offs_k, k_ok, 0, HAS_B_ROWS)
     a_ptrs = a + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak
     a_tile = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     b_ptrs = b + k_rows[:, None] * stride_bk + offs_c[None, :] * stride_bc
@@ -432,10 +431,7 @@ def _matmul_kernel(
             offs_c, col_ok, k0, K, HAS_B_ROWS, BLOCK_K, DOT_PRECISION,
         )  # fmt: skip
 
-    if HAS_OUT_ROWS:
-        rows = tl.load(out_rows + offs_r, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = offs_r.to(tl.int64)
+    rows = _row_numbers(out_rows, offs_r, row_ok, 0, HAS_OUT_ROWS)
     mask = row_ok[:, None] & col_ok[None, :]
     out_ptrs = out + rows[:, None] * stride_or + offs_c[None, :]
     if ACCUMULATE:
