@@ -24,11 +24,16 @@ prior, plus noise of variance ``1 + 64 / (D - 1)``. At both shapes that gives a 
 1.7 nats and ~140 entries per row with p >= 2^-12 (measured on 256 rows in fp32 on CPU).
 ``random`` gives i.i.d. normal hidden and weight (a near-uniform softmax).
 
-On the GPU machine (no network): carry the two competitors as wheels, pure Python (README of the
-device tool), then::
+On the GPU machine (no network; its image has torch and triton) the two competitors travel as
+their pure-Python wheels (the device tool's README): here, ``echo /.whl/ >> .git/info/exclude``
+and ``pip download --no-deps -d .whl cut-cross-entropy==25.1.1 liger-kernel==0.8.5``; there,
+with ``.whl`` carried::
 
-    pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    python bench/gpu_benchmark.py --out $OUT/benchmarks.md
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site python3 bench/gpu_benchmark.py --out $OUT/benchmarks.md
+
+The first run of each implementation compiles (Triton, ``torch.compile``) and autotunes (CCE);
+``--shapes`` and ``--impls`` split the work across calls if one would run too long.
 
 Without a GPU, ``--dry-run`` runs the same code on tiny shapes on CPU (Triton kernels in the
 interpreter): a check of the script, not a measurement.
@@ -89,7 +94,7 @@ class Result:
     lower_bound_ratio: float | None = None
     loss: float | None = None
     accuracy: str = ""
-    skipped: str = ""
+    skipped: str = ""  # why it has no numbers: "skipped: <reason>" or "FAILED <error>"
 
 
 @dataclass
@@ -206,16 +211,16 @@ def implementation(name: str, device) -> tuple[Callable, Callable]:
     if name == "cce":
         try:
             from cut_cross_entropy import linear_cross_entropy
-        except ImportError as error:
-            raise Unavailable(f"cut-cross-entropy is not importable ({error})") from error
+        except Exception as error:  # a broken install must not stop the other measurements
+            raise Unavailable(f"cut-cross-entropy is not importable ({error!r})") from error
         return (lambda h, w, y: linear_cross_entropy(h, w, y, impl="cce")), contextlib.nullcontext
     if name == "liger":
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import (
                 LigerFusedLinearCrossEntropyLoss,
             )
-        except ImportError as error:
-            raise Unavailable(f"liger-kernel is not importable ({error})") from error
+        except Exception as error:
+            raise Unavailable(f"liger-kernel is not importable ({error!r})") from error
         liger = LigerFusedLinearCrossEntropyLoss()
         return (lambda h, w, y: liger(w, h, y)), contextlib.nullcontext
     raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {name!r}")
@@ -323,10 +328,14 @@ def benchmark_shape(shape_name: str, shape: Shape, args, device) -> Report:
         try:
             loss_fn, context = implementation(name, device)
         except Unavailable as reason:
-            report.results.append(Result(name, skipped=str(reason)))
+            report.results.append(Result(name, skipped=f"skipped: {reason}"))
             continue
         run = functools.partial(run_once, loss_fn, context, hidden, weight, labels)
-        report.results.append(measure(name, run, naive, exact, report, args, device))
+        try:
+            report.results.append(measure(name, run, naive, exact, report, args, device))
+        except Exception as error:  # recorded in the table; the other implementations still run
+            report.results.append(Result(name, skipped=f"FAILED {error!r}"[:300]))
+            hidden.grad = weight.grad = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return report
@@ -380,7 +389,7 @@ def format_report(report: Report) -> str:
     ]
     for r in report.results:
         if r.skipped:
-            lines.append(f"| {r.implementation} | skipped: {r.skipped} | | | | |")
+            lines.append(f"| {r.implementation} | {r.skipped} | | | | |")
             continue
         lines.append(
             f"| {r.implementation} | {r.milliseconds:.2f} | {r.peak_bytes / MiB:,.1f} | "

@@ -23,9 +23,11 @@ A gradient summed over several blocks (``grad_hidden`` over shards, ``grad_weigh
 chunks) is carried between blocks as a compensated pair ``hi + lo`` of two tensors of the input
 dtype: ``hi`` is the output tensor itself and ``lo`` its rounding error, so the running sum keeps
 about twice the input dtype's precision and is rounded once at the end, as the naive computation
-rounds it, with no fp32 copy of either gradient. The block is wider than the PyTorch loop's for
-the same memory: its only transient is ``G`` (2 bytes per element in half precision instead of
-``_BYTES_PER_BLOCK_ELEMENT``), so consecutive plan shards are merged (``_shard_groups``).
+rounds it, with no fp32 copy of either gradient. Besides the gradients the backward pass holds
+``G`` and these low halves (``[N, D]`` for grad_hidden, ``[shard, D]`` for grad_weight, each only
+where a sum spans several blocks). ``G`` costs 2 bytes per entry in half precision instead of the
+PyTorch loop's ``_BYTES_PER_BLOCK_ELEMENT``, so for the memory the plan budgets a block is wider:
+consecutive plan shards are merged (``_shard_groups``).
 
 Opt-in gradient filter (``set_gradient_filter``; Cut Cross-Entropy, Wijmans et al. 2024, sec.
 4.3): tiles where every softmax probability is below ``eps`` and no target falls are skipped by

@@ -58,7 +58,7 @@ def _report(**times):
                 accuracy="ok",
             )
         )
-    report.results.append(gb.Result("naive-compiled", skipped="needs a CUDA GPU"))
+    report.results.append(gb.Result("naive-compiled", skipped="skipped: needs a CUDA GPU"))
     return report
 
 
