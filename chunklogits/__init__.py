@@ -1,11 +1,13 @@
-"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]`` tensor."""
+"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]``
+logits tensor."""
 
-from . import memory, reference
+from . import distributed, memory, reference
 from ._blocks import set_block_budget
 from .logprobs import logsumexp, token_logprobs
 from .loss import linear_cross_entropy
 
 __all__ = [
+    "distributed",
     "linear_cross_entropy",
     "logsumexp",
     "memory",

@@ -174,10 +174,13 @@ def _tanh(u):
     return tl.where(u < 0, -r, r)
 
 
-# Triton's interpreter multiplies the bit patterns of bf16 tl.dot operands instead of their values
-# (triton-lang/triton#11584, "not supported yet"). Interpreted, bf16 tiles are widened to fp32
-# before the dot: the same exact products and fp32 sums as the GPU's bf16 dot.
-_WIDEN_BF16_DOTS = tl.constexpr(
+# Two gaps of Triton's interpreter, bridged only when it runs the kernels (tests on CPU): it
+# multiplies the bit patterns of bf16 tl.dot operands instead of their values (triton-lang/triton
+# #11584, "not supported yet"), and it truncates fp32 -> bf16 casts (its cast_impl passes no
+# rounding mode) where the GPU rounds to nearest even. Interpreted, bf16 tiles are widened to
+# fp32 before the dot (the same exact products and fp32 sums as the GPU's bf16 dot) and stores
+# round explicitly.
+_INTERPRETED = tl.constexpr(
     triton.knobs.runtime.interpret
     if hasattr(triton, "knobs")  # triton >= 3.4; before, the variable was read directly
     else os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -186,10 +189,20 @@ _WIDEN_BF16_DOTS = tl.constexpr(
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
+    if _INTERPRETED and a.dtype == tl.bfloat16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (to nearest even, as on the GPU)."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -252,12 +265,12 @@ def _stats_kernel(
     hidden, stride_hn, stride_hd, index, weight, stride_wv, stride_wd, bias, targets, partials,
     N, V, D, row_tiles, vocab_tiles, ranges, logit_scale, softcap, temperature,
     HAS_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    WANT_MEAN: tl.constexpr, WANT_EXPECTED: tl.constexpr, HAS_SCALE: tl.constexpr,
+    WANT_MEAN: tl.constexpr, WANT_ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One row tile x one vocabulary range -> partial (max, sum exp(z - max), target logit,
-    sum z, sum exp(z - max) * z) per row, in ``partials[5, ranges, N]``. The ``vocab_tiles``
+    sum z, sum exp(z - max) * (z - max)) per row, in ``partials[5, ranges, N]``. The ``vocab_tiles``
     tiles of ``BLOCK_V`` entries are dealt out evenly, range ``r`` getting tiles
     ``[r * vocab_tiles // ranges, (r + 1) * vocab_tiles // ranges)``."""
     pid = tl.program_id(0)
@@ -286,11 +299,16 @@ def _stats_kernel(
         )  # fmt: skip
         z_or_zero = tl.where(col_ok[None, :], z, 0.0)
         new_max = tl.maximum(running_max, tl.max(tl.where(col_ok[None, :], z, float("-inf")), 1))
-        rescale = tl.exp(running_max - new_max)
-        exp = tl.where(col_ok[None, :], tl.exp(z - new_max[:, None]), 0.0)
+        # exp(-inf) = 0 for the first tile; clamped so that step * sum_exp below stays 0.
+        step = tl.maximum(running_max - new_max, -3.4028234663852886e38)
+        rescale = tl.exp(step)
+        centred = tl.where(col_ok[None, :], z - new_max[:, None], 0.0)
+        exp = tl.where(col_ok[None, :], tl.exp(centred), 0.0)
+        if WANT_ENTROPY:
+            # sum exp(z - m) * (z - m), carried to the new max m as _blocks does: the entropy
+            # then needs no difference of the (possibly large) max and the expected logit.
+            weighted = (weighted + step * sum_exp) * rescale + tl.sum(exp * centred, 1)
         sum_exp = sum_exp * rescale + tl.sum(exp, 1)
-        if WANT_EXPECTED:
-            weighted = weighted * rescale + tl.sum(exp * z_or_zero, 1)
         if WANT_MEAN:
             total += tl.sum(z_or_zero, 1)
         if HAS_TARGETS:
@@ -305,27 +323,27 @@ def _stats_kernel(
         tl.store(out + 2 * plane, target, mask=row_ok)
     if WANT_MEAN:
         tl.store(out + 3 * plane, total, mask=row_ok)
-    if WANT_EXPECTED:
+    if WANT_ENTROPY:
         tl.store(out + 4 * plane, weighted, mask=row_ok)
 
 
 @triton.jit
 def _grad_logits_kernel(
     hidden, stride_hn, stride_hd, index, weight, stride_wv, stride_wd, vocab_ids, v0, bias,
-    targets, lse, p_coef, pz_coef, target_coef, uniform, grad, bias_part, keep_flags,
+    targets, lse, p_coef, plogp_coef, target_coef, uniform, grad, bias_part, keep_flags,
     C, S, D, eps, linear_factor, logit_scale, softcap, temperature,
     HAS_INDEX: tl.constexpr, HAS_VOCAB_IDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_P: tl.constexpr, HAS_P_COEF: tl.constexpr,
-    HAS_PZ: tl.constexpr, HAS_TARGET_COEF: tl.constexpr,
+    HAS_PLOGP: tl.constexpr, HAS_TARGET_COEF: tl.constexpr,
     HAS_UNIFORM: tl.constexpr, STORE_GRAD: tl.constexpr, NEED_BIAS: tl.constexpr,
     FILTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_TEMPERATURE: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``grad[r, j] = dL/dx`` of block row ``r`` (of ``C``) and shard column ``j`` (of ``S``):
-    ``(p * (p_coef + pz_coef * z) + target_coef * [id_j == target] + uniform) * dz/dx``. Row
-    arguments (index, targets, lse, coefficients) start at the chunk's first row; column ``j`` is
-    vocabulary entry ``vocab_ids[j]`` (sorted order) or ``v0 + j``."""
+    ``(p * (p_coef + plogp_coef * log p) + target_coef * [id_j == target] + uniform) * dz/dx``.
+    Row arguments (index, targets, lse, coefficients) start at the chunk's first row; column
+    ``j`` is vocabulary entry ``vocab_ids[j]`` (sorted order) or ``v0 + j``."""
     tiles_c = tl.cdiv(S, TILE)
     tile_r, tile_c = _tile_coords(tl.program_id(0), tl.cdiv(C, TILE), tiles_c, GROUP)
     offs_r = tile_r * TILE + tl.arange(0, TILE)
@@ -343,11 +361,12 @@ def _grad_logits_kernel(
 
     g = tl.zeros((TILE, TILE), dtype=tl.float32)
     if HAS_P:
-        row_lse = tl.load(lse + offs_r, mask=row_ok, other=float("inf"))
-        p = tl.where(valid, tl.exp(z - row_lse[:, None]), 0.0)
+        row_lse = tl.load(lse + offs_r, mask=row_ok, other=0.0)
+        log_p = tl.where(valid, z - row_lse[:, None], 0.0)
+        p = tl.where(valid, tl.exp(log_p), 0.0)
         factor = tl.zeros((TILE, TILE), dtype=tl.float32)
-        if HAS_PZ:
-            factor += tl.load(pz_coef + offs_r, mask=row_ok, other=0.0)[:, None] * z
+        if HAS_PLOGP:
+            factor += tl.load(plogp_coef + offs_r, mask=row_ok, other=0.0)[:, None] * log_p
         if HAS_P_COEF:
             factor += tl.load(p_coef + offs_r, mask=row_ok, other=0.0)[:, None]
         g = p * factor
@@ -376,9 +395,9 @@ def _grad_logits_kernel(
                 keep = keep | (tl.max(p) >= eps)
             tl.store(keep_flags + tile_r * tiles_c + tile_c, keep.to(tl.int8))
             if keep:
-                tl.store(g_ptrs, g.to(grad.dtype.element_ty), mask=valid)
+                tl.store(g_ptrs, _cast(g, grad.dtype.element_ty), mask=valid)
         else:
-            tl.store(g_ptrs, g.to(grad.dtype.element_ty), mask=valid)
+            tl.store(g_ptrs, _cast(g, grad.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -442,18 +461,16 @@ def _matmul_kernel(
         lo_ptrs = lo + offs_r[:, None].to(tl.int64) * C + offs_c[None, :]
         if ACCUMULATE:
             acc += tl.load(lo_ptrs, mask=mask, other=0.0).to(tl.float32)
-        hi = acc.to(out.dtype.element_ty)
-        tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo.dtype.element_ty), mask=mask)
-    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=mask)
+        hi = _cast(acc, out.dtype.element_ty)
+        tl.store(lo_ptrs, _cast(acc - hi.to(tl.float32), lo.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, _cast(acc, out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Drop-in replacements of the PyTorch block loop
 
 
-def forward_stats(
-    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected
-):
+def forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy):
     """``_blocks._forward_stats`` with one fused kernel (``plan`` is not needed: no block of
     logits is ever stored)."""
     n, vocab = plan.rows, weight.shape[0]
@@ -469,20 +486,24 @@ def forward_stats(
             n, vocab, hidden2d.shape[1], row_tiles, vocab_tiles, ranges,
             **_transform_args(transform),
             HAS_INDEX=index is not None, HAS_BIAS=bias is not None,
-            HAS_TARGETS=targets is not None, WANT_MEAN=want_mean, WANT_EXPECTED=want_expected,
+            HAS_TARGETS=targets is not None, WANT_MEAN=want_mean, WANT_ENTROPY=want_entropy,
             BLOCK_N=config.tile, BLOCK_V=config.tile, BLOCK_D=config.block_d,
             DOT_PRECISION=_dot_precision(hidden2d.dtype), num_warps=config.num_warps,
             num_stages=config.num_stages,
         )  # fmt: skip
+    # Merge the ranges as the kernel merges tiles (every range holds at least one tile).
     range_max, range_sum, range_target, range_total, range_weighted = partials
     running_max = range_max.amax(0)
-    rescale = (range_max - running_max).exp_()
+    step = range_max - running_max
+    rescale = step.exp()
     sum_exp = (range_sum * rescale).sum(0)
     lse = running_max + sum_exp.log()
     target = range_target.sum(0) if targets is not None else None
     mean = range_total.sum(0) / vocab if want_mean else None
-    expected = (range_weighted * rescale).sum(0) / sum_exp if want_expected else None
-    return RowStats(lse, target, mean, expected)
+    entropy = None
+    if want_entropy:
+        entropy = sum_exp.log() - ((range_weighted + step * range_sum) * rescale).sum(0) / sum_exp
+    return RowStats(lse, target, mean, entropy)
 
 
 def _shard_groups(plan, element_bytes: int) -> list[tuple[int, int]]:
@@ -611,14 +632,14 @@ def _grad_logits(hidden2d, weight, bias, targets, lse, coef, transform, rows, vo
         hidden_rows, *hidden2d.stride(), row_ids, weight, *weight.stride(), vocab.ids, v0,
         _contiguous(bias, 0, weight.shape[0]), _contiguous(targets, r0, r1),
         _contiguous(lse, r0, r1), _contiguous(coef.p_coef, r0, r1),
-        _contiguous(coef.pz_coef, r0, r1), _contiguous(coef.target_coef, r0, r1),
+        _contiguous(coef.plogp_coef, r0, r1), _contiguous(coef.target_coef, r0, r1),
         _contiguous(coef.uniform, r0, r1), block, buffers.bias_part, buffers.keep, c, s,
         hidden2d.shape[1], 0.0 if eps is None else eps, transform.linear_factor,
         **_transform_args(transform), HAS_INDEX=row_ids is not None,
         HAS_VOCAB_IDS=vocab.ids is not None, HAS_BIAS=bias is not None,
         HAS_TARGETS=targets is not None,
-        HAS_P=coef.p_coef is not None or coef.pz_coef is not None,
-        HAS_P_COEF=coef.p_coef is not None, HAS_PZ=coef.pz_coef is not None,
+        HAS_P=coef.p_coef is not None or coef.plogp_coef is not None,
+        HAS_P_COEF=coef.p_coef is not None, HAS_PLOGP=coef.plogp_coef is not None,
         HAS_TARGET_COEF=coef.target_coef is not None, HAS_UNIFORM=coef.uniform is not None,
         STORE_GRAD=block is not None, NEED_BIAS=need_bias, FILTER=eps is not None,
         GROUP=_GROUP, TILE=config.tile, BLOCK_D=config.block_d,

@@ -43,7 +43,7 @@ if not CUDA and type(_triton._stats_kernel).__name__ != "InterpretedFunction":
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
 
 N, V, D = 67, 507, 123
-STATS = ("lse", "target", "mean", "expected")
+STATS = ("lse", "target", "mean", "entropy")
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def naive_stats(hidden, weight, bias, index, targets, transform):
         temperature=transform.temperature,
     )  # fmt: skip
     target = z.gather(1, targets[:, None]).squeeze(1) if targets is not None else None
-    return (z.logsumexp(1), target, z.mean(1), (z.softmax(1) * z).sum(1))
+    return (z.logsumexp(1), target, z.mean(1), -(z.softmax(1) * z.log_softmax(1)).sum(1))
 
 
 TRANSFORMS = {
@@ -99,7 +99,7 @@ def _index_and_targets(with_index: bool):
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_stats(dtype, transform):
-    """lse, target, mean and expected logit of one fused pass, rows selected by an index."""
+    """lse, target, mean logit and entropy of one fused pass, rows selected by an index."""
     transform = TRANSFORMS[transform]
     hidden, weight, bias = make_head(dtype, bias=True)
     index, targets = _index_and_targets(with_index=True)
@@ -136,9 +136,9 @@ BACKWARD_CASES = {
         want=("lse", "target"), with_index=False, bias=False, shards=12, chunk_size=34,
         transform=LogitTransform(temperature=1.3),
     ),
-    # entropy-style statistics only (no target), negative scale, shards and index
-    "lse-expected-negative-scale": dict(
-        want=("lse", "expected"), with_index=True, bias=True, shards=13, chunk_size=None,
+    # entropy without target, negative scale, shards and index
+    "lse-entropy-negative-scale": dict(
+        want=("lse", "entropy"), with_index=True, bias=True, shards=13, chunk_size=None,
         transform=LogitTransform(logit_scale=-1.5),
     ),
 }  # fmt: skip
@@ -161,7 +161,7 @@ def test_row_stats_gradients(kernels, dtype, case):
     def ours(h, w, b):
         stats = row_stats(
             h, w, b, index=index, targets=targets, transform=transform, plan=plan,
-            want_mean="mean" in want, want_expected="expected" in want,
+            want_mean="mean" in want, want_entropy="entropy" in want,
         )  # fmt: skip
         return [getattr(stats, name) for name in want]
 
