@@ -14,7 +14,8 @@ every implementation the same way and writes one markdown table per shape:
 
 Implementations: chunklogits with its Triton kernels (exact, and with the opt-in gradient filter),
 chunklogits' PyTorch block loop, the naive materialising loss (``chunklogits.reference``), the
-same under ``torch.compile``, cut-cross-entropy (``impl="cce"``, its default gradient filter) and
+same under ``torch.compile``, PyTorch's own ``F.linear_cross_entropy`` where it exists,
+cut-cross-entropy (``impl="cce"``, its default gradient filter) and
 Liger's fused linear cross-entropy. One that cannot run is listed with the reason.
 
 Data (``--data``): ``zipf`` (default) gives a trained model's kind of softmax, which decides how
@@ -76,6 +77,7 @@ IMPLEMENTATIONS = (
     "chunklogits-torch",
     "naive",
     "naive-compiled",
+    "torch-linear-cross-entropy",
     "cce",
     "liger",
 )
@@ -170,6 +172,11 @@ def implementation(name: str, device) -> tuple[Callable, Callable]:
         return reference.linear_cross_entropy, contextlib.nullcontext
     if name == "naive-compiled":
         return torch.compile(reference.linear_cross_entropy), contextlib.nullcontext
+    if name == "torch-linear-cross-entropy":
+        fused = getattr(torch.nn.functional, "linear_cross_entropy", None)
+        if fused is None:
+            raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy")
+        return fused, contextlib.nullcontext
     if name.startswith("chunklogits"):
         kernels = _triton_module() if name != "chunklogits-torch" else None
         if name != "chunklogits-torch" and kernels is None:

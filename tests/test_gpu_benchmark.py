@@ -84,9 +84,9 @@ def test_dry_run_on_cpu(tmp_path):
             f"the dry run interprets the kernels: needs triton >= 3.9, has {triton.__version__}"
         )
     out = tmp_path / "bench.md"
-    command = [sys.executable, str(ROOT / "bench" / "gpu_benchmark.py"), "--dry-run", "--impls",
-               "chunklogits-triton", "naive", "liger", "--repeats", "1", "--warmup", "0",
-               "--out", str(out)]  # fmt: skip
+    impls = ["chunklogits-triton", "naive", "torch-linear-cross-entropy", "liger"]
+    command = [sys.executable, str(ROOT / "bench" / "gpu_benchmark.py"), "--dry-run",
+               "--impls", *impls, "--repeats", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
