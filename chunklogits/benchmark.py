@@ -396,50 +396,63 @@ def run_task(
 ) -> list[Result]:
     """Run every case of ``task`` at every size, sizes ascending within a case.
 
-    A case is skipped at a size when its peak, extrapolated linearly from its previous size,
-    would exceed ``headroom`` times the memory available (``available_bytes``), and at every
-    larger size after that. ``on_step(description)`` is called before each run.
+    A case is skipped at a size when its predicted peak (``predicted_peak`` from its smaller
+    sizes) would exceed ``headroom`` times the memory available (``available_bytes``), and at
+    every larger size after that. ``on_step(description)`` is called before each run.
     """
     results: list[Result] = []
     first_answers: dict[int, Tensor] = {}
+    # Gradients of every parameter are allocated whatever the sequence length.
+    floor = parameter_bytes(w.model) if task.grad else 0
     for case in task.cases:
         on_step(f"{task.name}: {case.name} (warm-up)")
         _run_case(w, task, case, task_inputs(w, task, min(_WARMUP_TOKENS, *sizes), batch))
-        previous: Result | None = None
+        measured: list[tuple[int, int]] = []
+        skipped = None
         for size in sorted(sizes):
             on_step(f"{task.name}: {case.name}, {size} {task.size_label}")
             result = Result(task.name, case.name, size)
             results.append(result)
-            reason = _too_big(previous, size, w.device, headroom)
-            if reason:
-                result.skipped = reason
-                previous = result
+            skipped = skipped or _too_big(measured, size, floor, w.device, headroom)
+            if skipped:
+                result.skipped = skipped
                 continue
             seconds, peak_bytes, answer = _run_case(
                 w, task, case, task_inputs(w, task, size, batch)
             )
             result.seconds, result.peak_bytes = seconds, peak_bytes
+            measured.append((size, peak_bytes))
             result.value = summary_value(task, answer)
             if case is task.cases[0]:
                 first_answers[size] = answer
             if task.name != "sampling" and size in first_answers:
                 reference = first_answers[size].double()
                 result.max_diff = (answer.double() - reference).abs().max().item()
-            previous = result
     return results
 
 
-def _too_big(previous: Result | None, size: int, device: torch.device, headroom: float):
-    if previous is None:
+def predicted_peak(measured: Sequence[tuple[int, int]], size: int, floor: int = 0) -> float:
+    """A case's peak bytes at ``size`` from its ``(size, peak)`` measurements at smaller sizes:
+    the line through the last two, or with one, ``floor`` (bytes that do not grow with the
+    size) plus the rest scaled in proportion. Never below the last measurement."""
+    last_size, last_peak = measured[-1]
+    if len(measured) >= 2:
+        (size0, peak0) = measured[-2]
+        slope = max(0.0, (last_peak - peak0) / (last_size - size0))
+        return last_peak + slope * (size - last_size)
+    growing = max(0, last_peak - floor)
+    return max(last_peak, floor + growing * size / last_size)
+
+
+def _too_big(measured, size: int, floor: int, device: torch.device, headroom: float):
+    if not measured:
         return None
-    if previous.skipped:
-        return previous.skipped
-    predicted = previous.peak_bytes * size / previous.size
+    predicted = predicted_peak(measured, size, floor)
     available = available_bytes(device)
     if predicted > headroom * available:
         return (
             f"not run: needs about {predicted / 2**20:,.0f} MiB "
-            f"(extrapolated from {previous.size}), {available / 2**20:,.0f} MiB available"
+            f"(extrapolated from {measured[-1][0]}), {available / 2**20:,.0f} MiB available"
         )
     return None
 

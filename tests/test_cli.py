@@ -252,3 +252,14 @@ def test_a_model_without_output_layer_is_refused():
 
     with pytest.raises(ValueError, match="model: expected a causal LM with an output layer"):
         Workload(LlamaModel(tiny_llama()))
+
+
+def test_predicted_peak_is_affine_in_the_size():
+    mib = 2**20
+    # Two measurements: the line through them.
+    assert benchmark.predicted_peak([(1000, 3000 * mib), (2000, 4000 * mib)], 4000) == 6000 * mib
+    # One measurement: the floor (gradients, fixed) stays, the rest scales with the size.
+    assert benchmark.predicted_peak([(100, 2500 * mib)], 1000, floor=2400 * mib) == 3400 * mib
+    assert benchmark.predicted_peak([(100, 50 * mib)], 1000) == 500 * mib
+    # A shrinking peak does not predict less than what was measured.
+    assert benchmark.predicted_peak([(100, 60 * mib), (200, 50 * mib)], 400) == 50 * mib
