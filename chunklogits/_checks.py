@@ -54,10 +54,15 @@ def check_head(hidden, weight, bias) -> None:
             raise ValueError(f"bias: expected hidden's device {hidden.device}, got {bias.device}")
 
 
+def check_integer_tensor(name: str, value) -> Tensor:
+    check_tensor(name, value)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+    return value
+
+
 def check_token_tensor(name: str, tokens, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    check_tensor(name, tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {tokens.dtype}")
+    check_integer_tensor(name, tokens)
     if tuple(tokens.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} (hidden.shape[:-1]), got {tuple(tokens.shape)}")
     if tokens.device != device:

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_sampling_options, check_tensor
-from .sampling import sample_next
+from ._checks import check_integer_tensor, check_sampling_options, check_tensor
+from .sampling import randomness, sample_next
 
 
 class SampleOutput(NamedTuple):
@@ -89,11 +89,11 @@ def sample(
         ``[B, L + n]`` token ids (prompt, then generated tokens, ``pad_token_id`` after a row's
         eos), or ``SampleOutput(sequences, logprobs, raw_logprobs)``.
     """
-    check_tensor("input_ids", input_ids)
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids: expected an integer tensor, got dtype {input_ids.dtype}")
+    check_integer_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
+        )
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask)
         if attention_mask.shape != input_ids.shape:
@@ -102,23 +102,41 @@ def sample(
                 f"got {tuple(attention_mask.shape)}"
             )
     given = {
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-        "min_p": min_p, "repetition_penalty": repetition_penalty, "eos_token_id": eos_token_id,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
     }
     given = {name: value for name, value in given.items() if value is not None}
     _check_options(do_sample=do_sample, **given)
     return model.generate(
-        input_ids, attention_mask=attention_mask, custom_generate=decode, do_sample=do_sample,
-        seed=seed, generator=generator, return_logprobs=return_logprobs, shards=shards,
-        **given, **generate_kwargs,
+        input_ids,
+        attention_mask=attention_mask,
+        custom_generate=decode,
+        do_sample=do_sample,
+        seed=seed,
+        generator=generator,
+        return_logprobs=return_logprobs,
+        shards=shards,
+        **given,
+        **generate_kwargs,
     )
 
 
-def _check_options(*, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, **_):
+def _check_options(
+    *, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, **_
+):
     """The sampling options, with neutral values for those not given."""
     check_sampling_options(
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
         repetition_penalty=repetition_penalty,
     )
 
@@ -165,26 +183,25 @@ def decode(
     _refuse_unsupported(generation_config, logits_processor)
     options = {
         "do_sample": bool(generation_config.do_sample),
-        "temperature": 1.0 if generation_config.temperature is None else generation_config.temperature,
+        "temperature": 1.0
+        if generation_config.temperature is None
+        else generation_config.temperature,
         "top_k": generation_config.top_k or 0,
         "top_p": 1.0 if generation_config.top_p is None else generation_config.top_p,
         "min_p": generation_config.min_p,
         "repetition_penalty": generation_config.repetition_penalty or 1.0,
     }
     check_sampling_options(**options)
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("seed, generator: expected at most one of them, got both")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    generator = randomness(seed, generator, input_ids.device)
     base = _base_model(model)
     weight, bias, softcap, logit_scale = _head_of(model)
 
     batch = input_ids.shape[0]
     pad = generation_config._pad_token_tensor  # set by generate() (eos when no pad is given)
     stops_at_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
-    penalised = _penalised_prompt(input_ids, model_kwargs) if options["repetition_penalty"] != 1.0 else None
+    penalised = (
+        _penalised_prompt(input_ids, model_kwargs) if options["repetition_penalty"] != 1.0 else None
+    )
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     logprobs, raw_logprobs = [], []
     first = True
@@ -201,8 +218,16 @@ def decode(
         hidden_last = outputs.last_hidden_state[:, -1]
         del outputs
         pick = sample_next(
-            hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, shards=shards,
-            prev_tokens=penalised, generator=generator, return_logprobs=return_logprobs, **options,
+            hidden_last,
+            weight,
+            bias=bias,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            shards=shards,
+            prev_tokens=penalised,
+            generator=generator,
+            return_logprobs=return_logprobs,
+            **options,
         )
         tokens = pick.tokens if return_logprobs else pick
         if return_logprobs:

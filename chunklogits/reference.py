@@ -186,3 +186,68 @@ def sample_next(
         scores.log_softmax(-1).gather(1, pick).squeeze(1),
         raw.log_softmax(-1).gather(1, pick).squeeze(1),
     )
+
+
+def sample(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    do_sample: bool = True,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+    shards: int | None = None,
+    **generate_kwargs,
+):
+    """``model.generate`` itself (full logits per step, HF's processors, ``multinomial``), with
+    the log-probs of ``generate.sample`` computed from its ``scores`` and ``logits``. ``seed``
+    seeds torch's default generator, which ``generate()`` draws from; a ``generator`` seeds it
+    with a number drawn from it."""
+    from .generate import SampleOutput
+
+    given = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        do_sample=do_sample,
+        return_dict_in_generate=return_logprobs,
+        output_scores=return_logprobs,
+        output_logits=return_logprobs,
+        **given,
+        **generate_kwargs,
+    )
+    if not return_logprobs:
+        return out
+    new = out.sequences[:, input_ids.shape[1] :]
+    picked = new[..., None]
+    logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, picked).squeeze(-1)
+    raw = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, picked).squeeze(-1)
+    # Positions after a row's eos hold padding: 0, as generate.sample reports them.
+    eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else eos, device=new.device).reshape(-1)
+    ended = torch.isin(new, eos).long().cumsum(1)
+    sampled = (ended - torch.isin(new, eos).long()) == 0
+    return SampleOutput(out.sequences, logprobs * sampled, raw * sampled)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, plan_blocks
-from ._checks import check_head, check_sampling_options, check_tensor, make_transform
+from ._checks import check_head, check_integer_tensor, check_sampling_options, make_transform
 
 # Candidates kept beyond top_k, so that ties with the k-th value (frequent with half-precision
 # logits) rarely spill over the candidate set.
@@ -131,26 +131,42 @@ def sample_next(
     """
     check_head(hidden_last, weight, bias)
     if hidden_last.dim() != 2 or hidden_last.shape[0] == 0:
-        raise ValueError(f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}")
+        raise ValueError(
+            f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}"
+        )
     check_sampling_options(
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
         repetition_penalty=repetition_penalty,
     )
     if not isinstance(return_logprobs, bool):
         raise TypeError(f"return_logprobs: expected a bool, got {return_logprobs!r}")
     penalty = float(repetition_penalty)
+    generator = randomness(seed, generator, hidden_last.device)
     prev = _penalised_tokens(prev_tokens, hidden_last, weight.shape[0], penalty)
     temperature = float(temperature) if do_sample else 1.0
     problem = _Problem(
-        hidden=hidden_last, weight=weight, bias=bias, transform=make_transform(softcap, logit_scale),
-        penalty=penalty, temperature=temperature, prev_tokens=prev,
-        key=_noise_key(seed, generator, hidden_last.device) if do_sample else None,
-        shards=shards, chunk_size=chunk_size, want_raw=return_logprobs,
+        hidden=hidden_last,
+        weight=weight,
+        bias=bias,
+        transform=make_transform(softcap, logit_scale),
+        penalty=penalty,
+        temperature=temperature,
+        prev_tokens=prev,
+        key=_noise_key(generator, hidden_last.device) if do_sample else None,
+        shards=shards,
+        chunk_size=chunk_size,
+        want_raw=return_logprobs,
     )
     if do_sample and (top_k > 0 or top_p < 1.0 or min_p is not None):
         pick = _sample_filtered(problem, top_k, float(top_p), min_p)
     else:
-        pick = _scan(problem, winner=True, noisy=do_sample, lse=return_logprobs, raw_lse=return_logprobs)
+        pick = _scan(
+            problem, winner=True, noisy=do_sample, lse=return_logprobs, raw_lse=return_logprobs
+        )
     if not return_logprobs:
         return pick.win_idx
     return NextTokens(pick.win_idx, pick.win_val - pick.lse, pick.win_raw - pick.raw_lse)
@@ -191,32 +207,39 @@ def _penalised_tokens(prev_tokens, hidden: Tensor, vocab: int, penalty: float) -
                 f"prev_tokens: repetition_penalty={penalty} needs the tokens to penalise, got None"
             )
         return None
-    check_tensor("prev_tokens", prev_tokens)
-    if prev_tokens.dtype.is_floating_point or prev_tokens.dtype.is_complex or prev_tokens.dtype == torch.bool:
-        raise TypeError(f"prev_tokens: expected an integer tensor, got dtype {prev_tokens.dtype}")
+    check_integer_tensor("prev_tokens", prev_tokens)
     if prev_tokens.dim() != 2 or prev_tokens.shape[0] != hidden.shape[0]:
         raise ValueError(
-            f"prev_tokens: expected shape [B, L] with B = {hidden.shape[0]}, got {tuple(prev_tokens.shape)}"
+            f"prev_tokens: expected shape [B, L] with B = hidden_last.shape[0] = {hidden.shape[0]},"
+            f" got {tuple(prev_tokens.shape)}"
         )
     if prev_tokens.device != hidden.device:
-        raise ValueError(f"prev_tokens: expected hidden_last's device {hidden.device}, got {prev_tokens.device}")
+        raise ValueError(
+            f"prev_tokens: expected hidden_last's device {hidden.device}, got {prev_tokens.device}"
+        )
     if penalty == 1.0:
         return None
     prev = prev_tokens.long()
     return prev.where((prev >= 0) & (prev < vocab), -1)
 
 
-def _noise_key(seed, generator, device: torch.device) -> Tensor:
-    """``[2]`` int64 in ``[0, 2**32)`` on ``device``: the key of this call's Gumbel noise, drawn
-    without a host synchronisation."""
+def randomness(seed, generator, device: torch.device) -> torch.Generator | None:
+    """The generator that ``seed=`` / ``generator=`` (at most one) stand for; None for torch's
+    default generator."""
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: expected at most one of them, got both")
     if seed is not None:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        generator = torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def _noise_key(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``[2]`` int64 in ``[0, 2**32)`` on ``device``: the key of one call's Gumbel noise, drawn
+    from ``generator`` without a host synchronisation."""
     source = device if generator is None else generator.device
     return torch.randint(0, 2**32, (2,), generator=generator, device=source).to(device)
 
@@ -245,7 +268,9 @@ def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
     width = y.shape[1]
     local = prev - v0
     local = local.where((local >= 0) & (local < width), width)
-    hit = torch.zeros(y.shape[0], width + 1, dtype=torch.bool, device=y.device).scatter_(1, local, True)
+    hit = torch.zeros(y.shape[0], width + 1, dtype=torch.bool, device=y.device).scatter_(
+        1, local, True
+    )
     return torch.where(hit[:, :width], torch.where(y < 0, y * penalty, y / penalty), y)
 
 
@@ -256,8 +281,13 @@ def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int):
     hidden, weight = problem.hidden, problem.weight
     count = hidden.shape[0] if rows is None else rows.numel()
     plan = plan_blocks(
-        count, weight.shape[0], hidden.dtype, hidden.device, shards=problem.shards,
-        chunk_size=problem.chunk_size, bytes_per_element=bytes_per_element,
+        count,
+        weight.shape[0],
+        hidden.dtype,
+        hidden.device,
+        shards=problem.shards,
+        chunk_size=problem.chunk_size,
+        bytes_per_element=bytes_per_element,
     )
     prev = problem.prev_tokens
     if prev is not None and rows is not None:
@@ -288,8 +318,11 @@ class _Scan:
     win_raw: Tensor | None = None  # [n] its raw logit
     lse: Tensor | None = None  # [n] logsumexp of the selected processed logits
     raw_lse: Tensor | None = None  # [n] logsumexp of all raw logits
-    level_mass: Tensor | None = None  # [n, G] sum of exp(y - ref) over tokens with y >= levels[:, i]
+    level_mass: Tensor | None = (
+        None  # [n, G] sum of exp(y - ref) over tokens with y >= levels[:, i]
+    )
     level_count: Tensor | None = None  # [n, G] number of those tokens
+    tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
 
 
 def _scan(
@@ -300,20 +333,24 @@ def _scan(
     winner: bool = False,
     noisy: bool = False,
     floor: Tensor | None = None,
+    floor_index: Tensor | None = None,
     ceiling: Tensor | None = None,
     levels: Tensor | None = None,
     ref: Tensor | None = None,
+    nth_tied: tuple[Tensor, Tensor] | None = None,
     lse: bool = False,
     raw_lse: bool = False,
 ) -> _Scan:
     """One pass over the vocabulary for the rows ``rows`` (all when None) of ``problem``.
 
-    Tokens are selected by ``floor <= y < ceiling`` (per-row bounds; None: unbounded); the
-    candidates, the winner and ``lse`` see only selected tokens, ``raw_lse`` and the level
-    statistics all of them. ``candidates``: how many largest processed logits to keep. ``winner``:
+    Tokens are selected by ``floor <= y < ceiling`` (per-row bounds; None: unbounded), and those
+    with ``y == floor`` only up to vocabulary index ``floor_index`` when given; the candidates,
+    the winner and ``lse`` see only selected tokens, ``raw_lse``, the level statistics and
+    ``nth_tied`` all of them. ``candidates``: how many largest processed logits to keep. ``winner``:
     track the argmax of ``y`` (first index among ties, as ``torch.argmax``), of ``y + g`` with
     Gumbel noise when ``noisy``. ``levels``: ``[n, G]`` increasing thresholds per row; ``ref``:
-    ``[n]`` offsets for the masses (the row maxima).
+    ``[n]`` offsets for the masses (the row maxima). ``nth_tied``: ``(value, keep)``, find the
+    index of the ``keep``-th token (in index order) with ``y == value`` (``V - 1`` if fewer).
     """
     hidden = problem.hidden
     count = hidden.shape[0] if rows is None else rows.numel()
@@ -337,6 +374,10 @@ def _scan(
     if levels is not None:
         hist_mass = torch.zeros(count, levels.shape[1] + 1, **new)
         hist_count = torch.zeros(count, levels.shape[1] + 1, dtype=torch.long, device=hidden.device)
+    if nth_tied is not None:
+        tie_value, tie_keep = nth_tied
+        ties_seen = torch.zeros_like(tie_keep)
+        s.tied_index = torch.full_like(tie_keep, problem.weight.shape[0] - 1)
 
     bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
     for r0, r1, v0, x, y in _blocks(problem, rows, bytes_per_element):
@@ -347,8 +388,19 @@ def _scan(
             bins = torch.searchsorted(levels[r0:r1], y, right=True)
             hist_mass[r0:r1].scatter_add_(1, bins, (y - ref[r0:r1, None]).exp_())
             hist_count[r0:r1].scatter_add_(1, bins, torch.ones_like(bins))
+        if nth_tied is not None:
+            tied = y == tie_value[r0:r1, None]
+            hit = tied & (tied.cumsum(1) + ties_seen[r0:r1, None] == tie_keep[r0:r1, None])
+            s.tied_index[r0:r1] = torch.where(
+                hit.any(1), hit.int().argmax(1) + v0, s.tied_index[r0:r1]
+            )
+            ties_seen[r0:r1] += tied.sum(1)
         if floor is not None:
-            y = y.masked_fill(y < floor[r0:r1, None], -math.inf)
+            below = y < floor[r0:r1, None]
+            if floor_index is not None:
+                vocab = torch.arange(v0, v0 + y.shape[1], device=y.device)
+                below |= (y == floor[r0:r1, None]) & (vocab[None, :] > floor_index[r0:r1, None])
+            y = y.masked_fill(below, -math.inf)
         if ceiling is not None:
             y = y.masked_fill(y >= ceiling[r0:r1, None], -math.inf)
         if lse:
@@ -366,7 +418,9 @@ def _scan(
             s.win_idx[r0:r1] = torch.where(better, col.squeeze(1) + v0, s.win_idx[r0:r1])
             s.win_val[r0:r1] = torch.where(better, y.gather(1, col).squeeze(1), s.win_val[r0:r1])
             if raw:
-                s.win_raw[r0:r1] = torch.where(better, x.gather(1, col).squeeze(1), s.win_raw[r0:r1])
+                s.win_raw[r0:r1] = torch.where(
+                    better, x.gather(1, col).squeeze(1), s.win_raw[r0:r1]
+                )
     if levels is not None:
         s.level_mass = hist_mass[:, 1:].flip(1).cumsum(1).flip(1)
         s.level_count = hist_count[:, 1:].flip(1).cumsum(1).flip(1)
@@ -382,54 +436,93 @@ def _merge_candidates(s: _Scan, r0: int, r1: int, v0: int, x: Tensor, y: Tensor,
     s.cand_vals[r0:r1] = top
     s.cand_idx[r0:r1] = torch.cat([s.cand_idx[r0:r1], block_cols + v0], 1).gather(1, pos)
     if raw:
-        s.cand_raw[r0:r1] = torch.cat([s.cand_raw[r0:r1], x.gather(1, block_cols)], 1).gather(1, pos)
+        s.cand_raw[r0:r1] = torch.cat([s.cand_raw[r0:r1], x.gather(1, block_cols)], 1).gather(
+            1, pos
+        )
 
 
 def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float | None) -> _Scan:
     """Draw with at least one of top-k, top-p, min-p on: thresholds, then a Gumbel-max draw."""
     vocab = problem.weight.shape[0]
     size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
-    first = _scan(
-        problem, candidates=size, lse=top_p < 1.0 and not top_k, raw_lse=problem.want_raw
-    )
+    first = _scan(problem, candidates=size, lse=top_p < 1.0 and not top_k, raw_lse=problem.want_raw)
     vals = first.cand_vals
     row_max = vals[:, 0]
-    tau = torch.full_like(row_max, -math.inf)
+    every_tie = torch.full_like(first.cand_idx[:, 0], vocab - 1)
+    tau, tau_index = torch.full_like(row_max, -math.inf), every_tie
     if top_k:
         tau = vals[:, min(top_k, vocab) - 1]
     if top_p < 1.0:
-        tau = torch.maximum(tau, _nucleus_threshold(problem, first, tau, top_p, bool(top_k)))
+        # The crossing token lies in top-k's set, so top-p's threshold is never below top-k's.
+        tau, tau_index = _nucleus_threshold(problem, first, tau, top_p, bool(top_k))
     if min_p is not None:
-        tau = torch.maximum(tau, row_max + (math.log(min_p) if min_p > 0 else -math.inf))
-    return _draw(problem, first, tau)
+        min_p_tau = row_max + (math.log(min_p) if min_p > 0 else -math.inf)
+        tau_index = torch.where(min_p_tau > tau, every_tie, tau_index)
+        tau = torch.maximum(tau, min_p_tau)
+    return _draw(problem, first, tau, tau_index)
 
 
-def _nucleus_threshold(problem: _Problem, first: _Scan, base: Tensor, top_p: float, top_k: bool) -> Tensor:
-    """Per row, the processed logit of top-p's crossing token among the tokens with
-    ``y >= base`` (top-k's set; all tokens when ``base`` is -inf)."""
-    vals = first.cand_vals
+def _nucleus_threshold(
+    problem: _Problem, first: _Scan, base: Tensor, top_p: float, top_k: bool
+) -> tuple[Tensor, Tensor]:
+    """Per row, top-p's threshold ``(value, index)`` among the tokens ``y >= base`` (top-k's
+    set; all tokens when ``base`` is -inf): keep ``y > value``, and ``y == value`` up to ``index``.
+    """
+    vals, idx = first.cand_vals, first.cand_idx
+    every = vals.shape[1] == problem.weight.shape[0]
     in_set = vals >= base[:, None]
-    # The candidates hold the whole set when the smallest of them lies below it.
-    complete = vals[:, -1] < base
-    if vals.shape[1] == problem.weight.shape[0]:
-        complete = torch.ones_like(complete)
+    # The candidates hold a threshold's tokens when the smallest of them lies below it.
+    complete = torch.ones_like(in_set[:, 0]) if every else vals[:, -1] < base
     log_total = vals.masked_fill(~in_set, -math.inf).logsumexp(1) if top_k else first.lse
     probs = (vals - log_total[:, None]).exp().masked_fill(~in_set, 0.0)
     inclusive = probs.cumsum(1)
     # HF drops a token when the mass of the tokens above it already reaches top_p.
-    kept = ((inclusive - probs) < top_p) & in_set
-    count = kept.sum(1).clamp(min=1)
-    tau = vals.gather(1, (count - 1)[:, None]).squeeze(1)
+    count = (((inclusive - probs) < top_p) & in_set).sum(1).clamp(min=1)
+    value = vals.gather(1, (count - 1)[:, None]).squeeze(1)
+    above = (probs * (vals > value[:, None])).sum(1)
+    keep = _tied_kept(above, (value - log_total).exp(), top_p, problem.weight.shape[0])
+    held = complete | (vals[:, -1] < value)
     # Without top-k the normaliser is exact, so reaching top_p within the candidates suffices.
     resolved = complete if top_k else complete | (inclusive[:, -1] >= top_p)
-    if not bool(resolved.all()):
-        rows = (~resolved).nonzero().squeeze(1)
-        tau[rows] = _search_crossing(problem, rows, base[rows], row_max=vals[rows, 0], top_p=top_p)
-    return tau
+    if bool(resolved.all()):
+        return value, _tie_index(problem, None, vals, idx, value, keep, held)
+    done = resolved.nonzero().squeeze(1)
+    index = torch.empty_like(idx[:, 0])
+    index[done] = _tie_index(
+        problem, done, vals[done], idx[done], value[done], keep[done], held[done]
+    )
+    rows = (~resolved).nonzero().squeeze(1)
+    value[rows], index[rows] = _search_crossing(problem, rows, base[rows], vals[rows, 0], top_p)
+    return value, index
+
+
+def _tied_kept(above: Tensor, tie_prob: Tensor, target, vocab: int) -> Tensor:
+    """How many tokens tied at the crossing value HF keeps: the j-th of them (j = 0, 1, ...) while
+    the mass before it, ``above + j * tie_prob``, is below ``target``."""
+    count = torch.ceil((target - above) / tie_prob).nan_to_num_(nan=vocab)
+    return count.clamp_(1, vocab).long()
+
+
+def _tie_index(problem, rows, vals, idx, value, keep, held) -> Tensor:
+    """The index threshold for the tokens tied at ``value``: HF keeps ``keep`` of them, which
+    ones depends on ``torch.sort``'s unstable order; we keep those of smallest vocabulary index.
+    Found among the candidates ``vals``/``idx`` where they hold every tied token (``held``), by a
+    pass over the vocabulary for the other rows."""
+    vocab = problem.weight.shape[0]
+    tied = vals == value[:, None]
+    ordered = idx.masked_fill(~tied, vocab).sort(1).values
+    n_tied = tied.sum(1)
+    index = ordered.gather(1, (torch.minimum(keep, n_tied) - 1).clamp(min=0)[:, None]).squeeze(1)
+    index = torch.where(keep >= n_tied, vocab - 1, index)
+    if not bool(held.all()):
+        spill = (~held).nonzero().squeeze(1)
+        subset = spill if rows is None else rows[spill]
+        index[spill] = _scan(problem, subset, nth_tied=(value[spill], keep[spill])).tied_index
+    return index
 
 
 def _levels(lo: Tensor, hi: Tensor) -> Tensor:
-    """``[n, _LEVELS]`` strictly increasing thresholds, the first ``lo``, spread over ``[lo, hi)``."""
+    """``[n, _LEVELS]`` increasing thresholds spread over ``[lo, hi)``, the first ``lo``."""
     step = (hi - lo) / _LEVELS
     up = torch.full_like(lo, math.inf)
     levels = [lo]
@@ -438,8 +531,10 @@ def _levels(lo: Tensor, hi: Tensor) -> Tensor:
     return torch.stack(levels, 1)
 
 
-def _search_crossing(problem: _Problem, rows: Tensor, base: Tensor, row_max: Tensor, top_p: float) -> Tensor:
-    """top-p's crossing value for ``rows`` whose candidates do not hold the nucleus.
+def _search_crossing(
+    problem: _Problem, rows: Tensor, base: Tensor, row_max: Tensor, top_p: float
+) -> tuple[Tensor, Tensor]:
+    """top-p's threshold ``(value, index)`` for ``rows`` whose candidates do not hold the nucleus.
 
     With ``G(t)`` the probability mass of the tokens ``y >= max(t, base)``, the crossing value is
     the largest token value ``t`` with ``G(t) >= top_p * G(base)``. Bisection keeps an interval
@@ -452,7 +547,6 @@ def _search_crossing(problem: _Problem, rows: Tensor, base: Tensor, row_max: Ten
     hi = torch.nextafter(row_max, up)
     mass_hi = torch.zeros_like(row_max)  # G(hi), relative to exp(row_max)
     count_hi = torch.zeros_like(rows)
-    tau = torch.empty_like(row_max)
     target = None
     collect = []
     active = torch.arange(rows.numel(), device=rows.device)
@@ -468,29 +562,39 @@ def _search_crossing(problem: _Problem, rows: Tensor, base: Tensor, row_max: Ten
         lo[active] = levels.gather(1, i).squeeze(1)
         hi[active] = torch.where(last, hi[active, None], levels.gather(1, above)).squeeze(1)
         mass_hi[active] = torch.where(last, mass_hi[active, None], mass.gather(1, above)).squeeze(1)
-        count_hi[active] = torch.where(last, count_hi[active, None], count.gather(1, above)).squeeze(1)
+        count_hi[active] = torch.where(
+            last, count_hi[active, None], count.gather(1, above)
+        ).squeeze(1)
         inside = count.gather(1, i).squeeze(1) - count_hi[active]
         single = torch.nextafter(lo[active], up[active]) >= hi[active]
-        tau[active] = torch.where(single, lo[active], tau[active])
         collect.append(active[~single & (inside <= _CANDIDATES)])
         active = active[~single & (inside > _CANDIDATES)]
+    # Rows whose interval holds a single value: it is the crossing value, G(hi) the mass above.
+    value, above = lo, mass_hi
+    size = min(_CANDIDATES, problem.weight.shape[0])
+    vals = torch.full((rows.numel(), size), -math.inf, dtype=lo.dtype, device=lo.device)
+    idx = torch.zeros(rows.numel(), size, dtype=torch.long, device=lo.device)
+    held = torch.zeros_like(rows, dtype=torch.bool)
     collect = torch.cat(collect)
     if collect.numel():
-        size = min(_CANDIDATES, problem.weight.shape[0])
         s = _scan(problem, rows[collect], candidates=size, floor=lo[collect], ceiling=hi[collect])
-        vals = s.cand_vals
-        inclusive = mass_hi[collect, None] + (vals - row_max[collect, None]).exp().cumsum(1)
-        held = (vals > -math.inf).sum(1)
-        j = torch.minimum((inclusive < target[collect, None]).sum(1), held - 1)
-        tau[collect] = vals.gather(1, j[:, None]).squeeze(1)
-    return tau
+        probs = (s.cand_vals - row_max[collect, None]).exp()
+        inclusive = mass_hi[collect, None] + probs.cumsum(1)
+        held_count = (s.cand_vals > -math.inf).sum(1)
+        j = torch.minimum((inclusive < target[collect, None]).sum(1), held_count - 1)
+        value[collect] = s.cand_vals.gather(1, j[:, None]).squeeze(1)
+        above[collect] += (probs * (s.cand_vals > value[collect, None])).sum(1)
+        vals[collect], idx[collect], held[collect] = s.cand_vals, s.cand_idx, True
+    keep = _tied_kept(above, (value - row_max).exp(), target, problem.weight.shape[0])
+    return value, _tie_index(problem, rows, vals, idx, value, keep, held)
 
 
-def _draw(problem: _Problem, first: _Scan, tau: Tensor) -> _Scan:
-    """Gumbel-max draw among the tokens ``y >= tau``: from the candidates where they hold every
-    such token, by a masked pass over the vocabulary for the other rows."""
+def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _Scan:
+    """Gumbel-max draw among the kept tokens (``y > tau``, or ``y == tau`` with index up to
+    ``tau_index``): from the candidates where they hold every such token, by a masked pass over
+    the vocabulary for the other rows."""
     vals, idx = first.cand_vals, first.cand_idx
-    kept = vals >= tau[:, None]
+    kept = (vals > tau[:, None]) | ((vals == tau[:, None]) & (idx <= tau_index[:, None]))
     rows = torch.arange(vals.shape[0], device=vals.device)
     keys = _gumbel(problem.key, rows[:, None], idx).add_(vals).masked_fill_(~kept, -math.inf)
     col = keys.argmax(1, keepdim=True)
@@ -505,7 +609,15 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor) -> _Scan:
         spill = vals[:, -1] >= tau
         if bool(spill.any()):
             rows = spill.nonzero().squeeze(1)
-            s = _scan(problem, rows, winner=True, noisy=True, floor=tau[rows], lse=True)
+            s = _scan(
+                problem,
+                rows,
+                winner=True,
+                noisy=True,
+                floor=tau[rows],
+                floor_index=tau_index[rows],
+                lse=True,
+            )
             pick.win_idx[rows], pick.win_val[rows], pick.lse[rows] = s.win_idx, s.win_val, s.lse
             if problem.want_raw:
                 pick.win_raw[rows] = s.win_raw
