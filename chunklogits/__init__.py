@@ -1,15 +1,21 @@
-"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]`` tensor."""
+"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]``
+logits tensor."""
 
-from . import memory, reference
+from . import distributed, memory, reference
 from ._blocks import set_block_budget
+from .generate import sample
 from .logprobs import logsumexp, token_logprobs
 from .loss import linear_cross_entropy
+from .sampling import sample_next
 
 __all__ = [
+    "distributed",
     "linear_cross_entropy",
     "logsumexp",
     "memory",
     "reference",
+    "sample",
+    "sample_next",
     "set_block_budget",
     "token_logprobs",
 ]

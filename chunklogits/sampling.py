@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, plan_blocks
+from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, _Workspace, plan_blocks
 from ._checks import check_head, check_integer_tensor, check_sampling_options, make_transform
 
 # Candidates kept beyond top_k, so that ties with the k-th value (frequent with half-precision
@@ -292,11 +292,11 @@ def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int):
     prev = problem.prev_tokens
     if prev is not None and rows is not None:
         prev = prev[rows]
-    chunks = _Rows(hidden, rows, plan)
+    chunks, work = _Rows(hidden, rows, plan), _Workspace(plan, hidden.device)
     for v0, v1 in plan.shards:
-        w, b = _shard_params(weight, problem.bias, v0, v1, plan, problem.stat_dtype)
+        w, b = _shard_params(weight, problem.bias, v0, v1, plan)
         for r0, r1, h in chunks:
-            x = _block_logits(h, w, b, problem.transform, problem.stat_dtype)
+            x = _block_logits(h, w, b, problem.transform, work, problem.stat_dtype)
             y = x.clone() if problem.keep_raw else x
             if prev is not None:
                 y = _penalise(y, prev[r0:r1], v0, problem.penalty)
