@@ -126,7 +126,9 @@ def check_real_in(name: str, value, low: float, high: float, *, low_open: bool =
     return float(value)
 
 
-def check_sampling_options(*, do_sample, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
+def check_sampling_options(
+    *, do_sample, temperature, top_k, top_p, min_p, repetition_penalty
+) -> None:
     """HF's sampling settings: ``top_k`` an int >= 0 (0: off), ``top_p`` in (0, 1] (1: off),
     ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling."""
     if not isinstance(do_sample, bool):

@@ -177,8 +177,14 @@ def sample_next(
 
     raw = logits(hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
     scores = next_token_scores(
-        raw, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, prev_tokens=prev_tokens,
+        raw,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        prev_tokens=prev_tokens,
     )
     if not do_sample:
         tokens = scores.argmax(-1)

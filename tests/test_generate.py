@@ -35,7 +35,9 @@ def _model(family: str):
         )
         model = Gemma2ForCausalLM(config)
     else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, **special))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, **special)
+        )
     return model.eval()
 
 
@@ -146,10 +148,22 @@ def test_seed_reproduces_whatever_the_shards():
 
 
 BAD = [
-    (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, "input_ids: expected a non-empty"),
-    (dict(input_ids=torch.zeros(0, 3, dtype=torch.long)), ValueError, "input_ids: expected a non-empty"),
+    (
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long)),
+        ValueError,
+        "input_ids: expected a non-empty",
+    ),
+    (
+        dict(input_ids=torch.zeros(0, 3, dtype=torch.long)),
+        ValueError,
+        "input_ids: expected a non-empty",
+    ),
     (dict(input_ids=torch.zeros(2, 3)), TypeError, "input_ids: expected an integer tensor"),
-    (dict(attention_mask=torch.ones(3, 6)), ValueError, "attention_mask: expected input_ids' shape"),
+    (
+        dict(attention_mask=torch.ones(3, 6)),
+        ValueError,
+        "attention_mask: expected input_ids' shape",
+    ),
     (dict(top_p=0.0), ValueError, "top_p: expected a float in \\(0.0, 1.0\\]"),
     (dict(top_p=1.2), ValueError, "top_p"),
     (dict(top_k=-2), ValueError, "top_k: expected an int >= 0"),
