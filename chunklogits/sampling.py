@@ -274,10 +274,11 @@ def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
     return torch.where(hit[:, :width], torch.where(y < 0, y * penalty, y / penalty), y)
 
 
-def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int):
+def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int, tempered: bool):
     """Yield ``(r0, r1, v0, x, y)`` per block: raw logits ``x`` and processed logits ``y`` (the
     same tensor when the raw ones are not wanted) of rows ``[r0, r1)`` of the selection ``rows``
-    (all rows when None) and vocabulary entries ``[v0, v0 + width)``."""
+    (all rows when None) and vocabulary entries ``[v0, v0 + width)``; ``y`` not yet divided by
+    the temperature unless ``tempered``."""
     hidden, weight = problem.hidden, problem.weight
     count = hidden.shape[0] if rows is None else rows.numel()
     plan = plan_blocks(
@@ -300,7 +301,7 @@ def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int):
             y = x.clone() if problem.keep_raw else x
             if prev is not None:
                 y = _penalise(y, prev[r0:r1], v0, problem.penalty)
-            if problem.temperature != 1.0:
+            if tempered and problem.temperature != 1.0:
                 y.div_(problem.temperature)
             yield r0, r1, v0, x, y
 
@@ -379,8 +380,15 @@ def _scan(
         ties_seen = torch.zeros_like(tie_keep)
         s.tied_index = torch.full_like(tie_keep, problem.weight.shape[0] - 1)
 
+    # A pass that only keeps candidates divides just them by the temperature: division by T > 0
+    # keeps the order, and gives the values dividing the whole block would.
+    tempered = (
+        bool(winner or lse or levels is not None or nth_tied is not None or floor is not None)
+        or ceiling is not None
+    )
+    divisor = 1.0 if tempered else problem.temperature
     bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
-    for r0, r1, v0, x, y in _blocks(problem, rows, bytes_per_element):
+    for r0, r1, v0, x, y in _blocks(problem, rows, bytes_per_element, tempered):
         if raw_lse:
             s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
         if levels is not None:
@@ -406,7 +414,7 @@ def _scan(
         if lse:
             s.lse[r0:r1] = torch.logaddexp(s.lse[r0:r1], y.logsumexp(1))
         if candidates:
-            _merge_candidates(s, r0, r1, v0, x, y, raw)
+            _merge_candidates(s, r0, r1, v0, x, y, raw, divisor)
         if winner:
             key = y
             if noisy:
@@ -427,10 +435,12 @@ def _scan(
     return s
 
 
-def _merge_candidates(s: _Scan, r0: int, r1: int, v0: int, x: Tensor, y: Tensor, raw: bool) -> None:
-    """Fold the block's top-C into the running top-C of rows ``[r0, r1)``."""
+def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, divisor: float):
+    """Fold the block's top-C of ``y / divisor`` into the running top-C of rows ``[r0, r1)``."""
     size = s.cand_vals.shape[1]
     block_vals, block_cols = y.topk(min(size, y.shape[1]), dim=1)
+    if divisor != 1.0:
+        block_vals.div_(divisor)
     vals = torch.cat([s.cand_vals[r0:r1], block_vals], 1)
     top, pos = vals.topk(size, dim=1)
     s.cand_vals[r0:r1] = top
