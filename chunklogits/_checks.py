@@ -127,10 +127,11 @@ def check_real_in(name: str, value, low: float, high: float, *, low_open: bool =
 
 
 def check_sampling_options(
-    *, do_sample, temperature, top_k, top_p, min_p, repetition_penalty
+    *, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0
 ) -> None:
     """HF's sampling settings: ``top_k`` an int >= 0 (0: off), ``top_p`` in (0, 1] (1: off),
-    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling."""
+    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling.
+    Those not given take their neutral value."""
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool):

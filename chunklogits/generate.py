@@ -101,18 +101,9 @@ def sample(
                 f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-    given = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-    }
-    given = {name: value for name, value in given.items() if value is not None}
-    _check_options(do_sample=do_sample, **given)
+    given = generate_options(locals())
+    sampling = {name: value for name, value in given.items() if name in _SAMPLING_OPTIONS}
+    check_sampling_options(do_sample=do_sample, **sampling)
     return model.generate(
         input_ids,
         attention_mask=attention_mask,
@@ -127,18 +118,14 @@ def sample(
     )
 
 
-def _check_options(
-    *, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, **_
-):
-    """The sampling options, with neutral values for those not given."""
-    check_sampling_options(
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-    )
+# ``generate()`` arguments that ``sample`` names, passed on when not None.
+_SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_GENERATE_OPTIONS = ("max_new_tokens", *_SAMPLING_OPTIONS, "eos_token_id", "pad_token_id")
+
+
+def generate_options(arguments: dict) -> dict:
+    """The ``generate()`` options among ``sample``'s ``arguments`` that are given (not None)."""
+    return {name: arguments[name] for name in _GENERATE_OPTIONS if arguments[name] is not None}
 
 
 # The processors ``decode`` reproduces inside ``sample_next``; anything else is refused.

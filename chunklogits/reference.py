@@ -226,19 +226,9 @@ def sample(
     the log-probs of ``generate.sample`` computed from its ``scores`` and ``logits``. ``seed``
     seeds torch's default generator, which ``generate()`` draws from; a ``generator`` seeds it
     with a number drawn from it."""
-    from .generate import SampleOutput
+    from .generate import SampleOutput, generate_options
 
-    given = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-    }
-    given = {name: value for name, value in given.items() if value is not None}
+    given = generate_options(locals())
     if generator is not None:
         seed = int(torch.randint(0, 2**62, (), generator=generator))
     if seed is not None:
