@@ -7,7 +7,10 @@ tokens whose processed logit ``y`` reaches a per-row threshold:
 
 * top-k keeps ``y >= y_(k)``, the k-th largest value (ties with it are kept);
 * top-p keeps the most probable tokens up to and including the one at which the descending
-  cumulative probability reaches ``top_p`` (the "crossing" token): ``y >= y_cross``;
+  cumulative probability reaches ``top_p`` (the "crossing" token): ``y >= y_cross``. Of several
+  tokens tied at ``y_cross`` HF keeps as many as its cumulative rule admits, which ones following
+  ``torch.sort``'s unstable order; we keep as many, those of smallest vocabulary index, so the
+  threshold is a pair: ``y > y_cross``, or ``y == y_cross`` up to an index;
 * min-p keeps ``p >= min_p * p_max``, i.e. ``y >= max(y) + log(min_p)`` (top-k and top-p never
   drop the most probable token, so the maximum is the global one).
 
@@ -24,8 +27,10 @@ token, a few passes that count mass above evenly spread levels, then a pass that
 tokens of the last interval); min-p's from the maximum. The draw is made among the candidates
 when they provably hold every kept token (the smallest candidate is below ``tau``), otherwise by a
 masked Gumbel-max pass over the vocabulary. Plain sampling and greedy decoding are one pass that
-keeps a running (noisy) argmax. Host synchronisation: none per shard; one check per call, a few
-more on the rare paths (nucleus beyond the candidates, kept tokens beyond them).
+keeps a running (noisy) argmax. Every pass walks all rows with the same block plan, so later
+passes see bitwise the logits the first one saw. Host synchronisation: none per shard; one or two
+checks per call, a few more on the rare paths (nucleus beyond the candidates, kept tokens beyond
+them, tokens tied at a threshold beyond them).
 """
 
 from __future__ import annotations
@@ -274,15 +279,15 @@ def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
     return torch.where(hit[:, :width], torch.where(y < 0, y * penalty, y / penalty), y)
 
 
-def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int, tempered: bool):
+def _blocks(problem: _Problem, bytes_per_element: int, tempered: bool):
     """Yield ``(r0, r1, v0, x, y)`` per block: raw logits ``x`` and processed logits ``y`` (the
-    same tensor when the raw ones are not wanted) of rows ``[r0, r1)`` of the selection ``rows``
-    (all rows when None) and vocabulary entries ``[v0, v0 + width)``; ``y`` not yet divided by
-    the temperature unless ``tempered``."""
-    hidden, weight = problem.hidden, problem.weight
-    count = hidden.shape[0] if rows is None else rows.numel()
+    same tensor when the raw ones are not wanted) of rows ``[r0, r1)`` and vocabulary entries
+    ``[v0, v0 + width)``; ``y`` not yet divided by the temperature unless ``tempered``. Every pass
+    walks all rows with the same plan, so each recomputes exactly the first pass's logits (a GEMM's
+    rounding can depend on its shape) and thresholds taken from one pass hold in the next."""
+    hidden, weight, prev = problem.hidden, problem.weight, problem.prev_tokens
     plan = plan_blocks(
-        count,
+        hidden.shape[0],
         weight.shape[0],
         hidden.dtype,
         hidden.device,
@@ -290,10 +295,7 @@ def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int, temp
         chunk_size=problem.chunk_size,
         bytes_per_element=bytes_per_element,
     )
-    prev = problem.prev_tokens
-    if prev is not None and rows is not None:
-        prev = prev[rows]
-    chunks, work = _Rows(hidden, rows, plan), _Workspace(plan, hidden.device)
+    chunks, work = _Rows(hidden, None, plan), _Workspace(plan, hidden.device)
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, problem.bias, v0, v1, plan)
         for r0, r1, h in chunks:
@@ -308,7 +310,7 @@ def _blocks(problem: _Problem, rows: Tensor | None, bytes_per_element: int, temp
 
 @dataclass
 class _Scan:
-    """Per-row results of a pass over the vocabulary (``n`` selected rows); unrequested ones stay
+    """Per-row results of a pass over the vocabulary (``n`` rows); unrequested ones stay
     None. ``win_*`` also serve as the final pick of ``sample_next``."""
 
     cand_vals: Tensor | None = None  # [n, C] largest processed logits, descending
@@ -328,7 +330,6 @@ class _Scan:
 
 def _scan(
     problem: _Problem,
-    rows: Tensor | None = None,
     *,
     candidates: int = 0,
     winner: bool = False,
@@ -342,7 +343,7 @@ def _scan(
     lse: bool = False,
     raw_lse: bool = False,
 ) -> _Scan:
-    """One pass over the vocabulary for the rows ``rows`` (all when None) of ``problem``.
+    """One pass over the vocabulary for every row of ``problem``.
 
     Tokens are selected by ``floor <= y < ceiling`` (per-row bounds; None: unbounded), and those
     with ``y == floor`` only up to vocabulary index ``floor_index`` when given; the candidates,
@@ -354,8 +355,8 @@ def _scan(
     index of the ``keep``-th token (in index order) with ``y == value`` (``V - 1`` if fewer).
     """
     hidden = problem.hidden
-    count = hidden.shape[0] if rows is None else rows.numel()
-    row_ids = torch.arange(count, device=hidden.device) if rows is None else rows
+    count = hidden.shape[0]
+    row_ids = torch.arange(count, device=hidden.device)
     new = {"device": hidden.device, "dtype": problem.stat_dtype}
     raw = problem.want_raw
     s = _Scan()
@@ -388,7 +389,7 @@ def _scan(
     )
     divisor = 1.0 if tempered else problem.temperature
     bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
-    for r0, r1, v0, x, y in _blocks(problem, rows, bytes_per_element, tempered):
+    for r0, r1, v0, x, y in _blocks(problem, bytes_per_element, tempered):
         if raw_lse:
             s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
         if levels is not None:
@@ -495,15 +496,14 @@ def _nucleus_threshold(
     # Without top-k the normaliser is exact, so reaching top_p within the candidates suffices.
     resolved = complete if top_k else complete | (inclusive[:, -1] >= top_p)
     if bool(resolved.all()):
-        return value, _tie_index(problem, None, vals, idx, value, keep, held)
-    done = resolved.nonzero().squeeze(1)
-    index = torch.empty_like(idx[:, 0])
-    index[done] = _tie_index(
-        problem, done, vals[done], idx[done], value[done], keep[done], held[done]
+        return value, _tie_index(problem, vals, idx, value, keep, held)
+    found = _search_crossing(problem, base, vals[:, 0], top_p, searching=~resolved)
+    # Rows of the other group count as held: no pass over the vocabulary for them.
+    index = _tie_index(problem, vals, idx, value, keep, held | ~resolved)
+    found_index = _tie_index(
+        problem, found.vals, found.idx, found.value, found.keep, found.held | resolved
     )
-    rows = (~resolved).nonzero().squeeze(1)
-    value[rows], index[rows] = _search_crossing(problem, rows, base[rows], vals[rows, 0], top_p)
-    return value, index
+    return torch.where(resolved, value, found.value), torch.where(resolved, index, found_index)
 
 
 def _tied_kept(above: Tensor, tie_prob: Tensor, target, vocab: int) -> Tensor:
@@ -513,7 +513,7 @@ def _tied_kept(above: Tensor, tie_prob: Tensor, target, vocab: int) -> Tensor:
     return count.clamp_(1, vocab).long()
 
 
-def _tie_index(problem, rows, vals, idx, value, keep, held) -> Tensor:
+def _tie_index(problem, vals, idx, value, keep, held) -> Tensor:
     """The index threshold for the tokens tied at ``value``: HF keeps ``keep`` of them, which
     ones depends on ``torch.sort``'s unstable order; we keep those of smallest vocabulary index.
     Found among the candidates ``vals``/``idx`` where they hold every tied token (``held``), by a
@@ -525,9 +525,7 @@ def _tie_index(problem, rows, vals, idx, value, keep, held) -> Tensor:
     index = ordered.gather(1, (torch.minimum(keep, n_tied) - 1).clamp(min=0)[:, None]).squeeze(1)
     index = torch.where(keep >= n_tied, vocab - 1, index)
     if not bool(held.all()):
-        spill = (~held).nonzero().squeeze(1)
-        subset = spill if rows is None else rows[spill]
-        index[spill] = _scan(problem, subset, nth_tied=(value[spill], keep[spill])).tied_index
+        index = torch.where(held, index, _scan(problem, nth_tied=(value, keep)).tied_index)
     return index
 
 
@@ -541,10 +539,22 @@ def _levels(lo: Tensor, hi: Tensor) -> Tensor:
     return torch.stack(levels, 1)
 
 
+class _Crossing(NamedTuple):
+    """top-p's crossing value per row, how many tokens tied at it HF keeps, and candidates that
+    hold every token tied at it where ``held``."""
+
+    value: Tensor
+    keep: Tensor
+    held: Tensor
+    vals: Tensor
+    idx: Tensor
+
+
 def _search_crossing(
-    problem: _Problem, rows: Tensor, base: Tensor, row_max: Tensor, top_p: float
-) -> tuple[Tensor, Tensor]:
-    """top-p's threshold ``(value, index)`` for ``rows`` whose candidates do not hold the nucleus.
+    problem: _Problem, base: Tensor, row_max: Tensor, top_p: float, searching: Tensor
+) -> _Crossing:
+    """top-p's crossing for the rows ``searching`` whose candidates do not hold the nucleus (the
+    passes compute every row; the others' results are meaningless).
 
     With ``G(t)`` the probability mass of the tokens ``y >= max(t, base)``, the crossing value is
     the largest token value ``t`` with ``G(t) >= top_p * G(base)``. Bisection keeps an interval
@@ -556,53 +566,45 @@ def _search_crossing(
     lo = torch.maximum(base, row_max - _NEGLIGIBLE)
     hi = torch.nextafter(row_max, up)
     mass_hi = torch.zeros_like(row_max)  # G(hi), relative to exp(row_max)
-    count_hi = torch.zeros_like(rows)
+    count_hi = torch.zeros_like(row_max, dtype=torch.long)
     target = None
-    collect = []
-    active = torch.arange(rows.numel(), device=rows.device)
-    while active.numel():
-        levels = _levels(lo[active], hi[active])
-        s = _scan(problem, rows[active], levels=levels, ref=row_max[active])
+    searching = searching.clone()
+    while bool(searching.any()):
+        levels = _levels(lo, hi)
+        s = _scan(problem, levels=levels, ref=row_max)
         mass, count = s.level_mass, s.level_count
-        if target is None:  # the first pass covers every row; G(lo) is the set's total mass
+        if target is None:  # G(lo) is the set's total mass
             target = top_p * mass[:, 0]
-        i = ((mass >= target[active, None]).sum(1) - 1)[:, None]
+        i = ((mass >= target[:, None]).sum(1) - 1).clamp(min=0)[:, None]
         above = (i + 1).clamp(max=_LEVELS - 1)
-        last = i == _LEVELS - 1
-        lo[active] = levels.gather(1, i).squeeze(1)
-        hi[active] = torch.where(last, hi[active, None], levels.gather(1, above)).squeeze(1)
-        mass_hi[active] = torch.where(last, mass_hi[active, None], mass.gather(1, above)).squeeze(1)
-        count_hi[active] = torch.where(
-            last, count_hi[active, None], count.gather(1, above)
-        ).squeeze(1)
-        inside = count.gather(1, i).squeeze(1) - count_hi[active]
-        single = torch.nextafter(lo[active], up[active]) >= hi[active]
-        collect.append(active[~single & (inside <= _CANDIDATES)])
-        active = active[~single & (inside > _CANDIDATES)]
-    # Rows whose interval holds a single value: it is the crossing value, G(hi) the mass above.
-    value, above = lo, mass_hi
+        narrowed = searching[:, None] & (i < _LEVELS - 1)
+        new_lo = levels.gather(1, i).squeeze(1)
+        count_lo = count.gather(1, i).squeeze(1)
+        hi = torch.where(narrowed, levels.gather(1, above), hi[:, None]).squeeze(1)
+        mass_hi = torch.where(narrowed, mass.gather(1, above), mass_hi[:, None]).squeeze(1)
+        count_hi = torch.where(narrowed, count.gather(1, above), count_hi[:, None]).squeeze(1)
+        lo = torch.where(searching, new_lo, lo)
+        single = torch.nextafter(lo, up) >= hi
+        searching &= ~single & (count_lo - count_hi > _CANDIDATES)
+    # The last interval either holds few tokens, collected and sorted here, or a single value,
+    # the crossing value, with G(hi) the mass above it.
     size = min(_CANDIDATES, problem.weight.shape[0])
-    vals = torch.full((rows.numel(), size), -math.inf, dtype=lo.dtype, device=lo.device)
-    idx = torch.zeros(rows.numel(), size, dtype=torch.long, device=lo.device)
-    held = torch.zeros_like(rows, dtype=torch.bool)
-    collect = torch.cat(collect)
-    if collect.numel():
-        s = _scan(problem, rows[collect], candidates=size, floor=lo[collect], ceiling=hi[collect])
-        probs = (s.cand_vals - row_max[collect, None]).exp()
-        inclusive = mass_hi[collect, None] + probs.cumsum(1)
-        held_count = (s.cand_vals > -math.inf).sum(1)
-        j = torch.minimum((inclusive < target[collect, None]).sum(1), held_count - 1)
-        value[collect] = s.cand_vals.gather(1, j[:, None]).squeeze(1)
-        above[collect] += (probs * (s.cand_vals > value[collect, None])).sum(1)
-        vals[collect], idx[collect], held[collect] = s.cand_vals, s.cand_idx, True
+    s = _scan(problem, candidates=size, floor=lo, ceiling=hi)
+    probs = (s.cand_vals - row_max[:, None]).exp()
+    inclusive = mass_hi[:, None] + probs.cumsum(1)
+    collected = (s.cand_vals > -math.inf).sum(1)
+    j = torch.minimum((inclusive < target[:, None]).sum(1), collected - 1).clamp(min=0)
+    single = torch.nextafter(lo, up) >= hi
+    value = torch.where(single, lo, s.cand_vals.gather(1, j[:, None]).squeeze(1))
+    above = mass_hi + (probs * (s.cand_vals > value[:, None])).sum(1)
     keep = _tied_kept(above, (value - row_max).exp(), target, problem.weight.shape[0])
-    return value, _tie_index(problem, rows, vals, idx, value, keep, held)
+    return _Crossing(value, keep, ~single, s.cand_vals, s.cand_idx)
 
 
 def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _Scan:
     """Gumbel-max draw among the kept tokens (``y > tau``, or ``y == tau`` with index up to
     ``tau_index``): from the candidates where they hold every such token, by a masked pass over
-    the vocabulary for the other rows."""
+    the vocabulary where they may not."""
     vals, idx = first.cand_vals, first.cand_idx
     kept = (vals > tau[:, None]) | ((vals == tau[:, None]) & (idx <= tau_index[:, None]))
     rows = torch.arange(vals.shape[0], device=vals.device)
@@ -615,20 +617,14 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _S
         lse=vals.masked_fill(~kept, -math.inf).logsumexp(1),
         raw_lse=first.raw_lse,
     )
-    if vals.shape[1] < problem.weight.shape[0]:
-        spill = vals[:, -1] >= tau
-        if bool(spill.any()):
-            rows = spill.nonzero().squeeze(1)
-            s = _scan(
-                problem,
-                rows,
-                winner=True,
-                noisy=True,
-                floor=tau[rows],
-                floor_index=tau_index[rows],
-                lse=True,
-            )
-            pick.win_idx[rows], pick.win_val[rows], pick.lse[rows] = s.win_idx, s.win_val, s.lse
-            if problem.want_raw:
-                pick.win_raw[rows] = s.win_raw
+    if vals.shape[1] == problem.weight.shape[0]:
+        return pick
+    spill = vals[:, -1] >= tau
+    if bool(spill.any()):
+        s = _scan(problem, winner=True, noisy=True, floor=tau, floor_index=tau_index, lse=True)
+        pick.win_idx = torch.where(spill, s.win_idx, pick.win_idx)
+        pick.win_val = torch.where(spill, s.win_val, pick.win_val)
+        pick.lse = torch.where(spill, s.lse, pick.lse)
+        if problem.want_raw:
+            pick.win_raw = torch.where(spill, s.win_raw, pick.win_raw)
     return pick
