@@ -200,7 +200,7 @@ def decode(
             **model_kwargs,
         )
         inputs.pop("logits_to_keep", None)
-        outputs = base(**inputs, return_dict=True)
+        outputs = base(**inputs)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
         hidden_last = outputs.last_hidden_state[:, -1]
         del outputs

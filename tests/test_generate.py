@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
 )
@@ -34,6 +38,10 @@ def _model(family: str):
             **small, **heads, **special, head_dim=8, final_logit_softcapping=3.0, sliding_window=4
         )
         model = Gemma2ForCausalLM(config)
+    elif family == "cohere":  # logits * logit_scale
+        model = CohereForCausalLM(CohereConfig(**small, **heads, **special, logit_scale=0.3))
+    elif family == "granite":  # logits / logits_scaling
+        model = GraniteForCausalLM(GraniteConfig(**small, **heads, **special, logits_scaling=4.0))
     else:
         model = GPT2LMHeadModel(
             GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, **special)
@@ -42,6 +50,7 @@ def _model(family: str):
 
 
 FAMILIES = ["llama", "gemma2", "gpt2"]
+SCALED_HEADS = ["cohere", "granite"]
 
 
 def _prompts(rows: int = 3, length: int = 7):
@@ -62,7 +71,7 @@ def _eos_that_stops_early(model, ids, mask, steps: int):
     return [int(new[1, 2]), int(new[2, 4])]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + SCALED_HEADS)
 def test_greedy_is_token_identical_to_generate(family):
     model = _model(family)
     ids, mask = _prompts()
@@ -183,3 +192,11 @@ def test_bad_input_is_refused_with_a_clear_error(kwargs, error, match):
     arguments = dict(input_ids=ids, attention_mask=mask, max_new_tokens=2) | kwargs
     with pytest.raises(error, match=match), torch.no_grad():
         sample(model, **arguments)
+
+
+def test_a_head_it_does_not_know_is_refused():
+    model = _model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head, torch.nn.Tanh())
+    ids, mask = _prompts()
+    with pytest.raises(TypeError, match="model: expected a plain nn.Linear output head, got Seq"):
+        sample(model, ids, mask, max_new_tokens=2)
