@@ -198,5 +198,5 @@ def test_a_head_it_does_not_know_is_refused():
     model = _model("llama")
     model.lm_head = torch.nn.Sequential(model.lm_head, torch.nn.Tanh())
     ids, mask = _prompts()
-    with pytest.raises(TypeError, match="model: expected a plain nn.Linear output head, got Seq"):
+    with pytest.raises(TypeError, match=r"model: expected a plain nn\.Linear output head, got Seq"):
         sample(model, ids, mask, max_new_tokens=2)
