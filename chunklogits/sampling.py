@@ -321,9 +321,7 @@ class _Scan:
     win_raw: Tensor | None = None  # [n] its raw logit
     lse: Tensor | None = None  # [n] logsumexp of the selected processed logits
     raw_lse: Tensor | None = None  # [n] logsumexp of all raw logits
-    level_mass: Tensor | None = (
-        None  # [n, G] sum of exp(y - ref) over tokens with y >= levels[:, i]
-    )
+    level_mass: Tensor | None = None  # [n, G] sum of exp(y - ref) over y >= levels[:, i]
     level_count: Tensor | None = None  # [n, G] number of those tokens
     tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
 
