@@ -381,10 +381,7 @@ def _scan(
 
     # A pass that only keeps candidates divides just them by the temperature: division by T > 0
     # keeps the order, and gives the values dividing the whole block would.
-    tempered = (
-        bool(winner or lse or levels is not None or nth_tied is not None or floor is not None)
-        or ceiling is not None
-    )
+    tempered = winner or lse or any(o is not None for o in (floor, ceiling, levels, nth_tied))
     divisor = 1.0 if tempered else problem.temperature
     bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
     for r0, r1, v0, x, y in _blocks(problem, bytes_per_element, tempered):
