@@ -136,6 +136,8 @@ _REPRODUCED = {
     "TopPLogitsWarper",
     "MinPLogitsWarper",
 }
+# The sampling settings ``decode`` reads from generation_config, and their value when unset.
+_NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
 # generation_config settings whose meaning ``decode`` cannot honour.
 _REFUSED = {
     "num_beams": lambda v: v is not None and v > 1,
@@ -167,17 +169,11 @@ def decode(
     stopping criteria built from ``generation_config``, and ``model_kwargs`` (attention mask,
     position ids, cache); the sampling settings are read from ``generation_config``.
     """
-    _refuse_unsupported(generation_config, logits_processor)
-    options = {
-        "do_sample": bool(generation_config.do_sample),
-        "temperature": 1.0
-        if generation_config.temperature is None
-        else generation_config.temperature,
-        "top_k": generation_config.top_k or 0,
-        "top_p": 1.0 if generation_config.top_p is None else generation_config.top_p,
-        "min_p": generation_config.min_p,
-        "repetition_penalty": generation_config.repetition_penalty or 1.0,
-    }
+    _refuse_unsupported(generation_config, logits_processor, model_kwargs)
+    options = {"do_sample": bool(generation_config.do_sample)}
+    for name, off in _NEUTRAL.items():
+        value = getattr(generation_config, name, None)
+        options[name] = off if value is None else value
     check_sampling_options(**options)
     generator = randomness(seed, generator, input_ids.device)
     base = _base_model(model)
@@ -234,7 +230,7 @@ def decode(
     return SampleOutput(input_ids, torch.stack(logprobs, 1), torch.stack(raw_logprobs, 1))
 
 
-def _refuse_unsupported(generation_config, logits_processor) -> None:
+def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict) -> None:
     for name, refused in _REFUSED.items():
         value = getattr(generation_config, name, None)
         if refused(value):
@@ -242,6 +238,12 @@ def _refuse_unsupported(generation_config, logits_processor) -> None:
                 f"{name}: chunklogits.sample never materialises full logits or per-step model "
                 f"outputs and does not support {name}={value!r}; use model.generate for it"
             )
+    cache = model_kwargs.get("cache")
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            "cache: chunklogits.sample starts from an empty cache, got one holding "
+            f"{cache.get_seq_length()} positions; pass the whole sequence instead"
+        )
     for processor in logits_processor:
         if type(processor).__name__ not in _REPRODUCED:
             raise ValueError(

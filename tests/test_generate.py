@@ -194,6 +194,15 @@ def test_bad_input_is_refused_with_a_clear_error(kwargs, error, match):
         sample(model, **arguments)
 
 
+def test_a_cache_holding_a_prefix_is_refused():
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        cache = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True).cache
+        with pytest.raises(ValueError, match=r"cache: chunklogits\.sample starts from an empty"):
+            sample(model, ids, mask, max_new_tokens=2, cache=cache)
+
+
 def test_a_head_it_does_not_know_is_refused():
     model = _model("llama")
     model.lm_head = torch.nn.Sequential(model.lm_head, torch.nn.Tanh())
