@@ -379,6 +379,26 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     return grad_hidden, grad_weight, grad_bias
 
 
+def _block_functions(hidden2d: Tensor):
+    """``(forward_stats, backward_blocks)`` for ``hidden2d``: the fused Triton kernels of
+    ``_triton`` where they serve it (CUDA, triton installed), else the PyTorch loop above, which
+    is also their test oracle."""
+    if hidden2d.is_cuda:
+        kernels = _triton_module()
+        if kernels is not None and kernels.serves(hidden2d):
+            return kernels.forward_stats, kernels.backward_blocks
+    return _forward_stats, _backward_blocks
+
+
+@cache
+def _triton_module():
+    try:
+        from . import _triton
+    except ImportError:  # triton is optional (extra "gpu")
+        return None
+    return _triton
+
+
 class _RowStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -394,7 +414,8 @@ class _RowStatsFunction(torch.autograd.Function):
         want_entropy,
         vocab_parallel,
     ):
-        stats = _forward_stats(
+        forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
+        stats = forward_stats(
             hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
         )
         if vocab_parallel is not None:
@@ -417,7 +438,7 @@ class _RowStatsFunction(torch.autograd.Function):
         parallel = ctx.vocab_parallel
         coef = _coefficients(stats, grads, weight.shape[0] if parallel is None else parallel.vocab)
         needs = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = _backward_blocks(
+        grad_hidden, grad_weight, grad_bias = ctx.backward_blocks(
             hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
         )
         if parallel is not None and grad_hidden is not None:
