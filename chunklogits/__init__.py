@@ -3,8 +3,10 @@ logits tensor."""
 
 from . import distributed, memory, reference
 from ._blocks import set_block_budget
+from .generate import sample
 from .logprobs import logsumexp, token_logprobs
 from .loss import linear_cross_entropy
+from .sampling import sample_next
 
 __all__ = [
     "distributed",
@@ -12,6 +14,8 @@ __all__ = [
     "logsumexp",
     "memory",
     "reference",
+    "sample",
+    "sample_next",
     "set_block_budget",
     "token_logprobs",
 ]

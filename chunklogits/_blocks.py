@@ -125,13 +125,15 @@ def plan_blocks(
     *,
     shards: int | None = None,
     chunk_size: int | None = None,
+    bytes_per_element: int = _BYTES_PER_BLOCK_ELEMENT,
 ) -> BlockPlan:
     """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
     block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
-    widest shards the budget leaves room for."""
+    widest shards the budget leaves room for. ``bytes_per_element``: the transient memory one block
+    element costs the caller (the default is the backward pass's)."""
     _check_count("shards", shards, 1, vocab)
     _check_count("chunk_size", chunk_size, 1)
-    elements = max(1, _settings["block_budget"] // _BYTES_PER_BLOCK_ELEMENT)
+    elements = max(1, _settings["block_budget"] // bytes_per_element)
     if chunk_size is None:
         width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
         chunk_size = max(1, min(rows, _MAX_CHUNK, elements // width))
