@@ -8,8 +8,8 @@ A *task* is one thing a user does with the logits (``prefill``: the first forwar
 model; ``loss``: a training step; ``sampling``: one decoding step for a batch of sequences). Each
 task has cases, the ways of doing it; the first case of a task is the most precise baseline (its
 fp32 answer is what the others are compared with) and the case named ``"chunklogits"`` is ours.
-Every case returns its answer (the last row's logits, the log-probs and entropies, the loss, the
-tokens), so that the report can show that they agree.
+Every case returns its answer (the greedy next token, the log-probs and entropies, the loss, the
+sampled tokens), so that the report can show that they agree.
 
 Nothing here downloads: models are built from a preset shape with random weights, or loaded from
 a local directory or ``config.json``.
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from . import memory
 from .logprobs import token_logprobs
 from .loss import linear_cross_entropy
+from .sampling import sample_next
 
 
 class Preset(NamedTuple):
@@ -161,23 +162,25 @@ def verl_entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 def _prefill_upcast(w: Workload, ids: Tensor) -> Tensor:
-    # transformers <= 4.45 (issue #30860): ``logits = self.lm_head(hidden_states).float()``.
+    # transformers <= 4.45 (issue #30860): ``logits = self.lm_head(hidden_states).float()``;
+    # generate() then takes the last row's argmax (greedy decoding).
     logits = w.model(ids, use_cache=True).logits.float()
-    return logits[:, -1].clone()
+    return logits[:, -1].argmax(-1)
 
 
 def _prefill_half(w: Workload, ids: Tensor) -> Tensor:
-    return w.model(ids, use_cache=True).logits[:, -1].float()
+    return w.model(ids, use_cache=True).logits[:, -1].float().argmax(-1)
 
 
 def _prefill_keep_last(w: Workload, ids: Tensor) -> Tensor:
-    return w.model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return w.model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].float().argmax(-1)
 
 
 def _prefill_chunklogits(w: Workload, ids: Tensor) -> Tensor:
-    # chunklogits' prefill keeps the hidden states; only the next token's row is ever computed.
+    # chunklogits.sample's prefill: the decoder's hidden states, then the next token drawn from
+    # the last one block by block.
     hidden = w.hidden(ids, use_cache=True)
-    return F.linear(hidden[:, -1], w.weight, w.bias).float()
+    return sample_next(hidden[:, -1], w.weight, bias=w.bias, shards=w.shards, do_sample=False)
 
 
 def _logprobs_upcast(w: Workload, ids: Tensor) -> Tensor:
@@ -243,6 +246,10 @@ def _sample_transformers(w: Workload, hidden_last: Tensor, prompt: Tensor) -> Te
     return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
 
 
+def _sample_chunklogits(w: Workload, hidden_last: Tensor, prompt: Tensor) -> Tensor:
+    return sample_next(hidden_last, w.weight, bias=w.bias, shards=w.shards, seed=0, **SAMPLING)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -252,7 +259,8 @@ class Case:
 @dataclass(frozen=True)
 class Task:
     """``cases`` ways of doing one thing; ``size`` is tokens per sequence, or sequences for
-    ``sampling``; ``grad``: the cases run backward (a training step)."""
+    ``sampling``; ``grad``: the cases run backward (a training step); ``compared``: the answers
+    are numbers whose difference from the first case's is reported (not token ids)."""
 
     name: str
     title: str
@@ -260,6 +268,7 @@ class Task:
     value_label: str
     cases: tuple[Case, ...]
     grad: bool = False
+    compared: bool = True
 
 
 TASKS: dict[str, Task] = {
@@ -274,6 +283,7 @@ TASKS: dict[str, Task] = {
             Case("transformers 5.x generate (logits_to_keep=1)", _prefill_keep_last),
             Case("chunklogits", _prefill_chunklogits),
         ),
+        compared=False,
     ),
     "logprobs": Task(
         "logprobs",
@@ -303,7 +313,11 @@ TASKS: dict[str, Task] = {
         "One sampling step (temperature 0.7, top-k 50, top-p 0.9) for a batch of sequences",
         "sequences",
         "",
-        (Case("transformers generate() warpers", _sample_transformers),),
+        (
+            Case("transformers generate() warpers", _sample_transformers),
+            Case("chunklogits", _sample_chunklogits),
+        ),
+        compared=False,
     ),
 }
 
@@ -321,7 +335,7 @@ def task_inputs(w: Workload, task: Task, size: int, batch: int) -> tuple[Tensor,
 def summary_value(task: Task, answer: Tensor) -> float | None:
     """The number shown in the table's value column for one answer."""
     if task.name == "prefill":
-        return float(answer[0].argmax())
+        return float(answer[0])
     if task.name == "logprobs":
         return answer[0].mean().item()
     if task.name == "loss":
@@ -337,7 +351,8 @@ def summary_value(task: Task, answer: Tensor) -> float | None:
 class Result:
     """One case at one size: ``seconds`` (one run, after a warm-up at a small size),
     ``peak_bytes`` above the level at entry (``memory.peak``), ``value`` (see
-    ``summary_value``), ``max_diff`` = max |answer - first case's answer| (None for sampling),
+    ``summary_value``), ``max_diff`` = max |answer - first case's answer| (tasks whose answers
+    are ``compared``),
     ``skipped``: why it was not run."""
 
     task: str
@@ -425,7 +440,7 @@ def run_task(
             result.value = summary_value(task, answer)
             if case is task.cases[0]:
                 first_answers[size] = answer
-            if task.name != "sampling" and size in first_answers:
+            if task.compared and size in first_answers:
                 reference = first_answers[size].double()
                 result.max_diff = (answer.double() - reference).abs().max().item()
     return results
