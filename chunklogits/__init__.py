@@ -2,14 +2,18 @@
 
 from . import memory, reference
 from ._blocks import set_block_budget
+from .head import ChunkedLMHead
+from .integrations.transformers import sequence_logprobs
 from .logprobs import logsumexp, token_logprobs
 from .loss import linear_cross_entropy
 
 __all__ = [
+    "ChunkedLMHead",
     "linear_cross_entropy",
     "logsumexp",
     "memory",
     "reference",
+    "sequence_logprobs",
     "set_block_budget",
     "token_logprobs",
 ]
