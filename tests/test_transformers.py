@@ -2,24 +2,13 @@
 unwrapped model itself: loss and gradients (accuracy rule), outputs, generate(), files, Trainer."""
 
 import copy
+import inspect
 
 import pytest
 import torch
 import transformers
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    CohereConfig,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GPT2Config,
-    GraniteConfig,
-    LlamaConfig,
-    MistralConfig,
-    MixtralConfig,
-    PhiConfig,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM
 
 import chunklogits as cl
 from chunklogits import reference
@@ -39,35 +28,53 @@ _SIZES = {
     "pad_token_id": 0,
 }
 
-# Random-init logits are O(0.1): the transforms are set so that they change the result visibly.
+# Config class and arguments per family (classes looked up by name, so that this file runs on
+# transformers versions that lack some). Random-init logits are O(0.1): the transforms are set so
+# that they change the result visibly.
 FAMILIES = {
-    "llama": lambda: LlamaConfig(**_SIZES),  # untied input and output embeddings, as Llama 3
-    "llama-tied": lambda: LlamaConfig(**_SIZES, tie_word_embeddings=True),
-    "mistral": lambda: MistralConfig(**_SIZES),
-    "qwen2": lambda: Qwen2Config(**_SIZES, tie_word_embeddings=True),
-    "gemma2": lambda: Gemma2Config(**_SIZES, head_dim=8, final_logit_softcapping=0.2),
-    "gemma3": lambda: Gemma3TextConfig(**_SIZES, head_dim=8, final_logit_softcapping=0.2),
-    "cohere": lambda: CohereConfig(**_SIZES, logit_scale=5.0),
-    "granite": lambda: GraniteConfig(**_SIZES, logits_scaling=0.2),
-    "phi-biased": lambda: PhiConfig(**_SIZES, resid_pdrop=0.0, embd_pdrop=0.0),
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
+    "llama": ("LlamaConfig", _SIZES),  # untied input and output embeddings, as Llama 3
+    "llama-tied": ("LlamaConfig", {**_SIZES, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", _SIZES),
+    "qwen2": ("Qwen2Config", {**_SIZES, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {**_SIZES, "head_dim": 8, "final_logit_softcapping": 0.2}),
+    "gemma3": ("Gemma3TextConfig", {**_SIZES, "head_dim": 8, "final_logit_softcapping": 0.2}),
+    "cohere": ("CohereConfig", {**_SIZES, "logit_scale": 5.0}),
+    "granite": ("GraniteConfig", {**_SIZES, "logits_scaling": 0.2}),
+    "phi-biased": ("PhiConfig", {**_SIZES, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
+    "gpt2": (
+        "GPT2Config",
+        {
+            "vocab_size": VOCAB,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 64,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
+    "mixtral-router-loss": (
+        "MixtralConfig",
+        {**_SIZES, "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True},
     ),
 }
+ACCURACY_FAMILIES = [f for f in FAMILIES if f != "mixtral-router-loss"]
+
+
+def _config(family: str):
+    name, arguments = FAMILIES[family]
+    config_class = getattr(transformers, name, None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return config_class(**arguments)
 
 
 def _model(family: str, dtype=torch.float32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(_config(family), attn_implementation="eager")
     return model.to(dtype)
 
 
@@ -85,7 +92,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ACCURACY_FAMILIES)
 def test_loss_and_every_gradient_match_the_unwrapped_model(family, dtype):
     exact = _model(family, torch.float64)
     naive = copy.deepcopy(exact).to(dtype)
@@ -107,6 +114,24 @@ def test_loss_and_every_gradient_match_the_unwrapped_model(family, dtype):
         )
 
 
+def test_mixed_precision_autocast():
+    """fp32 weights under bf16 autocast, as Trainer(bf16=True) runs them."""
+    exact = _model("gemma2", torch.float64)
+    naive = copy.deepcopy(exact).float()
+    ours = cl.ChunkedLMHead.wrap(copy.deepcopy(naive))
+    input_ids, labels = _batch()
+    results = {}
+    for name, model in (("ours", ours), ("naive", naive), ("exact", exact)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "exact"):
+            loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        results[name] = (loss, _grads(model))
+    assert_as_accurate(*(loss for loss, _ in results.values()), torch.bfloat16, "loss")
+    for name in results["exact"][1]:
+        grads = (g[name] for _, g in results.values())
+        assert_as_accurate(*grads, torch.bfloat16, name)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_outputs_without_labels_are_the_original(family):
     model = _model(family).eval()
@@ -114,7 +139,12 @@ def test_outputs_without_labels_are_the_original(family):
     input_ids, _ = _batch()
     mask = torch.ones_like(input_ids)
     mask[2, -5:] = 0
-    for kwargs in ({}, {"logits_to_keep": 1}, {"attention_mask": mask}):
+    cases = [{}, {"attention_mask": mask}]
+    if (
+        "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    ):  # transformers >= 4.49
+        cases.append({"logits_to_keep": 1})
+    for kwargs in cases:
         theirs, ours = model(input_ids, **kwargs), wrapped(input_ids, **kwargs)
         assert ours.logits.dtype == theirs.logits.dtype
         assert torch.equal(ours.logits, theirs.logits)
@@ -323,17 +353,14 @@ def test_sequence_logprobs_values_and_gradients(family, dtype):
 
 
 def test_sequence_logprobs_on_an_unwrapped_model_leaves_it_unwrapped():
-    model = _model("gpt2").train()
-    input_ids, mask = _padded_batch()
-    expected = reference.sequence_logprobs(model.eval(), input_ids, mask).detach()
-    model.train()
+    model = _model("gpt2")  # training mode, dropout 0
     head = model.lm_head
-    ours = cl.sequence_logprobs(model.eval(), input_ids, mask)
-    assert model.lm_head is head and "forward" not in vars(model)
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
-    unmasked = cl.sequence_logprobs(model, input_ids)
-    expected = reference.sequence_logprobs(model, input_ids)
-    torch.testing.assert_close(unmasked, expected, rtol=1e-5, atol=1e-6)
+    input_ids, mask = _padded_batch()
+    for attention_mask in (mask, None):
+        expected = reference.sequence_logprobs(model, input_ids, attention_mask)
+        ours = cl.sequence_logprobs(model, input_ids, attention_mask)
+        assert model.lm_head is head and "forward" not in vars(model) and model.training
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- refusals and bad input
@@ -403,9 +430,11 @@ def test_refuses_unsupported_heads_and_losses():
         cl.ChunkedLMHead.wrap(model)
 
     model = _model("llama")
-    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    # transformers 5 reads the model's loss_type, 4.x the config's: select another loss in both.
+    model.loss_type = model.config.loss_type = "ForTokenClassification"
     with pytest.raises(
-        ValueError, match="loss_function is <lambda>, expected transformers' ForCausalLMLoss"
+        ValueError,
+        match="loss_function is ForTokenClassification, expected transformers' ForCausalLMLoss",
     ):
         cl.ChunkedLMHead.wrap(model)
 
@@ -416,11 +445,7 @@ def test_refuses_unsupported_heads_and_losses():
 
 
 def test_refuses_a_router_auxiliary_loss():
-    config = MixtralConfig(
-        **_SIZES, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = _model("mixtral-router-loss")
     with pytest.raises(ValueError, match=r"refusing MixtralForCausalLM.*auxiliary \(router\) loss"):
         cl.ChunkedLMHead.wrap(model)
     model.config.output_router_logits = False
