@@ -444,6 +444,17 @@ def test_refuses_unsupported_heads_and_losses():
         cl.ChunkedLMHead.wrap(model)
 
 
+def test_refuses_meta_weights_and_contradictory_configs():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config("llama"))
+    with pytest.raises(ValueError, match="LlamaForCausalLM's output layer is on the meta device"):
+        cl.ChunkedLMHead.wrap(model)
+    model = _model("llama")
+    model.config.logit_scale, model.config.logits_scaling = 2.0, 4.0
+    with pytest.raises(ValueError, match="config sets both logit_scale and logits_scaling"):
+        cl.ChunkedLMHead.wrap(model)
+
+
 def test_refuses_a_router_auxiliary_loss():
     model = _model("mixtral-router-loss")
     with pytest.raises(ValueError, match=r"refusing MixtralForCausalLM.*auxiliary \(router\) loss"):
@@ -477,6 +488,10 @@ def test_bad_labels_and_sequences():
         model(input_ids, labels=labels.tolist())
     with pytest.raises(TypeError, match="got multiple values for argument 'input_ids'"):
         model(input_ids, input_ids=input_ids)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        model(input_ids, *([None] * 40))
+    with pytest.raises(TypeError, match=r"shift_labels: expected a torch\.Tensor"):
+        model(input_ids, labels=labels, shift_labels=[1, 2])
     with pytest.raises(TypeError, match="input_ids: expected an integer tensor"):
         cl.sequence_logprobs(model, input_ids.float())
     with pytest.raises(ValueError, match=r"input_ids: expected shape \[B, T\] with T >= 2"):

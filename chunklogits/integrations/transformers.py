@@ -271,8 +271,9 @@ def _output_layer(model: nn.Module) -> nn.Linear:
 
 def _install(model: nn.Module, head, layer: nn.Module) -> None:
     class_forward = type(model).forward
-    names = [p.name for p in inspect.signature(class_forward).parameters.values()]
-    head._wrapping = _Wrapping(layer, model.__dict__.get("forward"), tuple(names[1:]))
+    parameters = list(inspect.signature(class_forward).parameters.values())[1:]  # without self
+    positional = tuple(p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD)
+    head._wrapping = _Wrapping(layer, model.__dict__.get("forward"), positional)
     model.set_output_embeddings(head)
 
     # A function per wrap, carrying the class forward's signature (transformers.Trainer reads it
