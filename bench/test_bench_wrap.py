@@ -1,28 +1,31 @@
-"""Peak memory of one training step (forward + backward) of a Llama-3-shaped causal LM, with its
-output layer as transformers computes it and wrapped by ``ChunkedLMHead.wrap``, in the same run.
+"""One training step (forward + backward) of a Llama-3-shaped causal LM: the transformers model as
+it is, and wrapped by ``ChunkedLMHead.wrap``, in the same run.
 
-The model has Llama 3's vocabulary (V = 128,256) and untied embeddings, hidden size 1024 and one
-decoder layer, so the output layer dominates as it does in real fine-tuning at long context.
-``extra_info`` holds both peaks (bytes), their ratio, the bytes saved, the size of one
-``[tokens, V]`` logits tensor in the model dtype, and the unwrapped step's seconds; the benchmark
-times the wrapped step. The model is bf16, on CUDA when available, else on the CPU
-(``chunklogits.memory.peak`` measures the allocator on CUDA, the resident set on CPU).
+    pytest bench/test_bench_wrap.py --benchmark-only --benchmark-json=out/wrap.json
 
-    pytest bench/test_bench_wrap.py --benchmark-only
+The model has Llama 3's vocabulary (V = 128,256), untied embeddings, hidden size 1024 and one
+decoder layer, in bf16, so that the output layer dominates as in fine-tuning at long context.
+Each case records ``peak_mib`` and ``working_mib`` (peak minus the parameter gradients the step
+returns; bench/common.py) and ``logits_mib``, the size of one ``[tokens, V]`` bf16 logits tensor.
+The wrapped case also records its peak's ratio to the unwrapped case's of the same run and the
+MiB saved (the unwrapped case runs first).
 """
 
-import time
+from __future__ import annotations
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import chunklogits as cl
+from bench.common import MiB, device, measure
 
 VOCAB = 128_256
 SEQUENCE = 2048
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16
+TOKENS = [2048, 8192]  # sequences of SEQUENCE tokens: 1 and 4 of them
+VARIANTS = ["transformers", "chunklogits-wrap"]
+
+_peaks: dict[int, float] = {}  # tokens -> the unwrapped case's peak_mib in this run
 
 
 @pytest.fixture(scope="module")
@@ -38,54 +41,35 @@ def model():
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(DEVICE, DTYPE).train()
+    return LlamaForCausalLM(config).to(device(), torch.bfloat16).train()
 
 
-def _step(model, input_ids) -> None:
-    model(input_ids=input_ids, labels=input_ids).loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
-def _measured_step(model, input_ids) -> tuple[int, float]:
-    """Peak bytes and seconds of one step, after a short warm-up step (kernels, lazy imports)."""
-    _step(model, input_ids[:1, :256])
-    start = time.perf_counter()
-    with cl.memory.peak(DEVICE) as peak:
-        _step(model, input_ids)
-    return peak.bytes, time.perf_counter() - start
-
-
-@pytest.mark.parametrize("tokens", [2048, 8192])
-def test_training_step_peak_memory(benchmark, model, tokens):
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_training_step(benchmark, model, tokens, variant):
     generator = torch.Generator().manual_seed(tokens)
     input_ids = torch.randint(VOCAB, (tokens // SEQUENCE, SEQUENCE), generator=generator)
-    input_ids = input_ids.to(DEVICE)
+    input_ids = input_ids.to(device())
 
-    baseline_bytes, baseline_seconds = _measured_step(model, input_ids)
-    cl.ChunkedLMHead.wrap(model, shards=8)
+    def reset():
+        model.zero_grad(set_to_none=True)
+
+    def step():
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+
+    grads_bytes = sum(p.nbytes for p in model.parameters())
+    benchmark.group = f"training step, {tokens} tokens"
+    if variant == "chunklogits-wrap":
+        cl.ChunkedLMHead.wrap(model, shards=8)
     try:
-        measured = {}
-
-        def wrapped_step():
-            measured["bytes"], measured["seconds"] = _measured_step(model, input_ids)
-
-        benchmark.pedantic(wrapped_step, rounds=1, iterations=1)
+        measure(benchmark, step, reset=reset, returned_bytes=grads_bytes, rounds=1)
     finally:
-        cl.ChunkedLMHead.unwrap(model)
-
-    benchmark.extra_info.update(
-        {
-            "device": str(DEVICE),
-            "dtype": str(DTYPE),
-            "tokens": tokens,
-            "vocab": VOCAB,
-            "logits_bytes_model_dtype": tokens * VOCAB * DTYPE.itemsize,
-            "peak_bytes_transformers": baseline_bytes,
-            "peak_bytes_chunklogits": measured["bytes"],
-            "peak_ratio_chunklogits_to_transformers": measured["bytes"] / baseline_bytes,
-            "saved_bytes": baseline_bytes - measured["bytes"],
-            "seconds_transformers": baseline_seconds,
-            "seconds_chunklogits": measured["seconds"],
-        }
-    )
-    assert measured["bytes"] < baseline_bytes
+        if variant == "chunklogits-wrap":
+            cl.ChunkedLMHead.unwrap(model)
+    peak = benchmark.extra_info["peak_mib"]
+    benchmark.extra_info["logits_mib"] = round(tokens * VOCAB * 2 / MiB, 1)
+    if variant == "transformers":
+        _peaks[tokens] = peak
+    elif tokens in _peaks:
+        benchmark.extra_info["peak_ratio_to_transformers"] = round(peak / _peaks[tokens], 3)
+        benchmark.extra_info["saved_mib"] = round(_peaks[tokens] - peak, 1)

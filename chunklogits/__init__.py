@@ -1,6 +1,7 @@
-"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]`` tensor."""
+"""chunklogits: a language model's loss, log-probs and samplers without a ``[tokens, vocab]``
+logits tensor."""
 
-from . import memory, reference
+from . import distributed, memory, reference
 from ._blocks import set_block_budget
 from .head import ChunkedLMHead
 from .integrations.transformers import sequence_logprobs
@@ -9,6 +10,7 @@ from .loss import linear_cross_entropy
 
 __all__ = [
     "ChunkedLMHead",
+    "distributed",
     "linear_cross_entropy",
     "logsumexp",
     "memory",

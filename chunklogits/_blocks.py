@@ -1,17 +1,18 @@
 """The block engine: per-row softmax statistics of ``hidden @ weight.T`` without the full logits.
 
-The ``[N, V]`` logits are visited in blocks of ``chunk_size`` rows x one vocabulary shard. Each block
-is computed by one GEMM, transformed (``logit_scale``, ``softcap``, ``temperature``) in fp32 and
-folded into fp32 per-row running statistics with the online log-sum-exp merge:
+The ``[N, V]`` logits are visited in blocks of ``chunk_size`` rows x one vocabulary shard. Each
+block is computed by one GEMM, transformed (``logit_scale``, ``softcap``, ``temperature``) in
+fp32 and folded into fp32 per-row running statistics with the online log-sum-exp merge:
 
     m' = max(m, max_v z_v),   s' = s * exp(m - m') + sum_v exp(z_v - m')
 
 so that only ``O(N)`` numbers outlive a block. Everything that consumes logits is built from four
 statistics per row (``RowStats``): the log-sum-exp, the target logit, the mean logit and the
-expected logit under the softmax. ``row_stats`` returns them as a differentiable function of
-``hidden``, ``weight`` and ``bias``: its backward pass recomputes each block, forms
-``dL/dz = p * (a + b * z) + c * onehot(target) + d`` from per-row coefficients and multiplies it
-back through the two GEMMs, so the loss, log-prob and entropy ops never write their own backward.
+entropy of the softmax. ``row_stats`` returns them as a differentiable function of ``hidden``,
+``weight`` and ``bias``: its backward pass recomputes each block, forms
+``dL/dz = p * (a + b * log p) + c * onehot(target) + d`` from per-row coefficients and multiplies
+it back through the two GEMMs, so the loss, log-prob and entropy ops never write their own
+backward.
 
 Blocks are walked vocabulary shard by shard (outer) and row chunk by row chunk (inner), so each
 shard's weight gradient is finished before the next shard starts and needs no ``[V, D]`` fp32
@@ -101,7 +102,9 @@ class BlockPlan:
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
-        return [(r, min(r + self.chunk_size, self.rows)) for r in range(0, self.rows, self.chunk_size)]
+        return [
+            (r, min(r + self.chunk_size, self.rows)) for r in range(0, self.rows, self.chunk_size)
+        ]
 
 
 def _check_count(name: str, value, low: int, high: int | None = None) -> None:
@@ -169,13 +172,13 @@ class RowStats(NamedTuple):
     """Per-row statistics of ``z = transform(hidden @ weight.T + bias)`` over the vocabulary.
 
     ``lse``: ``logsumexp(z)``; ``target``: ``z[target]``; ``mean``: ``z.mean()``;
-    ``expected``: ``(softmax(z) * z).sum()``. Unrequested ones are ``None``.
+    ``entropy``: ``-(softmax(z) * log_softmax(z)).sum()``. Unrequested ones are ``None``.
     """
 
     lse: Tensor
     target: Tensor | None
     mean: Tensor | None
-    expected: Tensor | None
+    entropy: Tensor | None
 
 
 class _Rows:
@@ -198,26 +201,55 @@ class _Rows:
             yield r0, r1, self._single if self._single is not None else self._load(r0, r1)
 
 
-def _shard_params(weight, bias, v0, v1, plan, stat_dtype):
+class _Workspace:
+    """Flat buffers, one per role, reused by every block of a pass: blocks allocate nothing, so
+    a pass costs no allocator traffic or page faults beyond its first block."""
+
+    def __init__(self, plan: BlockPlan, device: torch.device):
+        widest = max(v1 - v0 for v0, v1 in plan.shards)
+        self.numel, self.device, self._buffers = (
+            min(plan.chunk_size, plan.rows) * widest,
+            device,
+            {},
+        )
+
+    def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        buffer = self._buffers.get(role)
+        if buffer is None:
+            buffer = self._buffers[role] = torch.empty(self.numel, dtype=dtype, device=self.device)
+        return buffer[: rows * cols].view(rows, cols)
+
+
+def _shard_params(weight, bias, v0, v1, plan):
     w = weight[v0:v1].to(plan.compute_dtype)
-    b = None if bias is None else bias[v0:v1].to(stat_dtype)
+    b = None if bias is None else bias[v0:v1].to(plan.compute_dtype)
     return w, b
 
 
-def _block_logits(h, w, b, transform: LogitTransform, stat_dtype) -> Tensor:
-    z = (h @ w.T).to(stat_dtype)
-    if b is not None:
-        z += b
+def _block_logits(h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype) -> Tensor:
+    """``transform(h @ w.T + b)`` in ``stat_dtype``, written into the workspace's ``z``."""
+    z = work.get("z", h.shape[0], w.shape[0], stat_dtype)
+    raw = z if h.dtype == stat_dtype else work.get("raw", h.shape[0], w.shape[0], h.dtype)
+    # The bias is added inside the GEMM, rounded once with the product, as the model's own
+    # ``nn.Linear`` head does.
+    if b is None:
+        torch.mm(h, w.T, out=raw)
+    else:
+        torch.addmm(b, h, w.T, out=raw)
+    if raw is not z:
+        z.copy_(raw)
     return transform.apply_(z)
 
 
 def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
-    """(mask of rows whose target lies in [v0, v1), column of that target clamped into the shard)."""
+    """(mask of rows whose target is in [v0, v1), column of that target clamped into the shard)."""
     inside = (targets >= v0) & (targets < v1)
     return inside, (targets - v0).clamp_(0, v1 - v0 - 1)
 
 
-def _forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected):
+def _forward_stats(
+    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
+):
     stat_dtype = torch.promote_types(hidden2d.dtype, torch.float32)
     n, vocab = plan.rows, weight.shape[0]
     new = {"device": hidden2d.device, "dtype": stat_dtype}
@@ -225,12 +257,15 @@ def _forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want
     sum_exp = torch.zeros(n, **new)
     target = torch.zeros(n, **new) if targets is not None else None
     total = torch.zeros(n, **new) if want_mean else None
-    weighted = torch.zeros(n, **new) if want_expected else None
-    rows = _Rows(hidden2d, index, plan)
+    # sum_v exp(z_v - m) * (z_v - m): the entropy is log(sum_exp) - weighted / sum_exp, with no
+    # cancellation of the (possibly large) max between lse and the expected logit.
+    weighted = torch.zeros(n, **new) if want_entropy else None
+    lowest = torch.finfo(stat_dtype).min
+    rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
     for v0, v1 in plan.shards:
-        w, b = _shard_params(weight, bias, v0, v1, plan, stat_dtype)
+        w, b = _shard_params(weight, bias, v0, v1, plan)
         for r0, r1, h in rows:
-            z = _block_logits(h, w, b, transform, stat_dtype)
+            z = _block_logits(h, w, b, transform, work, stat_dtype)
             if target is not None:
                 inside, column = _target_in_shard(targets[r0:r1], v0, v1)
                 picked = z.gather(1, column[:, None]).squeeze(1)
@@ -239,82 +274,93 @@ def _forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want
                 total[r0:r1] += z.sum(1)
             old_max = running_max[r0:r1]
             new_max = torch.maximum(old_max, z.amax(1))
-            rescale = (old_max - new_max).exp_()
+            # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
+            step = (old_max - new_max).clamp_(min=lowest)
+            rescale = step.exp()
             running_max[r0:r1] = new_max
+            centred = z.sub_(new_max[:, None])
             if weighted is None:
-                exp = z.sub_(new_max[:, None]).exp_()
+                exp = centred.exp_()
             else:
-                exp = (z - new_max[:, None]).exp_()
-                weighted[r0:r1] = weighted[r0:r1] * rescale + torch.linalg.vecdot(exp, z)
+                exp = torch.exp(centred, out=work.get("exp", *z.shape, stat_dtype))
+                carried = (weighted[r0:r1] + step * sum_exp[r0:r1]) * rescale
+                weighted[r0:r1] = carried + torch.linalg.vecdot(exp, centred)
             sum_exp[r0:r1] = sum_exp[r0:r1] * rescale + exp.sum(1)
     lse = running_max + sum_exp.log()
     mean = None if total is None else total / vocab
-    expected = None if weighted is None else weighted / sum_exp
-    return RowStats(lse, target, mean, expected)
+    entropy = None if weighted is None else sum_exp.log() - weighted / sum_exp
+    return RowStats(lse, target, mean, entropy)
 
 
 class _GradCoefficients(NamedTuple):
-    """``dL/dz[i, v] = p[i, v] * (p_coef[i] + pz_coef[i] * z[i, v]) + target_coef[i] * [v == t_i]
-    + uniform[i]``; ``None`` terms are zero."""
+    """``dL/dz[i, v] = p[i, v] * (p_coef[i] + plogp_coef[i] * log p[i, v])
+    + target_coef[i] * [v == t_i] + uniform[i]``; ``None`` terms are zero."""
 
     p_coef: Tensor | None
-    pz_coef: Tensor | None
+    plogp_coef: Tensor | None
     target_coef: Tensor | None
     uniform: Tensor | None
 
 
 def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoefficients:
     # d lse / dz = p;  d z_t / dz = onehot(t);  d mean / dz = 1 / V;
-    # d (sum_v p_v z_v) / dz_v = p_v * (1 + z_v - expected).
+    # d entropy / dz_v = -p_v * (log p_v + entropy)   (in log p, not z: no cancellation).
     p_coef = grads.lse
-    pz_coef = None
-    if grads.expected is not None:
-        shift = grads.expected * (1.0 - stats.expected)
+    plogp_coef = None
+    if grads.entropy is not None:
+        shift = -grads.entropy * stats.entropy
         p_coef = shift if p_coef is None else p_coef + shift
-        pz_coef = grads.expected
+        plogp_coef = -grads.entropy
     uniform = None if grads.mean is None else grads.mean / vocab
-    return _GradCoefficients(p_coef, pz_coef, grads.target, uniform)
+    return _GradCoefficients(p_coef, plogp_coef, grads.target, uniform)
 
 
 def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
     stat_dtype = lse.dtype
     need_hidden, need_weight, need_bias = needs
-    rows = _Rows(hidden2d, index, plan)
+    rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
     single_chunk = len(plan.chunks) == 1
     grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
     grad_rows = grad_rows if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
-    keep_z = coef.pz_coef is not None or transform.softcap is not None
+    grad_bias = (
+        torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
+    )
+    keep_z = transform.softcap is not None  # the softcap's derivative is read off z
     for v0, v1 in plan.shards:
-        w, b = _shard_params(weight, bias, v0, v1, plan, stat_dtype)
+        w, b = _shard_params(weight, bias, v0, v1, plan)
         grad_w = None
         if need_weight and not single_chunk:
             grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
         for r0, r1, h in rows:
-            z = _block_logits(h, w, b, transform, stat_dtype)
-            grad = (z - lse[r0:r1, None]).exp_() if keep_z else z.sub_(lse[r0:r1, None]).exp_()
-            p_coef = coef.p_coef[r0:r1] if coef.p_coef is not None else None
-            if coef.pz_coef is not None:
-                grad.mul_(z * coef.pz_coef[r0:r1, None] + (0.0 if p_coef is None else p_coef[:, None]))
-            elif p_coef is not None:
-                grad.mul_(p_coef[:, None])
+            z = _block_logits(h, w, b, transform, work, stat_dtype)
+            shape = z.shape
+            if keep_z:
+                logp = torch.sub(z, lse[r0:r1, None], out=work.get("logp", *shape, stat_dtype))
             else:
-                grad.zero_()
+                logp = z.sub_(lse[r0:r1, None])
+            p_coef = coef.p_coef[r0:r1, None] if coef.p_coef is not None else 0.0
+            if coef.plogp_coef is not None:
+                grad = torch.exp(logp, out=work.get("grad", *shape, stat_dtype))
+                grad.mul_(logp.mul_(coef.plogp_coef[r0:r1, None]).add_(p_coef))
+            else:
+                grad = logp.exp_().mul_(p_coef)
             if coef.target_coef is not None:
                 inside, column = _target_in_shard(targets[r0:r1], v0, v1)
                 grad.scatter_add_(1, column[:, None], (coef.target_coef[r0:r1] * inside)[:, None])
             if coef.uniform is not None:
                 grad.add_(coef.uniform[r0:r1, None])
             transform.chain_(grad, z)
-            del z
             if grad_bias is not None:
                 grad_bias[v0:v1] += grad.sum(0)
-            grad = grad.to(plan.compute_dtype)
+            if plan.compute_dtype != stat_dtype:
+                grad = work.get("raw", *shape, plan.compute_dtype).copy_(grad)
             if grad_rows is not None:
                 grad_rows[r0:r1] += grad @ w
             if grad_w is not None:
                 grad_w += (grad.T @ h).to(stat_dtype)
+            elif need_weight and weight.dtype == grad.dtype:
+                torch.mm(grad.T, h, out=grad_weight[v0:v1])
             elif need_weight:
                 grad_weight[v0:v1] = grad.T @ h
         if grad_w is not None:
@@ -333,12 +379,26 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
 
 class _RowStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected):
+    def forward(
+        ctx,
+        hidden2d,
+        weight,
+        bias,
+        index,
+        targets,
+        transform,
+        plan,
+        want_mean,
+        want_entropy,
+        vocab_parallel,
+    ):
         stats = _forward_stats(
-            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected
+            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
         )
-        ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.expected)
-        ctx.transform, ctx.plan = transform, plan
+        if vocab_parallel is not None:
+            stats = vocab_parallel.combine(stats)
+        ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.entropy)
+        ctx.transform, ctx.plan, ctx.vocab_parallel = transform, plan, vocab_parallel
         # Statistics that do not reach the loss get ``None`` gradients instead of zeros, so their
         # terms are skipped in the backward blocks.
         ctx.set_materialize_grads(False)
@@ -346,17 +406,21 @@ class _RowStatsFunction(torch.autograd.Function):
         return tuple(s for s in stats if s is not None)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
-        hidden2d, weight, bias, index, targets, lse, expected = ctx.saved_tensors
+        hidden2d, weight, bias, index, targets, lse, entropy = ctx.saved_tensors
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
-        stats = RowStats(lse, None, None, expected)
-        coef = _coefficients(stats, grads, weight.shape[0])
+        stats = RowStats(lse, None, None, entropy)
+        parallel = ctx.vocab_parallel
+        coef = _coefficients(stats, grads, weight.shape[0] if parallel is None else parallel.vocab)
         needs = ctx.needs_input_grad[:3]
         grad_hidden, grad_weight, grad_bias = _backward_blocks(
             hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
         )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        if parallel is not None and grad_hidden is not None:
+            grad_hidden = parallel.reduce_grad(grad_hidden)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def row_stats(
@@ -369,7 +433,8 @@ def row_stats(
     transform: LogitTransform = LogitTransform(),
     plan: BlockPlan,
     want_mean: bool = False,
-    want_expected: bool = False,
+    want_entropy: bool = False,
+    vocab_parallel=None,
 ) -> RowStats:
     """Differentiable ``RowStats`` of ``z = transform(hidden2d[index] @ weight.T + bias)``.
 
@@ -377,12 +442,30 @@ def row_stats(
     ``hidden2d`` to use (None: all ``M``); targets: ``[N]`` in ``[0, V)`` or None. Statistics are
     ``[N]`` in fp32 (fp64 for fp64 inputs). Inputs are assumed validated by the public op.
     Naive equivalent: ``z = transform(F.linear(hidden2d[index], weight, bias).float())``, then
-    ``z.logsumexp(-1)``, ``z.gather(-1, targets)``, ``z.mean(-1)``, ``(z.softmax(-1) * z).sum(-1)``.
+    ``z.logsumexp(-1)``, ``z.gather(-1, targets)``, ``z.mean(-1)``,
+    ``-(z.softmax(-1) * z.log_softmax(-1)).sum(-1)``.
+
+    vocab_parallel: None, or the hook of ``distributed.VocabSlice``: ``weight`` and ``bias`` are
+    rows ``[start, start + V)`` of a vocabulary of ``vocab`` entries spread over several ranks,
+    ``targets`` are indices into the whole vocabulary (a row whose target another rank holds gets
+    a local target logit of 0), ``combine(stats)`` turns this slice's statistics into the whole
+    vocabulary's, and ``reduce_grad(grad_hidden)`` sums the ranks' hidden gradients.
     """
+    if vocab_parallel is not None and targets is not None:
+        targets = targets - vocab_parallel.start
     out = iter(
         _RowStatsFunction.apply(
-            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_expected
+            hidden2d,
+            weight,
+            bias,
+            index,
+            targets,
+            transform,
+            plan,
+            want_mean,
+            want_entropy,
+            vocab_parallel,
         )
     )
-    present = (True, targets is not None, want_mean, want_expected)
+    present = (True, targets is not None, want_mean, want_entropy)
     return RowStats(*(next(out) if kept else None for kept in present))

@@ -21,7 +21,7 @@ def check_tensor(name: str, value) -> Tensor:
 
 
 def check_head(hidden, weight, bias) -> None:
-    """hidden ``[..., D]`` floating; weight ``[V, D]`` and bias ``[V]`` of hidden's dtype and device."""
+    """hidden ``[..., D]`` floating; weight ``[V, D]``, bias ``[V]``: hidden's dtype and device."""
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
     if hidden.dtype not in _FLOATING:
@@ -47,7 +47,9 @@ def check_head(hidden, weight, bias) -> None:
     if bias is not None:
         check_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias: expected shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias: expected shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}"
+            )
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: expected hidden's dtype {hidden.dtype}, got {bias.dtype}")
         if bias.device != hidden.device:
@@ -59,7 +61,9 @@ def check_token_tensor(name: str, tokens, shape: tuple[int, ...], device: torch.
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor, got dtype {tokens.dtype}")
     if tuple(tokens.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} (hidden.shape[:-1]), got {tuple(tokens.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(shape)} (hidden.shape[:-1]), got {tuple(tokens.shape)}"
+        )
     if tokens.device != device:
         raise ValueError(f"{name}: expected hidden's device {device}, got {tokens.device}")
     return tokens
@@ -81,7 +85,9 @@ def check_positive_float(name: str, value, *, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a positive float{' or None' if allow_none else ''}, got {value!r}")
+        raise TypeError(
+            f"{name}: expected a positive float{' or None' if allow_none else ''}, got {value!r}"
+        )
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a finite float > 0, got {value!r}")
     return float(value)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ._blocks import plan_blocks, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
+from .distributed import checked_on_every_rank
 
 
 def token_logprobs(
@@ -20,6 +22,7 @@ def token_logprobs(
     logit_scale: float | None = None,
     shards: int | None = None,
     chunk_size: int | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``log p(tokens)`` under ``softmax(z / temperature)``, and optionally the softmax's entropy.
 
@@ -36,28 +39,43 @@ def token_logprobs(
             at each position (for a causal LM, the *next* token: see ``sequence_logprobs``).
         temperature: divides the (softcapped) logits, as RL trainers do before the log-softmax.
         return_entropy: also return the entropy of the tempered softmax at each position.
-        softcap, logit_scale, shards, chunk_size: as in ``linear_cross_entropy``.
+        softcap, logit_scale, shards, chunk_size, process_group: as in ``linear_cross_entropy``
+            (with a process group, ``tokens`` index the whole vocabulary).
 
     Returns:
         fp32 ``logprobs`` shaped like ``tokens`` (and ``entropy``, same shape). Both are
         differentiable with respect to hidden, weight and bias.
     """
-    check_head(hidden, weight, bias)
-    check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
-    flat_tokens = tokens.reshape(-1)
-    check_in_vocab("tokens", flat_tokens, weight.shape[0])
-    transform = make_transform(softcap, logit_scale, temperature)
-    plan = plan_blocks(
-        flat_tokens.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
-    )
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden, weight, bias)
+        check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
+        flat_tokens = tokens.reshape(-1)
+        transform = make_transform(softcap, logit_scale, temperature)
+        plan = plan_blocks(
+            flat_tokens.numel(),
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
+            chunk_size=chunk_size,
+        )
+        hidden2d = flat_rows(hidden)
+        vocab_slice = ranks.agree(hidden2d, weight, bias, transform, flat_tokens, "tokens")
+    check_in_vocab("tokens", flat_tokens, ranks.vocab)
     stats = row_stats(
-        flat_rows(hidden), weight, bias, targets=flat_tokens, transform=transform, plan=plan,
-        want_expected=return_entropy,
+        hidden2d,
+        weight,
+        bias,
+        targets=flat_tokens,
+        transform=transform,
+        plan=plan,
+        want_entropy=return_entropy,
+        vocab_parallel=vocab_slice,
     )
     logprobs = (stats.target - stats.lse).reshape(tokens.shape)
     if not return_entropy:
         return logprobs
-    return logprobs, (stats.lse - stats.expected).reshape(tokens.shape)
+    return logprobs, stats.entropy.reshape(tokens.shape)
 
 
 def logsumexp(
@@ -70,6 +88,7 @@ def logsumexp(
     temperature: float = 1.0,
     shards: int | None = None,
     chunk_size: int | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """``logsumexp`` over the vocabulary of the transformed logits, per position.
 
@@ -82,11 +101,20 @@ def logsumexp(
     differentiable with respect to hidden, weight and bias. Other arguments as in
     ``linear_cross_entropy``.
     """
-    check_head(hidden, weight, bias)
-    transform = make_transform(softcap, logit_scale, temperature)
-    rows = flat_rows(hidden)
-    plan = plan_blocks(
-        rows.shape[0], weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden, weight, bias)
+        transform = make_transform(softcap, logit_scale, temperature)
+        rows = flat_rows(hidden)
+        plan = plan_blocks(
+            rows.shape[0],
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
+            chunk_size=chunk_size,
+        )
+        vocab_slice = ranks.agree(rows, weight, bias, transform)
+    stats = row_stats(
+        rows, weight, bias, transform=transform, plan=plan, vocab_parallel=vocab_slice
     )
-    stats = row_stats(rows, weight, bias, transform=transform, plan=plan)
     return stats.lse.reshape(hidden.shape[:-1])

@@ -6,9 +6,11 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ._blocks import plan_blocks, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
+from .distributed import checked_on_every_rank
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -29,6 +31,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     logit_scale: float | None = None,
     shift: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, never holding the logits.
 
@@ -62,6 +65,12 @@ def linear_cross_entropy(
             ``1 / logits_scaling``).
         shift: predict ``labels[..., t + 1]`` from ``hidden[..., t, :]`` (causal LM training)
             without copying hidden.
+        process_group: vocabulary parallelism (``chunklogits.distributed``): ``weight`` and
+            ``bias`` are this rank's slice of the head, the slices of the group's ranks following
+            one another in rank order; hidden and labels are the same on every rank. Returns the
+            whole vocabulary's loss on every rank; ``shards`` counts this rank's slice. Every rank
+            must call ``backward``: each gets its slice's weight and bias gradients and the full
+            (all-reduced) gradient of hidden.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
@@ -75,37 +84,53 @@ def linear_cross_entropy(
     vocabulary plus an fp32 ``[V, D]`` weight-gradient accumulator, or a rounding of the
     weight gradient at every chunk; both contradict what this function is for.
     """
-    check_head(hidden, weight, bias)
-    check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    _check_fraction("label_smoothing", label_smoothing, high=1.0)
-    _check_fraction("z_loss", z_loss, high=None)
-    if num_items_in_batch is not None:
-        _check_num_items(num_items_in_batch, reduction)
-    if shift and hidden.dim() < 2:
-        raise ValueError(f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}")
-    transform = make_transform(softcap, logit_scale)
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden, weight, bias)
+        check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+        _check_fraction("label_smoothing", label_smoothing, high=1.0)
+        _check_fraction("z_loss", z_loss, high=None)
+        if num_items_in_batch is not None:
+            _check_num_items(num_items_in_batch, reduction)
+        if shift and hidden.dim() < 2:
+            raise ValueError(
+                f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}"
+            )
+        transform = make_transform(softcap, logit_scale)
 
-    targets_full = labels
-    if shift:
-        targets_full = labels.new_full(labels.shape, ignore_index)
-        targets_full[..., :-1] = labels[..., 1:]
-    flat_targets = targets_full.reshape(-1)
-    index = (flat_targets != ignore_index).nonzero().squeeze(1)
-    targets = flat_targets[index]
-    check_in_vocab("labels", targets, weight.shape[0], ignore_index)
-    if index.numel() == flat_targets.numel():
-        index, targets = None, flat_targets
-
-    plan = plan_blocks(
-        targets.numel(), weight.shape[0], hidden.dtype, hidden.device, shards=shards, chunk_size=chunk_size
-    )
+        targets_full = labels
+        if shift:
+            targets_full = labels.new_full(labels.shape, ignore_index)
+            targets_full[..., :-1] = labels[..., 1:]
+        flat_targets = targets_full.reshape(-1)
+        index = (flat_targets != ignore_index).nonzero().squeeze(1)
+        targets = flat_targets[index]
+        if index.numel() == flat_targets.numel():
+            index, targets = None, flat_targets
+        plan = plan_blocks(
+            targets.numel(),
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
+            chunk_size=chunk_size,
+        )
+        hidden2d = flat_rows(hidden)
+        vocab_slice = ranks.agree(hidden2d, weight, bias, transform, targets, "labels")
+    check_in_vocab("labels", targets, ranks.vocab, ignore_index)
     stats = row_stats(
-        flat_rows(hidden), weight, bias, index=index, targets=targets, transform=transform, plan=plan,
+        hidden2d,
+        weight,
+        bias,
+        index=index,
+        targets=targets,
+        transform=transform,
+        plan=plan,
         want_mean=label_smoothing > 0,
+        vocab_parallel=vocab_slice,
     )
     row_loss = stats.lse - stats.target
     if label_smoothing > 0:
@@ -138,11 +163,17 @@ def _check_fraction(name: str, value, high: float | None) -> None:
 def _check_num_items(num_items, reduction: str) -> None:
     if reduction != "mean":
         raise ValueError(
-            f"num_items_in_batch: only meaningful with reduction='mean', got reduction={reduction!r}"
+            "num_items_in_batch: only meaningful with reduction='mean', "
+            f"got reduction={reduction!r}"
         )
     if isinstance(num_items, Tensor):
         if num_items.numel() != 1 or num_items.dtype.is_complex:
-            raise ValueError(f"num_items_in_batch: expected a scalar, got a tensor of shape {tuple(num_items.shape)}")
+            raise ValueError(
+                "num_items_in_batch: expected a scalar, "
+                f"got a tensor of shape {tuple(num_items.shape)}"
+            )
         return
     if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
-        raise ValueError(f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}")
+        raise ValueError(
+            f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}"
+        )

@@ -55,6 +55,12 @@ class Peak:
         return self.bytes / 2**20
 
 
+def pin_allocator() -> None:
+    """Pin glibc's mmap and trim thresholds (see the module doc) now rather than at the first
+    ``peak()``, e.g. before timing several implementations that are also measured."""
+    _libc()
+
+
 def _libc():
     if "lib" not in _libc_state:
         name = ctypes.util.find_library("c")
@@ -111,7 +117,9 @@ def peak(device: torch.device | str | None = None):
         result.bytes = torch.cuda.max_memory_allocated(device) - base
     elif device.type == "cpu":
         if not os.path.exists("/proc/self/clear_refs"):
-            raise RuntimeError("chunklogits.memory.peak() on CPU needs Linux (/proc/self/clear_refs)")
+            raise RuntimeError(
+                "chunklogits.memory.peak() on CPU needs Linux (/proc/self/clear_refs)"
+            )
         base_kib = _reset_cpu_high_water_mark()
         yield result
         result.bytes = max(0, _status_kib("VmHWM") - base_kib) * 1024

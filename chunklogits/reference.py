@@ -19,7 +19,7 @@ def logits(
     logit_scale: float | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """``softcap(F.linear(hidden, weight, bias).float() * logit_scale) / temperature``, ``[..., V]``.
+    """``[..., V]`` logits ``softcap(F.linear(hidden, weight, bias).float() * logit_scale) / T``.
     The GEMM runs in the inputs' dtype, as a model's ``lm_head`` does; the rest in fp32 (fp64
     for fp64 inputs)."""
     z = F.linear(hidden, weight, bias)
@@ -61,7 +61,11 @@ def linear_cross_entropy(
         return per_label.reshape(labels.shape)
     if reduction == "sum":
         return per_label.sum()
-    count = num_items_in_batch if num_items_in_batch is not None else (flat_labels != ignore_index).sum()
+    count = (
+        num_items_in_batch
+        if num_items_in_batch is not None
+        else (flat_labels != ignore_index).sum()
+    )
     return per_label.sum() / count
 
 
@@ -78,7 +82,9 @@ def token_logprobs(
     shards: int | None = None,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    z = logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature)
+    z = logits(
+        hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature
+    )
     logp = z.log_softmax(-1)
     picked = logp.gather(-1, tokens[..., None]).squeeze(-1)
     if not return_entropy:
@@ -97,7 +103,9 @@ def logsumexp(
     shards: int | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    z = logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature)
+    z = logits(
+        hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature
+    )
     return z.logsumexp(-1)
 
 

@@ -1,0 +1,345 @@
+"""Vocabulary-parallel statistics over ``torch.distributed``: one head spread over several ranks.
+
+Each rank of a process group holds a contiguous slice ``weight[start:start + V_r]`` of the head
+(and ``bias[start:start + V_r]``), the ranks' slices following one another in group-rank order;
+sizes may differ (``V`` need not divide by the world size). Every rank holds the *same* hidden
+states and labels, runs the block engine over its own slice only, and the per-row statistics are
+combined with two all-reduces of ``O(rows)`` fp32 numbers, as Megatron-LM's vocab-parallel
+cross-entropy does::
+
+    m = all_reduce_max(lse_r)                       # lse_r: log-sum-exp over the slice
+    w_r = exp(lse_r - m)                            # the slice's softmax mass, times e^-m
+    s = all_reduce_sum(w_r);  lse = m + log(s)
+    entropy = log(s) + all_reduce_sum(w_r * (entropy_r + m - lse_r)) / s
+    target = all_reduce_sum(target_r)               # 0 on the ranks that do not hold the target
+    mean = all_reduce_sum(V_r * mean_r) / V
+
+(The entropy of a softmax split into disjoint slices of masses ``p_r = w_r / s``:
+``sum_r p_r * entropy_r - sum_r p_r * log p_r``, every term non-negative.)
+
+Every rank then holds the whole vocabulary's statistics, hence the same loss. Its backward pass
+gives each rank the gradient of its own weight (and bias) slice, and all-reduces the hidden
+states' gradient, so every rank's ``hidden.grad`` is the full gradient (as the input gradient of
+Megatron's column-parallel linear layer). So every rank must call ``backward`` on the result.
+
+Users pass ``process_group=`` to ``linear_cross_entropy``, ``token_logprobs`` and
+``logsumexp``. Before any other collective, the ranks exchange a small description of their
+inputs in one ``all_gather``; a bad input on any rank, or inputs that disagree across ranks
+(hidden size, dtype, rows, bias, logit transform, differing hidden states or labels), then raise
+the same error on every rank instead of hanging in a later collective.
+
+``local_head`` turns a head whose weight is a ``DTensor`` sharded on the vocabulary dimension
+(``torch.distributed.tensor.parallel.ColwiseParallel``) into the local slice and its process
+group.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+from ._blocks import LogitTransform, RowStats
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ERRORS = (None, ValueError, TypeError, RuntimeError)
+_MESSAGE_BYTES = 512
+# Hidden states agree across ranks when their sums differ by less than this fraction of the sum
+# of magnitudes: loose enough for a different summation order, tight enough for different data.
+_FINGERPRINT_TOLERANCE = 1e-6
+
+
+class VocabSlice:
+    """The engine hook (``row_stats(vocab_parallel=...)``) of one rank's slice: rows
+    ``[start, start + size)`` of a head of ``vocab`` entries spread over ``group``."""
+
+    def __init__(self, group: dist.ProcessGroup, start: int, size: int, vocab: int):
+        self.group, self.start, self.size, self.vocab = group, start, size, vocab
+
+    def combine(self, stats: RowStats) -> RowStats:
+        """The whole vocabulary's statistics from every rank's (see the module doc)."""
+        top = stats.lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        share = (stats.lse - top).exp_()
+        parts = [share]
+        if stats.entropy is not None:
+            parts.append(share * (stats.entropy + top - stats.lse))
+        if stats.target is not None:
+            parts.append(stats.target)
+        if stats.mean is not None:
+            parts.append(stats.mean * self.size)
+        sums = torch.stack(parts)
+        dist.all_reduce(sums, group=self.group)
+        summed = iter(sums)
+        total = next(summed)
+        entropy = None if stats.entropy is None else total.log() + next(summed) / total
+        target = None if stats.target is None else next(summed)
+        mean = None if stats.mean is None else next(summed) / self.vocab
+        return RowStats(top + total.log(), target, mean, entropy)
+
+    def reduce_grad(self, grad_hidden: Tensor) -> Tensor:
+        """Each rank's hidden gradient covers its own slice; the full one is their sum."""
+        dist.all_reduce(grad_hidden, group=self.group)
+        return grad_hidden
+
+
+_FINGERPRINTS = ("hidden_sum", "hidden_abs", "targets_checksum", "targets_min", "targets_max")
+
+
+def _fingerprints(hidden2d: Tensor, targets: Tensor | None) -> Tensor:
+    """Summaries of the inputs every rank must share (``_FINGERPRINTS``), reduced on the
+    inputs' device. The labels' checksum weighs each by its position (exact int64 arithmetic),
+    so that labels in another order differ; once their minimum and maximum agree, every rank
+    checks their range against the whole vocabulary alike."""
+    # Per-row reductions in hidden's dtype first: a ``dtype=`` argument would copy hidden.
+    hidden = [
+        hidden2d.sum(1).double().sum(),
+        torch.linalg.vector_norm(hidden2d, 1, dim=1).double().sum(),
+    ]
+    if targets is None or targets.numel() == 0:
+        return torch.stack([*hidden, *hidden2d.new_zeros(3, dtype=torch.float64)])
+    low, high = torch.aminmax(targets)
+    positions = torch.arange(targets.numel(), device=targets.device) % 65521 + 1
+    labels = torch.stack([(targets * positions).sum(), low, high]).double()
+    return torch.cat([torch.stack(hidden), labels])
+
+
+class _Agreement:
+    """The one metadata exchange of a vocab-parallel call (see ``checked_on_every_rank``)."""
+
+    # One float64 row per rank: these fields, then the UTF-8 bytes of a failed rank's message.
+    _FIELDS = (
+        "error",
+        "message_length",
+        "vocab",
+        "dim",
+        "dtype",
+        "hidden_rows",
+        "rows",
+        "bias",
+        "hidden_grad",
+        "logit_scale",
+        "softcap",
+        "temperature",
+        *_FINGERPRINTS,
+    )
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.gathered = False
+        self.vocab: int | None = None
+
+    def agree(
+        self,
+        hidden2d: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        transform: LogitTransform,
+        targets: Tensor | None = None,
+        targets_name: str = "",
+    ) -> VocabSlice | None:
+        """Exchange this rank's description of its inputs; raise on every rank if they disagree.
+        Returns this rank's ``VocabSlice``, or None without a process group. Sets ``vocab``, the
+        size of the whole vocabulary, which labels must index."""
+        self.vocab = weight.shape[0]
+        if self.group is None:
+            return None
+        fields = {
+            "vocab": weight.shape[0],
+            "dim": weight.shape[1],
+            "dtype": _DTYPES.index(weight.dtype),
+            "hidden_rows": hidden2d.shape[0],
+            "rows": hidden2d.shape[0] if targets is None else targets.numel(),
+            "bias": bias is not None,
+            "hidden_grad": hidden2d.requires_grad,
+            "logit_scale": transform.logit_scale or 0.0,
+            "softcap": transform.softcap or 0.0,
+            "temperature": transform.temperature,
+        }
+        ranks = self._gather(fields, _fingerprints(hidden2d, targets))
+        _raise_first_error(ranks)
+        _same(ranks, "dim", "weight", "hidden size D")
+        _same(ranks, "dtype", "hidden", "dtype", show=lambda code: _DTYPES[int(code)])
+        _same(ranks, "hidden_rows", "hidden", "number of rows (hidden.shape[:-1] flattened)")
+        if targets is not None:
+            _same(ranks, "rows", targets_name, "number of positions that are not ignored")
+            for key in ("targets_checksum", "targets_min", "targets_max"):
+                _same(ranks, key, targets_name, f"values ({key.split('_')[1]})")
+        _same(ranks, "bias", "bias", "presence (a bias on every rank or on none)", show=bool)
+        _same(
+            ranks,
+            "hidden_grad",
+            "hidden",
+            "requires_grad (each rank's backward all-reduces hidden's gradient)",
+            show=bool,
+        )
+        for name in ("logit_scale", "softcap", "temperature"):
+            _same(ranks, name, name, "value")
+        _check_replicated(ranks)
+        sizes = [int(rank["vocab"]) for rank in ranks]
+        rank = dist.get_rank(self.group)
+        self.vocab = sum(sizes)
+        return VocabSlice(self.group, sum(sizes[:rank]), sizes[rank], self.vocab)
+
+    def report(self, error: Exception) -> None:
+        """Take part in the exchange with this rank's error, so that no rank waits for it."""
+        kind = next((k for k in _ERRORS[1:-1] if isinstance(error, k)), RuntimeError)
+        fingerprints = torch.zeros(len(_FINGERPRINTS), dtype=torch.float64)
+        self._gather({"error": _ERRORS.index(kind)}, fingerprints, message=str(error))
+
+    def _gather(self, fields: dict, fingerprints: Tensor, message: str = "") -> list[dict]:
+        self.gathered = True
+        encoded = list(message.encode("utf-8")[:_MESSAGE_BYTES])
+        fields = {**fields, "message_length": len(encoded)}
+        head = [float(fields.get(name, 0)) for name in self._FIELDS[: -len(_FINGERPRINTS)]]
+        device = _collective_device(self.group)
+        row = torch.cat(
+            [
+                torch.tensor(head, dtype=torch.float64),
+                fingerprints.cpu(),
+                torch.tensor(encoded + [0] * (_MESSAGE_BYTES - len(encoded)), dtype=torch.float64),
+            ]
+        ).to(device)
+        rows = [torch.empty_like(row) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(rows, row, group=self.group)
+        ranks = []
+        for gathered in rows:
+            values = gathered.tolist()
+            rank = dict(zip(self._FIELDS, values, strict=False))
+            start = len(self._FIELDS)
+            raw = bytes(int(b) for b in values[start : start + int(rank["message_length"])])
+            rank["message"] = raw.decode("utf-8", errors="replace")
+            ranks.append(rank)
+        return ranks
+
+
+def _collective_device(group: dist.ProcessGroup) -> torch.device:
+    """Where a collective's tensors live: CPU for gloo (and MPI), else the current accelerator."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def _raise_first_error(ranks: list[dict]) -> None:
+    """Raise here the error of the lowest rank whose checks failed (it raises its own)."""
+    failed = [r for r, rank in enumerate(ranks) if rank["error"]]
+    if failed:
+        first = ranks[failed[0]]
+        raise _ERRORS[int(first["error"])](
+            f"{first['message']} (raised on group rank {failed[0]} of process_group)"
+        )
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _same(ranks: list[dict], key: str, argument: str, what: str, show=_number) -> None:
+    values = [rank[key] for rank in ranks]
+    if any(value != values[0] for value in values):
+        shown = [show(value) for value in values]
+        raise ValueError(
+            f"{argument}: expected the same {what} on every rank of process_group, got {shown} "
+            "by group rank"
+        )
+
+
+def _check_replicated(ranks: list[dict]) -> None:
+    """Vocab-parallel ranks must hold the same hidden states; a data-parallel setup (FSDP,
+    DDP: different batches per rank) passed here by mistake would be silently wrong."""
+    sums = [rank["hidden_sum"] for rank in ranks]
+    scale = max(rank["hidden_abs"] for rank in ranks)
+    if max(sums) - min(sums) > _FINGERPRINT_TOLERANCE * scale:
+        raise ValueError(
+            "hidden: expected the same hidden states on every rank of process_group (vocab-"
+            "parallel ranks hold different slices of the head, not different data), got "
+            f"different values: sums {sums} by group rank"
+        )
+
+
+def check_process_group(process_group) -> dist.ProcessGroup | None:
+    if process_group is None:
+        return None
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group: expected a torch.distributed.ProcessGroup or None, got "
+            f"{type(process_group).__name__}"
+        )
+    if not dist.is_initialized():
+        raise ValueError("process_group: expected an initialised torch.distributed, got none")
+    return process_group
+
+
+@contextmanager
+def checked_on_every_rank(process_group):
+    """Run an op's argument checks so that a failure on one rank fails every rank.
+
+    The block's last step is ``agreement.agree(...)``, the one metadata exchange. An exception
+    raised earlier in the block on some rank is sent through that same exchange, so the other
+    ranks raise it too instead of waiting in a collective. Without a process group (None) this
+    is a no-op and ``agree`` returns None.
+    """
+    agreement = _Agreement(check_process_group(process_group))
+    try:
+        yield agreement
+    except Exception as error:
+        if agreement.group is not None and not agreement.gathered:
+            agreement.report(error)
+        raise
+
+
+class LocalHead(NamedTuple):
+    """This rank's slice of a vocabulary-parallel head and its ``process_group``."""
+
+    weight: Tensor
+    bias: Tensor | None
+    process_group: dist.ProcessGroup | None
+
+
+def local_head(weight: Tensor, bias: Tensor | None = None) -> LocalHead:
+    """Recognise a head whose weight is a ``DTensor`` sharded on the vocabulary dimension.
+
+    weight: ``[V, D]`` plain tensor or ``DTensor`` placed ``Shard(0)`` on one dimension of its
+    device mesh and ``Replicate()`` on any others (``ColwiseParallel``); bias: ``[V]`` or None,
+    placed like the weight. Returns the local slices (``DTensor.to_local``: their gradients flow
+    back to the DTensor parameters) with that mesh dimension's process group, or the tensors
+    unchanged with ``process_group=None`` when they are not sharded. Usage::
+
+        weight, bias, group = local_head(lm_head.weight, lm_head.bias)
+        loss = chunklogits.linear_cross_entropy(hidden, weight, labels, bias=bias,
+                                                process_group=group)
+
+    A weight sharded on another dimension (e.g. ``RowwiseParallel``'s ``Shard(1)``) or partial
+    raises a ``ValueError``; the placements are the same on every rank, so every rank raises.
+    """
+    if not isinstance(weight, DTensor):
+        if isinstance(bias, DTensor):
+            raise TypeError("bias: expected a plain tensor like the weight, got a DTensor")
+        return LocalHead(weight, bias, None)
+    vocab_dims = [i for i, p in enumerate(weight.placements) if p == Shard(0)]
+    others = [p for p in weight.placements if p != Shard(0) and not p.is_replicate()]
+    if others or len(vocab_dims) > 1:
+        raise ValueError(
+            "weight: expected a DTensor sharded on the vocabulary dimension 0 over one mesh "
+            f"dimension and replicated over the others (ColwiseParallel), got placements "
+            f"{tuple(weight.placements)}"
+        )
+    if bias is not None and (
+        not isinstance(bias, DTensor)
+        or bias.device_mesh != weight.device_mesh
+        or tuple(bias.placements) != tuple(weight.placements)
+    ):
+        placed = tuple(bias.placements) if isinstance(bias, DTensor) else "a plain tensor"
+        raise ValueError(
+            f"bias: expected a DTensor placed like the weight, {tuple(weight.placements)} on the "
+            f"same mesh, got {placed}"
+        )
+    local_bias = None if bias is None else bias.to_local()
+    group = weight.device_mesh.get_group(vocab_dims[0]) if vocab_dims else None
+    return LocalHead(weight.to_local(), local_bias, group)

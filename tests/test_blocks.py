@@ -1,0 +1,78 @@
+"""The block engine's plan and its online merge, on the cases that break naive implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chunklogits as cl
+from chunklogits._blocks import _BYTES_PER_BLOCK_ELEMENT, plan_blocks
+from tests.helpers import assert_as_accurate
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "rows, vocab", [(2048, 128256), (1024, 256000), (16, 256000), (100_000, 32000)]
+)
+def test_default_plan_fits_the_budget(rows, vocab):
+    plan = plan_blocks(rows, vocab, torch.bfloat16, CPU)
+    widest = max(v1 - v0 for v0, v1 in plan.shards)
+    assert plan.shard_bounds[0] == 0 and plan.shard_bounds[-1] == vocab
+    assert sum(v1 - v0 for v0, v1 in plan.shards) == vocab
+    assert max(v1 - v0 for v0, v1 in plan.shards) - min(v1 - v0 for v0, v1 in plan.shards) <= 1
+    assert plan.chunks[-1][1] == rows
+    assert min(plan.chunk_size, rows) * widest * _BYTES_PER_BLOCK_ELEMENT <= 32 * 2**20
+
+
+def test_budget_changes_blocks_not_results():
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(300, 64, generator=g), torch.randn(5000, 64, generator=g)
+    labels = torch.randint(0, 5000, (300,), generator=g)
+    default = plan_blocks(300, 5000, torch.float32, CPU)
+    previous = cl.set_block_budget(2**16)
+    try:
+        small = plan_blocks(300, 5000, torch.float32, CPU)
+        tight = cl.linear_cross_entropy(hidden, weight, labels, reduction="none")
+    finally:
+        cl.set_block_budget(previous)
+    assert len(small.shards) * len(small.chunks) > len(default.shards) * len(default.chunks)
+    expected = cl.reference.linear_cross_entropy(hidden, weight, labels, reduction="none")
+    torch.testing.assert_close(tight, expected)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_online_merge_with_huge_logits(where):
+    # Logits of order 1e4: exp overflows without the running max; the max sits in the first or
+    # the last shard so that both rescaling directions are exercised.
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(400, 16, generator=g)
+    weight[0 if where == "first" else 399] = hidden[0] * 1000.0
+    tokens = torch.randint(0, 400, (6,), generator=g)
+    ours = cl.token_logprobs(hidden, weight, tokens, return_entropy=True, shards=8)
+    naive = cl.reference.token_logprobs(hidden, weight, tokens, return_entropy=True)
+    exact = cl.reference.token_logprobs(
+        hidden.double(), weight.double(), tokens, return_entropy=True
+    )
+    lse = cl.logsumexp(hidden, weight, shards=8)
+    assert torch.cat([*ours, lse]).isfinite().all()
+    for name, o, n, e in zip(["logprobs", "entropy"], ours, naive, exact, strict=True):
+        assert_as_accurate(o, n, e, torch.float32, name)
+    exact_lse = cl.reference.logsumexp(hidden.double(), weight.double())
+    assert_as_accurate(lse, cl.reference.logsumexp(hidden, weight), exact_lse, torch.float32, "lse")
+
+
+def test_entropy_does_not_cancel_a_large_offset():
+    # A common offset (a bias of 300) leaves the softmax and its entropy unchanged; an entropy
+    # computed as lse - E[z] cancels the offset and loses ~300 * eps32 = 4e-5, ten times the
+    # error of the naive -(p * log p).sum().
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(5, 32, generator=g), torch.randn(700, 32, generator=g)
+    tokens = torch.randint(0, 700, (5,), generator=g)
+    bias = torch.full((700,), 300.0)
+    _, ours = cl.token_logprobs(hidden, weight, tokens, bias=bias, return_entropy=True, shards=6)
+    _, naive = cl.reference.token_logprobs(hidden, weight, tokens, bias=bias, return_entropy=True)
+    f64 = (hidden.double(), weight.double(), tokens)
+    _, exact = cl.reference.token_logprobs(*f64, bias=bias.double(), return_entropy=True)
+    assert_as_accurate(ours, naive, exact, torch.float32, "entropy")
+    assert (ours.double() - exact).abs().max() < 1e-5

@@ -1,0 +1,489 @@
+"""Vocab-parallel ops (``process_group=``) against the single-process oracle, on CPU with gloo.
+
+Each world size (2 and 3 ranks) is one group of spawned processes that runs every scenario in
+turn, the bad-input ones first: a rank left behind in a collective by an error would hang or
+desynchronise every later scenario. The processes return their outputs and gradients; the tests
+below compare them with ``chunklogits.reference`` on the whole head (accuracy oracle: fp64 truth
+vs the naive computation in the same dtype).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import chunklogits
+from chunklogits import reference
+from chunklogits.distributed import local_head
+from tests.helpers import assert_as_accurate, run_ranks
+
+WORLDS = (2, 3)
+_DIM = 24
+_ROWS = (3, 7)
+
+
+# --- numeric scenarios: outputs and every gradient vs the single-process oracle -----------------
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "loss", "logprobs" or "logsumexp"
+    dtype: torch.dtype
+    vocab: int
+    split: str  # "even" (torch.chunk's sizes, as DTensor shards) or "uneven"
+    bias: bool = False
+    ignored: float = 0.0  # fraction of labels set to ignore_index
+    dtensor: bool = False  # the head is an nn.Linear parallelised with ColwiseParallel
+    options: dict = field(default_factory=dict)
+
+
+CASES = {
+    "loss_mean_ignored": Case("loss", torch.float32, 1001, "even", ignored=0.3),
+    "loss_none_all_options": Case(
+        "loss",
+        torch.float32,
+        1001,
+        "uneven",
+        bias=True,
+        ignored=0.2,
+        options=dict(
+            reduction="none",
+            label_smoothing=0.1,
+            z_loss=1e-3,
+            softcap=5.0,
+            logit_scale=0.7,
+            shards=3,
+            chunk_size=4,
+        ),
+    ),
+    "loss_shift_bf16": Case(
+        "loss",
+        torch.bfloat16,
+        517,
+        "uneven",
+        ignored=0.1,
+        options=dict(shift=True, num_items_in_batch=9, label_smoothing=0.05),
+    ),
+    "logprobs_entropy": Case(
+        "logprobs",
+        torch.float32,
+        1001,
+        "uneven",
+        bias=True,
+        options=dict(return_entropy=True, temperature=0.7, softcap=3.0, chunk_size=5),
+    ),
+    "logprobs_entropy_bf16": Case(
+        "logprobs", torch.bfloat16, 1001, "even", options=dict(return_entropy=True)
+    ),
+    "logsumexp": Case(
+        "logsumexp", torch.float32, 1001, "uneven", options=dict(logit_scale=1.3, temperature=1.5)
+    ),
+    "dtensor_colwise_loss": Case(
+        "loss",
+        torch.float32,
+        1001,
+        "even",
+        bias=True,
+        ignored=0.2,
+        dtensor=True,
+        options=dict(label_smoothing=0.1),
+    ),
+}
+
+# Relative slice sizes of the "uneven" split: one small slice among large ones.
+_UNEVEN = {2: (1, 6), 3: (3, 1, 8)}
+
+
+def _bounds(vocab: int, world: int, split: str) -> list[int]:
+    """Where each rank's slice starts, then the vocabulary size."""
+    if split == "even":
+        sizes = [len(chunk) for chunk in torch.arange(vocab).chunk(world)]
+    else:
+        weights = _UNEVEN[world]
+        cuts = [round(vocab * sum(weights[:i]) / sum(weights)) for i in range(world + 1)]
+        sizes = [b - a for a, b in itertools.pairwise(cuts)]
+    return [sum(sizes[:i]) for i in range(world + 1)]
+
+
+def _inputs(case: Case, dtype: torch.dtype):
+    """hidden, weight, bias (rounded to the case's dtype, held in ``dtype``) and labels; every
+    process draws the same ones."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*_ROWS, _DIM, generator=g, dtype=torch.float64)
+    weight = torch.randn(case.vocab, _DIM, generator=g, dtype=torch.float64) * (3 / _DIM**0.5)
+    bias = torch.randn(case.vocab, generator=g, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, case.vocab, _ROWS, generator=g)
+    labels[torch.rand(_ROWS, generator=g) < case.ignored] = -100
+    hidden, weight, bias = (t.to(case.dtype).to(dtype) for t in (hidden, weight, bias))
+    return hidden, weight, bias if case.bias else None, labels
+
+
+def _run(module, case: Case, hidden, weight, bias, labels, **extra) -> list[torch.Tensor]:
+    """The case's op from ``module`` (chunklogits or reference) as a list of outputs, and the
+    backward pass of a fixed random combination of them."""
+    if case.op == "loss":
+        outs = module.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, **case.options, **extra
+        )
+    elif case.op == "logprobs":
+        outs = module.token_logprobs(hidden, weight, labels, bias=bias, **case.options, **extra)
+    else:
+        outs = module.logsumexp(hidden, weight, bias=bias, **case.options, **extra)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+    sum((o * u).sum() for o, u in zip(outs, upstream, strict=True)).backward()
+    return [o.detach() for o in outs]
+
+
+def _numeric_case(rank: int, world: int, case: Case) -> dict:
+    hidden, weight, bias, labels = _inputs(case, case.dtype)
+    hidden.requires_grad_()
+    if case.dtensor:
+        head = nn.Linear(_DIM, case.vocab, bias=bias is not None, dtype=case.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+        parallelize_module(head, init_device_mesh("cpu", (world,)), ColwiseParallel())
+        weight, bias, group = local_head(head.weight, head.bias)
+        outs = _run(chunklogits, case, hidden, weight, bias, labels, process_group=group)
+        weight_grad = head.weight.grad.to_local()
+        bias_grad = None if bias is None else head.bias.grad.to_local()
+    else:
+        start, end = _bounds(case.vocab, world, case.split)[rank : rank + 2]
+        weight = weight[start:end].clone().requires_grad_()
+        bias = None if bias is None else bias[start:end].clone().requires_grad_()
+        outs = _run(chunklogits, case, hidden, weight, bias, labels, process_group=dist.group.WORLD)
+        weight_grad, bias_grad = weight.grad, None if bias is None else bias.grad
+    return {"outs": outs, "hidden": hidden.grad, "weight": weight_grad, "bias": bias_grad}
+
+
+@functools.cache
+def _single_process(name: str, dtype: torch.dtype) -> dict:
+    case = CASES[name]
+    hidden, weight, bias, labels = _inputs(case, dtype)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    outs = _run(reference, case, hidden, weight, bias, labels)
+    grads = [leaf.grad for leaf in leaves] + [None]
+    return {"outs": outs, "hidden": grads[0], "weight": grads[1], "bias": grads[2]}
+
+
+# --- bad inputs: the same error on every rank, and no rank left waiting --------------------------
+
+_SLICES = (20, 15, 25)  # rank r holds _SLICES[r] vocabulary rows
+
+
+def _loss(hidden, weight, labels, **kwargs):
+    return chunklogits.linear_cross_entropy(hidden, weight, labels, **kwargs)
+
+
+def _logprobs(hidden, weight, labels, **kwargs):
+    return chunklogits.token_logprobs(hidden, weight, labels, **kwargs)
+
+
+def _logsumexp(hidden, weight, labels, **kwargs):
+    return chunklogits.logsumexp(hidden, weight, **kwargs)
+
+
+# name: (op, ranks that get the change ("one": rank 1, "all"), change of the inputs and keyword
+# arguments, expected error type, what its message starts with; {vocab}: the whole vocabulary)
+BAD_INPUTS = {
+    "hidden_size": (
+        _loss,
+        "one",
+        lambda a, k: a.update(hidden=a["hidden"][:, :-1], weight=a["weight"][:, :-1]),
+        ValueError,
+        "weight: expected the same hidden size D on every rank",
+    ),
+    "dtype": (
+        _loss,
+        "one",
+        lambda a, k: a.update(hidden=a["hidden"].bfloat16(), weight=a["weight"].bfloat16()),
+        ValueError,
+        "hidden: expected the same dtype",
+    ),
+    "rows": (
+        _logprobs,
+        "one",
+        lambda a, k: a.update(hidden=a["hidden"][:-1], labels=a["labels"][:-1]),
+        ValueError,
+        "hidden: expected the same number of rows",
+    ),
+    "hidden_values": (
+        _logsumexp,
+        "one",
+        lambda a, k: a.update(hidden=a["hidden"] + 1),
+        ValueError,
+        "hidden: expected the same hidden states on every rank",
+    ),
+    "label_values": (
+        _loss,
+        "one",
+        lambda a, k: a.update(labels=a["labels"].roll(1)),
+        ValueError,
+        "labels: expected the same values",
+    ),
+    "ignored_on_one_rank": (
+        _loss,
+        "one",
+        lambda a, k: a["labels"].__setitem__(0, -100),
+        ValueError,
+        "labels: expected the same number of positions that are not ignored",
+    ),
+    "bias_on_one_rank": (
+        _loss,
+        "one",
+        lambda a, k: k.update(bias=torch.zeros(15)),
+        ValueError,
+        "bias: expected the same presence",
+    ),
+    "requires_grad": (
+        _loss,
+        "one",
+        lambda a, k: a["hidden"].requires_grad_(),
+        ValueError,
+        "hidden: expected the same requires_grad",
+    ),
+    "softcap": (
+        _logprobs,
+        "one",
+        lambda a, k: k.update(softcap=2.0),
+        ValueError,
+        "softcap: expected the same value",
+    ),
+    "labels_dtype_on_one_rank": (
+        _loss,
+        "one",
+        lambda a, k: a.update(labels=a["labels"].float()),
+        TypeError,
+        "labels: expected an integer tensor",
+    ),
+    "shards_beyond_slice": (
+        _loss,
+        "one",
+        lambda a, k: k.update(shards=16),
+        ValueError,
+        "shards: expected an int in [1, 15], got 16",
+    ),
+    "label_out_of_vocabulary": (
+        _loss,
+        "all",
+        lambda a, k: a["labels"].__setitem__(0, 1000),
+        ValueError,
+        "labels: expected values in [0, {vocab})",
+    ),
+    "token_out_of_vocabulary": (
+        _logprobs,
+        "all",
+        lambda a, k: a["labels"].__setitem__(2, -1),
+        ValueError,
+        "tokens: expected values in [0, {vocab})",
+    ),
+    "process_group_type": (
+        _loss,
+        "all",
+        lambda a, k: k.update(process_group="world"),
+        TypeError,
+        "process_group: expected a torch.distributed.ProcessGroup or None",
+    ),
+}
+
+
+def _raised(call) -> tuple[str, str]:
+    """(error type name, message) of what ``call()`` raised, or ("", "") if nothing."""
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return type(error).__name__, str(error)
+    return "", ""
+
+
+def _bad_call(rank: int, world: int, name: str) -> tuple[str, str]:
+    op, who, change, _, _ = BAD_INPUTS[name]
+    g = torch.Generator().manual_seed(5)
+    args = {
+        "hidden": torch.randn(6, _DIM, generator=g),
+        "labels": torch.randint(0, sum(_SLICES[:world]) - 1, (6,), generator=g),
+        "weight": torch.randn(_SLICES[rank], _DIM, generator=g),  # last: its size varies
+    }
+    kwargs = {"process_group": dist.group.WORLD}
+    if who == "all" or rank == 1:
+        change(args, kwargs)
+    return _raised(lambda: op(**args, **kwargs))
+
+
+# name: (how nn.Linear(D, 40) is parallelised, which of its parameters is passed as a plain
+# tensor, expected error type, what its message starts with)
+BAD_DTENSOR_HEADS = {
+    "rowwise_weight": (
+        RowwiseParallel,
+        None,
+        ValueError,
+        "weight: expected a DTensor sharded on the vocabulary dimension 0",
+    ),
+    "plain_bias": (
+        ColwiseParallel,
+        "bias",
+        ValueError,
+        "bias: expected a DTensor placed like the weight",
+    ),
+    "plain_weight": (
+        ColwiseParallel,
+        "weight",
+        TypeError,
+        "bias: expected a plain tensor like the weight, got a DTensor",
+    ),
+}
+
+
+def _bad_dtensor_head(rank: int, world: int, name: str) -> tuple[str, str]:
+    style, plain, _, _ = BAD_DTENSOR_HEADS[name]
+    head = nn.Linear(_DIM, 40)
+    parallelize_module(head, init_device_mesh("cpu", (world,)), style())
+    params = {"weight": head.weight, "bias": head.bias}
+    if plain is not None:
+        params[plain] = params[plain].full_tensor().detach()
+    return _raised(lambda: local_head(**params))
+
+
+# --- FSDP2: a small LM whose loss is chunklogits on its lm_head trains as in one process ---------
+
+_STEPS = 4
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, loss, vocab: int = 301, dim: int = 16):
+        super().__init__()
+        self.loss = loss
+        self.embed = nn.Embedding(vocab, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids, labels):
+        hidden = self.mlp(self.embed(ids))
+        return self.loss(hidden, self.lm_head.weight, labels, shift=True)
+
+
+def _batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    ids = torch.randint(0, 301, (2, 9), generator=g)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=g) < 0.2, -100)
+    return ids, labels
+
+
+def _new_model(loss, dtype: torch.dtype) -> _TinyLM:
+    torch.manual_seed(0)
+    return _TinyLM(loss).to(dtype)
+
+
+def _fsdp2_losses(rank: int, world: int) -> torch.Tensor:
+    model = _new_model(chunklogits.linear_cross_entropy, torch.float32)
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model.mlp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    losses = []
+    for step in range(_STEPS):
+        loss = model(*_batch(step, rank))
+        loss.backward()  # FSDP2 averages the gradients over the ranks
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _single_process_losses(dtype: torch.dtype, world: int) -> torch.Tensor:
+    """Each step: every rank's batch through one model, the mean of their losses backpropagated."""
+    model = _new_model(reference.linear_cross_entropy, dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    losses = []
+    for step in range(_STEPS):
+        step_losses = torch.stack([model(*_batch(step, rank)) for rank in range(world)])
+        step_losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(step_losses.detach())
+    return torch.stack(losses)
+
+
+# --- the spawned ranks --------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int) -> dict:
+    bad = {name: _bad_call(rank, world, name) for name in BAD_INPUTS}
+    bad.update({name: _bad_dtensor_head(rank, world, name) for name in BAD_DTENSOR_HEADS})
+    results = {"bad": bad}
+    results.update({name: _numeric_case(rank, world, case) for name, case in CASES.items()})
+    if world == 2:
+        results["fsdp2"] = _fsdp2_losses(rank, world)
+    return results
+
+
+@functools.cache
+def _ranks(world: int) -> list[dict]:
+    return run_ranks(_worker, world)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", CASES)
+def test_matches_single_process(name, world):
+    case = CASES[name]
+    ranks = [results[name] for results in _ranks(world)]
+    naive, exact = _single_process(name, case.dtype), _single_process(name, torch.float64)
+    for rank, got in enumerate(ranks):
+        for i, out in enumerate(got["outs"]):
+            where = f"{name}, output {i}, rank {rank} of {world}"
+            assert out.shape == exact["outs"][i].shape, where
+            assert_as_accurate(out, naive["outs"][i], exact["outs"][i], case.dtype, where)
+        where = f"{name}, hidden gradient, rank {rank} of {world}"
+        assert_as_accurate(got["hidden"], naive["hidden"], exact["hidden"], case.dtype, where)
+    for key in ("weight", "bias") if case.bias else ("weight",):
+        # Each rank holds the gradient of its own slice; together they are the whole gradient.
+        whole = torch.cat([got[key] for got in ranks])
+        assert_as_accurate(whole, naive[key], exact[key], case.dtype, f"{name}, {key} gradient")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", [*BAD_INPUTS, *BAD_DTENSOR_HEADS])
+def test_bad_input_raises_on_every_rank(name, world):
+    kind, start = (BAD_INPUTS.get(name) or BAD_DTENSOR_HEADS[name])[-2:]
+    start = start.format(vocab=sum(_SLICES[:world]))  # the whole vocabulary's size
+    for rank, results in enumerate(_ranks(world)):
+        raised, message = results["bad"][name]
+        assert raised == kind.__name__, f"rank {rank} of {world} raised {raised!r}: {message}"
+        assert message.startswith(start), f"rank {rank} of {world}: {message}"
+        if name in ("labels_dtype_on_one_rank", "shards_beyond_slice") and rank != 1:
+            assert message.endswith("(raised on group rank 1 of process_group)"), message
+
+
+def test_fsdp2_training_matches_single_process():
+    world = 2
+    ours = torch.stack([results["fsdp2"] for results in _ranks(world)], dim=1)
+    naive = _single_process_losses(torch.float32, world)
+    exact = _single_process_losses(torch.float64, world)
+    assert exact[-1].mean() < exact[0].mean() - 0.05, "the reference run should learn something"
+    assert_as_accurate(ours, naive, exact, torch.float32, "FSDP2 losses per step and rank")
+
+
+def test_local_head_passes_plain_tensors_through():
+    weight, bias = torch.randn(7, 3), torch.randn(7)
+    local = local_head(weight, bias)
+    assert local.weight is weight and local.bias is bias and local.process_group is None
+
+
+def test_process_group_needs_initialised_distributed():
+    assert not dist.is_initialized()
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    hidden, weight, labels = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match=r"^process_group: expected an initialised torch\.distr"):
+        chunklogits.linear_cross_entropy(hidden, weight, labels, process_group=group)
