@@ -145,7 +145,8 @@ def _compare_with_unwrapped(family, dtype, run, *, autocast: bool = False, **wra
 def _training_loss(name, model):
     input_ids, labels = _batch()
     loss = model(input_ids=input_ids, labels=labels).loss
-    assert loss.dtype == torch.float32 or name == "exact"
+    if name == "ours":
+        assert loss.dtype == torch.float32
     return {"loss": loss}, loss
 
 
