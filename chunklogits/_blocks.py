@@ -125,13 +125,15 @@ def plan_blocks(
     *,
     shards: int | None = None,
     chunk_size: int | None = None,
+    bytes_per_element: int = _BYTES_PER_BLOCK_ELEMENT,
 ) -> BlockPlan:
     """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
     block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
-    widest shards the budget leaves room for."""
+    widest shards the budget leaves room for. ``bytes_per_element``: the transient memory one block
+    element costs the caller (the default is the backward pass's)."""
     _check_count("shards", shards, 1, vocab)
     _check_count("chunk_size", chunk_size, 1)
-    elements = max(1, _settings["block_budget"] // _BYTES_PER_BLOCK_ELEMENT)
+    elements = max(1, _settings["block_budget"] // bytes_per_element)
     if chunk_size is None:
         width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
         chunk_size = max(1, min(rows, _MAX_CHUNK, elements // width))
@@ -377,6 +379,26 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     return grad_hidden, grad_weight, grad_bias
 
 
+def _block_functions(hidden2d: Tensor):
+    """``(forward_stats, backward_blocks)`` for ``hidden2d``: the fused Triton kernels of
+    ``_triton`` where they serve it (CUDA, triton installed), else the PyTorch loop above, which
+    is also their test oracle."""
+    if hidden2d.is_cuda:
+        kernels = _triton_module()
+        if kernels is not None and kernels.serves(hidden2d):
+            return kernels.forward_stats, kernels.backward_blocks
+    return _forward_stats, _backward_blocks
+
+
+@cache
+def _triton_module():
+    try:
+        from . import _triton
+    except ImportError:  # triton is optional (extra "gpu")
+        return None
+    return _triton
+
+
 class _RowStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -392,7 +414,8 @@ class _RowStatsFunction(torch.autograd.Function):
         want_entropy,
         vocab_parallel,
     ):
-        stats = _forward_stats(
+        forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
+        stats = forward_stats(
             hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
         )
         if vocab_parallel is not None:
@@ -415,7 +438,7 @@ class _RowStatsFunction(torch.autograd.Function):
         parallel = ctx.vocab_parallel
         coef = _coefficients(stats, grads, weight.shape[0] if parallel is None else parallel.vocab)
         needs = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = _backward_blocks(
+        grad_hidden, grad_weight, grad_bias = ctx.backward_blocks(
             hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
         )
         if parallel is not None and grad_hidden is not None:

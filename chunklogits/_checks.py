@@ -56,10 +56,15 @@ def check_head(hidden, weight, bias) -> None:
             raise ValueError(f"bias: expected hidden's device {hidden.device}, got {bias.device}")
 
 
+def check_integer_tensor(name: str, value) -> Tensor:
+    check_tensor(name, value)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+    return value
+
+
 def check_token_tensor(name: str, tokens, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    check_tensor(name, tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {tokens.dtype}")
+    check_integer_tensor(name, tokens)
     if tuple(tokens.shape) != tuple(shape):
         raise ValueError(
             f"{name}: expected shape {tuple(shape)} (hidden.shape[:-1]), got {tuple(tokens.shape)}"
@@ -108,3 +113,36 @@ def make_transform(softcap, logit_scale, temperature=1.0) -> LogitTransform:
 def flat_rows(hidden: Tensor) -> Tensor:
     """``hidden [..., D]`` as ``[M, D]`` (a view when hidden is contiguous)."""
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+def check_real_in(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    """A real number in ``[low, high]`` (``(low, high]`` with ``low_open``), returned as a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a float, got {value!r}")
+    above_low = value > low if low_open else value >= low
+    if not (above_low and value <= high):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name}: expected a float in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_sampling_options(
+    *, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0
+) -> None:
+    """HF's sampling settings: ``top_k`` an int >= 0 (0: off), ``top_p`` in (0, 1] (1: off),
+    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling.
+    Those not given take their neutral value."""
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise TypeError(f"top_k: expected an int (0 turns top-k off), got {top_k!r}")
+    if top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0 (0 turns top-k off), got {top_k}")
+    check_real_in("top_p", top_p, 0.0, 1.0, low_open=True)
+    if min_p is not None:
+        check_real_in("min_p", min_p, 0.0, 1.0)
+    check_positive_float("repetition_penalty", repetition_penalty, allow_none=False)
+    if do_sample:
+        check_positive_float("temperature", temperature, allow_none=False)
+    elif not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"temperature: expected a float, got {temperature!r}")

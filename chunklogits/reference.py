@@ -109,6 +109,154 @@ def logsumexp(
     return z.logsumexp(-1)
 
 
+def next_token_scores(
+    raw_scores: Tensor,
+    *,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    prev_tokens: Tensor | None = None,
+) -> Tensor:
+    """HF's own processors, in ``generate()``'s order, on fp32 ``raw_scores`` ``[B, V]``: the
+    processed scores (``-inf`` where filtered). ``prev_tokens`` entries outside ``[0, V)`` are
+    ignored (HF ignores ids beyond the head's vocabulary)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    vocab = raw_scores.shape[-1]
+    processors = LogitsProcessorList()
+    ids = torch.zeros(raw_scores.shape[0], 0, dtype=torch.long, device=raw_scores.device)
+    if repetition_penalty != 1.0:
+        ids = prev_tokens.long().where((prev_tokens >= 0) & (prev_tokens < vocab), vocab)
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if do_sample:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        if min_p is not None:
+            processors.append(MinPLogitsWarper(min_p))
+    return processors(ids, raw_scores.clone())
+
+
+def sample_next(
+    hidden_last: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    prev_tokens: Tensor | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+):
+    """``generate()``'s step: full fp32 logits, HF's processors, ``softmax`` + ``multinomial``
+    (or ``argmax``). Same distribution as ``chunklogits.sampling.sample_next``, not the same
+    random stream."""
+    from .sampling import NextTokens
+
+    raw = logits(hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    scores = next_token_scores(
+        raw,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        prev_tokens=prev_tokens,
+    )
+    if not do_sample:
+        tokens = scores.argmax(-1)
+    else:
+        if seed is not None:
+            generator = torch.Generator(device=raw.device).manual_seed(seed)
+        tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    if not return_logprobs:
+        return tokens
+    pick = tokens[:, None]
+    return NextTokens(
+        tokens,
+        scores.log_softmax(-1).gather(1, pick).squeeze(1),
+        raw.log_softmax(-1).gather(1, pick).squeeze(1),
+    )
+
+
+def sample(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    do_sample: bool = True,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+    shards: int | None = None,
+    **generate_kwargs,
+):
+    """``model.generate`` itself (full logits per step, HF's processors, ``multinomial``), with
+    the log-probs of ``generate.sample`` computed from its ``scores`` and ``logits``. ``seed``
+    seeds torch's default generator, which ``generate()`` draws from; a ``generator`` seeds it
+    with a number drawn from it."""
+    from .generate import SampleOutput, generate_options
+
+    given = generate_options(locals())
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        do_sample=do_sample,
+        return_dict_in_generate=return_logprobs,
+        output_scores=return_logprobs,
+        output_logits=return_logprobs,
+        **given,
+        **generate_kwargs,
+    )
+    if not return_logprobs:
+        return out
+    new = out.sequences[:, input_ids.shape[1] :]
+    picked = new[..., None]
+    logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, picked).squeeze(-1)
+    raw = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, picked).squeeze(-1)
+    # Positions after a row's eos hold padding: 0, as generate.sample reports them.
+    eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else eos, device=new.device).reshape(-1)
+    ended = torch.isin(new, eos).long().cumsum(1)
+    sampled = (ended - torch.isin(new, eos).long()) == 0
+    return SampleOutput(out.sequences, logprobs * sampled, raw * sampled)
+
+
 def sequence_logprobs(
     model,
     input_ids: Tensor,

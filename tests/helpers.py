@@ -115,3 +115,21 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, worker, args) -> 
         torch.save(worker(rank, world, *args), f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def chi_square_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> float:
+    """p-value of Pearson's chi-square test that ``counts`` ``[V]`` were drawn from ``probs``
+    ``[V]``. Categories expected fewer than ``min_expected`` times are pooled into one, so the
+    chi-square approximation holds."""
+    expected = probs.double() * counts.sum().double()
+    counts = counts.double()
+    small = expected < min_expected
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    statistic = ((observed - expected).square() / expected).sum()
+    dof = observed.numel() - 1
+    if dof == 0:
+        return 1.0
+    return torch.special.gammaincc(torch.tensor(dof / 2.0), statistic / 2.0).item()

@@ -1,0 +1,625 @@
+"""Next-token selection from a linear head's last hidden states without the ``[B, V]`` logits.
+
+HF's sampling step is ``scores = lm_head(h).float()``, then its processors in this order:
+repetition penalty, temperature, top-k, top-p, min-p; then ``softmax`` and ``multinomial``
+(greedy decoding applies only the repetition penalty, then ``argmax``). Each filter keeps the
+tokens whose processed logit ``y`` reaches a per-row threshold:
+
+* top-k keeps ``y >= y_(k)``, the k-th largest value (ties with it are kept);
+* top-p keeps the most probable tokens up to and including the one at which the descending
+  cumulative probability reaches ``top_p`` (the "crossing" token): ``y >= y_cross``. Of several
+  tokens tied at ``y_cross`` HF keeps as many as its cumulative rule admits, which ones following
+  ``torch.sort``'s unstable order; we keep as many, those of smallest vocabulary index, so the
+  threshold is a pair: ``y > y_cross``, or ``y == y_cross`` up to an index;
+* min-p keeps ``p >= min_p * p_max``, i.e. ``y >= max(y) + log(min_p)`` (top-k and top-p never
+  drop the most probable token, so the maximum is the global one).
+
+So the sampled distribution is ``softmax(y)`` restricted to ``y >= tau`` for one threshold ``tau``
+per row, and a draw from it is ``argmax_{y_v >= tau} (y_v + g_v)`` with standard Gumbel noise
+``g`` (the Gumbel-max trick). The noise is a hash of (key, row, vocabulary index), so a draw does
+not depend on how the vocabulary is cut into shards, only on the key (``seed``/``generator``).
+
+One pass over the vocabulary shards (``_blocks``) keeps, per row, the largest processed logits
+("candidates": per-shard top-C merged into a running top-C) and, when asked, the log-sum-exp and
+the raw log-sum-exp. Thresholds come from the candidates: top-k's directly; top-p's from their
+cumulative mass when it reaches ``top_p`` (otherwise a bisection on the value of the crossing
+token, a few passes that count mass above evenly spread levels, then a pass that collects the
+tokens of the last interval); min-p's from the maximum. The draw is made among the candidates
+when they provably hold every kept token (the smallest candidate is below ``tau``), otherwise by a
+masked Gumbel-max pass over the vocabulary. Plain sampling and greedy decoding are one pass that
+keeps a running (noisy) argmax. Every pass walks all rows with the same block plan, so later
+passes see bitwise the logits the first one saw. Host synchronisation: none per shard; one or two
+checks per call, a few more on the rare paths (nucleus beyond the candidates, kept tokens beyond
+them, tokens tied at a threshold beyond them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, _Workspace, plan_blocks
+from ._checks import check_head, check_integer_tensor, check_sampling_options, make_transform
+
+# Candidates kept beyond top_k, so that ties with the k-th value (frequent with half-precision
+# logits) rarely spill over the candidate set.
+_TOPK_MARGIN = 64
+# Candidates kept when top-p or min-p act without top-k, and tokens one search interval may hold.
+_CANDIDATES = 256
+# Thresholds per bisection pass of the top-p search.
+_LEVELS = 32
+# exp(-104) is below fp32's smallest subnormal: tokens this far below the row maximum have
+# probability 0 in HF's fp32 softmax, so the top-p crossing token never lies below.
+_NEGLIGIBLE = 104.0
+# Transient bytes per block element of a sampling pass (fp32 logits and a copy, the half-precision
+# GEMM output); a pass that draws Gumbel noise for every element also holds an int64 hash, its
+# shifted copy and the fp32 noise.
+_BYTES_PLAIN = 16
+_BYTES_NOISY = 40
+_MASK32 = 0xFFFFFFFF
+
+
+class NextTokens(NamedTuple):
+    """``sample_next(..., return_logprobs=True)``: the tokens ``[B]`` (int64), their log-prob
+    under the processed distribution that was sampled (after repetition penalty, temperature,
+    top-k, top-p, min-p; for greedy decoding after the repetition penalty) and under the model's
+    own distribution ``log_softmax(transform(hidden @ weight.T + bias))`` (fp32, ``[B]``)."""
+
+    tokens: Tensor
+    logprobs: Tensor
+    raw_logprobs: Tensor
+
+
+def sample_next(
+    hidden_last: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    prev_tokens: Tensor | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+) -> Tensor | NextTokens:
+    """The next token of each row, drawn as HF's ``generate()`` draws it, from hidden states.
+
+    Naive equivalent (``reference.sample_next``; what ``generate()`` does per step)::
+
+        scores = softcap(F.linear(hidden_last, weight, bias).float() * logit_scale)
+        for processor in (RepetitionPenaltyLogitsProcessor(repetition_penalty),
+                          TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                          TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)):   # those switched on
+            scores = processor(prev_tokens, scores)
+        tokens = torch.multinomial(scores.softmax(-1), 1).squeeze(1)   # or scores.argmax(-1)
+
+    Same distribution (same processor order, same tie rules: top-k keeps ties with the k-th
+    value, top-p keeps the token that crosses ``top_p``), greedy decoding token for token, but the
+    logits exist one ``[chunk, V / shards]`` block at a time and are never sorted.
+
+    Args:
+        hidden_last: ``[B, D]`` last hidden state of each sequence (model dtype).
+        weight: ``[V, D]`` output embedding; bias: ``[V]`` or None (hidden's dtype and device).
+        softcap, logit_scale: the head's logit transform, as in ``linear_cross_entropy``.
+        shards, chunk_size: blocking, as in ``linear_cross_entropy``; the tokens drawn do not
+            depend on them.
+        do_sample: False for greedy decoding (argmax after the repetition penalty; temperature,
+            top-k, top-p and min-p are then ignored, as in ``generate()``).
+        temperature: > 0 when sampling; divides the (penalised) logits.
+        top_k: keep the ``top_k`` most probable tokens and ties with the last; 0 turns it off.
+        top_p: in (0, 1]; keep the smallest most-probable set whose mass reaches ``top_p``; 1 off.
+        min_p: in [0, 1] or None (off); keep tokens with ``p >= min_p * max(p)``.
+        repetition_penalty: > 0; 1 is off. Logits of tokens in ``prev_tokens`` are divided by it
+            when positive and multiplied by it when negative (HF's rule).
+        prev_tokens: ``[B, L]`` integer tokens already in each sequence (prompt and generated);
+            entries outside ``[0, V)`` (e.g. -1 for padding) are ignored. Needed when
+            ``repetition_penalty != 1``.
+        seed / generator: the randomness (at most one): an int, or a ``torch.Generator`` from
+            which one 64-bit key is drawn per call; neither draws the key from torch's default
+            generator (so ``torch.manual_seed`` makes it reproducible).
+        return_logprobs: also return the tokens' log-probs (see ``NextTokens``).
+
+    Returns:
+        ``tokens`` ``[B]`` int64, or ``NextTokens(tokens, logprobs, raw_logprobs)``.
+    """
+    check_head(hidden_last, weight, bias)
+    if hidden_last.dim() != 2 or hidden_last.shape[0] == 0:
+        raise ValueError(
+            f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}"
+        )
+    check_sampling_options(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+    )
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs: expected a bool, got {return_logprobs!r}")
+    penalty = float(repetition_penalty)
+    generator = randomness(seed, generator, hidden_last.device)
+    prev = _penalised_tokens(prev_tokens, hidden_last, weight.shape[0], penalty)
+    temperature = float(temperature) if do_sample else 1.0
+    problem = _Problem(
+        hidden=hidden_last,
+        weight=weight,
+        bias=bias,
+        transform=make_transform(softcap, logit_scale),
+        penalty=penalty,
+        temperature=temperature,
+        prev_tokens=prev,
+        key=_noise_key(generator, hidden_last.device) if do_sample else None,
+        shards=shards,
+        chunk_size=chunk_size,
+        want_raw=return_logprobs,
+    )
+    if do_sample and (top_k > 0 or top_p < 1.0 or min_p is not None):
+        pick = _sample_filtered(problem, top_k, float(top_p), min_p)
+    else:
+        pick = _scan(
+            problem, winner=True, noisy=do_sample, lse=return_logprobs, raw_lse=return_logprobs
+        )
+    if not return_logprobs:
+        return pick.win_idx
+    return NextTokens(pick.win_idx, pick.win_val - pick.lse, pick.win_raw - pick.raw_lse)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One call's inputs. ``y = penalise(transform(hidden @ weight.T + bias)) / temperature`` are
+    the processed logits; ``x = transform(...)`` the raw ones, carried when ``want_raw``."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    transform: LogitTransform
+    penalty: float
+    temperature: float
+    prev_tokens: Tensor | None
+    key: Tensor | None
+    shards: int | None
+    chunk_size: int | None
+    want_raw: bool
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.hidden.dtype, torch.float32)
+
+    @property
+    def keep_raw(self) -> bool:
+        """Whether the raw block must be copied before processing (which would change it)."""
+        return self.want_raw and (self.penalty != 1.0 or self.temperature != 1.0)
+
+
+def _penalised_tokens(prev_tokens, hidden: Tensor, vocab: int, penalty: float) -> Tensor | None:
+    """``[B, L]`` int64 tokens whose logits the repetition penalty changes, -1 where none."""
+    if prev_tokens is None:
+        if penalty != 1.0:
+            raise ValueError(
+                f"prev_tokens: repetition_penalty={penalty} needs the tokens to penalise, got None"
+            )
+        return None
+    check_integer_tensor("prev_tokens", prev_tokens)
+    if prev_tokens.dim() != 2 or prev_tokens.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"prev_tokens: expected shape [B, L] with B = hidden_last.shape[0] = {hidden.shape[0]},"
+            f" got {tuple(prev_tokens.shape)}"
+        )
+    if prev_tokens.device != hidden.device:
+        raise ValueError(
+            f"prev_tokens: expected hidden_last's device {hidden.device}, got {prev_tokens.device}"
+        )
+    if penalty == 1.0:
+        return None
+    prev = prev_tokens.long()
+    return prev.where((prev >= 0) & (prev < vocab), -1)
+
+
+def randomness(seed, generator, device: torch.device) -> torch.Generator | None:
+    """The generator that ``seed=`` / ``generator=`` (at most one) stand for; None for torch's
+    default generator."""
+    if seed is not None and generator is not None:
+        raise ValueError("seed, generator: expected at most one of them, got both")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        return torch.Generator(device=device).manual_seed(seed)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def _noise_key(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``[2]`` int64 in ``[0, 2**32)`` on ``device``: the key of one call's Gumbel noise, drawn
+    from ``generator`` without a host synchronisation."""
+    source = device if generator is None else generator.device
+    return torch.randint(0, 2**32, (2,), generator=generator, device=source).to(device)
+
+
+def _mix32_(h: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash, in place on int64 values in ``[0, 2**32)``; every product
+    stays below 2**59, so no int64 overflow."""
+    for _ in range(2):
+        h.bitwise_xor_(h >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    return h.bitwise_xor_(h >> 16)
+
+
+def _gumbel(key: Tensor, rows: Tensor, vocab: Tensor) -> Tensor:
+    """Standard Gumbel noise for every (row, vocabulary index) pair of the broadcast ``rows`` and
+    ``vocab`` (int64), a function of ``key`` and the pair only. fp32."""
+    h = _mix32_(vocab ^ key[0])
+    h = _mix32_(h ^ ((rows * 0x9E3779B1) & _MASK32) ^ key[1])
+    # u in (0, 1) with 32 random bits; g = -log(-log(1 - u)) keeps full relative precision in
+    # the upper tail (small u), where the winners of a Gumbel-max draw come from.
+    u = h.to(torch.float32).add_(0.5).mul_(2.0**-32).clamp_(max=1.0 - 2.0**-24)
+    return u.neg_().log1p_().neg_().log_().neg_()
+
+
+def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
+    """HF's repetition penalty on the block ``y`` (columns ``v0 + j``) for the tokens ``prev``."""
+    width = y.shape[1]
+    local = prev - v0
+    local = local.where((local >= 0) & (local < width), width)
+    hit = torch.zeros(y.shape[0], width + 1, dtype=torch.bool, device=y.device).scatter_(
+        1, local, True
+    )
+    return torch.where(hit[:, :width], torch.where(y < 0, y * penalty, y / penalty), y)
+
+
+def _blocks(problem: _Problem, bytes_per_element: int, tempered: bool):
+    """Yield ``(r0, r1, v0, x, y)`` per block: raw logits ``x`` and processed logits ``y`` (the
+    same tensor when the raw ones are not wanted) of rows ``[r0, r1)`` and vocabulary entries
+    ``[v0, v0 + width)``; ``y`` not yet divided by the temperature unless ``tempered``. Every pass
+    walks all rows with the same plan, so each recomputes exactly the first pass's logits (a GEMM's
+    rounding can depend on its shape) and thresholds taken from one pass hold in the next."""
+    hidden, weight, prev = problem.hidden, problem.weight, problem.prev_tokens
+    plan = plan_blocks(
+        hidden.shape[0],
+        weight.shape[0],
+        hidden.dtype,
+        hidden.device,
+        shards=problem.shards,
+        chunk_size=problem.chunk_size,
+        bytes_per_element=bytes_per_element,
+    )
+    chunks, work = _Rows(hidden, None, plan), _Workspace(plan, hidden.device)
+    for v0, v1 in plan.shards:
+        w, b = _shard_params(weight, problem.bias, v0, v1, plan)
+        for r0, r1, h in chunks:
+            x = _block_logits(h, w, b, problem.transform, work, problem.stat_dtype)
+            y = x.clone() if problem.keep_raw else x
+            if prev is not None:
+                y = _penalise(y, prev[r0:r1], v0, problem.penalty)
+            if tempered and problem.temperature != 1.0:
+                y.div_(problem.temperature)
+            yield r0, r1, v0, x, y
+
+
+@dataclass
+class _Scan:
+    """Per-row results of a pass over the vocabulary (``n`` rows); unrequested ones stay
+    None. ``win_*`` also serve as the final pick of ``sample_next``."""
+
+    cand_vals: Tensor | None = None  # [n, C] largest processed logits, descending
+    cand_idx: Tensor | None = None  # [n, C] their vocabulary indices
+    cand_raw: Tensor | None = None  # [n, C] their raw logits
+    win_idx: Tensor | None = None  # [n] argmax over the vocabulary of y (+ Gumbel noise)
+    win_val: Tensor | None = None  # [n] its processed logit
+    win_raw: Tensor | None = None  # [n] its raw logit
+    lse: Tensor | None = None  # [n] logsumexp of the selected processed logits
+    raw_lse: Tensor | None = None  # [n] logsumexp of all raw logits
+    level_mass: Tensor | None = None  # [n, G] sum of exp(y - ref) over y >= levels[:, i]
+    level_count: Tensor | None = None  # [n, G] number of those tokens
+    tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
+
+
+def _scan(
+    problem: _Problem,
+    *,
+    candidates: int = 0,
+    winner: bool = False,
+    noisy: bool = False,
+    floor: Tensor | None = None,
+    floor_index: Tensor | None = None,
+    ceiling: Tensor | None = None,
+    levels: Tensor | None = None,
+    ref: Tensor | None = None,
+    nth_tied: tuple[Tensor, Tensor] | None = None,
+    lse: bool = False,
+    raw_lse: bool = False,
+) -> _Scan:
+    """One pass over the vocabulary for every row of ``problem``.
+
+    Tokens are selected by ``floor <= y < ceiling`` (per-row bounds; None: unbounded), and those
+    with ``y == floor`` only up to vocabulary index ``floor_index`` when given; the candidates,
+    the winner and ``lse`` see only selected tokens, ``raw_lse``, the level statistics and
+    ``nth_tied`` all of them. ``candidates``: how many largest processed logits to keep. ``winner``:
+    track the argmax of ``y`` (first index among ties, as ``torch.argmax``), of ``y + g`` with
+    Gumbel noise when ``noisy``. ``levels``: ``[n, G]`` increasing thresholds per row; ``ref``:
+    ``[n]`` offsets for the masses (the row maxima). ``nth_tied``: ``(value, keep)``, find the
+    index of the ``keep``-th token (in index order) with ``y == value`` (``V - 1`` if fewer).
+    """
+    hidden = problem.hidden
+    count = hidden.shape[0]
+    row_ids = torch.arange(count, device=hidden.device)
+    new = {"device": hidden.device, "dtype": problem.stat_dtype}
+    raw = problem.want_raw
+    s = _Scan()
+    if candidates:
+        s.cand_vals = torch.full((count, candidates), -math.inf, **new)
+        s.cand_idx = torch.zeros(count, candidates, dtype=torch.long, device=hidden.device)
+        s.cand_raw = torch.full((count, candidates), -math.inf, **new) if raw else None
+    if winner:
+        win_key = torch.full((count,), -math.inf, **new)
+        s.win_idx = torch.zeros(count, dtype=torch.long, device=hidden.device)
+        s.win_val = torch.full((count,), -math.inf, **new)
+        s.win_raw = torch.full((count,), -math.inf, **new) if raw else None
+    if lse:
+        s.lse = torch.full((count,), -math.inf, **new)
+    if raw_lse:
+        s.raw_lse = torch.full((count,), -math.inf, **new)
+    if levels is not None:
+        hist_mass = torch.zeros(count, levels.shape[1] + 1, **new)
+        hist_count = torch.zeros(count, levels.shape[1] + 1, dtype=torch.long, device=hidden.device)
+    if nth_tied is not None:
+        tie_value, tie_keep = nth_tied
+        ties_seen = torch.zeros_like(tie_keep)
+        s.tied_index = torch.full_like(tie_keep, problem.weight.shape[0] - 1)
+
+    # A pass that only keeps candidates divides just them by the temperature: division by T > 0
+    # keeps the order, and gives the values dividing the whole block would.
+    tempered = winner or lse or any(o is not None for o in (floor, ceiling, levels, nth_tied))
+    divisor = 1.0 if tempered else problem.temperature
+    bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
+    for r0, r1, v0, x, y in _blocks(problem, bytes_per_element, tempered):
+        if raw_lse:
+            s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
+        if levels is not None:
+            # Bin b holds the tokens with exactly b levels <= y: y >= levels[:, i] iff b > i.
+            bins = torch.searchsorted(levels[r0:r1], y, right=True)
+            hist_mass[r0:r1].scatter_add_(1, bins, (y - ref[r0:r1, None]).exp_())
+            hist_count[r0:r1].scatter_add_(1, bins, torch.ones_like(bins))
+        if nth_tied is not None:
+            tied = y == tie_value[r0:r1, None]
+            hit = tied & (tied.cumsum(1) + ties_seen[r0:r1, None] == tie_keep[r0:r1, None])
+            s.tied_index[r0:r1] = torch.where(
+                hit.any(1), hit.int().argmax(1) + v0, s.tied_index[r0:r1]
+            )
+            ties_seen[r0:r1] += tied.sum(1)
+        if floor is not None:
+            below = y < floor[r0:r1, None]
+            if floor_index is not None:
+                vocab = torch.arange(v0, v0 + y.shape[1], device=y.device)
+                below |= (y == floor[r0:r1, None]) & (vocab[None, :] > floor_index[r0:r1, None])
+            y = y.masked_fill(below, -math.inf)
+        if ceiling is not None:
+            y = y.masked_fill(y >= ceiling[r0:r1, None], -math.inf)
+        if lse:
+            s.lse[r0:r1] = torch.logaddexp(s.lse[r0:r1], y.logsumexp(1))
+        if candidates:
+            _merge_candidates(s, r0, r1, v0, x, y, raw, divisor)
+        if winner:
+            key = y
+            if noisy:
+                vocab = torch.arange(v0, v0 + y.shape[1], device=y.device)
+                key = _gumbel(problem.key, row_ids[r0:r1, None], vocab[None, :]).add_(y)
+            col = key.argmax(1, keepdim=True)
+            better = key.gather(1, col).squeeze(1) > win_key[r0:r1]
+            win_key[r0:r1] = torch.where(better, key.gather(1, col).squeeze(1), win_key[r0:r1])
+            s.win_idx[r0:r1] = torch.where(better, col.squeeze(1) + v0, s.win_idx[r0:r1])
+            s.win_val[r0:r1] = torch.where(better, y.gather(1, col).squeeze(1), s.win_val[r0:r1])
+            if raw:
+                s.win_raw[r0:r1] = torch.where(
+                    better, x.gather(1, col).squeeze(1), s.win_raw[r0:r1]
+                )
+    if levels is not None:
+        s.level_mass = hist_mass[:, 1:].flip(1).cumsum(1).flip(1)
+        s.level_count = hist_count[:, 1:].flip(1).cumsum(1).flip(1)
+    return s
+
+
+def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, divisor: float):
+    """Fold the block's top-C of ``y / divisor`` into the running top-C of rows ``[r0, r1)``."""
+    size = s.cand_vals.shape[1]
+    block_vals, block_cols = y.topk(min(size, y.shape[1]), dim=1)
+    if divisor != 1.0:
+        block_vals.div_(divisor)
+    vals = torch.cat([s.cand_vals[r0:r1], block_vals], 1)
+    top, pos = vals.topk(size, dim=1)
+    s.cand_vals[r0:r1] = top
+    s.cand_idx[r0:r1] = torch.cat([s.cand_idx[r0:r1], block_cols + v0], 1).gather(1, pos)
+    if raw:
+        s.cand_raw[r0:r1] = torch.cat([s.cand_raw[r0:r1], x.gather(1, block_cols)], 1).gather(
+            1, pos
+        )
+
+
+def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float | None) -> _Scan:
+    """Draw with at least one of top-k, top-p, min-p on: thresholds, then a Gumbel-max draw."""
+    vocab = problem.weight.shape[0]
+    size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
+    first = _scan(problem, candidates=size, lse=top_p < 1.0 and not top_k, raw_lse=problem.want_raw)
+    vals = first.cand_vals
+    row_max = vals[:, 0]
+    every_tie = torch.full_like(first.cand_idx[:, 0], vocab - 1)
+    tau, tau_index = torch.full_like(row_max, -math.inf), every_tie
+    if top_k:
+        tau = vals[:, min(top_k, vocab) - 1]
+    if top_p < 1.0:
+        # The crossing token lies in top-k's set, so top-p's threshold is never below top-k's.
+        tau, tau_index = _nucleus_threshold(problem, first, tau, top_p, bool(top_k))
+    if min_p is not None:
+        min_p_tau = row_max + (math.log(min_p) if min_p > 0 else -math.inf)
+        tau_index = torch.where(min_p_tau > tau, every_tie, tau_index)
+        tau = torch.maximum(tau, min_p_tau)
+    return _draw(problem, first, tau, tau_index)
+
+
+def _nucleus_threshold(
+    problem: _Problem, first: _Scan, base: Tensor, top_p: float, top_k: bool
+) -> tuple[Tensor, Tensor]:
+    """Per row, top-p's threshold ``(value, index)`` among the tokens ``y >= base`` (top-k's
+    set; all tokens when ``base`` is -inf): keep ``y > value``, and ``y == value`` up to ``index``.
+    """
+    vals, idx = first.cand_vals, first.cand_idx
+    every = vals.shape[1] == problem.weight.shape[0]
+    in_set = vals >= base[:, None]
+    # The candidates hold a threshold's tokens when the smallest of them lies below it.
+    complete = torch.ones_like(in_set[:, 0]) if every else vals[:, -1] < base
+    log_total = vals.masked_fill(~in_set, -math.inf).logsumexp(1) if top_k else first.lse
+    probs = (vals - log_total[:, None]).exp().masked_fill(~in_set, 0.0)
+    inclusive = probs.cumsum(1)
+    # HF drops a token when the mass of the tokens above it already reaches top_p.
+    count = (((inclusive - probs) < top_p) & in_set).sum(1).clamp(min=1)
+    value = vals.gather(1, (count - 1)[:, None]).squeeze(1)
+    above = (probs * (vals > value[:, None])).sum(1)
+    keep = _tied_kept(above, (value - log_total).exp(), top_p, problem.weight.shape[0])
+    held = complete | (vals[:, -1] < value)
+    # Without top-k the normaliser is exact, so reaching top_p within the candidates suffices.
+    resolved = complete if top_k else complete | (inclusive[:, -1] >= top_p)
+    if bool(resolved.all()):
+        return value, _tie_index(problem, vals, idx, value, keep, held)
+    found = _search_crossing(problem, base, vals[:, 0], top_p, searching=~resolved)
+    # Rows of the other group count as held: no pass over the vocabulary for them.
+    index = _tie_index(problem, vals, idx, value, keep, held | ~resolved)
+    found_index = _tie_index(
+        problem, found.vals, found.idx, found.value, found.keep, found.held | resolved
+    )
+    return torch.where(resolved, value, found.value), torch.where(resolved, index, found_index)
+
+
+def _tied_kept(above: Tensor, tie_prob: Tensor, target, vocab: int) -> Tensor:
+    """How many tokens tied at the crossing value HF keeps: the j-th of them (j = 0, 1, ...) while
+    the mass before it, ``above + j * tie_prob``, is below ``target``."""
+    count = torch.ceil((target - above) / tie_prob).nan_to_num_(nan=vocab)
+    return count.clamp_(1, vocab).long()
+
+
+def _tie_index(problem, vals, idx, value, keep, held) -> Tensor:
+    """The index threshold for the tokens tied at ``value``: HF keeps ``keep`` of them, which
+    ones depends on ``torch.sort``'s unstable order; we keep those of smallest vocabulary index.
+    Found among the candidates ``vals``/``idx`` where they hold every tied token (``held``), by a
+    pass over the vocabulary for the other rows."""
+    vocab = problem.weight.shape[0]
+    tied = vals == value[:, None]
+    ordered = idx.masked_fill(~tied, vocab).sort(1).values
+    n_tied = tied.sum(1)
+    index = ordered.gather(1, (torch.minimum(keep, n_tied) - 1).clamp(min=0)[:, None]).squeeze(1)
+    index = torch.where(keep >= n_tied, vocab - 1, index)
+    if not bool(held.all()):
+        index = torch.where(held, index, _scan(problem, nth_tied=(value, keep)).tied_index)
+    return index
+
+
+def _levels(lo: Tensor, hi: Tensor) -> Tensor:
+    """``[n, _LEVELS]`` increasing thresholds spread over ``[lo, hi)``, the first ``lo``."""
+    step = (hi - lo) / _LEVELS
+    up = torch.full_like(lo, math.inf)
+    levels = [lo]
+    for i in range(1, _LEVELS):
+        levels.append(torch.maximum(lo + step * i, torch.nextafter(levels[-1], up)))
+    return torch.stack(levels, 1)
+
+
+class _Crossing(NamedTuple):
+    """top-p's crossing value per row, how many tokens tied at it HF keeps, and candidates that
+    hold every token tied at it where ``held``."""
+
+    value: Tensor
+    keep: Tensor
+    held: Tensor
+    vals: Tensor
+    idx: Tensor
+
+
+def _search_crossing(
+    problem: _Problem, base: Tensor, row_max: Tensor, top_p: float, searching: Tensor
+) -> _Crossing:
+    """top-p's crossing for the rows ``searching`` whose candidates do not hold the nucleus (the
+    passes compute every row; the others' results are meaningless).
+
+    With ``G(t)`` the probability mass of the tokens ``y >= max(t, base)``, the crossing value is
+    the largest token value ``t`` with ``G(t) >= top_p * G(base)``. Bisection keeps an interval
+    ``[lo, hi)`` holding it (``G(lo)`` reaches the target, ``G(hi)`` does not); each pass measures
+    ``G`` at ``_LEVELS`` levels and narrows the interval to one step, until the interval holds at
+    most ``_CANDIDATES`` tokens (a last pass collects and sorts them) or a single value.
+    """
+    up = torch.full_like(row_max, math.inf)
+    lo = torch.maximum(base, row_max - _NEGLIGIBLE)
+    hi = torch.nextafter(row_max, up)
+    mass_hi = torch.zeros_like(row_max)  # G(hi), relative to exp(row_max)
+    count_hi = torch.zeros_like(row_max, dtype=torch.long)
+    target = None
+    searching = searching.clone()
+    while bool(searching.any()):
+        levels = _levels(lo, hi)
+        s = _scan(problem, levels=levels, ref=row_max)
+        mass, count = s.level_mass, s.level_count
+        if target is None:  # G(lo) is the set's total mass
+            target = top_p * mass[:, 0]
+        i = ((mass >= target[:, None]).sum(1) - 1).clamp(min=0)[:, None]
+        above = (i + 1).clamp(max=_LEVELS - 1)
+        narrowed = searching[:, None] & (i < _LEVELS - 1)
+        new_lo = levels.gather(1, i).squeeze(1)
+        count_lo = count.gather(1, i).squeeze(1)
+        hi = torch.where(narrowed, levels.gather(1, above), hi[:, None]).squeeze(1)
+        mass_hi = torch.where(narrowed, mass.gather(1, above), mass_hi[:, None]).squeeze(1)
+        count_hi = torch.where(narrowed, count.gather(1, above), count_hi[:, None]).squeeze(1)
+        lo = torch.where(searching, new_lo, lo)
+        single = torch.nextafter(lo, up) >= hi
+        searching &= ~single & (count_lo - count_hi > _CANDIDATES)
+    # The last interval either holds few tokens, collected and sorted here, or a single value,
+    # the crossing value, with G(hi) the mass above it.
+    size = min(_CANDIDATES, problem.weight.shape[0])
+    s = _scan(problem, candidates=size, floor=lo, ceiling=hi)
+    probs = (s.cand_vals - row_max[:, None]).exp()
+    inclusive = mass_hi[:, None] + probs.cumsum(1)
+    collected = (s.cand_vals > -math.inf).sum(1)
+    j = torch.minimum((inclusive < target[:, None]).sum(1), collected - 1).clamp(min=0)
+    single = torch.nextafter(lo, up) >= hi
+    value = torch.where(single, lo, s.cand_vals.gather(1, j[:, None]).squeeze(1))
+    above = mass_hi + (probs * (s.cand_vals > value[:, None])).sum(1)
+    keep = _tied_kept(above, (value - row_max).exp(), target, problem.weight.shape[0])
+    return _Crossing(value, keep, ~single, s.cand_vals, s.cand_idx)
+
+
+def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _Scan:
+    """Gumbel-max draw among the kept tokens (``y > tau``, or ``y == tau`` with index up to
+    ``tau_index``): from the candidates where they hold every such token, by a masked pass over
+    the vocabulary where they may not."""
+    vals, idx = first.cand_vals, first.cand_idx
+    kept = (vals > tau[:, None]) | ((vals == tau[:, None]) & (idx <= tau_index[:, None]))
+    rows = torch.arange(vals.shape[0], device=vals.device)
+    keys = _gumbel(problem.key, rows[:, None], idx).add_(vals).masked_fill_(~kept, -math.inf)
+    col = keys.argmax(1, keepdim=True)
+    pick = _Scan(
+        win_idx=idx.gather(1, col).squeeze(1),
+        win_val=vals.gather(1, col).squeeze(1),
+        win_raw=first.cand_raw.gather(1, col).squeeze(1) if problem.want_raw else None,
+        lse=vals.masked_fill(~kept, -math.inf).logsumexp(1),
+        raw_lse=first.raw_lse,
+    )
+    if vals.shape[1] == problem.weight.shape[0]:
+        return pick
+    spill = vals[:, -1] >= tau
+    if bool(spill.any()):
+        s = _scan(problem, winner=True, noisy=True, floor=tau, floor_index=tau_index, lse=True)
+        pick.win_idx = torch.where(spill, s.win_idx, pick.win_idx)
+        pick.win_val = torch.where(spill, s.win_val, pick.win_val)
+        pick.lse = torch.where(spill, s.lse, pick.lse)
+        if problem.want_raw:
+            pick.win_raw = torch.where(spill, s.win_raw, pick.win_raw)
+    return pick

@@ -1,0 +1,211 @@
+"""sample(model, ...) against model.generate on random transformers models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from chunklogits import reference
+from chunklogits.generate import decode, sample
+from tests.helpers import chi_square_pvalue, seeded
+
+VOCAB = 500
+PAD = 0
+MIN_PVALUE = 1e-3
+
+
+def _model(family: str):
+    seeded(0)
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**small, **heads, **special))
+    elif family == "gemma2":  # final_logit_softcapping and sliding-window layers
+        config = Gemma2Config(
+            **small, **heads, **special, head_dim=8, final_logit_softcapping=3.0, sliding_window=4
+        )
+        model = Gemma2ForCausalLM(config)
+    elif family == "cohere":  # logits * logit_scale
+        model = CohereForCausalLM(CohereConfig(**small, **heads, **special, logit_scale=0.3))
+    elif family == "granite":  # logits / logits_scaling
+        model = GraniteForCausalLM(GraniteConfig(**small, **heads, **special, logits_scaling=4.0))
+    else:
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, **special)
+        )
+    return model.eval()
+
+
+FAMILIES = ["llama", "gemma2", "gpt2"]
+SCALED_HEADS = ["cohere", "granite"]
+
+
+def _prompts(rows: int = 3, length: int = 7):
+    """Left-padded prompts: row i has i padding tokens."""
+    g = seeded(1)
+    ids = torch.randint(3, VOCAB, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(rows):
+        ids[row, :row], mask[row, :row] = PAD, 0
+    return ids, mask
+
+
+def _eos_that_stops_early(model, ids, mask, steps: int):
+    """Two tokens greedy decoding produces mid-way in rows 1 and 2: as eos ids they end those
+    rows at different steps."""
+    greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=steps)
+    new = greedy[:, ids.shape[1] :]
+    return [int(new[1, 2]), int(new[2, 4])]
+
+
+@pytest.mark.parametrize("family", FAMILIES + SCALED_HEADS)
+def test_greedy_is_token_identical_to_generate(family):
+    model = _model(family)
+    ids, mask = _prompts()
+    eos = _eos_that_stops_early(model, ids, mask, steps=10)
+    options = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    with torch.no_grad():
+        expected = reference.sample(model, ids, mask, return_logprobs=True, **options)
+        ours = sample(model, ids, mask, return_logprobs=True, shards=3, **options)
+    assert torch.equal(ours.sequences, expected.sequences)
+    assert (expected.sequences[:, -1] == PAD).sum() >= 1  # a row did end early on an eos
+    torch.testing.assert_close(ours.logprobs, expected.logprobs, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ours.raw_logprobs, expected.raw_logprobs, rtol=0, atol=2e-5)
+
+
+def test_greedy_with_repetition_penalty_and_custom_generate_route():
+    model = _model("llama")
+    ids, mask = _prompts()
+    options = dict(max_new_tokens=8, do_sample=False, repetition_penalty=1.5)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **options)
+        assert torch.equal(sample(model, ids, mask, **options), expected)
+        routed = model.generate(ids, attention_mask=mask, custom_generate=decode, **options)
+    assert torch.equal(routed, expected)
+
+
+def test_generation_config_is_honoured():
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+        # top_k = 1 leaves the most probable token only: sampling reproduces greedy decoding.
+        model.generation_config.top_k = 1
+        model.generation_config.max_new_tokens = 6
+        drawn = sample(model, ids, mask, seed=0)
+    assert torch.equal(drawn, greedy)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_step_distribution_matches_generate(family):
+    model = _model(family)
+    rows = 3000
+    ids = torch.randint(3, VOCAB, (1, 5), generator=seeded(2))
+    options = dict(temperature=0.3, top_k=0, top_p=0.9, repetition_penalty=1.3)
+    with torch.no_grad():
+        raw = model(ids).logits[:, -1].float()
+        drawn = sample(model, ids.expand(rows, -1), max_new_tokens=1, seed=5, **options)
+    probs = reference.next_token_scores(raw, prev_tokens=ids, **options).softmax(-1)[0]
+    counts = torch.bincount(drawn[:, -1], minlength=VOCAB)
+    assert counts[probs == 0].sum() == 0
+    assert chi_square_pvalue(counts, probs) > MIN_PVALUE
+
+
+def test_sampled_logprobs_match_teacher_forced_hf_scores():
+    model = _model("gemma2")
+    ids, mask = _prompts()
+    options = dict(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2)
+    with torch.no_grad():
+        out = sample(model, ids, mask, max_new_tokens=6, seed=3, return_logprobs=True, **options)
+        full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], 1)
+        positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(out.sequences, attention_mask=full_mask, position_ids=positions).logits
+    prompt = ids.masked_fill(mask == 0, -1)  # generate() does not penalise the left padding
+    for step in range(6):
+        at = ids.shape[1] + step
+        raw = logits[:, at - 1].float()
+        prev = torch.cat([prompt, out.sequences[:, ids.shape[1] : at]], 1)
+        scores = reference.next_token_scores(raw, prev_tokens=prev, **options)
+        token = out.sequences[:, at, None]
+        expected = scores.log_softmax(-1).gather(1, token).squeeze(1)
+        expected_raw = raw.log_softmax(-1).gather(1, token).squeeze(1)
+        torch.testing.assert_close(out.logprobs[:, step], expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.raw_logprobs[:, step], expected_raw, rtol=0, atol=1e-4)
+
+
+def test_seed_reproduces_whatever_the_shards():
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        runs = [sample(model, ids, mask, max_new_tokens=8, seed=7, shards=s) for s in (1, 4, 16)]
+        other = sample(model, ids, mask, max_new_tokens=8, seed=8)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0], other)
+
+
+BAD = [
+    (
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long)),
+        ValueError,
+        "input_ids: expected a non-empty",
+    ),
+    (
+        dict(input_ids=torch.zeros(0, 3, dtype=torch.long)),
+        ValueError,
+        "input_ids: expected a non-empty",
+    ),
+    (dict(input_ids=torch.zeros(2, 3)), TypeError, "input_ids: expected an integer tensor"),
+    (
+        dict(attention_mask=torch.ones(3, 6)),
+        ValueError,
+        "attention_mask: expected input_ids' shape",
+    ),
+    (dict(top_p=0.0), ValueError, "top_p: expected a float in \\(0.0, 1.0\\]"),
+    (dict(top_p=1.2), ValueError, "top_p"),
+    (dict(top_k=-2), ValueError, "top_k: expected an int >= 0"),
+    (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
+    (dict(min_p=2.0), ValueError, "min_p: expected a float in \\[0.0, 1.0\\]"),
+    (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
+    (dict(no_repeat_ngram_size=2), ValueError, "logits_processor: .*NoRepeatNGramLogitsProcessor"),
+    (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
+    (dict(num_beams=2), ValueError, "num_beams"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD)
+def test_bad_input_is_refused_with_a_clear_error(kwargs, error, match):
+    model = _model("llama")
+    ids, mask = _prompts()
+    arguments = dict(input_ids=ids, attention_mask=mask, max_new_tokens=2) | kwargs
+    with pytest.raises(error, match=match), torch.no_grad():
+        sample(model, **arguments)
+
+
+def test_a_cache_holding_a_prefix_is_refused():
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        cache = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True).cache
+        with pytest.raises(ValueError, match=r"cache: chunklogits\.sample starts from an empty"):
+            sample(model, ids, mask, max_new_tokens=2, cache=cache)
+
+
+def test_a_head_it_does_not_know_is_refused():
+    model = _model("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head, torch.nn.Tanh())
+    ids, mask = _prompts()
+    with pytest.raises(TypeError, match=r"model: expected a plain nn\.Linear output head, got Seq"):
+        sample(model, ids, mask, max_new_tokens=2)
