@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_integer_tensor, check_sampling_options, check_tensor
+from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
 from .head import ChunkedLMHead
 from .integrations.transformers import logit_transform
 from .sampling import randomness, sample_next
@@ -96,13 +96,7 @@ def sample(
         raise ValueError(
             f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
         )
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
+    check_attention_mask(attention_mask, input_ids)
     given = generate_options(locals())
     sampling = {name: value for name, value in given.items() if name in _SAMPLING_OPTIONS}
     check_sampling_options(do_sample=do_sample, **sampling)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_tensor, make_transform
+from .._checks import check_attention_mask, check_integer_tensor, check_tensor, make_transform
 
 # Config attributes of logit transforms applied after the output layer: (attribute, the
 # ChunkedLMHead argument it sets, how its value maps to that argument). Read from the text config.
@@ -192,24 +192,12 @@ def sequence_logprobs(
 
 
 def _check_sequences(input_ids, attention_mask) -> None:
-    check_tensor("input_ids", input_ids)
-    if (
-        input_ids.dtype.is_floating_point
-        or input_ids.dtype.is_complex
-        or input_ids.dtype == torch.bool
-    ):
-        raise TypeError(f"input_ids: expected an integer tensor, got dtype {input_ids.dtype}")
+    check_integer_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(
             f"input_ids: expected shape [B, T] with T >= 2, got {tuple(input_ids.shape)}"
         )
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
+    check_attention_mask(attention_mask, input_ids)
 
 
 def _wrapped_head(model: nn.Module):
