@@ -43,7 +43,7 @@ class ChunkedLMHead(nn.Module):
         self,
         weight: Tensor,
         bias: Tensor | None = None,
-        shards: int | None = 8,
+        shards: int | None = None,
         softcap: float | None = None,
         logit_scale: float | None = None,
     ):
@@ -174,7 +174,7 @@ class ChunkedLMHead(nn.Module):
 
     @classmethod
     def wrap(
-        cls, model: nn.Module, shards: int | None = 8, *, return_logits: bool = False
+        cls, model: nn.Module, shards: int | None = None, *, return_logits: bool = False
     ) -> nn.Module:
         """Put a ``ChunkedLMHead`` in place of a transformers ``*ForCausalLM``'s output layer,
         in place; returns ``model``.
