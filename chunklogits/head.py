@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,6 +20,7 @@ from ._blocks import _check_count
 from ._checks import check_tensor, make_transform
 from .logprobs import token_logprobs
 from .loss import linear_cross_entropy
+from .sampling import NextTokens, sample_next
 
 
 class ChunkedLMHead(nn.Module):
@@ -161,6 +163,46 @@ class ChunkedLMHead(nn.Module):
             logit_scale=self.logit_scale,
             shards=self.shards,
             chunk_size=chunk_size,
+        )
+
+    def sample_next(
+        self,
+        hidden_last: Tensor,
+        *,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        prev_tokens: Tensor | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        return_logprobs: bool = False,
+    ) -> Tensor | NextTokens:
+        """``chunklogits.sample_next(hidden_last, weight, bias=bias, shards=shards,
+        softcap=softcap, logit_scale=logit_scale, ...)``: the next token of each row of
+        ``hidden_last [B, D]``, drawn as ``generate()`` draws it (``[B]``, or ``NextTokens`` with
+        their log-probs). Naive equivalent: ``reference.sample_next``, i.e. ``head(hidden_last)
+        .float()`` through transformers' logits processors, softmax and ``torch.multinomial``.
+        """
+        return sample_next(
+            hidden_last,
+            self.weight,
+            bias=self.bias,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            shards=self.shards,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            prev_tokens=prev_tokens,
+            seed=seed,
+            generator=generator,
+            return_logprobs=return_logprobs,
         )
 
     @contextmanager
