@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
         workload = Workload(model, shards=args.shards)
-        workload.check_plain_head()
+        workload.check_head()
     except ValueError as error:
         parser().error(str(error))
     layers = model.config.num_hidden_layers

@@ -171,7 +171,7 @@ def test_trl_baselines_equal_the_textbook_expressions():
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
 
 
-def test_a_head_with_a_logit_transform_is_refused():
+def test_a_declared_logit_transform_is_applied_in_every_case():
     config = Gemma2Config(
         vocab_size=300,
         hidden_size=32,
@@ -180,11 +180,30 @@ def test_a_head_with_a_logit_transform_is_refused():
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        final_logit_softcapping=0.5,
+        final_logit_softcapping=0.5,  # small enough to change random logits a lot
     )
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with pytest.raises(ValueError, match=r"model: Gemma2ForCausalLM's logits are not its output"):
-        Workload(model).check_plain_head()
+    workload = Workload(model)
+    workload.check_head()
+    assert workload.transform == {"softcap": 0.5, "logit_scale": None}
+    ids = seeded_tokens(300, 1, 10)
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+        loss = model(ids, labels=ids).loss.item()
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).mean().item()
+    next_token = logits[0, -1].argmax().item()
+    for task, expected in (("loss", loss), ("logprobs", logp), ("prefill", next_token)):
+        for result in benchmark.run_task(workload, TASKS[task], (10,)):
+            assert result.value == pytest.approx(expected, abs=1e-5), result
+
+
+def test_an_undeclared_logit_transform_is_refused():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama(), dtype=torch.float32).eval()
+    model.lm_head.register_forward_hook(lambda module, inputs, output: 2 * output)
+    with pytest.raises(ValueError, match=r"model: LlamaForCausalLM's logits are not its output"):
+        Workload(model).check_head()
 
 
 @pytest.mark.parametrize(
