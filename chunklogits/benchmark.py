@@ -439,18 +439,19 @@ def run_task(
     """
     results: list[Result] = []
     first_answers: dict[int, Tensor] = {}
-    # Gradients of every parameter are allocated whatever the sequence length.
-    floor = parameter_bytes(w.model) if task.grad else 0
     for case in task.cases:
         on_step(f"{task.name}: {case.name} (warm-up)")
-        _run_case(w, task, case, task_inputs(w, task, min(_WARMUP_TOKENS, *sizes), batch))
-        measured: list[tuple[int, int]] = []
+        small = min(_WARMUP_TOKENS, *sizes)
+        inputs = task_inputs(w, task, small, batch)
+        _run_case(w, task, case, inputs)  # lazy initialisations, kernel selection
+        # The second small run anchors the extrapolation of the peak to larger sizes.
+        measured: list[tuple[int, int]] = [(small, _run_case(w, task, case, inputs)[1])]
         skipped = None
         for size in sorted(sizes):
             on_step(f"{task.name}: {case.name}, {size} {task.size_label}")
             result = Result(task.name, case.name, size)
             results.append(result)
-            skipped = skipped or _too_big(measured, size, floor, w.device, headroom)
+            skipped = skipped or _too_big(measured, size, w.device, headroom)
             if skipped:
                 result.skipped = skipped
                 continue
@@ -458,7 +459,8 @@ def run_task(
                 w, task, case, task_inputs(w, task, size, batch)
             )
             result.seconds, result.peak_bytes = seconds, peak_bytes
-            measured.append((size, peak_bytes))
+            # (the warm-up's size may be the first size: keep one point per size)
+            measured = [m for m in measured if m[0] != size] + [(size, peak_bytes)]
             result.value = summary_value(task, answer)
             if case is task.cases[0]:
                 first_answers[size] = answer
@@ -468,23 +470,20 @@ def run_task(
     return results
 
 
-def predicted_peak(measured: Sequence[tuple[int, int]], size: int, floor: int = 0) -> float:
+def predicted_peak(measured: Sequence[tuple[int, int]], size: int) -> float:
     """A case's peak bytes at ``size`` from its ``(size, peak)`` measurements at smaller sizes:
-    the line through the last two, or with one, ``floor`` (bytes that do not grow with the
-    size) plus the rest scaled in proportion. Never below the last measurement."""
+    the line through the last two (fixed costs such as the parameters' gradients are its
+    intercept), or with one, the peak scaled in proportion. Never below the last measurement."""
     last_size, last_peak = measured[-1]
-    if len(measured) >= 2:
-        (size0, peak0) = measured[-2]
-        slope = max(0.0, (last_peak - peak0) / (last_size - size0))
-        return last_peak + slope * (size - last_size)
-    growing = max(0, last_peak - floor)
-    return max(last_peak, floor + growing * size / last_size)
+    if len(measured) == 1:
+        return last_peak * size / last_size
+    size0, peak0 = measured[-2]
+    slope = max(0.0, (last_peak - peak0) / (last_size - size0))
+    return last_peak + slope * (size - last_size)
 
 
-def _too_big(measured, size: int, floor: int, device: torch.device, headroom: float):
-    if not measured:
-        return None
-    predicted = predicted_peak(measured, size, floor)
+def _too_big(measured, size: int, device: torch.device, headroom: float):
+    predicted = predicted_peak(measured, size)
     available = available_bytes(device)
     if predicted > headroom * available:
         return (
