@@ -67,7 +67,8 @@ SEED_SIZES = (100, *range(500, 6501, 500))
 # One decoding step samples as a typical generation config does.
 SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
 
-_WARMUP_TOKENS = 16
+# Sizes of the warm-up run and of the two runs that anchor the memory guard's extrapolation.
+_ANCHORS = (16, 32)
 
 
 @dataclass
@@ -441,11 +442,12 @@ def run_task(
     first_answers: dict[int, Tensor] = {}
     for case in task.cases:
         on_step(f"{task.name}: {case.name} (warm-up)")
-        small = min(_WARMUP_TOKENS, *sizes)
-        inputs = task_inputs(w, task, small, batch)
-        _run_case(w, task, case, inputs)  # lazy initialisations, kernel selection
-        # The second small run anchors the extrapolation of the peak to larger sizes.
-        measured: list[tuple[int, int]] = [(small, _run_case(w, task, case, inputs)[1])]
+        _run_case(w, task, case, task_inputs(w, task, _ANCHORS[0], batch))  # lazy initialisations
+        # Two small sizes anchor the line along which the peak is extrapolated.
+        measured = [
+            (size, _run_case(w, task, case, task_inputs(w, task, size, batch))[1])
+            for size in _ANCHORS
+        ]
         skipped = None
         for size in sorted(sizes):
             on_step(f"{task.name}: {case.name}, {size} {task.size_label}")
@@ -459,8 +461,7 @@ def run_task(
                 w, task, case, task_inputs(w, task, size, batch)
             )
             result.seconds, result.peak_bytes = seconds, peak_bytes
-            # (the warm-up's size may be the first size: keep one point per size)
-            measured = [m for m in measured if m[0] != size] + [(size, peak_bytes)]
+            measured = sorted({**dict(measured), size: peak_bytes}.items())
             result.value = summary_value(task, answer)
             if case is task.cases[0]:
                 first_answers[size] = answer
@@ -471,13 +472,10 @@ def run_task(
 
 
 def predicted_peak(measured: Sequence[tuple[int, int]], size: int) -> float:
-    """A case's peak bytes at ``size`` from its ``(size, peak)`` measurements at smaller sizes:
-    the line through the last two (fixed costs such as the parameters' gradients are its
-    intercept), or with one, the peak scaled in proportion. Never below the last measurement."""
-    last_size, last_peak = measured[-1]
-    if len(measured) == 1:
-        return last_peak * size / last_size
-    size0, peak0 = measured[-2]
+    """A case's peak bytes at ``size`` from two or more ``(size, peak)`` measurements, ascending
+    in size: the line through the last two (fixed costs such as the parameters' gradients are
+    its intercept), never below the last measurement."""
+    (size0, peak0), (last_size, last_peak) = measured[-2:]
     slope = max(0.0, (last_peak - peak0) / (last_size - size0))
     return last_peak + slope * (size - last_size)
 

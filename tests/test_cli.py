@@ -95,7 +95,8 @@ def test_markdown_table_matches_the_json(job):
         assert float(cells[4]) == pytest.approx(r["seconds"], abs=0.005)
         ours = [o for o in _rows(results, r["task"], "chunklogits") if o["size"] == r["size"]]
         if ours and ours[0]["peak_bytes"]:
-            assert float(cells[3]) == pytest.approx(r["peak_bytes"] / ours[0]["peak_bytes"], 0.01)
+            ratio = r["peak_bytes"] / ours[0]["peak_bytes"]
+            assert float(cells[3]) == pytest.approx(ratio, abs=0.0051)  # printed with 2 decimals
         else:
             assert cells[3] == "—"
 
@@ -288,7 +289,5 @@ def test_predicted_peak_is_affine_in_the_size():
     # The line through the last two measurements: a fixed part (gradients) and a growing one.
     assert benchmark.predicted_peak([(1000, 3000 * mib), (2000, 4000 * mib)], 4000) == 6000 * mib
     assert benchmark.predicted_peak([(16, 2416 * mib), (100, 2500 * mib)], 1000) == 3400 * mib
-    # One measurement: in proportion.
-    assert benchmark.predicted_peak([(100, 50 * mib)], 1000) == 500 * mib
     # A shrinking peak does not predict less than what was measured.
     assert benchmark.predicted_peak([(100, 60 * mib), (200, 50 * mib)], 400) == 50 * mib
