@@ -115,7 +115,8 @@ def figure(
             ax.grid(alpha=0.3)
         axes("ratio", column).axhline(1.0, color="grey", linewidth=0.8)
         axes("memory", column).set_title(title, fontsize=10)
-    axes("memory", 0).legend(fontsize=7)
+    if axes("memory", 0).get_legend_handles_labels()[0]:  # nothing measured: no legend
+        axes("memory", 0).legend(fontsize=7)
     fig.suptitle(task.title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
