@@ -22,7 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import chunklogits
-from chunklogits import reference
+from chunklogits import reference, sampling
 from chunklogits.distributed import local_head
 from tests.helpers import assert_as_accurate, run_ranks
 
@@ -178,6 +178,101 @@ def _single_process(name: str, dtype: torch.dtype) -> dict:
     return {"outs": outs, "hidden": grads[0], "weight": grads[1], "bias": grads[2]}
 
 
+# --- sampling: the same tokens as one process holding the whole head ----------------------------
+
+
+@dataclass(frozen=True)
+class SampleCase:
+    head: str  # "peaked" (a few likely tokens), "flat" (thousands comparably likely) or "tied"
+    options: dict
+    calls: int = 1  # consecutive calls (a generator's key changes between them)
+
+
+_SAMPLE_ROWS = 8
+_SAMPLE_VOCAB = {"peaked": 1001, "flat": 2003, "tied": 1024}
+# The "tied" head: exact logits (zero weight, the bias is the logit): 5 tokens in [3, 4), then
+# _TIED tokens at exactly 2.5 spread over the vocabulary (so over every rank), the rest in [0, 2).
+_TIED = 400
+
+SAMPLE_CASES = {
+    "greedy_penalty": SampleCase("peaked", dict(do_sample=False, repetition_penalty=1.4)),
+    "plain": SampleCase("peaked", dict(top_k=0)),
+    "temperature": SampleCase("peaked", dict(top_k=0, temperature=0.7, return_logprobs=True)),
+    "top_k": SampleCase("peaked", dict(top_k=40, return_logprobs=True)),
+    "top_p": SampleCase("peaked", dict(top_k=0, top_p=0.8)),
+    "min_p": SampleCase("peaked", dict(top_k=0, min_p=0.05)),
+    "all_options": SampleCase(
+        "peaked",
+        dict(
+            top_k=30,
+            top_p=0.9,
+            min_p=0.02,
+            temperature=0.8,
+            repetition_penalty=1.3,
+            return_logprobs=True,
+        ),
+    ),
+    # Nucleus and min-p's set far beyond the 256 candidates: the bisection search and the masked
+    # pass decide.
+    "nucleus_search": SampleCase(
+        "flat", dict(top_k=0, top_p=0.95, temperature=3.0, return_logprobs=True)
+    ),
+    "min_p_masked_pass": SampleCase("flat", dict(top_k=0, min_p=0.3, temperature=2.0)),
+    # Ties at top-p's crossing value beyond the candidates: the tied tokens are counted per rank.
+    "ties_at_the_crossing": SampleCase("tied", dict(top_k=0, top_p=0.5)),
+    "generator": SampleCase("peaked", dict(top_k=50, temperature=1.2), calls=3),
+}
+
+
+def _sample_inputs(case: SampleCase):
+    """hidden ``[B, D]``, weight, bias, prev_tokens (with padding -1 and tokens of every slice)."""
+    vocab = _SAMPLE_VOCAB[case.head]
+    g = torch.Generator().manual_seed(7)
+    if case.head == "tied":
+        bias = torch.rand(vocab, generator=g) * 2.0
+        order = torch.randperm(vocab, generator=g)
+        bias[order[:5]] = 3.0 + torch.rand(5, generator=g)
+        bias[order[5 : 5 + _TIED]] = 2.5
+        hidden, weight = torch.zeros(_SAMPLE_ROWS, _DIM), torch.zeros(vocab, _DIM)
+    else:
+        scale = 0.1 if case.head == "flat" else 1.0
+        hidden = torch.randn(_SAMPLE_ROWS, _DIM, generator=g) * scale
+        weight = torch.randn(vocab, _DIM, generator=g) * (3 / _DIM**0.5)
+        bias = torch.randn(vocab, generator=g) * 0.5
+    prev = torch.randint(-1, vocab, (_SAMPLE_ROWS, 12), generator=g)
+    return hidden, weight, bias, prev
+
+
+def _draws(case: SampleCase, hidden, weight, bias, prev, generator_seed: int, **extra) -> list:
+    """The case's ``calls`` consecutive draws (tokens, or NextTokens with log-probs)."""
+    options = {"prev_tokens": prev, **case.options}
+    if case.calls > 1:
+        options["generator"] = torch.Generator().manual_seed(generator_seed)
+    else:
+        options["seed"] = 11
+    return [
+        sampling.sample_next(hidden, weight, bias=bias, **options, **extra)
+        for _ in range(case.calls)
+    ]
+
+
+def _sample_case(rank: int, world: int, case: SampleCase) -> list:
+    hidden, weight, bias, prev = _sample_inputs(case)
+    start, end = _bounds(weight.shape[0], world, "uneven")[rank : rank + 2]
+    # Each rank's own generator seed: group rank 0's key is used on every rank.
+    draws = _draws(
+        case,
+        hidden,
+        weight[start:end],
+        bias[start:end],
+        prev,
+        generator_seed=3 + rank,
+        shards=2,
+        process_group=dist.group.WORLD,
+    )
+    return [tuple(d) if isinstance(d, tuple) else d for d in draws]  # plain types travel back
+
+
 # --- bad inputs: the same error on every rank, and no rank left waiting --------------------------
 
 _SLICES = (20, 15, 25)  # rank r holds _SLICES[r] vocabulary rows
@@ -193,6 +288,11 @@ def _logprobs(hidden, weight, labels, **kwargs):
 
 def _logsumexp(hidden, weight, labels, **kwargs):
     return chunklogits.logsumexp(hidden, weight, **kwargs)
+
+
+def _sample(hidden, weight, labels, **kwargs):
+    options = {"seed": 0, "repetition_penalty": 1.3, **kwargs}
+    return sampling.sample_next(hidden, weight, prev_tokens=labels[:, None], **options)
 
 
 # name: (op, ranks that get the change ("one": rank 1, "all"), change of the inputs and keyword
@@ -296,7 +396,68 @@ BAD_INPUTS = {
         TypeError,
         "process_group: expected a torch.distributed.ProcessGroup or None",
     ),
+    **{
+        f"sampling_{name}": (
+            _sample,
+            "one",
+            lambda a, k, change=change: k.update(change),
+            ValueError,
+            f"{name}: expected the same value on every rank",
+        )
+        for name, change in {
+            "top_k": dict(top_k=7),
+            "top_p": dict(top_p=0.5),
+            "min_p": dict(min_p=0.1),
+            "temperature": dict(temperature=0.5),
+            "repetition_penalty": dict(repetition_penalty=1.5),
+            "do_sample": dict(do_sample=False),
+            "return_logprobs": dict(return_logprobs=True),
+            "seed": dict(seed=1),
+        }.items()
+    },
+    "sampling_generator_and_seed": (
+        _sample,
+        "one",
+        lambda a, k: k.update(seed=None, generator=torch.Generator()),
+        ValueError,
+        "seed, generator: expected the same kind of randomness (a seed, a generator or neither) on",
+    ),
+    "sampling_prev_tokens": (
+        _sample,
+        "one",
+        lambda a, k: a.update(labels=a["labels"].roll(1)),
+        ValueError,
+        "prev_tokens: expected the same values",
+    ),
+    "sampling_hidden_values": (
+        _sample,
+        "one",
+        lambda a, k: a.update(hidden=a["hidden"] * 1.01),
+        ValueError,
+        "hidden: expected the same hidden states on every rank",
+    ),
+    "sampling_top_p_out_of_range": (
+        _sample,
+        "one",
+        lambda a, k: k.update(top_p=1.5),
+        ValueError,
+        "top_p: expected a float in (0.0, 1.0], got 1.5",
+    ),
+    "sampling_shards_beyond_slice": (
+        _sample,
+        "one",
+        lambda a, k: k.update(shards=16),
+        ValueError,
+        "shards: expected an int in [1, 15], got 16",
+    ),
 }
+# Errors raised by rank 1's own checks, which the other ranks raise too.
+_RAISED_ON_RANK_1 = (
+    "labels_dtype_on_one_rank",
+    "shards_beyond_slice",
+    "sampling_top_p_out_of_range",
+    "sampling_shards_beyond_slice",
+)
 
 
 def _raised(call) -> tuple[str, str]:
@@ -424,6 +585,7 @@ def _worker(rank: int, world: int) -> dict:
     bad.update({name: _bad_dtensor_head(rank, world, name) for name in BAD_DTENSOR_HEADS})
     results = {"bad": bad}
     results.update({name: _numeric_case(rank, world, case) for name, case in CASES.items()})
+    results.update({name: _sample_case(rank, world, case) for name, case in SAMPLE_CASES.items()})
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
     return results
@@ -453,6 +615,58 @@ def test_matches_single_process(name, world):
         assert_as_accurate(whole, naive[key], exact[key], case.dtype, f"{name}, {key} gradient")
 
 
+def _naive_logprobs(case: SampleCase, inputs, tokens, dtype: torch.dtype):
+    """HF's processed and raw log-probs of ``tokens`` from the materialised logits in ``dtype``."""
+    hidden, weight, bias, prev = (t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    options = {k: v for k, v in case.options.items() if k != "return_logprobs"}
+    raw = reference.logits(hidden, weight, bias=bias)
+    scores = reference.next_token_scores(raw, prev_tokens=prev, **options)
+    picked = tokens[:, None]
+    return [z.log_softmax(-1).gather(1, picked).squeeze(1) for z in (scores, raw)]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", SAMPLE_CASES)
+def test_sampling_matches_single_process(name, world):
+    case = SAMPLE_CASES[name]
+    inputs = _sample_inputs(case)
+    expected = _draws(case, *inputs, generator_seed=3)
+    for rank, results in enumerate(_ranks(world)):
+        for call, (ours, single) in enumerate(zip(results[name], expected, strict=True)):
+            where = f"{name}, call {call}, rank {rank} of {world}"
+            if not case.options.get("return_logprobs"):
+                assert torch.equal(ours, single), f"{where}: {ours} vs {single}"
+                continue
+            assert torch.equal(ours[0], single.tokens), f"{where}: {ours} vs {single}"
+            naive = _naive_logprobs(case, inputs, single.tokens, torch.float32)
+            exact = _naive_logprobs(case, inputs, single.tokens, torch.float64)
+            assert torch.isfinite(naive[0]).all(), where  # HF's processors keep every token drawn
+            for got, n, e, what in zip(ours[1:], naive, exact, ("logprobs", "raw"), strict=True):
+                assert_as_accurate(got, n, e, torch.float32, f"{where}, {what}")
+
+
+def test_sampling_cases_take_the_paths_they_name():
+    """The flat and tied heads keep more tokens than the sampler's 256 candidates (so the
+    bisection, the masked pass and the count of tied tokens across ranks run), and each sampling
+    case draws different tokens in different rows."""
+    for name, case in SAMPLE_CASES.items():
+        hidden, weight, bias, prev = _sample_inputs(case)
+        options = {k: v for k, v in case.options.items() if k != "return_logprobs"}
+        scores = reference.next_token_scores(
+            reference.logits(hidden, weight, bias=bias), prev_tokens=prev, **options
+        )
+        kept = (scores > -torch.inf).sum(1)
+        if case.head != "peaked":
+            assert (kept > sampling._CANDIDATES).all(), (name, kept)
+        if case.head == "tied":
+            tied = scores[0] == scores[0].sort(descending=True).values[5]
+            assert tied.sum() < _TIED, "top-p should keep only some of the tied tokens"
+        if case.options.get("do_sample", True):
+            tokens = _draws(case, hidden, weight, bias, prev, generator_seed=3)[0]
+            tokens = tokens.tokens if isinstance(tokens, tuple) else tokens
+            assert tokens.unique().numel() > 1, name
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", [*BAD_INPUTS, *BAD_DTENSOR_HEADS])
 def test_bad_input_raises_on_every_rank(name, world):
@@ -462,7 +676,7 @@ def test_bad_input_raises_on_every_rank(name, world):
         raised, message = results["bad"][name]
         assert raised == kind.__name__, f"rank {rank} of {world} raised {raised!r}: {message}"
         assert message.startswith(start), f"rank {rank} of {world}: {message}"
-        if name in ("labels_dtype_on_one_rank", "shards_beyond_slice") and rank != 1:
+        if name in _RAISED_ON_RANK_1 and rank != 1:
             assert message.endswith("(raised on group rank 1 of process_group)"), message
 
 
