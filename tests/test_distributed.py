@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import chunklogits
 from chunklogits import reference, sampling
@@ -586,6 +587,7 @@ def _worker(rank: int, world: int) -> dict:
     results = {"bad": bad}
     results.update({name: _numeric_case(rank, world, case) for name, case in CASES.items()})
     results.update({name: _sample_case(rank, world, case) for name, case in SAMPLE_CASES.items()})
+    results["generate"] = _generated(_llama(world))
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
     return results
@@ -613,6 +615,37 @@ def test_matches_single_process(name, world):
         # Each rank holds the gradient of its own slice; together they are the whole gradient.
         whole = torch.cat([got[key] for got in ranks])
         assert_as_accurate(whole, naive[key], exact[key], case.dtype, f"{name}, {key} gradient")
+
+
+def _llama(parallel_world: int | None = None):
+    """A small random Llama (untied head, vocabulary 301); its lm_head parallelised with
+    ColwiseParallel over ``parallel_world`` ranks when given."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=301,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    if parallel_world is not None:
+        mesh = init_device_mesh("cpu", (parallel_world,))
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
+    return model
+
+
+_GENERATE = dict(max_new_tokens=6, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5)
+
+
+def _generated(model) -> torch.Tensor:
+    prompts = torch.randint(3, 301, (3, 5), generator=torch.Generator().manual_seed(2))
+    return chunklogits.sample(model, prompts, **_GENERATE)
 
 
 def _naive_logprobs(case: SampleCase, inputs, tokens, dtype: torch.dtype):
@@ -643,6 +676,14 @@ def test_sampling_matches_single_process(name, world):
             assert torch.isfinite(naive[0]).all(), where  # HF's processors keep every token drawn
             for got, n, e, what in zip(ours[1:], naive, exact, ("logprobs", "raw"), strict=True):
                 assert_as_accurate(got, n, e, torch.float32, f"{where}, {what}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sample_with_a_colwise_parallel_lm_head(world):
+    expected = _generated(_llama())
+    assert expected.shape == (3, 5 + _GENERATE["max_new_tokens"])
+    for rank, results in enumerate(_ranks(world)):
+        assert torch.equal(results["generate"], expected), f"rank {rank} of {world}"
 
 
 def test_sampling_cases_take_the_paths_they_name():
