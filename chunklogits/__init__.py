@@ -4,11 +4,14 @@ logits tensor."""
 from . import distributed, memory, reference
 from ._blocks import set_block_budget
 from .generate import sample
+from .head import ChunkedLMHead
+from .integrations.transformers import sequence_logprobs
 from .logprobs import logsumexp, token_logprobs
 from .loss import linear_cross_entropy
 from .sampling import sample_next
 
 __all__ = [
+    "ChunkedLMHead",
     "distributed",
     "linear_cross_entropy",
     "logsumexp",
@@ -16,6 +19,7 @@ __all__ = [
     "reference",
     "sample",
     "sample_next",
+    "sequence_logprobs",
     "set_block_budget",
     "token_logprobs",
 ]

@@ -63,6 +63,18 @@ def check_integer_tensor(name: str, value) -> Tensor:
     return value
 
 
+def check_attention_mask(attention_mask, input_ids: Tensor) -> None:
+    """``attention_mask``: None or a tensor of ``input_ids``' shape."""
+    if attention_mask is None:
+        return
+    check_tensor("attention_mask", attention_mask)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+
+
 def check_token_tensor(name: str, tokens, shape: tuple[int, ...], device: torch.device) -> Tensor:
     check_integer_tensor(name, tokens)
     if tuple(tokens.shape) != tuple(shape):

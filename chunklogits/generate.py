@@ -17,8 +17,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_integer_tensor, check_sampling_options, check_tensor
+from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
 from .distributed import local_head
+from .head import ChunkedLMHead
+from .integrations.transformers import logit_transform
 from .sampling import randomness, sample_next
 
 
@@ -97,13 +99,7 @@ def sample(
         raise ValueError(
             f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
         )
-    if attention_mask is not None:
-        check_tensor("attention_mask", attention_mask)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask: expected input_ids' shape {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
+    check_attention_mask(attention_mask, input_ids)
     given = generate_options(locals())
     sampling = {name: value for name, value in given.items() if name in _SAMPLING_OPTIONS}
     check_sampling_options(do_sample=do_sample, **sampling)
@@ -279,22 +275,16 @@ def _base_model(model: nn.Module) -> nn.Module:
     return base
 
 
-# TODO(merge): replace with the per-family head table of ``integrations/transformers.py`` (issue 4).
-# Until then: a linear ``lm_head`` and the config fields of the families design.md names.
 def _head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float | None]:
-    """``(weight, bias, softcap, logit_scale)`` of the model's output head."""
+    """``(weight, bias, softcap, logit_scale)`` of the model's output head: a wrapped model's
+    ``ChunkedLMHead``, or a plain ``nn.Linear`` with the transform read from the config."""
     head = model.get_output_embeddings()
-    if hasattr(head, "softcap") and hasattr(head, "logit_scale"):  # a ChunkedLMHead
+    if isinstance(head, ChunkedLMHead):
         return head.weight, head.bias, head.softcap, head.logit_scale
     if type(head) is not nn.Linear:
         raise TypeError(
             f"model: expected a plain nn.Linear output head, got {type(head).__name__}; "
             "chunklogits.sample does not know what this head computes"
         )
-    config = model.config.get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    logit_scale = getattr(config, "logit_scale", None)
-    logits_scaling = getattr(config, "logits_scaling", None)
-    if logits_scaling is not None:
-        logit_scale = 1.0 / logits_scaling
-    return head.weight, head.bias, softcap, logit_scale
+    transform = logit_transform(model.config)
+    return head.weight, head.bias, transform["softcap"], transform["logit_scale"]

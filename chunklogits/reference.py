@@ -255,3 +255,23 @@ def sample(
     ended = torch.isin(new, eos).long().cumsum(1)
     sampled = (ended - torch.isin(new, eos).long()) == 0
     return SampleOutput(out.sequences, logprobs * sampled, raw * sampled)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """From the model's full logits: ``log_softmax(logits[:, :-1].float() / T)`` at the next
+    tokens (and the entropy), 0 where ``attention_mask[:, 1:] == 0``."""
+    z = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+    logp = z.log_softmax(-1)
+    results = (logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1))
+    if attention_mask is not None:
+        real = attention_mask[:, 1:].bool()
+        results = tuple(torch.where(real, r, torch.zeros_like(r)) for r in results)
+    return results if return_entropy else results[0]

@@ -1,0 +1,215 @@
+"""``ChunkedLMHead``: an output layer whose loss and log-probs never hold the logits.
+
+The module owns (shares) the output embedding's Parameters, so putting it in place of a model's
+``lm_head`` changes neither the ``state_dict`` nor weight tying. Called as a module it is the
+``nn.Linear`` it replaces; ``loss`` and ``token_logprobs`` are the chunked ops with the model's
+logit transform (softcap, logit scale) and shard count filled in. ``wrap``/``unwrap`` install it in
+a transformers ``*ForCausalLM`` (see ``chunklogits.integrations.transformers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._blocks import _check_count
+from ._checks import check_tensor, make_transform
+from .logprobs import token_logprobs
+from .loss import linear_cross_entropy
+
+
+class ChunkedLMHead(nn.Module):
+    """Output layer ``hidden [..., D] -> logits [..., V]`` with chunked loss and log-probs.
+
+    Args:
+        weight: ``[V, D]`` output embedding. A Parameter is kept as is (the same object, so tied
+            input/output embeddings stay tied); a plain tensor becomes a Parameter sharing its data.
+        bias: ``[V]`` or None, likewise.
+        shards: vocabulary shards per pass of the chunked ops, in ``[1, V]``; None picks the count
+            from the block budget (``chunklogits.set_block_budget``).
+        softcap: Gemma-2/3 ``final_logit_softcapping``: ``z = softcap * tanh(x / softcap)``.
+        logit_scale: multiplier of the raw logits (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``), applied before ``softcap``.
+
+    ``head(hidden)`` is ``F.linear(hidden, weight, bias)`` in the model dtype: exactly the
+    ``nn.Linear`` it replaces, *before* the transform (a transformers forward applies the transform
+    itself). ``head.loss`` and ``head.token_logprobs`` apply the transform.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        shards: int | None = 8,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+    ):
+        super().__init__()
+        check_tensor("weight", weight)
+        if weight.dim() != 2 or weight.shape[0] < 1:
+            raise ValueError(
+                f"weight: expected shape [V, D] with V >= 1, got {tuple(weight.shape)}"
+            )
+        if bias is not None:
+            check_tensor("bias", bias)
+            if tuple(bias.shape) != (weight.shape[0],):
+                raise ValueError(
+                    f"bias: expected shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}"
+                )
+        _check_count("shards", shards, 1, weight.shape[0])
+        transform = make_transform(softcap, logit_scale)
+        self.weight = _as_parameter(weight)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = _as_parameter(bias)
+        self.shards = shards
+        self.softcap = transform.softcap
+        self.logit_scale = transform.logit_scale
+        # With labels, a wrapped model also returns the logits (materialising them) when True.
+        self.return_logits = False
+        # Set while a wrapped model's forward runs: what the module returns instead of F.linear.
+        self._intercept: Callable[[Tensor], Tensor] | None = None
+        # Set by ``wrap``: what ``unwrap`` restores (see integrations.transformers).
+        self._wrapping = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, shards={self.shards}, softcap={self.softcap}, "
+            f"logit_scale={self.logit_scale}"
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """Plain logits ``F.linear(hidden, weight, bias)``, ``[..., V]`` in the model dtype."""
+        if self._intercept is not None:
+            return self._intercept(hidden)
+        return F.linear(hidden, self.weight, self.bias)
+
+    def loss(
+        self,
+        hidden: Tensor,
+        labels: Tensor,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        num_items_in_batch: int | Tensor | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        shift: bool = False,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """``chunklogits.linear_cross_entropy(hidden, weight, labels, bias=bias, shards=shards,
+        softcap=softcap, logit_scale=logit_scale, ...)``: hidden ``[..., D]``, labels
+        ``hidden.shape[:-1]``; every other argument as there. Naive equivalent::
+
+            F.cross_entropy(transform(head(hidden).float()).flatten(0, -2), labels.flatten(), ...)
+        """
+        return linear_cross_entropy(
+            hidden,
+            self.weight,
+            labels,
+            bias=self.bias,
+            shards=self.shards,
+            chunk_size=chunk_size,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            shift=shift,
+        )
+
+    def token_logprobs(
+        self,
+        hidden: Tensor,
+        tokens: Tensor,
+        *,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        chunk_size: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``chunklogits.token_logprobs(hidden, weight, tokens, bias=bias, shards=shards,
+        softcap=softcap, logit_scale=logit_scale, ...)``: hidden ``[..., D]``, tokens
+        ``hidden.shape[:-1]``; returns fp32 log-probs (and entropy) shaped like tokens. Naive
+        equivalent::
+
+            z = transform(head(hidden).float()) / temperature
+            z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+        """
+        return token_logprobs(
+            hidden,
+            self.weight,
+            tokens,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            bias=self.bias,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            shards=self.shards,
+            chunk_size=chunk_size,
+        )
+
+    @contextmanager
+    def _intercepted(self, replacement: Callable[[Tensor], Tensor]) -> Iterator[None]:
+        """Within the block, calling the module returns ``replacement(hidden)``."""
+        previous, self._intercept = self._intercept, replacement
+        try:
+            yield
+        finally:
+            self._intercept = previous
+
+    @classmethod
+    def wrap(
+        cls, model: nn.Module, shards: int | None = 8, *, return_logits: bool = False
+    ) -> nn.Module:
+        """Put a ``ChunkedLMHead`` in place of a transformers ``*ForCausalLM``'s output layer,
+        in place; returns ``model``.
+
+        The head holds the same Parameters (tied embeddings stay tied; ``state_dict`` keys and
+        ``save_pretrained`` files are unchanged) and the transform read from the config
+        (Gemma-2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
+        ``logits_scaling``). The instance's forward is patched:
+
+        * with ``labels``, the loss is ``head.loss(hidden, labels, shift=True,
+          num_items_in_batch=...)`` on the hidden states the output layer receives, with
+          transformers' ``ForCausalLMLoss`` semantics (``ignore_index=-100``, ``shift_labels``,
+          ``num_items_in_batch``); no ``[tokens, vocab]`` tensor is made and ``outputs.logits`` is
+          None, unless ``return_logits=True`` (then the logits are computed as before);
+        * without ``labels``, the outputs are the original forward's (``logits_to_keep``
+          positions, model dtype), so ``generate()`` and evaluation code are unaffected.
+
+        Before returning, a probe on a tiny input checks that the wrapped forward reproduces the
+        original's loss and logits; a model whose output layer, logit transform or loss is not
+        reproduced is refused with a ``ValueError`` naming it. ``shards`` as in the constructor.
+        """
+        from .integrations import transformers as hf
+
+        return hf.wrap(cls, model, shards=shards, return_logits=return_logits)
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """Undo ``wrap``: put the original output module (holding the head's current
+        Parameters) and forward back, in place; returns ``model``."""
+        from .integrations import transformers as hf
+
+        return hf.unwrap(model)
+
+
+def _as_parameter(tensor: Tensor) -> nn.Parameter:
+    if isinstance(tensor, nn.Parameter):
+        return tensor
+    return nn.Parameter(tensor, requires_grad=tensor.requires_grad)
