@@ -84,6 +84,7 @@ class NextTokens(NamedTuple):
     raw_logprobs: Tensor
 
 
+@torch.no_grad()
 def sample_next(
     hidden_last: Tensor,
     weight: Tensor,
@@ -149,7 +150,8 @@ def sample_next(
             rank's slice. With a ``generator`` (or neither), group rank 0's key is used.
 
     Returns:
-        ``tokens`` ``[B]`` int64, or ``NextTokens(tokens, logprobs, raw_logprobs)``.
+        ``tokens`` ``[B]`` int64, or ``NextTokens(tokens, logprobs, raw_logprobs)``; not
+        differentiable (the log-probs of a trainer are ``token_logprobs``'s).
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden_last, weight, bias)

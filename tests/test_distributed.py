@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -531,8 +532,8 @@ class _TinyLM(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, ids, labels):
-        hidden = self.mlp(self.embed(ids))
+    def forward(self, input_ids, labels):
+        hidden = self.mlp(self.embed(input_ids))
         return self.loss(hidden, self.lm_head.weight, labels, shift=True)
 
 
@@ -548,34 +549,51 @@ def _new_model(loss, dtype: torch.dtype) -> _TinyLM:
     return _TinyLM(loss).to(dtype)
 
 
+def _train(model, batches, lr: float) -> torch.Tensor:
+    """``_STEPS`` SGD steps; each step ``batches(step)`` (a list of ``(ids, labels)``) through the
+    model, the mean of their losses backpropagated. Returns the losses ``[steps, batches]``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for step in range(_STEPS):
+        outputs = [model(input_ids=ids, labels=labels) for ids, labels in batches(step)]
+        step_losses = torch.stack([getattr(out, "loss", out) for out in outputs])
+        step_losses.mean().backward()  # under FSDP2 (a batch per rank), averaged over the ranks
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(step_losses.detach())
+    return torch.stack(losses)
+
+
 def _fsdp2_losses(rank: int, world: int) -> torch.Tensor:
     model = _new_model(chunklogits.linear_cross_entropy, torch.float32)
     mesh = init_device_mesh("cpu", (world,))
     fully_shard(model.mlp, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    losses = []
-    for step in range(_STEPS):
-        loss = model(*_batch(step, rank))
-        loss.backward()  # FSDP2 averages the gradients over the ranks
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+    return _train(model, lambda step: [_batch(step, rank)], lr=2.0)
 
 
 def _single_process_losses(dtype: torch.dtype, world: int) -> torch.Tensor:
-    """Each step: every rank's batch through one model, the mean of their losses backpropagated."""
     model = _new_model(reference.linear_cross_entropy, dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    losses = []
-    for step in range(_STEPS):
-        step_losses = torch.stack([model(*_batch(step, rank)) for rank in range(world)])
-        step_losses.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(step_losses.detach())
-    return torch.stack(losses)
+    return _train(model, lambda step: [_batch(step, rank) for rank in range(world)], lr=2.0)
+
+
+# A wrapped Llama learns one fixed batch per rank (random batches teach a random model nothing).
+_LLAMA_LR = 0.5
+
+
+def _fsdp2_wrapped_llama_losses(rank: int, world: int, tied: bool) -> torch.Tensor:
+    model = chunklogits.ChunkedLMHead.wrap(_llama(tied=tied)).train()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return _train(model, lambda step: [_batch(0, rank)], lr=_LLAMA_LR)
+
+
+def _single_process_llama_losses(dtype: torch.dtype, world: int, tied: bool) -> torch.Tensor:
+    """The unwrapped transformers model, every rank's batch in one process."""
+    model = _llama(tied=tied).to(dtype).train()
+    return _train(model, lambda step: [_batch(0, rank) for rank in range(world)], lr=_LLAMA_LR)
 
 
 # --- the spawned ranks --------------------------------------------------------------------------
@@ -588,8 +606,14 @@ def _worker(rank: int, world: int) -> dict:
     results.update({name: _numeric_case(rank, world, case) for name, case in CASES.items()})
     results.update({name: _sample_case(rank, world, case) for name, case in SAMPLE_CASES.items()})
     results["generate"] = _generated(_llama(world))
+    results["wrapped_parallel_llama"] = _wrapped_parallel_llama(rank, world)
+    results["head_draws"] = _head_draws(world)
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
+        for tied in (False, True):
+            results[f"fsdp2_wrapped_llama_tied={tied}"] = _fsdp2_wrapped_llama_losses(
+                rank, world, tied
+            )
     return results
 
 
@@ -617,9 +641,9 @@ def test_matches_single_process(name, world):
         assert_as_accurate(whole, naive[key], exact[key], case.dtype, f"{name}, {key} gradient")
 
 
-def _llama(parallel_world: int | None = None):
-    """A small random Llama (untied head, vocabulary 301); its lm_head parallelised with
-    ColwiseParallel over ``parallel_world`` ranks when given."""
+def _llama(parallel_world: int | None = None, tied: bool = False):
+    """A small random Llama (vocabulary 301); its lm_head parallelised with ColwiseParallel over
+    ``parallel_world`` ranks when given (replicated logits out, as for inference)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=301,
@@ -628,7 +652,7 @@ def _llama(parallel_world: int | None = None):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -636,7 +660,7 @@ def _llama(parallel_world: int | None = None):
     model = LlamaForCausalLM(config).eval()
     if parallel_world is not None:
         mesh = init_device_mesh("cpu", (parallel_world,))
-        parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
     return model
 
 
@@ -646,6 +670,44 @@ _GENERATE = dict(max_new_tokens=6, top_k=20, top_p=0.9, repetition_penalty=1.2, 
 def _generated(model) -> torch.Tensor:
     prompts = torch.randint(3, 301, (3, 5), generator=torch.Generator().manual_seed(2))
     return chunklogits.sample(model, prompts, **_GENERATE)
+
+
+def _llama_outputs(model, parallel: bool) -> dict:
+    """A (wrapped) Llama's loss and gradients, logits, sequence log-probs and sampled tokens on
+    one batch (the same on every rank)."""
+    ids, labels = _batch(0, 0)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    head_grad = model.lm_head.weight.grad
+    sequence_logprobs = chunklogits.sequence_logprobs if parallel else reference.sequence_logprobs
+    return {
+        "loss": out.loss.detach(),
+        "head": head_grad.to_local() if parallel else head_grad,
+        "embed": model.model.embed_tokens.weight.grad,
+        "logits": model(input_ids=ids).logits.detach(),
+        "logprobs": sequence_logprobs(model, ids).detach(),
+        "tokens": _generated(model),
+    }
+
+
+def _head_draws(world: int | None) -> dict:
+    """``ChunkedLMHead(linear.weight, linear.bias).sample_next`` for an nn.Linear head,
+    parallelised with ColwiseParallel over ``world`` ranks when given; and what calling such a
+    head (not in place of the layer) raises."""
+    torch.manual_seed(4)
+    linear, hidden = nn.Linear(_DIM, 257), torch.randn(5, _DIM)
+    if world is not None:
+        parallelize_module(linear, init_device_mesh("cpu", (world,)), ColwiseParallel())
+    head = chunklogits.ChunkedLMHead(linear.weight, linear.bias, shards=2)
+    draws = [head.sample_next(hidden, seed=3, **options) for options in _HEAD_OPTIONS]
+    return {"tokens": draws, "call": _raised(lambda: head(hidden))}
+
+
+_HEAD_OPTIONS = (dict(top_k=20, temperature=0.8), dict(top_k=0, top_p=0.9), dict(do_sample=False))
+
+
+def _wrapped_parallel_llama(rank: int, world: int) -> dict:
+    return _llama_outputs(chunklogits.ChunkedLMHead.wrap(_llama(world)), parallel=True)
 
 
 def _naive_logprobs(case: SampleCase, inputs, tokens, dtype: torch.dtype):
@@ -686,6 +748,36 @@ def test_sample_with_a_colwise_parallel_lm_head(world):
         assert torch.equal(results["generate"], expected), f"rank {rank} of {world}"
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_wrapped_llama_with_a_colwise_parallel_lm_head(world):
+    """ChunkedLMHead.wrap on a model whose lm_head is ColwiseParallel: loss, every gradient,
+    logits, sequence log-probs and sampled tokens as the unwrapped model's in one process."""
+    naive = _llama_outputs(_llama(), parallel=False)
+    exact = _llama_outputs(_llama().double(), parallel=False)
+    ranks = [results["wrapped_parallel_llama"] for results in _ranks(world)]
+    for rank, ours in enumerate(ranks):
+        for key in ("loss", "embed", "logits", "logprobs"):
+            where = f"{key}, rank {rank} of {world}"
+            assert_as_accurate(ours[key], naive[key], exact[key], torch.float32, where)
+        assert torch.equal(ours["tokens"], naive["tokens"]), f"rank {rank} of {world}"
+    # Each rank holds the gradient of its own slice of the head.
+    whole = torch.cat([ours["head"] for ours in ranks])
+    assert_as_accurate(whole, naive["head"], exact["head"], torch.float32, "lm_head gradient")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_chunked_head_with_a_colwise_parallel_weight(world):
+    expected = _head_draws(None)
+    assert expected["call"] == ("", "")
+    for rank, results in enumerate(_ranks(world)):
+        ours = results["head_draws"]
+        pairs = zip(_HEAD_OPTIONS, ours["tokens"], expected["tokens"], strict=True)
+        for options, got, single in pairs:
+            assert torch.equal(got, single), f"{options}, rank {rank} of {world}"
+        assert ours["call"][0] == "TypeError", ours["call"]
+        assert ours["call"][1].startswith("weight: a ChunkedLMHead computes plain logits from")
+
+
 def test_sampling_cases_take_the_paths_they_name():
     """The flat and tied heads keep more tokens than the sampler's 256 candidates (so the
     bisection, the masked pass and the count of tied tokens across ranks run), and each sampling
@@ -723,11 +815,22 @@ def test_bad_input_raises_on_every_rank(name, world):
 
 def test_fsdp2_training_matches_single_process():
     world = 2
-    ours = torch.stack([results["fsdp2"] for results in _ranks(world)], dim=1)
+    ours = torch.cat([results["fsdp2"] for results in _ranks(world)], dim=1)
     naive = _single_process_losses(torch.float32, world)
     exact = _single_process_losses(torch.float64, world)
     assert exact[-1].mean() < exact[0].mean() - 0.05, "the reference run should learn something"
     assert_as_accurate(ours, naive, exact, torch.float32, "FSDP2 losses per step and rank")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fsdp2_wrapped_llama_trains_as_the_unwrapped_model(tied):
+    world = 2
+    name = f"fsdp2_wrapped_llama_tied={tied}"
+    ours = torch.cat([results[name] for results in _ranks(world)], dim=1)
+    naive = _single_process_llama_losses(torch.float32, world, tied)
+    exact = _single_process_llama_losses(torch.float64, world, tied)
+    assert exact[-1].mean() < exact[0].mean() - 0.5, "the reference run should learn something"
+    assert_as_accurate(ours, naive, exact, torch.float32, f"{name}: losses per step and rank")
 
 
 def test_local_head_passes_plain_tensors_through():

@@ -103,6 +103,26 @@ def test_token_logprobs_and_entropy(dtype, transform):
         assert_as_accurate(ours, naive, exact, dtype, what)
 
 
+@pytest.mark.parametrize("transform", ["plain", "both"])
+def test_sample_next_with_the_heads_transform(transform):
+    options = TRANSFORMS[transform]
+    hidden, weight, b = _inputs(torch.float32, bias=True, seed=5)
+    hidden = hidden[:, -1].float()
+    w, bb = _leaves((weight, b), torch.float32)  # Parameters that require grad, as a model's
+    head = cl.ChunkedLMHead(w, bb, shards=4, **options)
+    prev = torch.randint(V, (hidden.shape[0], 6), generator=seeded(6))
+    greedy = dict(do_sample=False, repetition_penalty=1.3, prev_tokens=prev)
+    expected = reference.sample_next(hidden, w.detach(), bias=bb.detach(), **greedy, **options)
+    assert torch.equal(head.sample_next(hidden, **greedy), expected)
+    drawn = head.sample_next(hidden, top_k=20, temperature=0.7, seed=2, return_logprobs=True)
+    same = cl.sample_next(
+        hidden, w.detach(), bias=bb.detach(), shards=4, top_k=20, temperature=0.7, seed=2,
+        return_logprobs=True, **options,
+    )  # fmt: skip
+    for ours, theirs in zip(drawn, same, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 def test_shards_do_not_change_the_loss():
     hidden, weight, _ = _inputs(torch.float64, bias=False)
     labels = torch.randint(V, hidden.shape[:-1], generator=seeded(4))
