@@ -56,8 +56,9 @@ _FINGERPRINT_TOLERANCE = 1e-6
 
 
 class VocabSlice:
-    """The engine hook (``row_stats(vocab_parallel=...)``) of one rank's slice: rows
-    ``[start, start + size)`` of a head of ``vocab`` entries spread over ``group``."""
+    """One rank's slice, rows ``[start, start + size)`` of a head of ``vocab`` entries spread
+    over ``group``: the engine's hook (``row_stats(vocab_parallel=...)``) and the sampler's
+    collectives (``gather``, ``broadcast_first_``)."""
 
     def __init__(self, group: dist.ProcessGroup, start: int, size: int, vocab: int):
         self.group, self.start, self.size, self.vocab = group, start, size, vocab
@@ -184,7 +185,7 @@ class _Agreement:
         """Exchange this rank's description of its inputs; raise on every rank if they disagree.
         Returns this rank's ``VocabSlice``, or None without a process group. Sets ``vocab``, the
         size of the whole vocabulary, which labels must index. ``sampling``: the sampler's
-        options (``sampling_fields``' arguments), which must agree too."""
+        options (``_sampling_fields``' arguments), which must agree too."""
         self.vocab = weight.shape[0]
         if self.group is None:
             return None
