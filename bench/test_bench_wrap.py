@@ -60,7 +60,7 @@ def test_training_step(benchmark, model, tokens, variant):
     grads_bytes = sum(p.nbytes for p in model.parameters())
     benchmark.group = f"training step, {tokens} tokens"
     if variant == "chunklogits-wrap":
-        cl.ChunkedLMHead.wrap(model, shards=8)
+        cl.ChunkedLMHead.wrap(model)
     try:
         measure(benchmark, step, reset=reset, returned_bytes=grads_bytes, rounds=1)
     finally:

@@ -360,7 +360,7 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
             if grad_rows is not None:
                 grad_rows[r0:r1] += grad @ w
             if grad_w is not None:
-                grad_w += (grad.T @ h).to(stat_dtype)
+                grad_w += grad.T @ h  # accumulated in fp32 without an fp32 copy
             elif need_weight and weight.dtype == grad.dtype:
                 torch.mm(grad.T, h, out=grad_weight[v0:v1])
             elif need_weight:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -21,7 +22,7 @@ from ._checks import check_tensor, make_transform
 from .distributed import local_head
 from .logprobs import token_logprobs
 from .loss import linear_cross_entropy
-from .sampling import sample_next
+from .sampling import NextTokens, sample_next
 
 
 class ChunkedLMHead(nn.Module):
@@ -53,7 +54,7 @@ class ChunkedLMHead(nn.Module):
         self,
         weight: Tensor,
         bias: Tensor | None = None,
-        shards: int | None = 8,
+        shards: int | None = None,
         softcap: float | None = None,
         logit_scale: float | None = None,
     ):
@@ -188,14 +189,27 @@ class ChunkedLMHead(nn.Module):
             chunk_size=chunk_size,
         )
 
-    def sample_next(self, hidden_last: Tensor, **options):
+    def sample_next(
+        self,
+        hidden_last: Tensor,
+        *,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        prev_tokens: Tensor | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        return_logprobs: bool = False,
+    ) -> Tensor | NextTokens:
         """``chunklogits.sample_next(hidden_last, weight, bias=bias, shards=shards,
-        softcap=softcap, logit_scale=logit_scale, **options)``: the next token of each row
-        (``hidden_last`` ``[B, D]``) as ``generate()`` draws it; ``options`` are ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
-        ``prev_tokens``, ``seed``, ``generator``, ``return_logprobs`` and ``chunk_size``, as there.
-        Naive equivalent: ``generate()``'s processors on ``transform(head(hidden_last).float())``,
-        then ``multinomial`` (or ``argmax``)."""
+        softcap=softcap, logit_scale=logit_scale, ...)``: the next token of each row of
+        ``hidden_last [B, D]``, drawn as ``generate()`` draws it (``[B]``, or ``NextTokens`` with
+        their log-probs). Naive equivalent: ``reference.sample_next``, i.e. ``head(hidden_last)
+        .float()`` through transformers' logits processors, softmax and ``torch.multinomial``.
+        """
         weight, bias, process_group = local_head(self.weight, self.bias)
         return sample_next(
             hidden_last,
@@ -205,7 +219,16 @@ class ChunkedLMHead(nn.Module):
             logit_scale=self.logit_scale,
             shards=self.shards,
             process_group=process_group,
-            **options,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            prev_tokens=prev_tokens,
+            seed=seed,
+            generator=generator,
+            return_logprobs=return_logprobs,
         )
 
     @contextmanager
@@ -219,7 +242,7 @@ class ChunkedLMHead(nn.Module):
 
     @classmethod
     def wrap(
-        cls, model: nn.Module, shards: int | None = 8, *, return_logits: bool = False
+        cls, model: nn.Module, shards: int | None = None, *, return_logits: bool = False
     ) -> nn.Module:
         """Put a ``ChunkedLMHead`` in place of a transformers ``*ForCausalLM``'s output layer,
         in place; returns ``model``.

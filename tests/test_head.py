@@ -103,26 +103,6 @@ def test_token_logprobs_and_entropy(dtype, transform):
         assert_as_accurate(ours, naive, exact, dtype, what)
 
 
-@pytest.mark.parametrize("transform", ["plain", "both"])
-def test_sample_next_with_the_heads_transform(transform):
-    options = TRANSFORMS[transform]
-    hidden, weight, b = _inputs(torch.float32, bias=True, seed=5)
-    hidden = hidden[:, -1].float()
-    w, bb = _leaves((weight, b), torch.float32)  # Parameters that require grad, as a model's
-    head = cl.ChunkedLMHead(w, bb, shards=4, **options)
-    prev = torch.randint(V, (hidden.shape[0], 6), generator=seeded(6))
-    greedy = dict(do_sample=False, repetition_penalty=1.3, prev_tokens=prev)
-    expected = reference.sample_next(hidden, w.detach(), bias=bb.detach(), **greedy, **options)
-    assert torch.equal(head.sample_next(hidden, **greedy), expected)
-    drawn = head.sample_next(hidden, top_k=20, temperature=0.7, seed=2, return_logprobs=True)
-    same = cl.sample_next(
-        hidden, w.detach(), bias=bb.detach(), shards=4, top_k=20, temperature=0.7, seed=2,
-        return_logprobs=True, **options,
-    )  # fmt: skip
-    for ours, theirs in zip(drawn, same, strict=True):
-        assert torch.equal(ours, theirs)
-
-
 def test_shards_do_not_change_the_loss():
     hidden, weight, _ = _inputs(torch.float64, bias=False)
     labels = torch.randint(V, hidden.shape[:-1], generator=seeded(4))
@@ -158,3 +138,45 @@ def test_labels_outside_the_vocabulary():
     labels[1, 2] = V
     with pytest.raises(ValueError, match=rf"labels: expected values in \[0, {V}\).*got {V}"):
         head.loss(hidden, labels)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_sample_next_is_the_sampler_with_the_heads_transform(transform):
+    options = TRANSFORMS[transform]
+    hidden, weight, b = _inputs(torch.float32, bias=True, seed=3)
+    hidden_last, weight, b = hidden[:, -1].float(), weight.float(), b.float()
+    # Parameters that require grad, as a model's: sampling runs without autograd.
+    head = cl.ChunkedLMHead(nn.Parameter(weight), nn.Parameter(b), shards=4, **options)
+    prev = torch.randint(V, (3, 5), generator=seeded(4))
+    greedy = head.sample_next(
+        hidden_last, do_sample=False, repetition_penalty=1.3, prev_tokens=prev
+    )
+    naive = reference.sample_next(
+        hidden_last,
+        weight,
+        bias=b,
+        do_sample=False,
+        repetition_penalty=1.3,
+        prev_tokens=prev,
+        **options,
+    )
+    assert torch.equal(greedy, naive)
+    drawn = head.sample_next(
+        hidden_last, temperature=0.7, top_k=20, top_p=0.9, seed=11, return_logprobs=True
+    )
+    same = cl.sample_next(
+        hidden_last,
+        weight,
+        bias=b,
+        shards=4,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.9,
+        seed=11,
+        return_logprobs=True,
+        **options,
+    )
+    for ours, expected in zip(drawn, same, strict=True):
+        assert torch.equal(ours, expected)
+    raw = reference.token_logprobs(hidden_last, weight, drawn.tokens, bias=b, **options)
+    torch.testing.assert_close(drawn.raw_logprobs, raw)

@@ -165,7 +165,7 @@ def sequence_logprobs(
     if head is None:
         from ..head import ChunkedLMHead
 
-        wrap(ChunkedLMHead, model, shards=8, return_logits=False)
+        wrap(ChunkedLMHead, model, shards=None, return_logits=False)
         try:
             return sequence_logprobs(
                 model,
