@@ -65,11 +65,10 @@ _LEVELS = 32
 # exp(-104) is below fp32's smallest subnormal: tokens this far below the row maximum have
 # probability 0 in HF's fp32 softmax, so the top-p crossing token never lies below.
 _NEGLIGIBLE = 104.0
-# Transient bytes per block element of a sampling pass (fp32 logits and a copy, the half-precision
-# GEMM output); a pass that draws Gumbel noise for every element also holds an int64 hash, its
-# shifted copy and the fp32 noise.
-_BYTES_PLAIN = 16
-_BYTES_NOISY = 40
+# Transient bytes per block element of the costliest sampling pass: fp32 logits and a copy, the
+# half-precision GEMM output, and for Gumbel noise an int64 hash, its shifted copy and the fp32
+# noise. Every pass plans its blocks with it, so that all passes share one block shape.
+_BYTES_PER_ELEMENT = 40
 _MASK32 = 0xFFFFFFFF
 
 
@@ -325,7 +324,7 @@ def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
     return torch.where(hit[:, :width], torch.where(y < 0, y * penalty, y / penalty), y)
 
 
-def _blocks(problem: _Problem, bytes_per_element: int, tempered: bool):
+def _blocks(problem: _Problem, tempered: bool):
     """Yield ``(r0, r1, v0, x, y)`` per block: raw logits ``x`` and processed logits ``y`` (the
     same tensor when the raw ones are not wanted) of rows ``[r0, r1)`` and vocabulary entries
     ``[v0, v0 + width)``; ``y`` not yet divided by the temperature unless ``tempered``. Every pass
@@ -339,7 +338,7 @@ def _blocks(problem: _Problem, bytes_per_element: int, tempered: bool):
         hidden.device,
         shards=problem.shards,
         chunk_size=problem.chunk_size,
-        bytes_per_element=bytes_per_element,
+        bytes_per_element=_BYTES_PER_ELEMENT,
     )
     chunks, work = _Rows(hidden, None, plan), _Workspace(plan, hidden.device)
     start = 0 if problem.vocab_slice is None else problem.vocab_slice.start
@@ -431,8 +430,7 @@ def _scan(
     # keeps the order, and gives the values dividing the whole block would.
     tempered = winner or lse or any(o is not None for o in (floor, ceiling, levels, nth_tied))
     divisor = 1.0 if tempered else problem.temperature
-    bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
-    for r0, r1, v0, x, y in _blocks(problem, bytes_per_element, tempered):
+    for r0, r1, v0, x, y in _blocks(problem, tempered):
         if raw_lse:
             s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
         if levels is not None:
