@@ -1,4 +1,5 @@
-"""Per-rank memory of the vocab-parallel loss (forward + backward) for 1, 2 and 4 ranks.
+"""Per-rank memory of the vocab-parallel loss (forward + backward) and of one vocab-parallel
+sampling step, for 1, 2 and 4 ranks.
 
     pytest bench/test_bench_distributed.py --benchmark-only -s
 
@@ -9,6 +10,11 @@ its ``backward``. ``extra_info`` per rank: ``peak_mib``, ``working_mib`` (peak m
 gradients: the weight slice's and hidden's, as in bench/common.py) and the rank's seconds.
 Baseline in the same run: the naive materialising loss in one process. Process start-up
 dominates the benchmark's own time; compare the ranks' seconds only on a quiet machine.
+
+Sampling (``sample-*``): one ``sample_next(..., process_group=...)`` step for the first
+``SAMPLE_ROWS`` hidden states (temperature 0.8, top-k 50, top-p 0.9, a seed), against HF's
+step (``reference.sample_next``: full fp32 logits and processors) in one process. Every world
+size must draw the same tokens; the working memory per rank stays within the one-rank figure.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from tests.helpers import run_ranks
 
 VOCAB, DIM, ROWS = 256_000, 512, 512
 WORLDS = (1, 2, 4)
+SAMPLE_ROWS = 64
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.9, seed=0)
 _results: dict[str, list[dict]] = {}
 
 
@@ -38,63 +46,94 @@ def _inputs(rank: int, world: int, vocab: int):
     return hidden, weight, labels
 
 
-def _measure(loss_fn, rank: int, world: int, vocab: int, **kwargs) -> dict:
+def _loss_step(fn, hidden, weight, labels, **kwargs) -> tuple[dict, int]:
+    """A loss and its backward; returns the result and the bytes of the gradients returned."""
+    loss = fn(hidden, weight, labels, **kwargs)
+    loss.backward()
+    returned = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight))
+    return {"loss": loss.item()}, returned
+
+
+def _sample_step(fn, hidden, weight, labels, **kwargs) -> tuple[dict, int]:
+    tokens = fn(hidden[:SAMPLE_ROWS].detach(), weight.detach(), **SAMPLING, **kwargs)
+    return {"tokens": tokens}, 0
+
+
+_OPS = {
+    "loss": (_loss_step, reference.linear_cross_entropy, chunklogits.linear_cross_entropy),
+    "sample": (_sample_step, reference.sample_next, chunklogits.sample_next),
+}
+
+
+def _measure(op: str, naive: bool, rank: int, world: int, vocab: int, **kwargs) -> dict:
+    step, naive_fn, fn = _OPS[op]
     hidden, weight, labels = _inputs(rank, world, vocab)
     with chunklogits.memory.peak("cpu") as used:
         start = time.perf_counter()
-        loss = loss_fn(hidden, weight, labels, **kwargs)
-        loss.backward()
+        result, returned = step(naive_fn if naive else fn, hidden, weight, labels, **kwargs)
         seconds = time.perf_counter() - start
-    returned = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight))
-    return {
-        "peak": used.bytes,
-        "working": used.bytes - returned,
-        "seconds": seconds,
-        "loss": loss.item(),
-    }
+    return {"peak": used.bytes, "working": used.bytes - returned, "seconds": seconds, **result}
 
 
-def _rank(rank: int, world: int, naive: bool) -> dict:
+def _rank(rank: int, world: int, op: str, naive: bool) -> dict:
     chunklogits.memory.pin_allocator()
-    loss_fn = reference.linear_cross_entropy if naive else chunklogits.linear_cross_entropy
     kwargs = {"process_group": dist.group.WORLD} if world > 1 else {}
-    _measure(loss_fn, rank, world, 4096, **kwargs)  # warm-up: kernels, gloo buffers
-    return _measure(loss_fn, rank, world, VOCAB, **kwargs)
+    _measure(op, naive, rank, world, 4096, **kwargs)  # warm-up: kernels, gloo buffers
+    return _measure(op, naive, rank, world, VOCAB, **kwargs)
 
 
-def _record(benchmark, name: str, world: int, naive: bool) -> list[dict]:
-    ranks = benchmark.pedantic(run_ranks, args=(_rank, world, naive), rounds=1, iterations=1)
+def _record(benchmark, name: str, world: int, op: str, naive: bool) -> list[dict]:
+    ranks = benchmark.pedantic(run_ranks, args=(_rank, world, op, naive), rounds=1, iterations=1)
     _results[name] = ranks
     benchmark.extra_info.update(
         world=world,
         vocab=VOCAB,
         dim=DIM,
-        rows=ROWS,
+        rows=SAMPLE_ROWS if op == "sample" else ROWS,
         peak_mib=[round(r["peak"] / MiB, 1) for r in ranks],
         working_mib=[round(r["working"] / MiB, 1) for r in ranks],
         seconds=[round(r["seconds"], 2) for r in ranks],
-        loss=ranks[0]["loss"],
     )
+    if op == "loss":
+        benchmark.extra_info["loss"] = ranks[0]["loss"]
     print(f"\n{name}: {benchmark.extra_info}")
     return ranks
 
 
-def test_naive_single_process(benchmark):
-    _record(benchmark, "naive", 1, naive=True)
-
-
-@pytest.mark.parametrize("world", WORLDS)
-def test_vocab_parallel(benchmark, world):
-    ranks = _record(benchmark, f"chunklogits-{world}", world, naive=False)
-    one = _results.get("chunklogits-1")
+def _compare_with_one_rank(benchmark, name: str, ranks: list[dict], world: int) -> dict:
+    """The one-rank result of the same run; records the peak ratio. The working memory (blocks
+    within the budget, statistics, collective buffers) must not grow with the world size (1 MiB:
+    the measurement's noise)."""
+    one = _results.get(name)
     if one is None:
         pytest.skip("needs the world-size-1 case of the same run for its ratios")
     worst = max(r["peak"] for r in ranks)
     benchmark.extra_info["peak_vs_one_rank"] = round(worst / one[0]["peak"], 3)
     benchmark.extra_info["one_over_world"] = round(1 / world, 3)
-    # Every world size computes the same loss, up to fp32 rounding.
-    assert ranks[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
-    # The gradient slice shrinks as 1 / world; the working memory (blocks within the budget,
-    # statistics, collective buffers) must not grow with it (1 MiB: the measurement's noise).
     for r in ranks:
         assert r["working"] <= one[0]["working"] + MiB, benchmark.extra_info
+    return one[0]
+
+
+def test_naive_single_process(benchmark):
+    _record(benchmark, "naive", 1, "loss", naive=True)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel(benchmark, world):
+    ranks = _record(benchmark, f"chunklogits-{world}", world, "loss", naive=False)
+    one = _compare_with_one_rank(benchmark, "chunklogits-1", ranks, world)
+    # Every world size computes the same loss, up to fp32 rounding.
+    assert ranks[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_sample_naive_single_process(benchmark):
+    _record(benchmark, "sample-naive", 1, "sample", naive=True)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sample_vocab_parallel(benchmark, world):
+    ranks = _record(benchmark, f"sample-chunklogits-{world}", world, "sample", naive=False)
+    one = _compare_with_one_rank(benchmark, "sample-chunklogits-1", ranks, world)
+    for r in ranks:  # the same seed draws the same tokens whatever the world size
+        assert torch.equal(r["tokens"], one["tokens"])

@@ -22,11 +22,13 @@ gives each rank the gradient of its own weight (and bias) slice, and all-reduces
 states' gradient, so every rank's ``hidden.grad`` is the full gradient (as the input gradient of
 Megatron's column-parallel linear layer). So every rank must call ``backward`` on the result.
 
-Users pass ``process_group=`` to ``linear_cross_entropy``, ``token_logprobs`` and
-``logsumexp``. Before any other collective, the ranks exchange a small description of their
-inputs in one ``all_gather``; a bad input on any rank, or inputs that disagree across ranks
-(hidden size, dtype, rows, bias, logit transform, differing hidden states or labels), then raise
-the same error on every rank instead of hanging in a later collective.
+Users pass ``process_group=`` to ``linear_cross_entropy``, ``token_logprobs``,
+``logsumexp`` and ``sampling.sample_next`` (whose passes each end with one ``all_gather`` of their
+per-row candidates and winners: ``VocabSlice.gather``; see ``sampling``). Before any other
+collective, the ranks exchange a small description of their inputs in one ``all_gather``; a bad
+input on any rank, or inputs that disagree across ranks (hidden size, dtype, rows, bias, logit
+transform, sampling options, differing hidden states or labels), then raise the same error on
+every rank instead of hanging in a later collective.
 
 ``local_head`` turns a head whose weight is a ``DTensor`` sharded on the vocabulary dimension
 (``torch.distributed.tensor.parallel.ColwiseParallel``) into the local slice and its process
@@ -54,8 +56,9 @@ _FINGERPRINT_TOLERANCE = 1e-6
 
 
 class VocabSlice:
-    """The engine hook (``row_stats(vocab_parallel=...)``) of one rank's slice: rows
-    ``[start, start + size)`` of a head of ``vocab`` entries spread over ``group``."""
+    """One rank's slice, rows ``[start, start + size)`` of a head of ``vocab`` entries spread
+    over ``group``: the engine's hook (``row_stats(vocab_parallel=...)``) and the sampler's
+    collectives (``gather``, ``broadcast_first_``)."""
 
     def __init__(self, group: dist.ProcessGroup, start: int, size: int, vocab: int):
         self.group, self.start, self.size, self.vocab = group, start, size, vocab
@@ -86,7 +89,42 @@ class VocabSlice:
         dist.all_reduce(grad_hidden, group=self.group)
         return grad_hidden
 
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
 
+    def gather(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Every rank's ``tensors`` (each ``[n, ...]``, the same shapes and dtypes on every rank)
+        as ``[world, n, ...]`` tensors, by group rank, with one ``all_gather``. Exact: they travel
+        packed as float64, which holds every fp32 value and every integer below 2**53."""
+        rows = tensors[0].shape[0]
+        packed = torch.cat([t.reshape(rows, -1).double() for t in tensors], 1)
+        every = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, packed, group=self.group)
+        columns = torch.stack(every).split([t[0].numel() for t in tensors], dim=2)
+        return [
+            c.reshape(len(every), *t.shape).to(t.dtype)
+            for c, t in zip(columns, tensors, strict=True)
+        ]
+
+    def broadcast_first_(self, tensor: Tensor) -> Tensor:
+        """``tensor`` replaced in place by group rank 0's."""
+        dist.broadcast(tensor, group_src=0, group=self.group)
+        return tensor
+
+
+# The sampler's options in the exchange; every one must agree, or ranks would draw differently.
+_SAMPLING_FIELDS = (
+    "do_sample",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "return_logprobs",
+    "randomness",
+    "seed_low",
+    "seed_high",
+)
 _FINGERPRINTS = ("hidden_sum", "hidden_abs", "targets_checksum", "targets_min", "targets_max")
 
 
@@ -125,6 +163,7 @@ class _Agreement:
         "logit_scale",
         "softcap",
         "temperature",
+        *_SAMPLING_FIELDS,
         *_FINGERPRINTS,
     )
 
@@ -141,10 +180,12 @@ class _Agreement:
         transform: LogitTransform,
         targets: Tensor | None = None,
         targets_name: str = "",
+        sampling: dict | None = None,
     ) -> VocabSlice | None:
         """Exchange this rank's description of its inputs; raise on every rank if they disagree.
         Returns this rank's ``VocabSlice``, or None without a process group. Sets ``vocab``, the
-        size of the whole vocabulary, which labels must index."""
+        size of the whole vocabulary, which labels must index. ``sampling``: the sampler's
+        options (``_sampling_fields``' arguments), which must agree too."""
         self.vocab = weight.shape[0]
         if self.group is None:
             return None
@@ -160,6 +201,8 @@ class _Agreement:
             "softcap": transform.softcap or 0.0,
             "temperature": transform.temperature,
         }
+        if sampling is not None:
+            fields.update(_sampling_fields(**sampling))
         ranks = self._gather(fields, _fingerprints(hidden2d, targets))
         _raise_first_error(ranks)
         _same(ranks, "dim", "weight", "hidden size D")
@@ -179,6 +222,8 @@ class _Agreement:
         )
         for name in ("logit_scale", "softcap", "temperature"):
             _same(ranks, name, name, "value")
+        if sampling is not None:
+            _check_sampling(ranks)
         _check_replicated(ranks)
         sizes = [int(rank["vocab"]) for rank in ranks]
         rank = dist.get_rank(self.group)
@@ -248,6 +293,47 @@ def _same(ranks: list[dict], key: str, argument: str, what: str, show=_number) -
             f"{argument}: expected the same {what} on every rank of process_group, got {shown} "
             "by group rank"
         )
+
+
+_RANDOMNESS = ("torch's default generator", "a seed", "a generator")
+
+
+def _sampling_fields(
+    *, do_sample, top_k, top_p, min_p, repetition_penalty, return_logprobs, seed, generator
+) -> dict:
+    """``_SAMPLING_FIELDS`` of already checked options, as numbers (min_p None: -1; the seed in
+    two 32-bit halves, which float64 holds exactly)."""
+    source = 1 if seed is not None else 2 if generator is not None else 0
+    seed = seed or 0
+    return {
+        "do_sample": do_sample,
+        "top_k": top_k,
+        "top_p": top_p,
+        "min_p": -1.0 if min_p is None else min_p,
+        "repetition_penalty": repetition_penalty,
+        "return_logprobs": return_logprobs,
+        "randomness": source,
+        "seed_low": seed % 2**32,
+        "seed_high": seed // 2**32,
+    }
+
+
+def _check_sampling(ranks: list[dict]) -> None:
+    for name in ("do_sample", "return_logprobs"):
+        _same(ranks, name, name, "value", show=bool)
+    for name in ("top_k", "top_p", "repetition_penalty"):
+        _same(ranks, name, name, "value")
+    _same(ranks, "min_p", "min_p", "value", show=lambda v: None if v == -1 else _number(v))
+    _same(
+        ranks,
+        "randomness",
+        "seed, generator",
+        "kind of randomness (a seed, a generator or neither)",
+        show=lambda code: _RANDOMNESS[int(code)],
+    )
+    for rank in ranks:
+        rank["seed"] = int(rank["seed_low"]) + int(rank["seed_high"]) * 2**32
+    _same(ranks, "seed", "seed", "value")
 
 
 def _check_replicated(ranks: list[dict]) -> None:

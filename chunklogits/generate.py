@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
+from .distributed import local_head
 from .head import ChunkedLMHead
 from .integrations.transformers import logit_transform
 from .sampling import randomness, sample_next
@@ -72,7 +73,9 @@ def sample(
     Args:
         model: a transformers causal LM (``GenerationMixin``) with a base model
             (``model.base_model``) whose last hidden state feeds a linear ``lm_head``; possibly
-            wrapped by ``ChunkedLMHead.wrap``.
+            wrapped by ``ChunkedLMHead.wrap``, or parallelised on the vocabulary dimension
+            (``ColwiseParallel``: every rank of its mesh runs ``sample`` with the same inputs and
+            gets the same tokens, see ``chunklogits.distributed``).
         input_ids: ``[B, L]`` prompts, left-padded when of different lengths.
         attention_mask: ``[B, L]``, 0 at padding; None: derived as ``generate()`` derives it.
         max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
@@ -174,6 +177,8 @@ def decode(
     generator = randomness(seed, generator, input_ids.device)
     base = _base_model(model)
     weight, bias, softcap, logit_scale = _head_of(model)
+    # An lm_head parallelised with ColwiseParallel: this rank's slice, drawn from with the others.
+    weight, bias, process_group = local_head(weight, bias)
 
     batch = input_ids.shape[0]
     pad = generation_config._pad_token_tensor  # set by generate() (eos when no pad is given)
@@ -206,6 +211,7 @@ def decode(
             prev_tokens=penalised,
             generator=generator,
             return_logprobs=return_logprobs,
+            process_group=process_group,
             **options,
         )
         tokens = pick.tokens if return_logprobs else pick

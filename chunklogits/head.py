@@ -15,9 +15,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ._blocks import _check_count
 from ._checks import check_tensor, make_transform
+from .distributed import local_head
 from .logprobs import token_logprobs
 from .loss import linear_cross_entropy
 from .sampling import NextTokens, sample_next
@@ -38,7 +40,14 @@ class ChunkedLMHead(nn.Module):
 
     ``head(hidden)`` is ``F.linear(hidden, weight, bias)`` in the model dtype: exactly the
     ``nn.Linear`` it replaces, *before* the transform (a transformers forward applies the transform
-    itself). ``head.loss`` and ``head.token_logprobs`` apply the transform.
+    itself). ``head.loss``, ``head.token_logprobs`` and ``head.sample_next`` apply the transform.
+
+    A weight (and bias) that is a ``DTensor`` sharded on the vocabulary dimension, as
+    ``torch.distributed.tensor.parallel.ColwiseParallel`` leaves an ``nn.Linear``'s, makes those
+    three vocab-parallel over its mesh's process group (``chunklogits.distributed.local_head``):
+    every rank of the group calls them with the same inputs and gets the whole vocabulary's
+    result. ``head(hidden)`` is then the parallelised layer's own output (``wrap`` keeps that
+    layer, with the input and output layouts its parallel style gives).
     """
 
     def __init__(
@@ -97,7 +106,18 @@ class ChunkedLMHead(nn.Module):
         """Plain logits ``F.linear(hidden, weight, bias)``, ``[..., V]`` in the model dtype."""
         if self._intercept is not None:
             return self._intercept(hidden)
-        return F.linear(hidden, self.weight, self.bias)
+        return self._linear(hidden)
+
+    def _linear(self, hidden: Tensor) -> Tensor:
+        if not isinstance(self.weight, DTensor):
+            return F.linear(hidden, self.weight, self.bias)
+        if self._wrapping is None:
+            raise TypeError(
+                "weight: a ChunkedLMHead computes plain logits from a DTensor weight only in place "
+                "of the parallelised layer (ChunkedLMHead.wrap), whose input and output layouts it "
+                "keeps; got a DTensor weight and no such layer"
+            )
+        return self._wrapping.original_layer(hidden)
 
     def loss(
         self,
@@ -118,11 +138,13 @@ class ChunkedLMHead(nn.Module):
 
             F.cross_entropy(transform(head(hidden).float()).flatten(0, -2), labels.flatten(), ...)
         """
+        weight, bias, process_group = local_head(self.weight, self.bias)
         return linear_cross_entropy(
             hidden,
-            self.weight,
+            weight,
             labels,
-            bias=self.bias,
+            bias=bias,
+            process_group=process_group,
             shards=self.shards,
             chunk_size=chunk_size,
             ignore_index=ignore_index,
@@ -152,13 +174,15 @@ class ChunkedLMHead(nn.Module):
             z = transform(head(hidden).float()) / temperature
             z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
         """
+        weight, bias, process_group = local_head(self.weight, self.bias)
         return token_logprobs(
             hidden,
-            self.weight,
+            weight,
             tokens,
             temperature=temperature,
             return_entropy=return_entropy,
-            bias=self.bias,
+            bias=bias,
+            process_group=process_group,
             softcap=self.softcap,
             logit_scale=self.logit_scale,
             shards=self.shards,
@@ -186,13 +210,15 @@ class ChunkedLMHead(nn.Module):
         their log-probs). Naive equivalent: ``reference.sample_next``, i.e. ``head(hidden_last)
         .float()`` through transformers' logits processors, softmax and ``torch.multinomial``.
         """
+        weight, bias, process_group = local_head(self.weight, self.bias)
         return sample_next(
             hidden_last,
-            self.weight,
-            bias=self.bias,
+            weight,
+            bias=bias,
             softcap=self.softcap,
             logit_scale=self.logit_scale,
             shards=self.shards,
+            process_group=process_group,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,

@@ -31,19 +31,29 @@ keeps a running (noisy) argmax. Every pass walks all rows with the same block pl
 passes see bitwise the logits the first one saw. Host synchronisation: none per shard; one or two
 checks per call, a few more on the rare paths (nucleus beyond the candidates, kept tokens beyond
 them, tokens tied at a threshold beyond them).
+
+Over a process group (vocabulary parallelism) each rank walks only its slice of the head, with
+the whole vocabulary's indices (so the noise, candidates, winners and repetition penalty see
+global token ids), and every pass ends with one ``all_gather`` of its few per-row results
+(``_merge_ranks``): the top-C of all ranks' candidates, the winner of largest key, log-sum-exps
+and level statistics combined. Every rank then holds the same numbers, so every host-side
+decision (which path, how many passes) is taken alike on every rank and the tokens are those one
+process would draw.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, _Workspace, plan_blocks
 from ._checks import check_head, check_integer_tensor, check_sampling_options, make_transform
+from .distributed import VocabSlice, checked_on_every_rank
 
 # Candidates kept beyond top_k, so that ties with the k-th value (frequent with half-precision
 # logits) rarely spill over the candidate set.
@@ -55,11 +65,10 @@ _LEVELS = 32
 # exp(-104) is below fp32's smallest subnormal: tokens this far below the row maximum have
 # probability 0 in HF's fp32 softmax, so the top-p crossing token never lies below.
 _NEGLIGIBLE = 104.0
-# Transient bytes per block element of a sampling pass (fp32 logits and a copy, the half-precision
-# GEMM output); a pass that draws Gumbel noise for every element also holds an int64 hash, its
-# shifted copy and the fp32 noise.
-_BYTES_PLAIN = 16
-_BYTES_NOISY = 40
+# Transient bytes per block element of the costliest sampling pass: fp32 logits and a copy, the
+# half-precision GEMM output, and for Gumbel noise an int64 hash, its shifted copy and the fp32
+# noise. Every pass plans its blocks with it, so that all passes share one block shape.
+_BYTES_PER_ELEMENT = 40
 _MASK32 = 0xFFFFFFFF
 
 
@@ -74,6 +83,7 @@ class NextTokens(NamedTuple):
     raw_logprobs: Tensor
 
 
+@torch.no_grad()
 def sample_next(
     hidden_last: Tensor,
     weight: Tensor,
@@ -93,6 +103,7 @@ def sample_next(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor | NextTokens:
     """The next token of each row, drawn as HF's ``generate()`` draws it, from hidden states.
 
@@ -130,41 +141,71 @@ def sample_next(
             which one 64-bit key is drawn per call; neither draws the key from torch's default
             generator (so ``torch.manual_seed`` makes it reproducible).
         return_logprobs: also return the tokens' log-probs (see ``NextTokens``).
+        process_group: vocabulary parallelism (``chunklogits.distributed``): ``weight`` and
+            ``bias`` are this rank's slice of the head, the slices of the group's ranks following
+            one another in rank order; ``hidden_last``, ``prev_tokens`` and every option are the
+            same on every rank (checked), and so are the tokens returned: the same tokens, for
+            the same seed, as one process holding the whole head draws. ``shards`` counts this
+            rank's slice. With a ``generator`` (or neither), group rank 0's key is used.
 
     Returns:
-        ``tokens`` ``[B]`` int64, or ``NextTokens(tokens, logprobs, raw_logprobs)``.
+        ``tokens`` ``[B]`` int64, or ``NextTokens(tokens, logprobs, raw_logprobs)``; not
+        differentiable (the log-probs of a trainer are ``token_logprobs``'s).
     """
-    check_head(hidden_last, weight, bias)
-    if hidden_last.dim() != 2 or hidden_last.shape[0] == 0:
-        raise ValueError(
-            f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}"
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden_last, weight, bias)
+        if hidden_last.dim() != 2 or hidden_last.shape[0] == 0:
+            raise ValueError(
+                f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}"
+            )
+        options = dict(
+            do_sample=do_sample,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
         )
-    check_sampling_options(
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-    )
-    if not isinstance(return_logprobs, bool):
-        raise TypeError(f"return_logprobs: expected a bool, got {return_logprobs!r}")
-    penalty = float(repetition_penalty)
-    generator = randomness(seed, generator, hidden_last.device)
-    prev = _penalised_tokens(prev_tokens, hidden_last, weight.shape[0], penalty)
-    temperature = float(temperature) if do_sample else 1.0
+        check_sampling_options(temperature=temperature, **options)
+        if not isinstance(return_logprobs, bool):
+            raise TypeError(f"return_logprobs: expected a bool, got {return_logprobs!r}")
+        penalty = float(repetition_penalty)
+        source = randomness(seed, generator, hidden_last.device)
+        prev = _penalised_tokens(prev_tokens, hidden_last, penalty)
+        temperature = float(temperature) if do_sample else 1.0
+        transform = make_transform(softcap, logit_scale)
+        # Checked here, not in the first pass: an error must reach every rank.
+        plan_blocks(
+            1, weight.shape[0], weight.dtype, weight.device, shards=shards, chunk_size=chunk_size
+        )
+        vocab_slice = ranks.agree(
+            hidden_last.detach(),
+            weight,
+            bias,
+            replace(transform, temperature=temperature),
+            None if prev is None else prev.flatten(),
+            "prev_tokens",
+            sampling=dict(
+                **options, return_logprobs=return_logprobs, seed=seed, generator=generator
+            ),
+        )
+    key = None
+    if do_sample:
+        key = _noise_key(source, hidden_last.device)
+        if vocab_slice is not None and seed is None:  # a seed gives every rank the same key
+            vocab_slice.broadcast_first_(key)
     problem = _Problem(
         hidden=hidden_last,
         weight=weight,
         bias=bias,
-        transform=make_transform(softcap, logit_scale),
+        transform=transform,
         penalty=penalty,
         temperature=temperature,
         prev_tokens=prev,
-        key=_noise_key(generator, hidden_last.device) if do_sample else None,
+        key=key,
         shards=shards,
         chunk_size=chunk_size,
         want_raw=return_logprobs,
+        vocab_slice=vocab_slice,
     )
     if do_sample and (top_k > 0 or top_p < 1.0 or min_p is not None):
         pick = _sample_filtered(problem, top_k, float(top_p), min_p)
@@ -193,6 +234,12 @@ class _Problem:
     shards: int | None
     chunk_size: int | None
     want_raw: bool
+    vocab_slice: VocabSlice | None = None
+
+    @property
+    def vocab(self) -> int:
+        """The whole vocabulary's size (``weight`` holds all of it without a process group)."""
+        return self.weight.shape[0] if self.vocab_slice is None else self.vocab_slice.vocab
 
     @property
     def stat_dtype(self) -> torch.dtype:
@@ -204,8 +251,9 @@ class _Problem:
         return self.want_raw and (self.penalty != 1.0 or self.temperature != 1.0)
 
 
-def _penalised_tokens(prev_tokens, hidden: Tensor, vocab: int, penalty: float) -> Tensor | None:
-    """``[B, L]`` int64 tokens whose logits the repetition penalty changes, -1 where none."""
+def _penalised_tokens(prev_tokens, hidden: Tensor, penalty: float) -> Tensor | None:
+    """``[B, L]`` int64 tokens whose logits the repetition penalty changes (entries outside the
+    vocabulary change none), or None when the penalty is off."""
     if prev_tokens is None:
         if penalty != 1.0:
             raise ValueError(
@@ -222,10 +270,7 @@ def _penalised_tokens(prev_tokens, hidden: Tensor, vocab: int, penalty: float) -
         raise ValueError(
             f"prev_tokens: expected hidden_last's device {hidden.device}, got {prev_tokens.device}"
         )
-    if penalty == 1.0:
-        return None
-    prev = prev_tokens.long()
-    return prev.where((prev >= 0) & (prev < vocab), -1)
+    return None if penalty == 1.0 else prev_tokens.long()
 
 
 def randomness(seed, generator, device: torch.device) -> torch.Generator | None:
@@ -279,7 +324,7 @@ def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
     return torch.where(hit[:, :width], torch.where(y < 0, y * penalty, y / penalty), y)
 
 
-def _blocks(problem: _Problem, bytes_per_element: int, tempered: bool):
+def _blocks(problem: _Problem, tempered: bool):
     """Yield ``(r0, r1, v0, x, y)`` per block: raw logits ``x`` and processed logits ``y`` (the
     same tensor when the raw ones are not wanted) of rows ``[r0, r1)`` and vocabulary entries
     ``[v0, v0 + width)``; ``y`` not yet divided by the temperature unless ``tempered``. Every pass
@@ -293,19 +338,20 @@ def _blocks(problem: _Problem, bytes_per_element: int, tempered: bool):
         hidden.device,
         shards=problem.shards,
         chunk_size=problem.chunk_size,
-        bytes_per_element=bytes_per_element,
+        bytes_per_element=_BYTES_PER_ELEMENT,
     )
     chunks, work = _Rows(hidden, None, plan), _Workspace(plan, hidden.device)
+    start = 0 if problem.vocab_slice is None else problem.vocab_slice.start
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, problem.bias, v0, v1, plan)
         for r0, r1, h in chunks:
             x = _block_logits(h, w, b, problem.transform, work, problem.stat_dtype)
             y = x.clone() if problem.keep_raw else x
             if prev is not None:
-                y = _penalise(y, prev[r0:r1], v0, problem.penalty)
+                y = _penalise(y, prev[r0:r1], start + v0, problem.penalty)
             if tempered and problem.temperature != 1.0:
                 y.div_(problem.temperature)
-            yield r0, r1, v0, x, y
+            yield r0, r1, start + v0, x, y
 
 
 @dataclass
@@ -324,6 +370,7 @@ class _Scan:
     level_mass: Tensor | None = None  # [n, G] sum of exp(y - ref) over y >= levels[:, i]
     level_count: Tensor | None = None  # [n, G] number of those tokens
     tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
+    tied_count: Tensor | None = None  # [n] number of tokens with y == value
 
 
 def _scan(
@@ -377,14 +424,13 @@ def _scan(
     if nth_tied is not None:
         tie_value, tie_keep = nth_tied
         ties_seen = torch.zeros_like(tie_keep)
-        s.tied_index = torch.full_like(tie_keep, problem.weight.shape[0] - 1)
+        s.tied_index = torch.full_like(tie_keep, problem.vocab - 1)
 
     # A pass that only keeps candidates divides just them by the temperature: division by T > 0
     # keeps the order, and gives the values dividing the whole block would.
     tempered = winner or lse or any(o is not None for o in (floor, ceiling, levels, nth_tied))
     divisor = 1.0 if tempered else problem.temperature
-    bytes_per_element = _BYTES_NOISY if noisy else _BYTES_PLAIN
-    for r0, r1, v0, x, y in _blocks(problem, bytes_per_element, tempered):
+    for r0, r1, v0, x, y in _blocks(problem, tempered):
         if raw_lse:
             s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
         if levels is not None:
@@ -428,7 +474,57 @@ def _scan(
     if levels is not None:
         s.level_mass = hist_mass[:, 1:].flip(1).cumsum(1).flip(1)
         s.level_count = hist_count[:, 1:].flip(1).cumsum(1).flip(1)
+    if nth_tied is not None:
+        s.tied_count = ties_seen
+    if problem.vocab_slice is not None:
+        _merge_ranks(problem.vocab_slice, s, win_key if winner else None)
     return s
+
+
+def _merge_ranks(vocab_slice: VocabSlice, s: _Scan, win_key: Tensor | None) -> None:
+    """Turn the results of a pass over this rank's slice into the whole vocabulary's, in place,
+    the same on every rank (one ``all_gather``): the top-C of all ranks' candidates, the winner
+    of largest key (the lowest rank, hence the lowest index, among ties: the single-process rule),
+    log-sum-exps and level statistics combined. ``tied_*`` stay per rank (see ``_nth_tied``)."""
+    parts = {name: getattr(s, name) for name in _MERGED if getattr(s, name) is not None}
+    if win_key is not None:
+        parts["win_key"] = win_key
+    if not parts:  # a pass of _nth_tied
+        return
+    every = dict(zip(parts, vocab_slice.gather(list(parts.values())), strict=True))
+    if s.cand_vals is not None:
+        # [world, n, C] -> [n, world * C]: every rank's candidates side by side.
+        vals = every["cand_vals"].transpose(0, 1).flatten(1)
+        s.cand_vals, pos = vals.topk(s.cand_vals.shape[1], dim=1)
+        for name in ("cand_idx", "cand_raw"):
+            if name in every:
+                setattr(s, name, every[name].transpose(0, 1).flatten(1).gather(1, pos))
+    if win_key is not None:
+        best = every["win_key"].argmax(0, keepdim=True)  # the first of equal keys
+        for name in ("win_idx", "win_val", "win_raw"):
+            if name in every:
+                setattr(s, name, every[name].gather(0, best).squeeze(0))
+    for name in ("lse", "raw_lse"):
+        if name in every:
+            setattr(s, name, every[name].logsumexp(0))
+    for name in ("level_mass", "level_count"):
+        if name in every:
+            setattr(s, name, every[name].sum(0))
+
+
+# The fields of a pass that ``_merge_ranks`` combines.
+_MERGED = (
+    "cand_vals",
+    "cand_idx",
+    "cand_raw",
+    "win_idx",
+    "win_val",
+    "win_raw",
+    "lse",
+    "raw_lse",
+    "level_mass",
+    "level_count",
+)
 
 
 def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, divisor: float):
@@ -449,7 +545,7 @@ def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, div
 
 def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float | None) -> _Scan:
     """Draw with at least one of top-k, top-p, min-p on: thresholds, then a Gumbel-max draw."""
-    vocab = problem.weight.shape[0]
+    vocab = problem.vocab
     size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
     first = _scan(problem, candidates=size, lse=top_p < 1.0 and not top_k, raw_lse=problem.want_raw)
     vals = first.cand_vals
@@ -475,7 +571,7 @@ def _nucleus_threshold(
     set; all tokens when ``base`` is -inf): keep ``y > value``, and ``y == value`` up to ``index``.
     """
     vals, idx = first.cand_vals, first.cand_idx
-    every = vals.shape[1] == problem.weight.shape[0]
+    every = vals.shape[1] == problem.vocab
     in_set = vals >= base[:, None]
     # The candidates hold a threshold's tokens when the smallest of them lies below it.
     complete = torch.ones_like(in_set[:, 0]) if every else vals[:, -1] < base
@@ -486,7 +582,7 @@ def _nucleus_threshold(
     count = (((inclusive - probs) < top_p) & in_set).sum(1).clamp(min=1)
     value = vals.gather(1, (count - 1)[:, None]).squeeze(1)
     above = (probs * (vals > value[:, None])).sum(1)
-    keep = _tied_kept(above, (value - log_total).exp(), top_p, problem.weight.shape[0])
+    keep = _tied_kept(above, (value - log_total).exp(), top_p, problem.vocab)
     held = complete | (vals[:, -1] < value)
     # Without top-k the normaliser is exact, so reaching top_p within the candidates suffices.
     resolved = complete if top_k else complete | (inclusive[:, -1] >= top_p)
@@ -513,15 +609,32 @@ def _tie_index(problem, vals, idx, value, keep, held) -> Tensor:
     ones depends on ``torch.sort``'s unstable order; we keep those of smallest vocabulary index.
     Found among the candidates ``vals``/``idx`` where they hold every tied token (``held``), by a
     pass over the vocabulary for the other rows."""
-    vocab = problem.weight.shape[0]
+    vocab = problem.vocab
     tied = vals == value[:, None]
     ordered = idx.masked_fill(~tied, vocab).sort(1).values
     n_tied = tied.sum(1)
     index = ordered.gather(1, (torch.minimum(keep, n_tied) - 1).clamp(min=0)[:, None]).squeeze(1)
     index = torch.where(keep >= n_tied, vocab - 1, index)
     if not bool(held.all()):
-        index = torch.where(held, index, _scan(problem, nth_tied=(value, keep)).tied_index)
+        index = torch.where(held, index, _nth_tied(problem, value, keep))
     return index
+
+
+def _nth_tied(problem: _Problem, value: Tensor, keep: Tensor) -> Tensor:
+    """Per row, the index of the ``keep``-th token (in index order) with ``y == value``,
+    ``V - 1`` if there are fewer. Over a process group, a first pass counts each rank's tied
+    tokens; a second finds on each rank its share of the count (the ``keep``-th token lies on
+    the rank where the ranks' running count reaches ``keep``)."""
+    s = _scan(problem, nth_tied=(value, keep))
+    vocab_slice = problem.vocab_slice
+    if vocab_slice is None:
+        return s.tied_index
+    (counts,) = vocab_slice.gather([s.tied_count])  # [world, n]
+    before = counts.cumsum(0) - counts
+    local = _scan(problem, nth_tied=(value, keep - before[vocab_slice.rank])).tied_index
+    (found,) = vocab_slice.gather([local])
+    holder = (before < keep) & (keep <= before + counts)  # at most one rank per row
+    return torch.where(holder.any(0), (found * holder).sum(0), problem.vocab - 1)
 
 
 def _levels(lo: Tensor, hi: Tensor) -> Tensor:
@@ -583,7 +696,7 @@ def _search_crossing(
         searching &= ~single & (count_lo - count_hi > _CANDIDATES)
     # The last interval either holds few tokens, collected and sorted here, or a single value,
     # the crossing value, with G(hi) the mass above it.
-    size = min(_CANDIDATES, problem.weight.shape[0])
+    size = min(_CANDIDATES, problem.vocab)
     s = _scan(problem, candidates=size, floor=lo, ceiling=hi)
     probs = (s.cand_vals - row_max[:, None]).exp()
     inclusive = mass_hi[:, None] + probs.cumsum(1)
@@ -592,7 +705,7 @@ def _search_crossing(
     single = torch.nextafter(lo, up) >= hi
     value = torch.where(single, lo, s.cand_vals.gather(1, j[:, None]).squeeze(1))
     above = mass_hi + (probs * (s.cand_vals > value[:, None])).sum(1)
-    keep = _tied_kept(above, (value - row_max).exp(), target, problem.weight.shape[0])
+    keep = _tied_kept(above, (value - row_max).exp(), target, problem.vocab)
     return _Crossing(value, keep, ~single, s.cand_vals, s.cand_idx)
 
 
@@ -604,7 +717,9 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _S
     kept = (vals > tau[:, None]) | ((vals == tau[:, None]) & (idx <= tau_index[:, None]))
     rows = torch.arange(vals.shape[0], device=vals.device)
     keys = _gumbel(problem.key, rows[:, None], idx).add_(vals).masked_fill_(~kept, -math.inf)
-    col = keys.argmax(1, keepdim=True)
+    # The largest key, the lowest vocabulary index among equal keys (as a pass would pick).
+    best = keys.amax(1, keepdim=True)
+    col = idx.masked_fill(keys != best, problem.vocab).argmin(1, keepdim=True)
     pick = _Scan(
         win_idx=idx.gather(1, col).squeeze(1),
         win_val=vals.gather(1, col).squeeze(1),
@@ -612,7 +727,7 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _S
         lse=vals.masked_fill(~kept, -math.inf).logsumexp(1),
         raw_lse=first.raw_lse,
     )
-    if vals.shape[1] == problem.weight.shape[0]:
+    if vals.shape[1] == problem.vocab:
         return pick
     spill = vals[:, -1] >= tau
     if bool(spill.any()):

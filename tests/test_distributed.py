@@ -19,10 +19,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import chunklogits
-from chunklogits import reference
+from chunklogits import reference, sampling
 from chunklogits.distributed import local_head
 from tests.helpers import assert_as_accurate, run_ranks
 
@@ -178,6 +180,101 @@ def _single_process(name: str, dtype: torch.dtype) -> dict:
     return {"outs": outs, "hidden": grads[0], "weight": grads[1], "bias": grads[2]}
 
 
+# --- sampling: the same tokens as one process holding the whole head ----------------------------
+
+
+@dataclass(frozen=True)
+class SampleCase:
+    head: str  # "peaked" (a few likely tokens), "flat" (thousands comparably likely) or "tied"
+    options: dict
+    calls: int = 1  # consecutive calls (a generator's key changes between them)
+
+
+_SAMPLE_ROWS = 8
+_SAMPLE_VOCAB = {"peaked": 1001, "flat": 2003, "tied": 1024}
+# The "tied" head: exact logits (zero weight, the bias is the logit): 5 tokens in [3, 4), then
+# _TIED tokens at exactly 2.5 spread over the vocabulary (so over every rank), the rest in [0, 2).
+_TIED = 400
+
+SAMPLE_CASES = {
+    "greedy_penalty": SampleCase("peaked", dict(do_sample=False, repetition_penalty=1.4)),
+    "plain": SampleCase("peaked", dict(top_k=0)),
+    "temperature": SampleCase("peaked", dict(top_k=0, temperature=0.7, return_logprobs=True)),
+    "top_k": SampleCase("peaked", dict(top_k=40, return_logprobs=True)),
+    "top_p": SampleCase("peaked", dict(top_k=0, top_p=0.8)),
+    "min_p": SampleCase("peaked", dict(top_k=0, min_p=0.05)),
+    "all_options": SampleCase(
+        "peaked",
+        dict(
+            top_k=30,
+            top_p=0.9,
+            min_p=0.02,
+            temperature=0.8,
+            repetition_penalty=1.3,
+            return_logprobs=True,
+        ),
+    ),
+    # Nucleus and min-p's set far beyond the 256 candidates: the bisection search and the masked
+    # pass decide.
+    "nucleus_search": SampleCase(
+        "flat", dict(top_k=0, top_p=0.95, temperature=3.0, return_logprobs=True)
+    ),
+    "min_p_masked_pass": SampleCase("flat", dict(top_k=0, min_p=0.3, temperature=2.0)),
+    # Ties at top-p's crossing value beyond the candidates: the tied tokens are counted per rank.
+    "ties_at_the_crossing": SampleCase("tied", dict(top_k=0, top_p=0.5)),
+    "generator": SampleCase("peaked", dict(top_k=50, temperature=1.2), calls=3),
+}
+
+
+def _sample_inputs(case: SampleCase):
+    """hidden ``[B, D]``, weight, bias, prev_tokens (with padding -1 and tokens of every slice)."""
+    vocab = _SAMPLE_VOCAB[case.head]
+    g = torch.Generator().manual_seed(7)
+    if case.head == "tied":
+        bias = torch.rand(vocab, generator=g) * 2.0
+        order = torch.randperm(vocab, generator=g)
+        bias[order[:5]] = 3.0 + torch.rand(5, generator=g)
+        bias[order[5 : 5 + _TIED]] = 2.5
+        hidden, weight = torch.zeros(_SAMPLE_ROWS, _DIM), torch.zeros(vocab, _DIM)
+    else:
+        scale = 0.1 if case.head == "flat" else 1.0
+        hidden = torch.randn(_SAMPLE_ROWS, _DIM, generator=g) * scale
+        weight = torch.randn(vocab, _DIM, generator=g) * (3 / _DIM**0.5)
+        bias = torch.randn(vocab, generator=g) * 0.5
+    prev = torch.randint(-1, vocab, (_SAMPLE_ROWS, 12), generator=g)
+    return hidden, weight, bias, prev
+
+
+def _draws(case: SampleCase, hidden, weight, bias, prev, generator_seed: int, **extra) -> list:
+    """The case's ``calls`` consecutive draws (tokens, or NextTokens with log-probs)."""
+    options = {"prev_tokens": prev, **case.options}
+    if case.calls > 1:
+        options["generator"] = torch.Generator().manual_seed(generator_seed)
+    else:
+        options["seed"] = 11
+    return [
+        sampling.sample_next(hidden, weight, bias=bias, **options, **extra)
+        for _ in range(case.calls)
+    ]
+
+
+def _sample_case(rank: int, world: int, case: SampleCase) -> list:
+    hidden, weight, bias, prev = _sample_inputs(case)
+    start, end = _bounds(weight.shape[0], world, "uneven")[rank : rank + 2]
+    # Each rank's own generator seed: group rank 0's key is used on every rank.
+    draws = _draws(
+        case,
+        hidden,
+        weight[start:end],
+        bias[start:end],
+        prev,
+        generator_seed=3 + rank,
+        shards=2,
+        process_group=dist.group.WORLD,
+    )
+    return [tuple(d) if isinstance(d, tuple) else d for d in draws]  # plain types travel back
+
+
 # --- bad inputs: the same error on every rank, and no rank left waiting --------------------------
 
 _SLICES = (20, 15, 25)  # rank r holds _SLICES[r] vocabulary rows
@@ -193,6 +290,11 @@ def _logprobs(hidden, weight, labels, **kwargs):
 
 def _logsumexp(hidden, weight, labels, **kwargs):
     return chunklogits.logsumexp(hidden, weight, **kwargs)
+
+
+def _sample(hidden, weight, labels, **kwargs):
+    options = {"seed": 0, "repetition_penalty": 1.3, **kwargs}
+    return sampling.sample_next(hidden, weight, prev_tokens=labels[:, None], **options)
 
 
 # name: (op, ranks that get the change ("one": rank 1, "all"), change of the inputs and keyword
@@ -296,7 +398,68 @@ BAD_INPUTS = {
         TypeError,
         "process_group: expected a torch.distributed.ProcessGroup or None",
     ),
+    **{
+        f"sampling_{name}": (
+            _sample,
+            "one",
+            lambda a, k, change=change: k.update(change),
+            ValueError,
+            f"{name}: expected the same value on every rank",
+        )
+        for name, change in {
+            "top_k": dict(top_k=7),
+            "top_p": dict(top_p=0.5),
+            "min_p": dict(min_p=0.1),
+            "temperature": dict(temperature=0.5),
+            "repetition_penalty": dict(repetition_penalty=1.5),
+            "do_sample": dict(do_sample=False),
+            "return_logprobs": dict(return_logprobs=True),
+            "seed": dict(seed=1),
+        }.items()
+    },
+    "sampling_generator_and_seed": (
+        _sample,
+        "one",
+        lambda a, k: k.update(seed=None, generator=torch.Generator()),
+        ValueError,
+        "seed, generator: expected the same kind of randomness (a seed, a generator or neither) on",
+    ),
+    "sampling_prev_tokens": (
+        _sample,
+        "one",
+        lambda a, k: a.update(labels=a["labels"].roll(1)),
+        ValueError,
+        "prev_tokens: expected the same values",
+    ),
+    "sampling_hidden_values": (
+        _sample,
+        "one",
+        lambda a, k: a.update(hidden=a["hidden"] * 1.01),
+        ValueError,
+        "hidden: expected the same hidden states on every rank",
+    ),
+    "sampling_top_p_out_of_range": (
+        _sample,
+        "one",
+        lambda a, k: k.update(top_p=1.5),
+        ValueError,
+        "top_p: expected a float in (0.0, 1.0], got 1.5",
+    ),
+    "sampling_shards_beyond_slice": (
+        _sample,
+        "one",
+        lambda a, k: k.update(shards=16),
+        ValueError,
+        "shards: expected an int in [1, 15], got 16",
+    ),
 }
+# Errors raised by rank 1's own checks, which the other ranks raise too.
+_RAISED_ON_RANK_1 = (
+    "labels_dtype_on_one_rank",
+    "shards_beyond_slice",
+    "sampling_top_p_out_of_range",
+    "sampling_shards_beyond_slice",
+)
 
 
 def _raised(call) -> tuple[str, str]:
@@ -369,8 +532,8 @@ class _TinyLM(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, ids, labels):
-        hidden = self.mlp(self.embed(ids))
+    def forward(self, input_ids, labels):
+        hidden = self.mlp(self.embed(input_ids))
         return self.loss(hidden, self.lm_head.weight, labels, shift=True)
 
 
@@ -386,34 +549,51 @@ def _new_model(loss, dtype: torch.dtype) -> _TinyLM:
     return _TinyLM(loss).to(dtype)
 
 
+def _train(model, batches, lr: float) -> torch.Tensor:
+    """``_STEPS`` SGD steps; each step ``batches(step)`` (a list of ``(ids, labels)``) through the
+    model, the mean of their losses backpropagated. Returns the losses ``[steps, batches]``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for step in range(_STEPS):
+        outputs = [model(input_ids=ids, labels=labels) for ids, labels in batches(step)]
+        step_losses = torch.stack([getattr(out, "loss", out) for out in outputs])
+        step_losses.mean().backward()  # under FSDP2 (a batch per rank), averaged over the ranks
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(step_losses.detach())
+    return torch.stack(losses)
+
+
 def _fsdp2_losses(rank: int, world: int) -> torch.Tensor:
     model = _new_model(chunklogits.linear_cross_entropy, torch.float32)
     mesh = init_device_mesh("cpu", (world,))
     fully_shard(model.mlp, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    losses = []
-    for step in range(_STEPS):
-        loss = model(*_batch(step, rank))
-        loss.backward()  # FSDP2 averages the gradients over the ranks
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+    return _train(model, lambda step: [_batch(step, rank)], lr=2.0)
 
 
 def _single_process_losses(dtype: torch.dtype, world: int) -> torch.Tensor:
-    """Each step: every rank's batch through one model, the mean of their losses backpropagated."""
     model = _new_model(reference.linear_cross_entropy, dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    losses = []
-    for step in range(_STEPS):
-        step_losses = torch.stack([model(*_batch(step, rank)) for rank in range(world)])
-        step_losses.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(step_losses.detach())
-    return torch.stack(losses)
+    return _train(model, lambda step: [_batch(step, rank) for rank in range(world)], lr=2.0)
+
+
+# A wrapped Llama learns one fixed batch per rank (random batches teach a random model nothing).
+_LLAMA_LR = 0.5
+
+
+def _fsdp2_wrapped_llama_losses(rank: int, world: int, tied: bool) -> torch.Tensor:
+    model = chunklogits.ChunkedLMHead.wrap(_llama(tied=tied)).train()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return _train(model, lambda step: [_batch(0, rank)], lr=_LLAMA_LR)
+
+
+def _single_process_llama_losses(dtype: torch.dtype, world: int, tied: bool) -> torch.Tensor:
+    """The unwrapped transformers model, every rank's batch in one process."""
+    model = _llama(tied=tied).to(dtype).train()
+    return _train(model, lambda step: [_batch(0, rank) for rank in range(world)], lr=_LLAMA_LR)
 
 
 # --- the spawned ranks --------------------------------------------------------------------------
@@ -424,8 +604,16 @@ def _worker(rank: int, world: int) -> dict:
     bad.update({name: _bad_dtensor_head(rank, world, name) for name in BAD_DTENSOR_HEADS})
     results = {"bad": bad}
     results.update({name: _numeric_case(rank, world, case) for name, case in CASES.items()})
+    results.update({name: _sample_case(rank, world, case) for name, case in SAMPLE_CASES.items()})
+    results["generate"] = _generated(_llama(world))
+    results["wrapped_parallel_llama"] = _wrapped_parallel_llama(rank, world)
+    results["head_draws"] = _head_draws(world)
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
+        for tied in (False, True):
+            results[f"fsdp2_wrapped_llama_tied={tied}"] = _fsdp2_wrapped_llama_losses(
+                rank, world, tied
+            )
     return results
 
 
@@ -453,6 +641,165 @@ def test_matches_single_process(name, world):
         assert_as_accurate(whole, naive[key], exact[key], case.dtype, f"{name}, {key} gradient")
 
 
+def _llama(parallel_world: int | None = None, tied: bool = False):
+    """A small random Llama (vocabulary 301); its lm_head parallelised with ColwiseParallel over
+    ``parallel_world`` ranks when given (replicated logits out, as for inference)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=301,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    if parallel_world is not None:
+        mesh = init_device_mesh("cpu", (parallel_world,))
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    return model
+
+
+_GENERATE = dict(max_new_tokens=6, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5)
+
+
+def _generated(model) -> torch.Tensor:
+    prompts = torch.randint(3, 301, (3, 5), generator=torch.Generator().manual_seed(2))
+    return chunklogits.sample(model, prompts, **_GENERATE)
+
+
+def _llama_outputs(model, parallel: bool) -> dict:
+    """A (wrapped) Llama's loss and gradients, logits, sequence log-probs and sampled tokens on
+    one batch (the same on every rank)."""
+    ids, labels = _batch(0, 0)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    head_grad = model.lm_head.weight.grad
+    sequence_logprobs = chunklogits.sequence_logprobs if parallel else reference.sequence_logprobs
+    return {
+        "loss": out.loss.detach(),
+        "head": head_grad.to_local() if parallel else head_grad,
+        "embed": model.model.embed_tokens.weight.grad,
+        "logits": model(input_ids=ids).logits.detach(),
+        "logprobs": sequence_logprobs(model, ids).detach(),
+        "tokens": _generated(model),
+    }
+
+
+def _head_draws(world: int | None) -> dict:
+    """``ChunkedLMHead(linear.weight, linear.bias).sample_next`` for an nn.Linear head,
+    parallelised with ColwiseParallel over ``world`` ranks when given; and what calling such a
+    head (not in place of the layer) raises."""
+    torch.manual_seed(4)
+    linear, hidden = nn.Linear(_DIM, 257), torch.randn(5, _DIM)
+    if world is not None:
+        parallelize_module(linear, init_device_mesh("cpu", (world,)), ColwiseParallel())
+    head = chunklogits.ChunkedLMHead(linear.weight, linear.bias, shards=2)
+    draws = [head.sample_next(hidden, seed=3, **options) for options in _HEAD_OPTIONS]
+    return {"tokens": draws, "call": _raised(lambda: head(hidden))}
+
+
+_HEAD_OPTIONS = (dict(top_k=20, temperature=0.8), dict(top_k=0, top_p=0.9), dict(do_sample=False))
+
+
+def _wrapped_parallel_llama(rank: int, world: int) -> dict:
+    return _llama_outputs(chunklogits.ChunkedLMHead.wrap(_llama(world)), parallel=True)
+
+
+def _naive_logprobs(case: SampleCase, inputs, tokens, dtype: torch.dtype):
+    """HF's processed and raw log-probs of ``tokens`` from the materialised logits in ``dtype``."""
+    hidden, weight, bias, prev = (t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    options = {k: v for k, v in case.options.items() if k != "return_logprobs"}
+    raw = reference.logits(hidden, weight, bias=bias)
+    scores = reference.next_token_scores(raw, prev_tokens=prev, **options)
+    picked = tokens[:, None]
+    return [z.log_softmax(-1).gather(1, picked).squeeze(1) for z in (scores, raw)]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", SAMPLE_CASES)
+def test_sampling_matches_single_process(name, world):
+    case = SAMPLE_CASES[name]
+    inputs = _sample_inputs(case)
+    expected = _draws(case, *inputs, generator_seed=3)
+    for rank, results in enumerate(_ranks(world)):
+        for call, (ours, single) in enumerate(zip(results[name], expected, strict=True)):
+            where = f"{name}, call {call}, rank {rank} of {world}"
+            if not case.options.get("return_logprobs"):
+                assert torch.equal(ours, single), f"{where}: {ours} vs {single}"
+                continue
+            assert torch.equal(ours[0], single.tokens), f"{where}: {ours} vs {single}"
+            naive = _naive_logprobs(case, inputs, single.tokens, torch.float32)
+            exact = _naive_logprobs(case, inputs, single.tokens, torch.float64)
+            assert torch.isfinite(naive[0]).all(), where  # HF's processors keep every token drawn
+            for got, n, e, what in zip(ours[1:], naive, exact, ("logprobs", "raw"), strict=True):
+                assert_as_accurate(got, n, e, torch.float32, f"{where}, {what}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sample_with_a_colwise_parallel_lm_head(world):
+    expected = _generated(_llama())
+    assert expected.shape == (3, 5 + _GENERATE["max_new_tokens"])
+    for rank, results in enumerate(_ranks(world)):
+        assert torch.equal(results["generate"], expected), f"rank {rank} of {world}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_wrapped_llama_with_a_colwise_parallel_lm_head(world):
+    """ChunkedLMHead.wrap on a model whose lm_head is ColwiseParallel: loss, every gradient,
+    logits, sequence log-probs and sampled tokens as the unwrapped model's in one process."""
+    naive = _llama_outputs(_llama(), parallel=False)
+    exact = _llama_outputs(_llama().double(), parallel=False)
+    ranks = [results["wrapped_parallel_llama"] for results in _ranks(world)]
+    for rank, ours in enumerate(ranks):
+        for key in ("loss", "embed", "logits", "logprobs"):
+            where = f"{key}, rank {rank} of {world}"
+            assert_as_accurate(ours[key], naive[key], exact[key], torch.float32, where)
+        assert torch.equal(ours["tokens"], naive["tokens"]), f"rank {rank} of {world}"
+    # Each rank holds the gradient of its own slice of the head.
+    whole = torch.cat([ours["head"] for ours in ranks])
+    assert_as_accurate(whole, naive["head"], exact["head"], torch.float32, "lm_head gradient")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_chunked_head_with_a_colwise_parallel_weight(world):
+    expected = _head_draws(None)
+    assert expected["call"] == ("", "")
+    for rank, results in enumerate(_ranks(world)):
+        ours = results["head_draws"]
+        pairs = zip(_HEAD_OPTIONS, ours["tokens"], expected["tokens"], strict=True)
+        for options, got, single in pairs:
+            assert torch.equal(got, single), f"{options}, rank {rank} of {world}"
+        assert ours["call"][0] == "TypeError", ours["call"]
+        assert ours["call"][1].startswith("weight: a ChunkedLMHead computes plain logits from")
+
+
+def test_sampling_cases_take_the_paths_they_name():
+    """The flat and tied heads keep more tokens than the sampler's 256 candidates (so the
+    bisection, the masked pass and the count of tied tokens across ranks run), and each sampling
+    case draws different tokens in different rows."""
+    for name, case in SAMPLE_CASES.items():
+        hidden, weight, bias, prev = _sample_inputs(case)
+        options = {k: v for k, v in case.options.items() if k != "return_logprobs"}
+        scores = reference.next_token_scores(
+            reference.logits(hidden, weight, bias=bias), prev_tokens=prev, **options
+        )
+        kept = (scores > -torch.inf).sum(1)
+        if case.head != "peaked":
+            assert (kept > sampling._CANDIDATES).all(), (name, kept)
+        if case.head == "tied":
+            tied = scores[0] == scores[0].sort(descending=True).values[5]
+            assert tied.sum() < _TIED, "top-p should keep only some of the tied tokens"
+        if case.options.get("do_sample", True):
+            tokens = _draws(case, hidden, weight, bias, prev, generator_seed=3)[0]
+            tokens = tokens.tokens if isinstance(tokens, tuple) else tokens
+            assert tokens.unique().numel() > 1, name
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", [*BAD_INPUTS, *BAD_DTENSOR_HEADS])
 def test_bad_input_raises_on_every_rank(name, world):
@@ -462,17 +809,28 @@ def test_bad_input_raises_on_every_rank(name, world):
         raised, message = results["bad"][name]
         assert raised == kind.__name__, f"rank {rank} of {world} raised {raised!r}: {message}"
         assert message.startswith(start), f"rank {rank} of {world}: {message}"
-        if name in ("labels_dtype_on_one_rank", "shards_beyond_slice") and rank != 1:
+        if name in _RAISED_ON_RANK_1 and rank != 1:
             assert message.endswith("(raised on group rank 1 of process_group)"), message
 
 
 def test_fsdp2_training_matches_single_process():
     world = 2
-    ours = torch.stack([results["fsdp2"] for results in _ranks(world)], dim=1)
+    ours = torch.cat([results["fsdp2"] for results in _ranks(world)], dim=1)
     naive = _single_process_losses(torch.float32, world)
     exact = _single_process_losses(torch.float64, world)
     assert exact[-1].mean() < exact[0].mean() - 0.05, "the reference run should learn something"
     assert_as_accurate(ours, naive, exact, torch.float32, "FSDP2 losses per step and rank")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fsdp2_wrapped_llama_trains_as_the_unwrapped_model(tied):
+    world = 2
+    name = f"fsdp2_wrapped_llama_tied={tied}"
+    ours = torch.cat([results[name] for results in _ranks(world)], dim=1)
+    naive = _single_process_llama_losses(torch.float32, world, tied)
+    exact = _single_process_llama_losses(torch.float64, world, tied)
+    assert exact[-1].mean() < exact[0].mean() - 0.5, "the reference run should learn something"
+    assert_as_accurate(ours, naive, exact, torch.float32, f"{name}: losses per step and rank")
 
 
 def test_local_head_passes_plain_tensors_through():

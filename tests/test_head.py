@@ -145,7 +145,8 @@ def test_sample_next_is_the_sampler_with_the_heads_transform(transform):
     options = TRANSFORMS[transform]
     hidden, weight, b = _inputs(torch.float32, bias=True, seed=3)
     hidden_last, weight, b = hidden[:, -1].float(), weight.float(), b.float()
-    head = cl.ChunkedLMHead(weight, b, shards=4, **options)
+    # Parameters that require grad, as a model's: sampling runs without autograd.
+    head = cl.ChunkedLMHead(nn.Parameter(weight), nn.Parameter(b), shards=4, **options)
     prev = torch.randint(V, (3, 5), generator=seeded(4))
     greedy = head.sample_next(
         hidden_last, do_sample=False, repetition_penalty=1.3, prev_tokens=prev

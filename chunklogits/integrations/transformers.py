@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_attention_mask, check_integer_tensor, check_tensor, make_transform
+from ..distributed import local_head
 
 # Config attributes of logit transforms applied after the output layer: (attribute, the
 # ChunkedLMHead argument it sets, how its value maps to that argument). Read from the text config.
@@ -236,7 +236,11 @@ def _output_layer(model: nn.Module) -> nn.Linear:
             f"model: {name}'s output layer is a {type(layer).__module__}.{type(layer).__name__}, "
             "expected a plain torch.nn.Linear (quantised or adapted layers are not reproduced)"
         )
-    if layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"):
+    # A layer parallelised on the vocabulary (ColwiseParallel: a DTensor weight, its layouts set
+    # by hooks) is kept: the head calls it for plain logits (see ChunkedLMHead).
+    parallel = local_head(layer.weight, layer.bias).process_group is not None
+    hooked = layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
+    if hooked and not parallel:
         raise ValueError(
             f"model: {name}'s output layer has forward hooks (e.g. accelerate's device placement), "
             "which replacing it would drop"
@@ -328,7 +332,7 @@ def _forward_recording(original: Callable, head, kwargs: dict, *, keep_logits: b
     def record(hidden: Tensor) -> Tensor:
         seen.append(hidden)
         if keep_logits:
-            return F.linear(hidden, head.weight, head.bias)
+            return head._linear(hidden)
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
     with head._intercepted(record):
