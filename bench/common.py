@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from chunklogits import memory
 
 MiB = 2**20
+
+HEAD_SHAPES = {
+    # (tokens N, hidden D, vocab V): the CPU shape of issue 3's measurements, and the size of its
+    # memory target (working memory <= 10% of hidden + weight + grads).
+    "llama3-head-1k-x-256": (1024, 256, 128256),
+    "llama3-head-2k-x-1024": (2048, 1024, 128256),
+}
 
 
 def device() -> torch.device:
@@ -34,3 +43,37 @@ def measure(
     reset()
     benchmark.extra_info["peak_mib"] = round(used.bytes / MiB, 1)
     benchmark.extra_info["working_mib"] = round((used.bytes - returned_bytes) / MiB, 1)
+
+
+_heads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def head_inputs(shape: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 ``hidden [N, D]`` and ``weight [V, D]`` (both requiring grad) and tokens ``[N]`` of
+    ``HEAD_SHAPES[shape]`` on ``device()``, built once per session."""
+    if shape not in _heads:
+        n, d, v = HEAD_SHAPES[shape]
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(n, d, generator=g) / d**0.5
+        weight = torch.randn(v, d, generator=g) / d**0.25
+        tokens = torch.randint(0, v, (n,), generator=g)
+        tensors = [t.bfloat16().to(device()).requires_grad_() for t in (hidden, weight)]
+        _heads[shape] = (*tensors, tokens.to(device()))
+    return _heads[shape]
+
+
+def unavailable(name: str) -> str | None:
+    """Why an optional peer cannot run here, or None."""
+    if (
+        name.startswith("cut-cross-entropy")
+        and importlib.util.find_spec("cut_cross_entropy") is None
+    ):
+        return "cut-cross-entropy is not installed (pip install cut-cross-entropy)"
+    if name.startswith("liger"):
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed"
+        if not torch.cuda.is_available():
+            return "Liger's kernels are Triton GPU kernels; no GPU here"
+    if name == "torch-linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+    return None

@@ -9,22 +9,15 @@ skipped with the reason.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import chunklogits as cl
-from bench.common import device, measure
+from bench.common import HEAD_SHAPES, head_inputs, measure, unavailable
 
-SHAPES = {
-    # (tokens N, hidden D, vocab V): the CPU shape of issue 3's measurements, and the size of its
-    # memory target (working memory <= 10% of hidden + weight + grads).
-    "llama3-head-1k-x-256": (1024, 256, 128256),
-    "llama3-head-2k-x-1024": (2048, 1024, 128256),
-}
+SHAPES = HEAD_SHAPES
 
 
 def _cce_loss(hidden, weight, labels):
@@ -53,42 +46,23 @@ IMPLEMENTATIONS = {
 }
 
 
-def _unavailable(name: str) -> str | None:
-    if name == "cut-cross-entropy" and importlib.util.find_spec("cut_cross_entropy") is None:
-        return "cut-cross-entropy is not installed (pip install cut-cross-entropy)"
-    if name == "liger-fused-linear-ce":
-        if importlib.util.find_spec("liger_kernel") is None:
-            return "liger-kernel is not installed"
-        if not torch.cuda.is_available():
-            return "Liger's kernels are Triton GPU kernels; no GPU here"
-    if name == "torch-linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):
-        return f"torch {torch.__version__} has no F.linear_cross_entropy"
-    return None
-
-
 _problems: dict[str, tuple] = {}
 
 
 def problem(shape: str):
     """bf16 inputs of ``SHAPES[shape]`` and the fp64 loss, built once per session."""
     if shape not in _problems:
-        n, d, v = SHAPES[shape]
-        g = torch.Generator().manual_seed(0)
-        hidden = torch.randn(n, d, generator=g) / d**0.5
-        weight = torch.randn(v, d, generator=g) / d**0.25
-        labels = torch.randint(0, v, (n,), generator=g)
-        exact = F.cross_entropy(
-            hidden.bfloat16().double() @ weight.bfloat16().double().T, labels
-        ).item()
-        tensors = [t.bfloat16().to(device()).requires_grad_() for t in (hidden, weight)]
-        _problems[shape] = (*tensors, labels.to(device()), exact)
+        hidden, weight, labels = head_inputs(shape)
+        with torch.no_grad():
+            exact = F.cross_entropy(hidden.double() @ weight.double().T, labels).item()
+        _problems[shape] = (hidden, weight, labels, exact)
     return _problems[shape]
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_loss_forward_backward(benchmark, shape, impl):
-    reason = _unavailable(impl)
+    reason = unavailable(impl)
     if reason:
         pytest.skip(reason)
     hidden, weight, labels, exact = problem(shape)

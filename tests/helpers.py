@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -133,3 +134,29 @@ def chi_square_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) 
     if dof == 0:
         return 1.0
     return torch.special.gammaincc(torch.tensor(dof / 2.0), statistic / 2.0).item()
+
+
+def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32):
+    """A tiny untied Llama config (4 heads, 2 key-value heads) for model-level tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run on one thread: on a shared, oversubscribed machine two OpenMP threads wait
+    on each other at every op and a tiny forward takes seconds instead of milliseconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
