@@ -243,6 +243,18 @@ def _block_logits(h, w, b, transform: LogitTransform, work: _Workspace, stat_dty
     return transform.apply_(z)
 
 
+def _floor_(x: Tensor) -> Tensor:
+    """Raise ``x`` (logits minus a row maximum or log-sum-exp, so ``<= 0``) in place to
+    ``log(finfo(x.dtype).tiny) + 1`` before it is exponentiated, so that ``exp`` stays a normal
+    number. CPU ``exp`` is 30 to 80 times slower on arguments whose result is subnormal or zero
+    (torch 2.13, AVX-512: 1.3 ms for a 1024 x 2730 fp32 block, 40 to 115 ms when its values lie
+    90 or more below 0), and logits that far below the row maximum are common at low
+    temperatures. It changes each ``exp`` by less than ``3 * tiny``, below the resolution of
+    every sum the result enters (each holds a term of 1), and keeps ``exp(x) * x`` finite where a
+    bias of ``-inf`` masks tokens."""
+    return x.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0)
+
+
 def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
     """(mask of rows whose target is in [v0, v1), column of that target clamped into the shard)."""
     inside = (targets >= v0) & (targets < v1)
@@ -280,7 +292,7 @@ def _forward_stats(
             step = (old_max - new_max).clamp_(min=lowest)
             rescale = step.exp()
             running_max[r0:r1] = new_max
-            centred = z.sub_(new_max[:, None])
+            centred = _floor_(z.sub_(new_max[:, None]))
             if weighted is None:
                 exp = centred.exp_()
             else:
@@ -341,6 +353,7 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
                 logp = torch.sub(z, lse[r0:r1, None], out=work.get("logp", *shape, stat_dtype))
             else:
                 logp = z.sub_(lse[r0:r1, None])
+            _floor_(logp)
             p_coef = coef.p_coef[r0:r1, None] if coef.p_coef is not None else 0.0
             if coef.plogp_coef is not None:
                 grad = torch.exp(logp, out=work.get("grad", *shape, stat_dtype))

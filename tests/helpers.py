@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -29,10 +31,11 @@ def assert_as_accurate(
     where ``exact`` is the fp64 ground truth and ``naive`` the materialising computation in
     ``dtype``; ``slack = _SLACK[dtype] * max|exact|``."""
     exact = exact.double()
-    ours_error = (ours.double() - exact).abs()
-    naive_error = (naive.double() - exact).abs()
+    ours_error = _error(ours, exact)
+    naive_error = _error(naive, exact)
     slack = _SLACK[dtype] * max(exact.abs().max().item(), 1e-30) if exact.numel() else 0.0
-    excess = ours_error - naive_error - slack
+    # Both infinitely wrong (inf - inf) counts as equally accurate.
+    excess = (ours_error - naive_error - slack).nan_to_num(nan=0.0)
     if exact.numel() and excess.max().item() > 0:
         worst = int(excess.argmax())
         raise AssertionError(
@@ -53,8 +56,8 @@ def assert_as_accurate_in_norm(
     differently there, element by element, so the elementwise rule would compare two equally
     accurate samples of the same rounding noise."""
     exact = exact.double()
-    ours_error = (ours.double() - exact).norm().item()
-    naive_error = (naive.double() - exact).norm().item()
+    ours_error = _error(ours, exact).norm().item()
+    naive_error = _error(naive, exact).norm().item()
     slack = _SLACK[dtype] * exact.norm().item()
     if ours_error > naive_error + slack:
         raise AssertionError(
@@ -62,6 +65,14 @@ def assert_as_accurate_in_norm(
             f"||exact - ours|| = {ours_error:.3g}, ||exact - naive|| = {naive_error:.3g}, "
             f"slack = {slack:.3g}"
         )
+
+
+def _error(result: Tensor, exact: Tensor) -> Tensor:
+    """``|result - exact|`` elementwise, infinite where ``result`` is NaN but ``exact`` is not (a
+    NaN would otherwise pass every comparison), 0 where both are NaN or the same infinity."""
+    error = (result.double() - exact).abs()
+    same = (result.double() == exact) | (result.isnan() & exact.isnan())
+    return error.masked_fill(same, 0.0).nan_to_num(nan=math.inf)
 
 
 def run_ranks(worker, world: int, *args, timeout: float = 180.0) -> list:
