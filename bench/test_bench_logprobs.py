@@ -121,3 +121,32 @@ def test_logprobs(benchmark, grad, case):
     if entropy is not None:
         error = (entropy.double() - exact_entropy).abs().max().item()
         benchmark.extra_info["entropy_max_error"] = error
+
+
+LOW_TEMPERATURE = 0.01
+
+
+@pytest.mark.parametrize("impl", ["naive-upcast", "chunklogits"])
+def test_logprobs_low_temperature(benchmark, impl):
+    """Log-probs and entropy at temperature 0.01 (no grad): the scaled logits spread as a trained
+    model's do at low temperature, so that many lie more than 87 below their row's maximum, where
+    CPU ``exp`` slows down because its result underflows. The block engine raises such values
+    first (``_blocks._floor_``); the naive upcast does not. ``extra_info`` records the share of
+    such logits and the largest log-prob error against fp64 over the first 256 rows."""
+    hidden, weight, tokens = head_inputs(SHAPE)
+    fn = reference.token_logprobs if impl == "naive-upcast" else cl.token_logprobs
+    outputs = []
+
+    def step():
+        with torch.no_grad():
+            outputs.append(fn(hidden, weight, tokens, temperature=LOW_TEMPERATURE))
+
+    benchmark.group = f"log-probs at temperature {LOW_TEMPERATURE}, fwd (no grad) {SHAPE}"
+    measure(benchmark, step, rounds=2)
+    with torch.no_grad():
+        z = hidden[:256].double() @ weight.double().T / LOW_TEMPERATURE
+        share = (z - z.amax(1, keepdim=True) < -87).double().mean().item()
+        exact = z.log_softmax(-1).gather(-1, tokens[:256, None]).squeeze(-1)
+    benchmark.extra_info["share_far_below_max"] = share
+    error = (outputs[-1][:256].double() - exact).abs().max().item()
+    benchmark.extra_info["logprob_max_error"] = error
