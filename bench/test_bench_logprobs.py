@@ -128,9 +128,9 @@ LOW_TEMPERATURE = 0.01
 
 @pytest.mark.parametrize("impl", ["naive-upcast", "chunklogits"])
 def test_logprobs_low_temperature(benchmark, impl):
-    """Log-probs and entropy at temperature 0.01 (no grad): the scaled logits spread as a trained
-    model's do at low temperature, so that many lie more than 87 below their row's maximum, where
-    CPU ``exp`` slows down because its result underflows. The block engine raises such values
+    """Log-probs at temperature 0.01 (no grad): the scaled logits spread so widely that a third of
+    them lie more than 87 below their row's maximum, where CPU ``exp`` slows down because its
+    result underflows. The block engine raises such values
     first (``_blocks._floor_``); the naive upcast does not. ``extra_info`` records the share of
     such logits and the largest log-prob error against fp64 over the first 256 rows."""
     hidden, weight, tokens = head_inputs(SHAPE)

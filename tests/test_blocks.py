@@ -79,8 +79,8 @@ def test_entropy_does_not_cancel_a_large_offset():
 
 
 def test_far_below_the_maximum_and_masked_by_an_infinite_bias():
-    # At temperature 0.1 most logits lies more than 87 below its row's maximum, where
-    # fp32 exp underflows (the engine raises such values to log(tiny) first); a bias of -inf
+    # At temperature 0.1, 94% of the logits lie more than 87 below their row's maximum, where
+    # fp32 exp underflows (the engine raises such values to log(tiny) + 1 first); a bias of -inf
     # masks tokens, which must equal leaving them out of the vocabulary, entropy included.
     g = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(12, 32, generator=g), torch.randn(900, 32, generator=g)
