@@ -53,6 +53,8 @@ _MESSAGE_BYTES = 512
 # Hidden states agree across ranks when their sums differ by less than this fraction of the sum
 # of magnitudes: loose enough for a different summation order, tight enough for different data.
 _FINGERPRINT_TOLERANCE = 1e-6
+# torch 2.13 renamed all_gather_into_tensor (which it deprecates) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class VocabSlice:
@@ -99,12 +101,12 @@ class VocabSlice:
         packed as float64, which holds every fp32 value and every integer below 2**53."""
         rows = tensors[0].shape[0]
         packed = torch.cat([t.reshape(rows, -1).double() for t in tensors], 1)
-        every = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(every, packed, group=self.group)
-        columns = torch.stack(every).split([t[0].numel() for t in tensors], dim=2)
+        world = dist.get_world_size(self.group)
+        every = packed.new_empty(world * rows, packed.shape[1])  # received in place, no stack
+        _all_gather_single(every, packed, group=self.group)
+        columns = every.view(world, rows, -1).split([t[0].numel() for t in tensors], dim=2)
         return [
-            c.reshape(len(every), *t.shape).to(t.dtype)
-            for c, t in zip(columns, tensors, strict=True)
+            c.reshape(world, *t.shape).to(t.dtype) for c, t in zip(columns, tensors, strict=True)
         ]
 
     def broadcast_first_(self, tensor: Tensor) -> Tensor:
