@@ -288,11 +288,15 @@ def _forward_stats(
                 total[r0:r1] += z.sum(1)
             old_max = running_max[r0:r1]
             new_max = torch.maximum(old_max, z.amax(1))
+            # Rows with no finite logit yet (a -inf bias masks tokens) are centred on 0, so that
+            # their z - max is -inf, not NaN; the zero rescale of the next finite maximum drops
+            # what they summed.
+            centre = new_max.masked_fill(new_max == -math.inf, 0.0)
             # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
-            step = (old_max - new_max).clamp_(min=lowest)
+            step = (old_max - centre).clamp_(min=lowest)
             rescale = step.exp()
-            running_max[r0:r1] = new_max
-            centred = _floor_(z.sub_(new_max[:, None]))
+            running_max[r0:r1] = new_max  # old_max is a view: read above
+            centred = _floor_(z.sub_(centre[:, None]))
             if weighted is None:
                 exp = centred.exp_()
             else:

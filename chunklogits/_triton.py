@@ -40,6 +40,7 @@ host: tile skipping is decided inside the kernels.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -180,6 +181,12 @@ def _tanh(u):
 # rounding mode) where the GPU rounds to nearest even. Interpreted, bf16 tiles are widened to
 # fp32 before the dot (the same exact products and fp32 sums as the GPU's bf16 dot) and stores
 # round explicitly.
+# Log-probabilities and centred logits are raised to log(fp32 tiny) + 1 before exp, as in
+# _blocks._floor_: a token masked by a -inf bias then weighs exp(...) * log(...) = tiny * -86
+# instead of 0 * -inf = NaN.
+_LOG_FLOOR = tl.constexpr(math.log(torch.finfo(torch.float32).tiny) + 1.0)
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
+
 _INTERPRETED = tl.constexpr(
     triton.knobs.runtime.interpret
     if hasattr(triton, "knobs")  # triton >= 3.4; before, the variable was read directly
@@ -299,10 +306,13 @@ def _stats_kernel(
         )  # fmt: skip
         z_or_zero = tl.where(col_ok[None, :], z, 0.0)
         new_max = tl.maximum(running_max, tl.max(tl.where(col_ok[None, :], z, float("-inf")), 1))
+        # Rows with no finite logit yet (masked by a -inf bias) are centred on 0, not -inf, as in
+        # _blocks._forward_stats.
+        centre = tl.where(new_max == float("-inf"), 0.0, new_max)
         # exp(-inf) = 0 for the first tile; clamped so that step * sum_exp below stays 0.
-        step = tl.maximum(running_max - new_max, -3.4028234663852886e38)
+        step = tl.maximum(running_max - centre, _LOWEST)
         rescale = tl.exp(step)
-        centred = tl.where(col_ok[None, :], z - new_max[:, None], 0.0)
+        centred = tl.where(col_ok[None, :], tl.maximum(z - centre[:, None], _LOG_FLOOR), 0.0)
         exp = tl.where(col_ok[None, :], tl.exp(centred), 0.0)
         if WANT_ENTROPY:
             # sum exp(z - m) * (z - m), carried to the new max m as _blocks does: the entropy
@@ -362,7 +372,7 @@ def _grad_logits_kernel(
     g = tl.zeros((TILE, TILE), dtype=tl.float32)
     if HAS_P:
         row_lse = tl.load(lse + offs_r, mask=row_ok, other=0.0)
-        log_p = tl.where(valid, z - row_lse[:, None], 0.0)
+        log_p = tl.where(valid, tl.maximum(z - row_lse[:, None], _LOG_FLOOR), 0.0)
         p = tl.where(valid, tl.exp(log_p), 0.0)
         factor = tl.zeros((TILE, TILE), dtype=tl.float32)
         if HAS_PLOGP:
@@ -494,7 +504,8 @@ def forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_
     # Merge the ranges as the kernel merges tiles (every range holds at least one tile).
     range_max, range_sum, range_target, range_total, range_weighted = partials
     running_max = range_max.amax(0)
-    step = range_max - running_max
+    # A range with no finite logit has max -inf; clamped so that step * range_sum stays finite.
+    step = (range_max - running_max).clamp(min=torch.finfo(range_max.dtype).min)
     rescale = step.exp()
     sum_exp = (range_sum * rescale).sum(0)
     lse = running_max + sum_exp.log()

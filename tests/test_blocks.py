@@ -7,7 +7,7 @@ import torch
 
 import chunklogits as cl
 from chunklogits._blocks import _BYTES_PER_BLOCK_ELEMENT, plan_blocks
-from tests.helpers import assert_as_accurate
+from tests.helpers import assert_as_accurate, check_infinite_bias_mask
 
 CPU = torch.device("cpu")
 
@@ -78,28 +78,6 @@ def test_entropy_does_not_cancel_a_large_offset():
     assert (ours.double() - exact).abs().max() < 1e-5
 
 
-def test_far_below_the_maximum_and_masked_by_an_infinite_bias():
-    # At temperature 0.1, 94% of the logits lie more than 87 below their row's maximum, where
-    # fp32 exp underflows (the engine raises such values to log(tiny) + 1 first); a bias of -inf
-    # masks tokens, which must equal leaving them out of the vocabulary, entropy included.
-    g = torch.Generator().manual_seed(3)
-    hidden, weight = torch.randn(12, 32, generator=g), torch.randn(900, 32, generator=g)
-    kept = (torch.rand(900, generator=g) > 0.2).nonzero().squeeze(1)
-    position = torch.randint(0, kept.numel(), (12,), generator=g)
-    advantages = torch.randn(12, generator=g)
-    bias = torch.full((900,), -torch.inf).index_fill_(0, kept, 0.0)
-
-    def run(fn, h, w, tokens, **kwargs):
-        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        logp, entropy = fn(h, w, tokens, temperature=0.1, return_entropy=True, **kwargs)
-        ((advantages.to(h.dtype) * logp).sum() + entropy.sum()).backward()
-        return logp, entropy, h.grad, w.grad
-
-    ours = run(cl.token_logprobs, hidden, weight, kept[position], bias=bias, shards=7)
-    naive = run(cl.reference.token_logprobs, hidden, weight[kept], position)
-    exact = run(cl.reference.token_logprobs, hidden.double(), weight[kept].double(), position)
-    names = ["logprobs", "entropy", "hidden grad", "kept weight grad"]
-    for name, o, n, e in zip(names, (*ours[:3], ours[3][kept]), naive, exact, strict=True):
-        assert_as_accurate(o, n, e, torch.float32, name)
-    masked = torch.ones(900, dtype=torch.bool).index_fill_(0, kept, False)
-    assert ours[3][masked].abs().max() < 1e-30
+@pytest.mark.parametrize("masked", ["scattered", "leading"])
+def test_far_below_the_maximum_and_masked_by_an_infinite_bias(masked):
+    check_infinite_bias_mask(masked, CPU)

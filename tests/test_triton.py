@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton", reason="triton not installed (extra 'gpu'
 import chunklogits as cl  # noqa: E402
 from chunklogits import _blocks, _triton, reference  # noqa: E402
 from chunklogits._blocks import LogitTransform, plan_blocks, row_stats  # noqa: E402
-from tests.helpers import DTYPES, assert_as_accurate, seeded  # noqa: E402
+from tests.helpers import DTYPES, assert_as_accurate, check_infinite_bias_mask, seeded  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 if not CUDA and _triton._TRITON_VERSION < (3, 9):
@@ -395,3 +395,8 @@ def test_kernels_compile_for_h100():
     for variant in variants:
         assert variant["pipelined"] and variant["wgmma"], variant
         assert variant["shared_bytes"] <= 99 * 1024, variant
+
+
+@pytest.mark.parametrize("masked", ["scattered", "leading"])
+def test_masked_by_an_infinite_bias(kernels, masked):
+    check_infinite_bias_mask(masked, DEVICE)
