@@ -10,7 +10,7 @@ cross-entropy does::
     m = all_reduce_max(lse_r)                       # lse_r: log-sum-exp over the slice
     w_r = exp(lse_r - m)                            # the slice's softmax mass, times e^-m
     s = all_reduce_sum(w_r);  lse = m + log(s)
-    entropy = log(s) + all_reduce_sum(w_r * (entropy_r + m - lse_r)) / s
+    entropy = log(s) + all_reduce_sum(w_r * (entropy_r + (m - lse_r))) / s
     target = all_reduce_sum(target_r)               # 0 on the ranks that do not hold the target
     mean = all_reduce_sum(V_r * mean_r) / V
 
@@ -72,7 +72,11 @@ class VocabSlice:
         share = (stats.lse - top).exp_()
         parts = [share]
         if stats.entropy is not None:
-            parts.append(share * (stats.entropy + top - stats.lse))
+            # top - lse first: it is exact for close values, where (entropy + top) would round
+            # the entropy to top's resolution. A slice whose tokens a -inf bias masks has lse
+            # -inf and share 0: it adds 0, not 0 * inf.
+            weighted = share * (stats.entropy + (top - stats.lse))
+            parts.append(weighted.masked_fill(share == 0, 0.0))
         if stats.target is not None:
             parts.append(stats.target)
         if stats.mean is not None:

@@ -78,6 +78,6 @@ def test_entropy_does_not_cancel_a_large_offset():
     assert (ours.double() - exact).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("masked", ["scattered", "leading"])
+@pytest.mark.parametrize("masked", ["scattered", 300], ids=["scattered", "leading"])
 def test_far_below_the_maximum_and_masked_by_an_infinite_bias(masked):
     check_infinite_bias_mask(masked, CPU)

@@ -26,7 +26,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import chunklogits
 from chunklogits import reference, sampling
 from chunklogits.distributed import local_head
-from tests.helpers import assert_as_accurate, run_ranks
+from tests.helpers import (
+    assert_as_accurate,
+    assert_matches_kept_vocabulary,
+    infinite_bias_head,
+    logprob_step,
+    run_ranks,
+)
 
 WORLDS = (2, 3)
 _DIM = 24
@@ -599,6 +605,21 @@ def _single_process_llama_losses(dtype: torch.dtype, world: int, tied: bool) -> 
 # --- the spawned ranks --------------------------------------------------------------------------
 
 
+# Leading tokens masked by a -inf bias: all of rank 0's slice of the even split (and part of
+# rank 1's with 3 ranks).
+_MASKED = 450
+
+
+def _masked_slice(rank: int, world: int) -> list[torch.Tensor]:
+    head = infinite_bias_head(_MASKED)
+    start, end = _bounds(len(head.bias), world, "even")[rank : rank + 2]
+    return logprob_step(
+        chunklogits.token_logprobs, head.hidden, head.weight[start:end], head.kept[head.position],
+        head.advantages, torch.device("cpu"), bias=head.bias[start:end],
+        process_group=dist.group.WORLD,
+    )  # fmt: skip
+
+
 def _worker(rank: int, world: int) -> dict:
     bad = {name: _bad_call(rank, world, name) for name in BAD_INPUTS}
     bad.update({name: _bad_dtensor_head(rank, world, name) for name in BAD_DTENSOR_HEADS})
@@ -608,6 +629,7 @@ def _worker(rank: int, world: int) -> dict:
     results["generate"] = _generated(_llama(world))
     results["wrapped_parallel_llama"] = _wrapped_parallel_llama(rank, world)
     results["head_draws"] = _head_draws(world)
+    results["masked_slice"] = _masked_slice(rank, world)
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
         for tied in (False, True):
@@ -845,3 +867,13 @@ def test_process_group_needs_initialised_distributed():
     hidden, weight, labels = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3])
     with pytest.raises(ValueError, match=r"^process_group: expected an initialised torch\.distr"):
         chunklogits.linear_cross_entropy(hidden, weight, labels, process_group=group)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_slice_masked_by_an_infinite_bias(world):
+    """Log-probs, entropy and gradients when a -inf bias masks one rank's whole slice: the ranks'
+    statistics combine without NaN, as the reference over the unmasked tokens."""
+    ranks = [results["masked_slice"] for results in _ranks(world)]
+    for logp, entropy, hidden_grad, _ in ranks:
+        ours = [logp, entropy, hidden_grad, torch.cat([r[3] for r in ranks])]
+        assert_matches_kept_vocabulary(ours, infinite_bias_head(_MASKED))

@@ -397,6 +397,6 @@ def test_kernels_compile_for_h100():
         assert variant["shared_bytes"] <= 99 * 1024, variant
 
 
-@pytest.mark.parametrize("masked", ["scattered", "leading"])
+@pytest.mark.parametrize("masked", ["scattered", 300], ids=["scattered", "leading"])
 def test_masked_by_an_infinite_bias(kernels, masked):
     check_infinite_bias_mask(masked, DEVICE)
