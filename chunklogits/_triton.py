@@ -175,18 +175,18 @@ def _tanh(u):
     return tl.where(u < 0, -r, r)
 
 
-# Two gaps of Triton's interpreter, bridged only when it runs the kernels (tests on CPU): it
-# multiplies the bit patterns of bf16 tl.dot operands instead of their values (triton-lang/triton
-# #11584, "not supported yet"), and it truncates fp32 -> bf16 casts (its cast_impl passes no
-# rounding mode) where the GPU rounds to nearest even. Interpreted, bf16 tiles are widened to
-# fp32 before the dot (the same exact products and fp32 sums as the GPU's bf16 dot) and stores
-# round explicitly.
 # Log-probabilities and centred logits are raised to log(fp32 tiny) + 1 before exp, as in
 # _blocks._floor_: a token masked by a -inf bias then weighs exp(...) * log(...) = tiny * -86
 # instead of 0 * -inf = NaN.
 _LOG_FLOOR = tl.constexpr(math.log(torch.finfo(torch.float32).tiny) + 1.0)
 _LOWEST = tl.constexpr(-3.4028234663852886e38)
 
+# Two gaps of Triton's interpreter, bridged only when it runs the kernels (tests on CPU): it
+# multiplies the bit patterns of bf16 tl.dot operands instead of their values (triton-lang/triton
+# #11584, "not supported yet"), and it truncates fp32 -> bf16 casts (its cast_impl passes no
+# rounding mode) where the GPU rounds to nearest even. Interpreted, bf16 tiles are widened to
+# fp32 before the dot (the same exact products and fp32 sums as the GPU's bf16 dot) and stores
+# round explicitly.
 _INTERPRETED = tl.constexpr(
     triton.knobs.runtime.interpret
     if hasattr(triton, "knobs")  # triton >= 3.4; before, the variable was read directly
