@@ -148,11 +148,12 @@ def chi_square_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) 
     return torch.special.gammaincc(torch.tensor(dof / 2.0), statistic / 2.0).item()
 
 
-def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32):
-    """A tiny untied Llama config (4 heads, 2 key-value heads) for model-level tests."""
+def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32, **overrides):
+    """A tiny untied Llama config (4 heads, 2 key-value heads) for model-level tests;
+    ``overrides`` replace or add config fields."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -162,6 +163,7 @@ def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32):
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
+    return LlamaConfig(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import chunklogits
 from chunklogits import reference, sampling
@@ -32,6 +32,7 @@ from tests.helpers import (
     infinite_bias_head,
     logprob_step,
     run_ranks,
+    tiny_llama_config,
 )
 
 WORLDS = (2, 3)
@@ -667,17 +668,8 @@ def _llama(parallel_world: int | None = None, tied: bool = False):
     """A small random Llama (vocabulary 301); its lm_head parallelised with ColwiseParallel over
     ``parallel_world`` ranks when given (replicated logits out, as for inference)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=301,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    config = tiny_llama_config(
+        301, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0
     )
     model = LlamaForCausalLM(config).eval()
     if parallel_world is not None:
