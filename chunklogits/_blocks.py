@@ -243,16 +243,22 @@ def _block_logits(h, w, b, transform: LogitTransform, work: _Workspace, stat_dty
     return transform.apply_(z)
 
 
+def log_floor(dtype: torch.dtype) -> float:
+    """``log(finfo(dtype).tiny) + 1``: the lowest exponent ``_floor_`` lets reach ``exp`` (the
+    Triton kernels use the fp32 value)."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
 def _floor_(x: Tensor) -> Tensor:
     """Raise ``x`` (logits minus a row maximum or log-sum-exp, so ``<= 0``) in place to
-    ``log(finfo(x.dtype).tiny) + 1`` before it is exponentiated, so that ``exp`` stays a normal
-    number. CPU ``exp`` is 30 to 80 times slower on arguments whose result is subnormal or zero
-    (torch 2.13, AVX-512: 1.3 ms for a 1024 x 2730 fp32 block, 40 to 115 ms when its values lie
-    90 or more below 0), and logits that far below the row maximum are common at low
-    temperatures. It changes each ``exp`` by less than ``3 * tiny`` (4e-38 in fp32), far below
-    the rounding of the sums and gradients it enters, and keeps ``exp(x) * x`` finite where a
-    bias of ``-inf`` masks tokens."""
-    return x.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1.0)
+    ``log_floor(x.dtype)`` before it is exponentiated, so that ``exp`` stays a normal number.
+    CPU ``exp`` is 30 to 80 times slower on arguments whose result is subnormal or zero (torch
+    2.13, AVX-512: 1.3 ms for a 1024 x 2730 fp32 block, 40 to 115 ms when its values lie 90 or
+    more below 0), and logits that far below the row maximum are common at low temperatures.
+    It changes each ``exp`` by less than ``3 * tiny`` (4e-38 in fp32), far below the rounding of
+    the sums and gradients it enters, and keeps ``exp(x) * x`` finite where a bias of ``-inf``
+    masks tokens."""
+    return x.clamp_(min=log_floor(x.dtype))
 
 
 def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:

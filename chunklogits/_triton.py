@@ -40,7 +40,6 @@ host: tile skipping is decided inside the kernels.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -51,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._blocks import _BYTES_PER_BLOCK_ELEMENT, RowStats
+from ._blocks import _BYTES_PER_BLOCK_ELEMENT, RowStats, log_floor
 
 _SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Oldest triton the kernels were compiled with (3.6 and 3.9, for sm_90); older ones get the
@@ -178,7 +177,7 @@ def _tanh(u):
 # Log-probabilities and centred logits are raised to log(fp32 tiny) + 1 before exp, as in
 # _blocks._floor_: a token masked by a -inf bias then weighs exp(...) * log(...) = tiny * -86
 # instead of 0 * -inf = NaN.
-_LOG_FLOOR = tl.constexpr(math.log(torch.finfo(torch.float32).tiny) + 1.0)
+_LOG_FLOOR = tl.constexpr(log_floor(torch.float32))
 _LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 # Two gaps of Triton's interpreter, bridged only when it runs the kernels (tests on CPU): it
