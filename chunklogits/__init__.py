@@ -2,7 +2,7 @@
 logits tensor."""
 
 from . import distributed, memory, reference
-from ._blocks import set_block_budget
+from ._blocks import set_block_budget, set_cpu_gemm_dtype
 from .generate import sample
 from .head import ChunkedLMHead
 from .integrations.transformers import sequence_logprobs
@@ -21,6 +21,7 @@ __all__ = [
     "sample_next",
     "sequence_logprobs",
     "set_block_budget",
+    "set_cpu_gemm_dtype",
     "token_logprobs",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ accumulator.
 from __future__ import annotations
 
 import math
-import time
+import os
 from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
@@ -36,7 +36,12 @@ _BYTES_PER_BLOCK_ELEMENT = 12
 _MIN_SHARD = 128
 _MAX_CHUNK = 16384
 
-_settings = {"block_budget": 32 * 2**20}
+_CPU_GEMM_MODES = ("auto", "model", "fp32")
+_settings = {"block_budget": 32 * 2**20, "cpu_gemm": os.environ.get("CHUNKLOGITS_CPU_GEMM", "auto")}
+if _settings["cpu_gemm"] not in _CPU_GEMM_MODES:
+    raise ValueError(
+        f"CHUNKLOGITS_CPU_GEMM: expected one of {_CPU_GEMM_MODES}, got {_settings['cpu_gemm']!r}"
+    )
 
 
 def set_block_budget(nbytes: int) -> int:
@@ -126,48 +131,68 @@ def plan_blocks(
     shards: int | None = None,
     chunk_size: int | None = None,
     bytes_per_element: int = _BYTES_PER_BLOCK_ELEMENT,
+    dim: int = 0,
 ) -> BlockPlan:
     """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
     block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
     widest shards the budget leaves room for. ``bytes_per_element``: the transient memory one block
-    element costs the caller (the default is the backward pass's)."""
+    element costs the caller (the default is the backward pass's). ``dim``: the hidden size; when
+    the GEMMs run in another dtype than the inputs', the converted weight shard (``width x dim``)
+    and row chunk (``chunk x dim``) count against the budget too."""
     _check_count("shards", shards, 1, vocab)
     _check_count("chunk_size", chunk_size, 1)
-    elements = max(1, _settings["block_budget"] // bytes_per_element)
+    compute_dtype = block_compute_dtype(dtype, device)
+    budget = _settings["block_budget"]
+    # Bytes per row of a converted row chunk, and per vocabulary entry of a converted shard.
+    copy = dim * compute_dtype.itemsize if compute_dtype != dtype else 0
     if chunk_size is None:
         width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
-        chunk_size = max(1, min(rows, _MAX_CHUNK, elements // width))
+        fits = (budget - width * copy) // (width * bytes_per_element + copy)
+        chunk_size = max(1, min(rows, _MAX_CHUNK, fits))
     if shards is None:
-        width = max(min(vocab, _MIN_SHARD), elements // chunk_size)
+        fits = (budget - chunk_size * copy) // (chunk_size * bytes_per_element + copy)
+        width = max(min(vocab, _MIN_SHARD), fits)
         shards = math.ceil(vocab / width)
     bounds = tuple(round(i * vocab / shards) for i in range(shards + 1))
-    return BlockPlan(rows, chunk_size, bounds, block_compute_dtype(dtype, device))
+    return BlockPlan(rows, chunk_size, bounds, compute_dtype)
+
+
+def set_cpu_gemm_dtype(mode: str) -> str:
+    """Choose the dtype of the block GEMMs for half-precision (fp16/bf16) inputs on CPU; returns
+    the previous mode. ``"auto"`` (the default, or the environment variable
+    ``CHUNKLOGITS_CPU_GEMM`` at import): the inputs' dtype where the CPU multiplies it natively
+    (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16), else fp32 (an AVX2-only CPU multiplies bf16
+    about 100 times slower than fp32 in torch 2.13). ``"model"``: always the inputs' dtype.
+    ``"fp32"``: always fp32. Results do not depend on the choice beyond fp32 rounding: decisions
+    (argmax, top-k/top-p/min-p membership, ties) are taken on the logits rounded to the model
+    dtype either way. Accelerators always run the inputs' dtype."""
+    if mode not in _CPU_GEMM_MODES:
+        raise ValueError(f"mode: expected one of {_CPU_GEMM_MODES}, got {mode!r}")
+    previous = _settings["cpu_gemm"]
+    _settings["cpu_gemm"] = mode
+    return previous
 
 
 def block_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype block GEMMs run in. Half precision on accelerators, where it is the fast path.
-    On CPUs it depends on the instruction set (a CPU with AVX512-BF16 multiplies bf16 about twice
-    as fast as fp32; one without multiplies fp16 tens of times slower than fp32), so it is
-    measured once per process: the faster of ``dtype`` and fp32 on a representative block."""
+    """The dtype block GEMMs run in: the inputs' dtype on accelerators and for fp32/fp64; for
+    half precision on CPU as ``set_cpu_gemm_dtype`` says, decided from the instruction set
+    (never from a timing, which load can flip)."""
     if dtype in (torch.float32, torch.float64) or device.type != "cpu":
         return dtype
-    return _faster_cpu_dtype(dtype)
+    mode = _settings["cpu_gemm"]
+    if mode == "model" or (mode == "auto" and _cpu_multiplies_natively(dtype)):
+        return dtype
+    return torch.float32
 
 
 @cache
-def _faster_cpu_dtype(dtype: torch.dtype) -> torch.dtype:
-    def seconds(dt: torch.dtype) -> float:
-        a = torch.randn(256, 256).to(dt)
-        b = torch.randn(1024, 256).to(dt)
-        a @ b.T  # warm up the kernel selection
-        best = math.inf
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ b.T
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    return dtype if seconds(dtype) <= seconds(torch.float32) else torch.float32
+def _cpu_multiplies_natively(dtype: torch.dtype) -> bool:
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    else:
+        checks = ("_is_amx_fp16_supported",)
+    return any(getattr(cpu, check, lambda: False)() for check in checks)
 
 
 class RowStats(NamedTuple):

@@ -58,6 +58,7 @@ def token_logprobs(
             hidden.device,
             shards=shards,
             chunk_size=chunk_size,
+            dim=hidden.shape[-1],
         )
         hidden2d = flat_rows(hidden)
         vocab_slice = ranks.agree(hidden2d, weight, bias, transform, flat_tokens, "tokens")
@@ -112,6 +113,7 @@ def logsumexp(
             hidden.device,
             shards=shards,
             chunk_size=chunk_size,
+            dim=hidden.shape[-1],
         )
         vocab_slice = ranks.agree(rows, weight, bias, transform)
     stats = row_stats(

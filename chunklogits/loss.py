@@ -117,6 +117,7 @@ def linear_cross_entropy(
             hidden.device,
             shards=shards,
             chunk_size=chunk_size,
+            dim=hidden.shape[-1],
         )
         hidden2d = flat_rows(hidden)
         vocab_slice = ranks.agree(hidden2d, weight, bias, transform, targets, "labels")

@@ -339,6 +339,7 @@ def _blocks(problem: _Problem, tempered: bool):
         shards=problem.shards,
         chunk_size=problem.chunk_size,
         bytes_per_element=_BYTES_PER_ELEMENT,
+        dim=hidden.shape[1],
     )
     chunks, work = _Rows(hidden, None, plan), _Workspace(plan, hidden.device)
     start = 0 if problem.vocab_slice is None else problem.vocab_slice.start

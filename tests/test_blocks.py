@@ -25,6 +25,35 @@ def test_default_plan_fits_the_budget(rows, vocab):
     assert min(plan.chunk_size, rows) * widest * _BYTES_PER_BLOCK_ELEMENT <= 32 * 2**20
 
 
+@pytest.mark.parametrize("dim", [256, 1024, 4096])
+@pytest.mark.parametrize("rows, vocab", [(2048, 128256), (64, 256000), (1, 256000)])
+def test_plan_counts_converted_copies(cpu_gemm, rows, vocab, dim):
+    # With fp32 GEMMs for bf16 inputs, the fp32 copies of the weight shard and of the row chunk
+    # are part of the block's transient memory.
+    plan = plan_blocks(rows, vocab, torch.bfloat16, CPU, dim=dim)
+    widest = max(v1 - v0 for v0, v1 in plan.shards)
+    chunk = min(plan.chunk_size, rows)
+    copies = (widest + chunk) * dim * 4 if plan.compute_dtype == torch.float32 else 0
+    assert plan.compute_dtype == (torch.bfloat16 if cpu_gemm == "model" else torch.float32)
+    assert chunk * widest * _BYTES_PER_BLOCK_ELEMENT + copies <= 32 * 2**20
+
+
+def test_gemm_dtype_from_the_instruction_set_not_a_timing():
+    g = torch.Generator().manual_seed(0)
+    before = torch.get_rng_state()
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    plan = plan_blocks(16, 1000, torch.bfloat16, CPU)
+    assert plan.compute_dtype == (torch.bfloat16 if native else torch.float32)
+    cl.linear_cross_entropy(
+        torch.randn(4, 8, generator=g).bfloat16(),
+        torch.randn(50, 8, generator=g).bfloat16(),
+        torch.randint(0, 50, (4,), generator=g),
+    )
+    assert torch.equal(torch.get_rng_state(), before), "a chunked op drew from torch's RNG"
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        cl.set_cpu_gemm_dtype("bf16")
+
+
 def test_budget_changes_blocks_not_results():
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(300, 64, generator=g), torch.randn(5000, 64, generator=g)

@@ -185,13 +185,9 @@ def test_no_grad_inference_matches():
     assert_as_accurate(ours, naive, exact, torch.bfloat16, "no_grad loss")
 
 
-@pytest.mark.parametrize(
-    "compute", [torch.float32, torch.bfloat16], ids=["fp32-blocks", "bf16-blocks"]
-)
-def test_both_cpu_compute_paths(monkeypatch, compute):
-    # CPUs differ in which GEMM is faster; whichever block dtype is measured faster, the result
-    # meets the oracle.
-    monkeypatch.setattr("chunklogits._blocks.block_compute_dtype", lambda dtype, device: compute)
+def test_both_cpu_compute_paths(cpu_gemm):
+    # CPUs differ in which GEMM dtype is fast; whichever the block GEMMs run in, the result meets
+    # the oracle.
     hidden, weight, bias, labels = make_inputs((2, 30), 211, 40, torch.bfloat16, 0.3, bias=True)
     upstream = torch.rand(labels.shape, generator=seeded(1))
     check_against_oracle(
