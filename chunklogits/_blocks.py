@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import NamedTuple
 
@@ -253,8 +253,17 @@ def _shard_params(weight, bias, v0, v1, plan):
     return w, b
 
 
-def _block_logits(h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype) -> Tensor:
-    """``transform(h @ w.T + b)`` in ``stat_dtype``, written into the workspace's ``z``."""
+def _block_logits(
+    h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype, rounded_to=None
+) -> Tensor:
+    """``transform(h @ w.T + b)`` in ``stat_dtype``, written into the workspace's ``z``.
+
+    ``rounded_to``: None, or the model's dtype, to get the logits the model's own head returns
+    whatever dtype the GEMM ran in: the product is rounded to that dtype (as ``F.linear``
+    returns it) and the transform's scale and softcap are applied in that dtype, op by op as a
+    transformers forward applies them, before the conversion to ``stat_dtype`` and the division
+    by the temperature (which ``generate()`` applies in fp32). Decisions (argmax, top-k, ties)
+    are taken on these values, so that they do not depend on the CPU."""
     z = work.get("z", h.shape[0], w.shape[0], stat_dtype)
     raw = z if h.dtype == stat_dtype else work.get("raw", h.shape[0], w.shape[0], h.dtype)
     # The bias is added inside the GEMM, rounded once with the product, as the model's own
@@ -263,9 +272,18 @@ def _block_logits(h, w, b, transform: LogitTransform, work: _Workspace, stat_dty
         torch.mm(h, w.T, out=raw)
     else:
         torch.addmm(b, h, w.T, out=raw)
-    if raw is not z:
-        z.copy_(raw)
-    return transform.apply_(z)
+    if rounded_to is None or rounded_to == stat_dtype:
+        if raw is not z:
+            z.copy_(raw)
+        return transform.apply_(z)
+    model = raw
+    if raw.dtype != rounded_to:
+        model = work.get("model", *raw.shape, rounded_to).copy_(raw)
+    replace(transform, temperature=1.0).apply_(model)
+    z.copy_(model)
+    if transform.temperature != 1.0:
+        z.div_(transform.temperature)
+    return z
 
 
 def log_floor(dtype: torch.dtype) -> float:
@@ -466,6 +484,10 @@ class _RowStatsFunction(torch.autograd.Function):
         stats = forward_stats(
             hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
         )
+        if stats.entropy is not None:
+            # A row whose every logit is -inf (a -inf bias masking the whole vocabulary) has lse
+            # -inf and no distribution: its entropy is NaN, as the naive computation's.
+            stats.entropy.masked_fill_(stats.lse == -math.inf, math.nan)
         if vocab_parallel is not None:
             stats = vocab_parallel.combine(stats)
         ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.entropy)
@@ -477,8 +499,14 @@ class _RowStatsFunction(torch.autograd.Function):
         return tuple(s for s in stats if s is not None)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(create_graph=...)
+            raise RuntimeError(
+                "create_graph: chunklogits ops have no second-order gradients (their backward "
+                "recomputes each logits block and is not itself differentiable), got a request "
+                "for the graph of their gradient (e.g. a gradient penalty); compute that term "
+                "with chunklogits.reference on the materialised logits instead"
+            )
         hidden2d, weight, bias, index, targets, lse, entropy = ctx.saved_tensors
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))

@@ -8,6 +8,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from ._blocks import LogitTransform
 
@@ -24,6 +25,13 @@ def check_head(hidden, weight, bias) -> None:
     """hidden ``[..., D]`` floating; weight ``[V, D]``, bias ``[V]``: hidden's dtype and device."""
     check_tensor("hidden", hidden)
     check_tensor("weight", weight)
+    for name, tensor in (("hidden", hidden), ("weight", weight)):
+        if isinstance(tensor, DTensor):
+            raise TypeError(
+                f"{name}: got a DTensor; pass this rank's local slice and its process group: "
+                "weight, bias, group = chunklogits.distributed.local_head(lm_head.weight, "
+                "lm_head.bias), then process_group=group"
+            )
     if hidden.dtype not in _FLOATING:
         raise TypeError(f"hidden: expected a floating-point tensor, got dtype {hidden.dtype}")
     if hidden.dim() < 1:
@@ -76,6 +84,8 @@ def check_attention_mask(attention_mask, input_ids: Tensor) -> None:
 
 
 def check_token_tensor(name: str, tokens, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """An integer tensor of ``shape`` on ``device``, returned as int64 (any integer dtype is
+    accepted: the indexing ops need int64)."""
     check_integer_tensor(name, tokens)
     if tuple(tokens.shape) != tuple(shape):
         raise ValueError(
@@ -83,7 +93,7 @@ def check_token_tensor(name: str, tokens, shape: tuple[int, ...], device: torch.
         )
     if tokens.device != device:
         raise ValueError(f"{name}: expected hidden's device {device}, got {tokens.device}")
-    return tokens
+    return tokens.long()
 
 
 def check_in_vocab(name: str, tokens: Tensor, vocab: int, ignore_index: int | None = None) -> None:
@@ -123,8 +133,8 @@ def make_transform(softcap, logit_scale, temperature=1.0) -> LogitTransform:
 
 
 def flat_rows(hidden: Tensor) -> Tensor:
-    """``hidden [..., D]`` as ``[M, D]`` (a view when hidden is contiguous)."""
-    return hidden.reshape(-1, hidden.shape[-1])
+    """``hidden [..., D]`` as ``[M, D]`` (a view when hidden is contiguous; D may be 0)."""
+    return hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
 
 
 def check_real_in(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:

@@ -37,6 +37,7 @@ group.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -69,6 +70,9 @@ class VocabSlice:
         """The whole vocabulary's statistics from every rank's (see the module doc)."""
         top = stats.lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        # Rows masked on every rank (lse -inf everywhere) are centred on 0: their share is 0,
+        # their lse log(0) = -inf and their entropy NaN, as in one process.
+        top.masked_fill_(top == -math.inf, 0.0)
         share = (stats.lse - top).exp_()
         parts = [share]
         if stats.entropy is not None:

@@ -48,7 +48,7 @@ def token_logprobs(
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
-        check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
+        tokens = check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
         flat_tokens = tokens.reshape(-1)
         transform = make_transform(softcap, logit_scale, temperature)
         plan = plan_blocks(

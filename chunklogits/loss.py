@@ -86,7 +86,7 @@ def linear_cross_entropy(
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
-        check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
+        labels = check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
         if reduction not in _REDUCTIONS:

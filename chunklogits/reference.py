@@ -31,6 +31,27 @@ def logits(
     return z / temperature
 
 
+def model_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> Tensor:
+    """``[..., V]`` logits as the model's own head returns them, in the inputs' dtype:
+    ``F.linear(hidden, weight, bias)``, then the scale and the softcap applied in that dtype, op
+    by op as transformers' forwards do (Cohere ``logits * logit_scale``, Gemma-2/3
+    ``tanh(logits / c) * c``). Decisions (greedy argmax, top-k/top-p/min-p membership, ties,
+    beam ranks, accuracy) are taken on ``model_logits(...).float()``."""
+    z = F.linear(hidden, weight, bias)
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -170,12 +191,13 @@ def sample_next(
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
 ):
-    """``generate()``'s step: full fp32 logits, HF's processors, ``softmax`` + ``multinomial``
-    (or ``argmax``). Same distribution as ``chunklogits.sampling.sample_next``, not the same
-    random stream."""
+    """``generate()``'s step: the model's logits (``model_logits``) in fp32, HF's processors,
+    ``softmax`` + ``multinomial`` (or ``argmax``). Same distribution as
+    ``chunklogits.sampling.sample_next``, not the same random stream."""
     from .sampling import NextTokens
 
-    raw = logits(hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    raw = model_logits(hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
     scores = next_token_scores(
         raw,
         do_sample=do_sample,

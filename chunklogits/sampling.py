@@ -66,8 +66,9 @@ _LEVELS = 32
 # probability 0 in HF's fp32 softmax, so the top-p crossing token never lies below.
 _NEGLIGIBLE = 104.0
 # Transient bytes per block element of the costliest sampling pass: fp32 logits and a copy, the
-# half-precision GEMM output, and for Gumbel noise an int64 hash, its shifted copy and the fp32
-# noise. Every pass plans its blocks with it, so that all passes share one block shape.
+# half-precision GEMM output (or the fp32 one's rounding to the model dtype), and for Gumbel noise
+# an int64 hash, its shifted copy and the fp32 noise. Every pass plans its blocks with it, so that
+# all passes share one block shape.
 _BYTES_PER_ELEMENT = 40
 _MASK32 = 0xFFFFFFFF
 
@@ -211,7 +212,12 @@ def sample_next(
         pick = _sample_filtered(problem, top_k, float(top_p), min_p)
     else:
         pick = _scan(
-            problem, winner=True, noisy=do_sample, lse=return_logprobs, raw_lse=return_logprobs
+            problem,
+            winner=True,
+            noisy=do_sample,
+            lse=return_logprobs,
+            raw_lse=return_logprobs,
+            checked=True,
         )
     if not return_logprobs:
         return pick.win_idx
@@ -279,8 +285,8 @@ def randomness(seed, generator, device: torch.device) -> torch.Generator | None:
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: expected at most one of them, got both")
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
         return torch.Generator(device=device).manual_seed(seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
@@ -346,7 +352,9 @@ def _blocks(problem: _Problem, tempered: bool):
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, problem.bias, v0, v1, plan)
         for r0, r1, h in chunks:
-            x = _block_logits(h, w, b, problem.transform, work, problem.stat_dtype)
+            x = _block_logits(
+                h, w, b, problem.transform, work, problem.stat_dtype, rounded_to=hidden.dtype
+            )
             y = x.clone() if problem.keep_raw else x
             if prev is not None:
                 y = _penalise(y, prev[r0:r1], start + v0, problem.penalty)
@@ -372,6 +380,7 @@ class _Scan:
     level_count: Tensor | None = None  # [n, G] number of those tokens
     tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
     tied_count: Tensor | None = None  # [n] number of tokens with y == value
+    row_max: Tensor | None = None  # [n] max of y over the vocabulary (NaN if any y is NaN)
 
 
 def _scan(
@@ -388,6 +397,7 @@ def _scan(
     nth_tied: tuple[Tensor, Tensor] | None = None,
     lse: bool = False,
     raw_lse: bool = False,
+    checked: bool = False,
 ) -> _Scan:
     """One pass over the vocabulary for every row of ``problem``.
 
@@ -399,6 +409,7 @@ def _scan(
     Gumbel noise when ``noisy``. ``levels``: ``[n, G]`` increasing thresholds per row; ``ref``:
     ``[n]`` offsets for the masses (the row maxima). ``nth_tied``: ``(value, keep)``, find the
     index of the ``keep``-th token (in index order) with ``y == value`` (``V - 1`` if fewer).
+    ``checked``: refuse rows whose processed logits have no finite maximum (``_check_rows``).
     """
     hidden = problem.hidden
     count = hidden.shape[0]
@@ -419,6 +430,8 @@ def _scan(
         s.lse = torch.full((count,), -math.inf, **new)
     if raw_lse:
         s.raw_lse = torch.full((count,), -math.inf, **new)
+    if checked:
+        s.row_max = torch.full((count,), -math.inf, **new)
     if levels is not None:
         hist_mass = torch.zeros(count, levels.shape[1] + 1, **new)
         hist_count = torch.zeros(count, levels.shape[1] + 1, dtype=torch.long, device=hidden.device)
@@ -432,6 +445,8 @@ def _scan(
     tempered = winner or lse or any(o is not None for o in (floor, ceiling, levels, nth_tied))
     divisor = 1.0 if tempered else problem.temperature
     for r0, r1, v0, x, y in _blocks(problem, tempered):
+        if checked:  # torch.maximum and amax propagate NaN
+            s.row_max[r0:r1] = torch.maximum(s.row_max[r0:r1], y.amax(1))
         if raw_lse:
             s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
         if levels is not None:
@@ -477,9 +492,36 @@ def _scan(
         s.level_count = hist_count[:, 1:].flip(1).cumsum(1).flip(1)
     if nth_tied is not None:
         s.tied_count = ties_seen
+    if checked and divisor != 1.0:
+        s.row_max.div_(divisor)
     if problem.vocab_slice is not None:
         _merge_ranks(problem.vocab_slice, s, win_key if winner else None)
+    if checked:
+        _check_rows(s.row_max)
     return s
+
+
+def _check_rows(row_max: Tensor) -> None:
+    """Refuse rows without a finite largest processed logit, where ``generate()``'s
+    ``multinomial`` raises and a draw would return an arbitrary token: NaN or inf among the
+    logits (from the hidden states or the head), every token masked by a -inf bias, or logits
+    that overflow fp32 once divided by the temperature. One host synchronisation."""
+    broken = ~row_max.isfinite()
+    if not bool(broken.any()):
+        return
+    rows = broken.nonzero().squeeze(1).tolist()
+    first = row_max[rows[0]].item()
+    cause = {
+        math.isnan(first): "a NaN logit (NaN in hidden_last, weight or bias)",
+        first == math.inf: "a logit of +inf (inf in the inputs, or logits that overflow fp32 "
+        "once divided by the temperature)",
+        first == -math.inf: "every logit -inf (a -inf bias masking the whole vocabulary)",
+    }[True]
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    raise ValueError(
+        f"hidden_last: expected rows whose processed logits have a finite maximum, got "
+        f"{len(rows)} without one (rows {shown}); row {rows[0]} has {cause}"
+    )
 
 
 def _merge_ranks(vocab_slice: VocabSlice, s: _Scan, win_key: Tensor | None) -> None:
@@ -511,6 +553,8 @@ def _merge_ranks(vocab_slice: VocabSlice, s: _Scan, win_key: Tensor | None) -> N
     for name in ("level_mass", "level_count"):
         if name in every:
             setattr(s, name, every[name].sum(0))
+    if "row_max" in every:
+        s.row_max = every["row_max"].amax(0)
 
 
 # The fields of a pass that ``_merge_ranks`` combines.
@@ -525,6 +569,7 @@ _MERGED = (
     "raw_lse",
     "level_mass",
     "level_count",
+    "row_max",
 )
 
 
@@ -548,7 +593,13 @@ def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float |
     """Draw with at least one of top-k, top-p, min-p on: thresholds, then a Gumbel-max draw."""
     vocab = problem.vocab
     size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
-    first = _scan(problem, candidates=size, lse=top_p < 1.0 and not top_k, raw_lse=problem.want_raw)
+    first = _scan(
+        problem,
+        candidates=size,
+        lse=top_p < 1.0 and not top_k,
+        raw_lse=problem.want_raw,
+        checked=True,
+    )
     vals = first.cand_vals
     row_max = vals[:, 0]
     every_tie = torch.full_like(first.cand_idx[:, 0], vocab - 1)

@@ -281,7 +281,8 @@ BAD = [
     (dict(prev_tokens=torch.zeros(3, 2, dtype=torch.long)), ValueError, "prev_tokens: expected"),
     (dict(prev_tokens=torch.zeros(2, 2)), TypeError, "prev_tokens: expected an integer tensor"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
-    (dict(seed=-3), ValueError, "seed: expected an int >= 0"),
+    (dict(seed=-3), ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
+    (dict(seed=2**70), ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
     (dict(generator=5), TypeError, "generator: expected a torch.Generator"),
     (dict(do_sample=1), TypeError, "do_sample: expected a bool"),
 ]
