@@ -132,25 +132,29 @@ def plan_blocks(
     chunk_size: int | None = None,
     bytes_per_element: int = _BYTES_PER_BLOCK_ELEMENT,
     dim: int = 0,
+    backward: bool = True,
 ) -> BlockPlan:
     """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
     block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
     widest shards the budget leaves room for. ``bytes_per_element``: the transient memory one block
-    element costs the caller (the default is the backward pass's). ``dim``: the hidden size; when
-    the GEMMs run in another dtype than the inputs', the converted weight shard (``width x dim``)
-    and row chunk (``chunk x dim``) count against the budget too."""
+    element costs the caller (the default is the backward pass's). ``dim``: the hidden size, for
+    the copies beside the block: when the GEMMs run in another dtype than the inputs', the
+    converted weight shard (``width x dim``) and row chunk (``chunk x dim``); with ``backward``,
+    the shard's weight gradient in fp32 (``width x dim``: the accumulator over row chunks, or the
+    product before its rounding to the weight's dtype)."""
     _check_count("shards", shards, 1, vocab)
     _check_count("chunk_size", chunk_size, 1)
     compute_dtype = block_compute_dtype(dtype, device)
     budget = _settings["block_budget"]
-    # Bytes per row of a converted row chunk, and per vocabulary entry of a converted shard.
-    copy = dim * compute_dtype.itemsize if compute_dtype != dtype else 0
+    # Bytes per row of the row chunk's copy, and per vocabulary entry of the shard's copies.
+    row_copy = dim * compute_dtype.itemsize if compute_dtype != dtype else 0
+    column_copy = row_copy + (dim * 4 if backward else 0)
     if chunk_size is None:
         width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
-        fits = (budget - width * copy) // (width * bytes_per_element + copy)
+        fits = (budget - width * column_copy) // (width * bytes_per_element + row_copy)
         chunk_size = max(1, min(rows, _MAX_CHUNK, fits))
     if shards is None:
-        fits = (budget - chunk_size * copy) // (chunk_size * bytes_per_element + copy)
+        fits = (budget - chunk_size * row_copy) // (chunk_size * bytes_per_element + column_copy)
         width = max(min(vocab, _MIN_SHARD), fits)
         shards = math.ceil(vocab / width)
     bounds = tuple(round(i * vocab / shards) for i in range(shards + 1))

@@ -106,10 +106,12 @@ def linear_cross_entropy(
             targets_full = labels.new_full(labels.shape, ignore_index)
             targets_full[..., :-1] = labels[..., 1:]
         flat_targets = targets_full.reshape(-1)
-        index = (flat_targets != ignore_index).nonzero().squeeze(1)
-        targets = flat_targets[index]
-        if index.numel() == flat_targets.numel():
-            index, targets = None, flat_targets
+        index, targets = None, flat_targets
+        if not flat_targets.is_meta:  # meta labels have no values: shapes only, all counted
+            index = (flat_targets != ignore_index).nonzero().squeeze(1)
+            targets = flat_targets[index]
+            if index.numel() == flat_targets.numel():
+                index, targets = None, flat_targets
         plan = plan_blocks(
             targets.numel(),
             weight.shape[0],

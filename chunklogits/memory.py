@@ -33,7 +33,7 @@ import ctypes.util
 import gc
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,8 @@ class Peak:
 
     bytes: int = 0
     device: str = "cpu"
+    # The highest mark seen before a nested measurement reset it.
+    _reached: int = field(default=0, repr=False)
 
     @property
     def mib(self) -> float:
@@ -96,9 +98,23 @@ def _reset_cpu_high_water_mark() -> int:
     return _status_kib("VmRSS")
 
 
+# The measurements in progress, outermost first: a nested ``peak()`` resets the high-water mark
+# its enclosing ones read, so it first hands them the mark reached so far.
+_open: list[Peak] = []
+
+
+def _high_water_mark(device: torch.device) -> int:
+    """Bytes: the CUDA allocator's peak, or the CPU resident set's (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _status_kib("VmHWM") * 1024
+
+
 @contextmanager
 def peak(device: torch.device | str | None = None):
     """Measure the peak memory of the ``with`` block above its entry level (see module doc).
+    Measurements nest: each gives the peak of its own block.
 
     device: ``"cuda"``/``"cuda:N"`` for the CUDA allocator, ``"cpu"`` for the process's resident
     set; None means the current CUDA device when CUDA is available, else CPU.
@@ -107,21 +123,26 @@ def peak(device: torch.device | str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     result = Peak(device=str(device))
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected a cpu or cuda device, got {device}")
+    if device.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("chunklogits.memory.peak() on CPU needs Linux (/proc/self/clear_refs)")
+    enclosing = [m for m in _open if m.device == result.device]
+    if enclosing:
+        reached = _high_water_mark(device)
+        for outer in enclosing:
+            outer._reached = max(outer._reached, reached)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         gc.collect()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        yield result
-        torch.cuda.synchronize(device)
-        result.bytes = torch.cuda.max_memory_allocated(device) - base
-    elif device.type == "cpu":
-        if not os.path.exists("/proc/self/clear_refs"):
-            raise RuntimeError(
-                "chunklogits.memory.peak() on CPU needs Linux (/proc/self/clear_refs)"
-            )
-        base_kib = _reset_cpu_high_water_mark()
-        yield result
-        result.bytes = max(0, _status_kib("VmHWM") - base_kib) * 1024
     else:
-        raise ValueError(f"device: expected a cpu or cuda device, got {device}")
+        base = _reset_cpu_high_water_mark() * 1024
+    _open.append(result)
+    try:
+        yield result
+    finally:
+        _open.remove(result)
+        reached = max(result._reached, _high_water_mark(device))
+        result.bytes = max(0, reached - base)

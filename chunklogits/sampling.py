@@ -155,6 +155,11 @@ def sample_next(
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden_last, weight, bias)
+        if hidden_last.is_meta:
+            raise ValueError(
+                "hidden_last: expected a tensor with values to sample from, got a meta tensor "
+                "(the loss and log-prob ops accept meta tensors for shape and memory planning)"
+            )
         if hidden_last.dim() != 2 or hidden_last.shape[0] == 0:
             raise ValueError(
                 f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}"
@@ -346,6 +351,7 @@ def _blocks(problem: _Problem, tempered: bool):
         chunk_size=problem.chunk_size,
         bytes_per_element=_BYTES_PER_ELEMENT,
         dim=hidden.shape[1],
+        backward=False,
     )
     chunks, work = _Rows(hidden, None, plan), _Workspace(plan, hidden.device)
     start = 0 if problem.vocab_slice is None else problem.vocab_slice.start

@@ -29,11 +29,12 @@ def test_default_plan_fits_the_budget(rows, vocab):
 @pytest.mark.parametrize("rows, vocab", [(2048, 128256), (64, 256000), (1, 256000)])
 def test_plan_counts_converted_copies(cpu_gemm, rows, vocab, dim):
     # With fp32 GEMMs for bf16 inputs, the fp32 copies of the weight shard and of the row chunk
-    # are part of the block's transient memory.
+    # are part of the block's transient memory, and so is the shard's fp32 weight gradient.
     plan = plan_blocks(rows, vocab, torch.bfloat16, CPU, dim=dim)
     widest = max(v1 - v0 for v0, v1 in plan.shards)
     chunk = min(plan.chunk_size, rows)
     copies = (widest + chunk) * dim * 4 if plan.compute_dtype == torch.float32 else 0
+    copies += widest * dim * 4  # the shard's fp32 weight gradient
     assert plan.compute_dtype == (torch.bfloat16 if cpu_gemm == "model" else torch.float32)
     assert chunk * widest * _BYTES_PER_BLOCK_ELEMENT + copies <= 32 * 2**20
 

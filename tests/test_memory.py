@@ -24,6 +24,20 @@ def test_peak_counts_a_freed_allocation_once():
     del small, twice
 
 
+def test_nested_measurements_each_see_their_own_peak():
+    with peak("cpu") as outer:
+        block = torch.ones(48 * MiB // 4)
+        del block
+        with peak("cpu") as inner:
+            small = torch.ones(16 * MiB // 4)
+            del small
+        with peak("cpu") as second:
+            pass
+    assert 47 * MiB <= outer.bytes <= 48 * MiB + 8 * MiB, outer.mib
+    assert 15 * MiB <= inner.bytes <= 16 * MiB + 8 * MiB, inner.mib
+    assert second.bytes <= 4 * MiB, second.mib
+
+
 def test_loss_working_memory_is_a_tenth_of_the_lower_bound():
     # design target: fwd + bwd at N=2048, D=1024, V=128256 in bf16 with default settings uses
     # working memory (peak minus the gradients it returns) <= 10% of hidden + weight + grads.
