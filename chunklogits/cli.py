@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import benchmark, memory, report
+from ._blocks import _cpu_multiplies_natively
 from .benchmark import PRESETS, SEED_SIZES, TASKS, Workload
 
 DEFAULT_SIZES = (512, 1024, 2048)
@@ -93,7 +94,14 @@ def parser() -> argparse.ArgumentParser:
         default=tuple(TASKS),
         help=f"comma-separated subset of {','.join(TASKS)}",
     )
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(_DTYPES)],
+        default="auto",
+        help="the model's dtype; auto (default): bfloat16 on a GPU or on a CPU that multiplies "
+        "bf16 natively (AVX512-BF16, AMX), float32 on other CPUs, where every bf16 GEMM of the "
+        "baselines is about 100x slower than fp32",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--shards",
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     memory.pin_allocator()  # every case is timed under the same allocator (see memory.py)
 
+    dtype, why = choose_dtype(args.dtype, args.device)
+    print(f"dtype {dtype}: {why}", file=sys.stderr)
     header = report.machine()
     started = time.time()
     print(f"building {args.model or preset} ...", file=sys.stderr)
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             preset,
             path=args.model,
             layers=args.layers,
-            dtype=_DTYPES[args.dtype],
+            dtype=_DTYPES[dtype],
             device=args.device,
         )
         workload = Workload(model, shards=args.shards)
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model
             or f"{preset} (random weights, {layers} layer{'s' if layers > 1 else ''})",
             "vocab x hidden": f"{workload.vocab} x {workload.weight.shape[1]}",
-            "dtype": args.dtype,
+            "dtype": f"{dtype} ({why})",
             "device": args.device,
             "parameters MiB": round(benchmark.parameter_bytes(model) / 2**20),
             "batch": args.batch,
@@ -159,6 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\nwritten to {out.resolve()}", file=sys.stderr)
     return 0
+
+
+def choose_dtype(requested: str, device: str) -> tuple[str, str]:
+    """The model dtype to measure in, and why: ``requested`` unless it is ``"auto"``."""
+    if requested != "auto":
+        return requested, "as requested"
+    if torch.device(device).type != "cpu":
+        return "bfloat16", f"auto: bf16 is the fast path on {device}"
+    if _cpu_multiplies_natively(torch.bfloat16):
+        return "bfloat16", "auto: this CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
+    return "float32", (
+        "auto: this CPU has no native bf16 GEMM (no AVX512-BF16 or AMX), where every bf16 "
+        "baseline runs about 100x slower than in fp32; --dtype bfloat16 measures it anyway"
+    )
 
 
 def _run(workload: Workload, tasks, sizes, args) -> list[benchmark.Result]:

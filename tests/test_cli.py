@@ -291,3 +291,13 @@ def test_predicted_peak_is_affine_in_the_size():
     assert benchmark.predicted_peak([(16, 2416 * mib), (100, 2500 * mib)], 1000) == 3400 * mib
     # A shrinking peak does not predict less than what was measured.
     assert benchmark.predicted_peak([(100, 60 * mib), (200, 50 * mib)], 400) == 50 * mib
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_instruction_set(monkeypatch, native):
+    monkeypatch.setattr(cli, "_cpu_multiplies_natively", lambda dtype: native)
+    dtype, why = cli.choose_dtype("auto", "cpu")
+    assert dtype == ("bfloat16" if native else "float32")
+    assert ("natively" in why) if native else ("no native bf16 GEMM" in why)
+    assert cli.choose_dtype("auto", "cuda") == ("bfloat16", "auto: bf16 is the fast path on cuda")
+    assert cli.choose_dtype("float16", "cpu") == ("float16", "as requested")
