@@ -108,6 +108,20 @@ def test_second_order_gradients_are_refused_by_name():
     torch.testing.assert_close(grad, naive)
 
 
+@pytest.mark.usefixtures(one_thread.__name__)
+def test_second_order_gradients_through_a_wrapped_model_are_refused():
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import tiny_llama_config
+
+    seeded(0)
+    model = cl.ChunkedLMHead.wrap(LlamaForCausalLM(tiny_llama_config(vocab=64)))
+    ids = torch.randint(0, 64, (2, 6), generator=seeded(1))
+    loss = model(ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="create_graph: chunklogits ops have no second"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+
+
 BROKEN = {
     "nan_hidden": ("nan", "a NaN logit"),
     "inf_hidden": ("inf", "a logit of \\+inf"),
