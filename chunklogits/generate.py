@@ -6,8 +6,12 @@ last hidden state meets the head, one vocabulary block at a time. Everything els
 ``generate()``'s own: ``sample`` calls ``model.generate(..., custom_generate=decode)``, so
 argument handling, ``model.generation_config`` defaults, special tokens, attention mask, position
 ids, cache, stopping criteria and output shape are those of the installed transformers; ``decode``
-replaces only the decoding loop (``GenerationMixin._sample``) and also serves directly as
-``model.generate(input_ids, custom_generate=chunklogits.generate.decode, ...)``.
+replaces only the decoding loop (``GenerationMixin._sample`` and ``_beam_search``) and also
+serves directly as ``model.generate(input_ids, custom_generate=chunklogits.generate.decode, ...)``.
+
+``generate()`` hands a callable ``custom_generate`` neither its ``streamer`` nor its ``tokenizer``
+(transformers 5.x): ``sample`` therefore drives the streamer itself (``decode(token_streamer=)``)
+and builds the stop-string criterion from ``stop_strings`` and ``tokenizer``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ._checks import check_attention_mask, check_integer_tensor, check_sampling_
 from .distributed import local_head
 from .head import ChunkedLMHead
 from .integrations.transformers import logit_transform
-from .sampling import randomness, sample_next
+from .sampling import beam_candidates, randomness, sample_next
 
 
 class SampleOutput(NamedTuple):
@@ -53,6 +57,9 @@ def sample(
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
     shards: int | None = None,
+    streamer=None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer=None,
     **generate_kwargs,
 ) -> Tensor | SampleOutput:
     """Generate continuations of ``input_ids`` as ``model.generate`` does, without full logits.
@@ -62,13 +69,21 @@ def sample(
         model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,
+                       stop_strings=stop_strings, tokenizer=tokenizer, **generate_kwargs)
 
-    Greedy decoding gives the same tokens; sampling the same distribution at every step (not
-    the same random stream: the noise is keyed by ``seed``/``generator``, row and vocabulary
-    index, see ``sampling``). Arguments left to None take ``model.generation_config``'s value,
-    then ``generate()``'s default (``top_k=50``, ``top_p=1.0``, ``temperature=1.0``,
-    ``repetition_penalty=1.0``, ``min_p`` off, ``max_length=20``).
+    Greedy decoding and beam search (``num_beams > 1, do_sample=False``) give the same tokens;
+    sampling the same distribution at every step (not the same random stream: the noise is keyed
+    by ``seed``/``generator``, row and vocabulary index, see ``sampling``). Arguments left to None
+    take ``model.generation_config``'s value, then ``generate()``'s default (``top_k=50``,
+    ``top_p=1.0``, ``temperature=1.0``, ``repetition_penalty=1.0``, ``min_p`` off,
+    ``max_length=20``, ``num_beams=1``, ``length_penalty=1.0``, ``early_stopping=False``).
+
+    Beam search keeps, per beam and step, the ``2 * num_beams`` (more with several eos ids)
+    largest log-probs and the row's log-sum-exp, where ``generate()`` builds the
+    ``[B * num_beams, V]`` fp32 log-probs; ranks are taken on the logits the model's head returns.
+    Of continuations tied in score, the one of lowest (beam, token) index is ranked first, where
+    ``generate()`` follows ``torch.topk``'s unspecified order.
 
     Args:
         model: a transformers causal LM (``GenerationMixin``) with a base model
@@ -83,26 +98,42 @@ def sample(
         seed / generator: the randomness (at most one); one key per step is drawn from
             ``torch.Generator().manual_seed(seed)``, from ``generator``, or from torch's default
             generator.
-        return_logprobs: also return the tokens' log-probs (``SampleOutput``).
+        return_logprobs: also return the tokens' log-probs (``SampleOutput``); not with beams.
         shards: vocabulary shards per step (None: from the block budget).
+        streamer: as in ``generate()`` (e.g. ``TextIteratorStreamer``): receives the prompt,
+            each step's tokens as they are drawn, then ``end()``; not with beams.
+        stop_strings, tokenizer: as in ``generate()``: stop a row once its text ends with one of
+            the strings (the tokenizer is needed to find them).
         generate_kwargs: further ``generate()`` arguments (``max_length``, ``use_cache``,
-            ``num_return_sequences``, ...). Options that would need the full logits or another
-            processor (``output_scores``, ``no_repeat_ngram_size``, ``num_beams > 1``, ...) are
-            refused with an error that names them.
+            ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
+            ``stopping_criteria``, ...). Options that would need the full logits, another
+            processor or another decoding method (``output_scores``, ``no_repeat_ngram_size``,
+            ``assistant_model``, beam sampling, ...) are refused with an error that names them.
 
     Returns:
-        ``[B, L + n]`` token ids (prompt, then generated tokens, ``pad_token_id`` after a row's
-        eos), or ``SampleOutput(sequences, logprobs, raw_logprobs)``.
+        ``[B * num_return_sequences, L + n]`` token ids (prompt, then generated tokens, padding
+        after a row's eos as ``generate()`` pads), or ``SampleOutput(sequences, logprobs,
+        raw_logprobs)``.
     """
+    if not all(hasattr(model, name) for name in ("generate", "prepare_inputs_for_generation")):
+        raise TypeError(
+            "model: expected a transformers causal LM (a GenerationMixin such as "
+            f"LlamaForCausalLM), got {type(model).__name__}"
+        )
     check_integer_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
         )
     check_attention_mask(attention_mask, input_ids)
+    for name, message in _REFUSED_ARGUMENTS.items():
+        value = generate_kwargs.get(name)
+        if value is not None and value is not False and not (isinstance(value, list) and not value):
+            raise ValueError(f"{name}: chunklogits.sample does not support {message}")
     given = generate_options(locals())
     sampling = {name: value for name, value in given.items() if name in _SAMPLING_OPTIONS}
     check_sampling_options(do_sample=do_sample, **sampling)
+    _add_stop_strings(model, stop_strings, tokenizer, generate_kwargs)
     return model.generate(
         input_ids,
         attention_mask=attention_mask,
@@ -112,6 +143,7 @@ def sample(
         generator=generator,
         return_logprobs=return_logprobs,
         shards=shards,
+        token_streamer=streamer,
         **given,
         **generate_kwargs,
     )
@@ -120,11 +152,46 @@ def sample(
 # ``generate()`` arguments that ``sample`` names, passed on when not None.
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 _GENERATE_OPTIONS = ("max_new_tokens", *_SAMPLING_OPTIONS, "eos_token_id", "pad_token_id")
+# ``generate()`` arguments that it does not pass on to a ``custom_generate`` loop, or that select
+# what ``decode`` replaces: refused when given (not None or False).
+_REFUSED_ARGUMENTS = {
+    "assistant_model": "assisted decoding (assistant_model=); use model.generate for it",
+    "assistant_tokenizer": "assisted decoding (assistant_tokenizer=); use model.generate for it",
+    "synced_gpus": "synced_gpus=True (ZeRO-3 / FSDP lockstep decoding)",
+    "logits_processor": (
+        "a user logits_processor: its settings would not reach the sharded sampler; "
+        "use generate()'s options (temperature=, top_k=, ...) instead"
+    ),
+    "custom_generate": "custom_generate=: it is chunklogits.generate.decode",
+    "token_healing": "token_healing=True (generate() gives its loop no tokenizer to heal with)",
+}
 
 
 def generate_options(arguments: dict) -> dict:
     """The ``generate()`` options among ``sample``'s ``arguments`` that are given (not None)."""
     return {name: arguments[name] for name in _GENERATE_OPTIONS if arguments[name] is not None}
+
+
+def _add_stop_strings(model: nn.Module, stop_strings, tokenizer, generate_kwargs: dict) -> None:
+    """Turn ``stop_strings`` (given, or from the generation config) into a ``StopStringCriteria``
+    among ``generate_kwargs["stopping_criteria"]``, as ``generate()`` does: it would look for the
+    tokenizer, which it does not hand to a ``custom_generate`` loop, and fail."""
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    if stop_strings is None:
+        stop_strings = getattr(config, "stop_strings", None)
+    if stop_strings is None:
+        return
+    if tokenizer is None:
+        raise ValueError(
+            f"tokenizer: stop_strings={stop_strings!r} need the model's tokenizer (tokenizer=), "
+            "as in generate(); got None"
+        )
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    generate_kwargs["stopping_criteria"] = criteria
+    generate_kwargs["stop_strings"] = None
 
 
 # The processors ``decode`` reproduces inside ``sample_next``; anything else is refused.
@@ -139,12 +206,26 @@ _REPRODUCED = {
 _NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
 # generation_config settings whose meaning ``decode`` cannot honour.
 _REFUSED = {
-    "num_beams": lambda v: v is not None and v > 1,
     "output_scores": bool,
     "output_logits": bool,
     "return_dict_in_generate": bool,
     "output_attentions": bool,
     "output_hidden_states": bool,
+    "prefill_chunk_size": lambda v: v is not None,
+}
+# The decoding methods of ``generate()`` that ``decode`` replaces; the others, by the settings
+# that select them (``GenerationConfig.get_generation_mode``).
+_DECODED = ("greedy_search", "sample", "beam_search")
+_MODE_SETTINGS = {
+    "beam_sample": ("num_beams, do_sample", "beam sampling (num_beams > 1 with do_sample=True)"),
+    "group_beam_search": ("num_beam_groups", "group beam search"),
+    "constrained_beam_search": ("constraints, force_words_ids", "constrained beam search"),
+    "contrastive_search": ("penalty_alpha", "contrastive search"),
+    "assisted_generation": (
+        "prompt_lookup_num_tokens, assistant_early_exit, use_mtp",
+        "assisted decoding",
+    ),
+    "dola_generation": ("dola_layers", "DoLa decoding"),
 }
 
 
@@ -159,26 +240,54 @@ def decode(
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
     shards: int | None = None,
+    token_streamer=None,
     **model_kwargs,
 ) -> Tensor | SampleOutput:
     """``custom_generate`` decoding loop for ``model.generate``: ``GenerationMixin._sample`` with
-    ``sample_next`` in place of ``lm_head`` → processors → ``multinomial``/``argmax``.
+    ``sample_next`` in place of ``lm_head`` → processors → ``multinomial``/``argmax``, or
+    ``GenerationMixin._beam_search`` with ``beam_candidates`` in place of ``lm_head`` →
+    ``log_softmax`` → ``topk`` over ``[B, num_beams * V]``.
 
-    Called by ``generate()`` after it has prepared ``input_ids`` ``[B, L]``, the processors and
-    stopping criteria built from ``generation_config``, and ``model_kwargs`` (attention mask,
-    position ids, cache); the sampling settings are read from ``generation_config``.
+    Called by ``generate()`` after it has prepared ``input_ids`` ``[B * n, L]`` (``n`` the number
+    of beams or of returned sequences), the processors and stopping criteria built from
+    ``generation_config``, and ``model_kwargs`` (attention mask, position ids, cache); the
+    sampling and beam settings are read from ``generation_config``. ``token_streamer``: a
+    ``generate()`` streamer, given the prompt, each step's tokens, then ``end()`` (``generate()``
+    keeps its own ``streamer=`` from a ``custom_generate`` loop).
     """
     _refuse_unsupported(generation_config, logits_processor, model_kwargs)
+    base = _base_model(model)
+    weight, bias, softcap, logit_scale = _head_of(model)
+    # An lm_head parallelised with ColwiseParallel: this rank's slice, drawn from with the others.
+    weight, bias, process_group = local_head(weight, bias)
+    head = dict(
+        weight=weight,
+        bias=bias,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        shards=shards,
+        process_group=process_group,
+    )
+    if (generation_config.num_beams or 1) > 1:
+        for name, value in (("return_logprobs", return_logprobs), ("streamer", token_streamer)):
+            if value:
+                raise ValueError(f"{name}: not available with beam search (num_beams > 1)")
+        if len(logits_processor):
+            names = sorted(type(processor).__name__ for processor in logits_processor)
+            raise ValueError(
+                "logits_processor: chunklogits.sample's beam search ranks the model's own "
+                f"log-probs and applies no processor, got {names} (from generation settings such "
+                "as repetition_penalty, or a user processor)"
+            )
+        return _beam_search(
+            model, base, head, input_ids, stopping_criteria, generation_config, model_kwargs
+        )
     options = {"do_sample": bool(generation_config.do_sample)}
     for name, off in _NEUTRAL.items():
         value = getattr(generation_config, name, None)
         options[name] = off if value is None else value
     check_sampling_options(**options)
     generator = randomness(seed, generator, input_ids.device)
-    base = _base_model(model)
-    weight, bias, softcap, logit_scale = _head_of(model)
-    # An lm_head parallelised with ColwiseParallel: this rank's slice, drawn from with the others.
-    weight, bias, process_group = local_head(weight, bias)
 
     batch = input_ids.shape[0]
     pad = generation_config._pad_token_tensor  # set by generate() (eos when no pad is given)
@@ -188,30 +297,17 @@ def decode(
     )
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     logprobs, raw_logprobs = [], []
+    if token_streamer is not None:
+        token_streamer.put(input_ids.cpu())
     first = True
     while True:
-        inputs = model.prepare_inputs_for_generation(
-            input_ids,
-            next_sequence_length=None if first or not model_kwargs.get("use_cache", True) else 1,
-            is_first_iteration=first,
-            **model_kwargs,
-        )
-        inputs.pop("logits_to_keep", None)
-        outputs = base(**inputs)
-        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-        hidden_last = outputs.last_hidden_state[:, -1]
-        del outputs
+        hidden_last, model_kwargs = _next_hidden(model, base, input_ids, model_kwargs, first)
         pick = sample_next(
             hidden_last,
-            weight,
-            bias=bias,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            shards=shards,
-            prev_tokens=penalised,
             generator=generator,
+            prev_tokens=penalised,
             return_logprobs=return_logprobs,
-            process_group=process_group,
+            **head,
             **options,
         )
         tokens = pick.tokens if return_logprobs else pick
@@ -224,15 +320,143 @@ def decode(
         if penalised is not None:
             penalised = torch.cat([penalised, tokens[:, None]], dim=-1)
         unfinished = unfinished & ~stopping_criteria(input_ids, None)
+        if token_streamer is not None:
+            token_streamer.put(tokens.cpu())
         first = False
         if unfinished.max() == 0:
             break
+    if token_streamer is not None:
+        token_streamer.end()
     if not return_logprobs:
         return input_ids
     return SampleOutput(input_ids, torch.stack(logprobs, 1), torch.stack(raw_logprobs, 1))
 
 
+def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool):
+    """One forward step of the base model (the prompt when ``first``, then the last token with
+    the cache): ``(hidden_last [rows, D], model_kwargs updated as generate() updates them)``."""
+    inputs = model.prepare_inputs_for_generation(
+        input_ids,
+        next_sequence_length=None if first or not model_kwargs.get("use_cache", True) else 1,
+        is_first_iteration=first,
+        **model_kwargs,
+    )
+    inputs.pop("logits_to_keep", None)
+    outputs = base(**inputs)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+    return outputs.last_hidden_state[:, -1], model_kwargs
+
+
+def _beam_search(model, base, head: dict, input_ids, stopping_criteria, config, model_kwargs):
+    """``GenerationMixin._beam_search`` (greedy, no processors) on ``beam_candidates``.
+
+    Each step, ``generate()`` ranks all ``num_beams * V`` continuations of a prompt by beam score
+    plus log-prob and keeps the best ``keep = max(2, 1 + #eos) * num_beams``; those lie among the
+    ``keep`` best tokens of each beam, which is all this loop computes. The bookkeeping after that
+    ranking (running and finished beams, length penalty, early stopping) is ``generate()``'s own
+    helpers, called on the same small tensors.
+    """
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    beams = config.num_beams
+    rows, prompt = input_ids.shape
+    batch, device = rows // beams, input_ids.device
+    pad, eos = config._pad_token_tensor, config._eos_token_tensor
+    keep = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
+    top_beams = torch.arange(keep, device=device) < beams
+    # generate()'s filler after a sequence's end: the pad id unless it is None or 0, else eos.
+    fill = -1 if eos is None else int(pad) if pad is not None and bool(pad != 0) else int(eos[0])
+    running = torch.full((batch, beams, config.max_length), fill, dtype=torch.long, device=device)
+    running[:, :, :prompt] = input_ids.view(batch, beams, prompt)
+    sequences = running.clone()
+    # Only the first beam of each prompt starts live: the others would repeat its continuations.
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -1e9
+    scores = torch.full((batch, beams), -1e9, device=device)
+    finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    origins = torch.full(
+        (batch, beams, config.max_length - prompt), -1, dtype=torch.int32, device=device
+    )
+    running_origins = origins.clone()
+    offsets = torch.arange(batch, device=device)[:, None] * beams
+    length = prompt
+    while True:
+        flat = running[:, :, :length].reshape(rows, length)
+        hidden_last, model_kwargs = _next_hidden(model, base, flat, model_kwargs, length == prompt)
+        logprobs, tokens = beam_candidates(hidden_last, count=keep, **head)
+        # The best ``keep`` of all beams' candidates, ties to the lowest (beam, token) index:
+        # each beam's candidates in token order, beams in turn, then a stable sort by score.
+        tokens, order = tokens.sort(1)
+        total = logprobs.gather(1, order).view(batch, beams, keep) + running_scores[:, :, None]
+        best, chosen = total.flatten(1).sort(dim=1, descending=True, stable=True)
+        best, chosen = best[:, :keep], chosen[:, :keep]
+        source = chosen // keep
+        token = tokens.view(batch, beams * keep).gather(1, chosen)
+        candidates = model._gather_beams(running, source)
+        candidates[:, :, length] = token
+        candidate_origins = model._gather_beams(running_origins, source)
+        candidate_origins[:, :, length - prompt] = (source + offsets).int()
+        hits = stopping_criteria(candidates[:, :, : length + 1].flatten(0, 1), None)
+        hits = hits.view(batch, keep)
+        running, running_scores, running_origins = model._get_running_beams_for_next_iteration(
+            topk_log_probs=best,
+            topk_running_sequences=candidates,
+            topk_running_beam_indices=candidate_origins,
+            next_token_hits_stopping_criteria=hits,
+            num_beams=beams,
+        )
+        sequences, scores, origins, finished = model._update_finished_beams(
+            sequences=sequences,
+            topk_running_sequences=candidates,
+            beam_scores=scores,
+            topk_log_probs=best,
+            beam_indices=origins,
+            topk_running_beam_indices=candidate_origins,
+            is_early_stop_heuristic_unsatisfied=improvable,
+            is_sent_finished=finished,
+            next_token_hits_stopping_criteria=hits,
+            top_num_beam_mask=top_beams,
+            num_beams=beams,
+            cur_len=length,
+            decoder_prompt_len=prompt,
+            length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
+        )
+        cache_name = next((name for name in ALL_CACHE_NAMES if name in model_kwargs), None)
+        if cache_name is not None:
+            _reorder_cache(model, model_kwargs, cache_name, running_origins[..., length - prompt])
+        length += 1
+        improvable = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=improvable,
+            running_beam_scores=running_scores,
+            beam_scores=scores,
+            is_sent_finished=finished,
+            cur_len=length,
+            max_length=config.max_length,
+            decoder_prompt_len=prompt,
+            early_stopping=config.early_stopping,
+            length_penalty=config.length_penalty,
+        )
+        if not model._beam_search_has_unfinished_sequences(
+            improvable, finished, hits, config.early_stopping
+        ):
+            break
+    returned = config.num_return_sequences
+    sequences = sequences[:, :returned].flatten(0, 1)
+    generated = (origins[:, :returned].flatten(0, 1) >= 0).sum(1).max()
+    return sequences[:, : prompt + generated]
+
+
 def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict) -> None:
+    mode = generation_config.get_generation_mode()
+    mode = getattr(mode, "value", mode)
+    if mode not in _DECODED:
+        names, method = _MODE_SETTINGS.get(mode, ("generation_config", mode))
+        raise ValueError(
+            f"{names}: chunklogits.sample decodes greedily, by sampling or by beam search and "
+            f"does not support {method}; use model.generate for it"
+        )
     for name, refused in _REFUSED.items():
         value = getattr(generation_config, name, None)
         if refused(value):
@@ -252,6 +476,20 @@ def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict)
                 f"logits_processor: chunklogits.sample reproduces only {sorted(_REPRODUCED)}, "
                 f"got {type(processor).__name__} (from generation settings or a user processor)"
             )
+
+
+def _reorder_cache(model, model_kwargs: dict, name: str, origins: Tensor) -> None:
+    """Make each row of the cache follow its beam: row ``i`` becomes row ``origins[i]``."""
+    rows = origins.flatten()
+    if hasattr(model, "_reorder_cache"):
+        model_kwargs[name] = model._reorder_cache(model_kwargs[name], rows)
+    elif hasattr(model_kwargs[name], "reorder_cache"):
+        model_kwargs[name].reorder_cache(rows)
+    else:
+        raise ValueError(
+            f"model: {type(model).__name__}'s cache ({type(model_kwargs[name]).__name__}) cannot "
+            "be reordered, which beam search needs"
+        )
 
 
 def _penalised_prompt(input_ids: Tensor, model_kwargs: dict) -> Tensor:

@@ -297,3 +297,23 @@ def sequence_logprobs(
         real = attention_mask[:, 1:].bool()
         results = tuple(torch.where(real, r, torch.zeros_like(r)) for r in results)
     return results if return_entropy else results[0]
+
+
+def beam_candidates(
+    hidden_last: Tensor,
+    weight: Tensor,
+    count: int,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    process_group=None,
+) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest log-probs per row and their tokens, from the full ``[B, V]``
+    log-softmax of the model's logits (``model_logits``) in fp32, as ``generate()``'s beam search
+    computes them; tokens tied in value in index order (a stable sort)."""
+    z = model_logits(hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    values, tokens = z.log_softmax(-1).sort(dim=-1, descending=True, stable=True)
+    return values[:, :count], tokens[:, :count]

@@ -796,3 +796,78 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _S
         if problem.want_raw:
             pick.win_raw = torch.where(spill, s.win_raw, pick.win_raw)
     return pick
+
+
+@torch.no_grad()
+def beam_candidates(
+    hidden_last: Tensor,
+    weight: Tensor,
+    count: int,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    process_group: ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per row, the ``count`` largest log-probs of the model's next-token distribution and their
+    tokens: what one step of beam search needs of each beam, from one pass over the vocabulary.
+
+    Naive equivalent (``reference.beam_candidates``; what ``generate(num_beams=...)`` computes
+    per beam before ranking the beams' continuations)::
+
+        logits = reference.model_logits(hidden_last, weight, bias=bias, softcap=softcap,
+                                        logit_scale=logit_scale).float()
+        logits.log_softmax(-1).topk(count)
+
+    Tokens tied in value are ordered by vocabulary index (``torch.topk`` leaves their order
+    unspecified), also at the ``count``-th place: of tokens tied there, those of smallest index
+    are returned.
+
+    Args:
+        hidden_last: ``[B, D]`` last hidden state of each sequence (model dtype).
+        weight: ``[V, D]`` output embedding; bias: ``[V]`` or None.
+        count: how many tokens per row, ``1 <= count <= V``.
+        softcap, logit_scale, shards, process_group: as in ``sample_next``.
+
+    Returns:
+        ``(logprobs, tokens)``, ``[B, count]`` fp32 in descending order and int64.
+    """
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden_last, weight, bias)
+        if hidden_last.dim() != 2 or hidden_last.shape[0] == 0:
+            raise ValueError(
+                f"hidden_last: expected shape [B, D] with B >= 1, got {tuple(hidden_last.shape)}"
+            )
+        transform = make_transform(softcap, logit_scale)
+        plan_blocks(1, weight.shape[0], weight.dtype, weight.device, shards=shards)
+        vocab_slice = ranks.agree(hidden_last.detach(), weight, bias, transform)
+        vocab = ranks.vocab
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= vocab:
+            raise ValueError(f"count: expected an int in [1, {vocab}], got {count!r}")
+    problem = _Problem(
+        hidden=hidden_last,
+        weight=weight,
+        bias=bias,
+        transform=transform,
+        penalty=1.0,
+        temperature=1.0,
+        prev_tokens=None,
+        key=None,
+        shards=shards,
+        chunk_size=None,
+        want_raw=False,
+        vocab_slice=vocab_slice,
+    )
+    # Candidates beyond ``count`` hold the tokens tied at the count-th value; more are collected
+    # in the rare case that they do not (the smallest candidate still equals that value).
+    size = min(vocab, count + _TOPK_MARGIN)
+    while True:
+        s = _scan(problem, candidates=size, lse=True, checked=True)
+        if size == vocab or bool((s.cand_vals[:, -1] < s.cand_vals[:, count - 1]).all()):
+            break
+        size = min(vocab, 4 * size)
+    by_index, order = s.cand_idx.sort(1)
+    vals, order = s.cand_vals.gather(1, order).sort(dim=1, descending=True, stable=True)
+    tokens = by_index.gather(1, order)[:, :count]
+    return vals[:, :count] - s.lse[:, None], tokens
