@@ -869,5 +869,5 @@ def beam_candidates(
         size = min(vocab, 4 * size)
     by_index, order = s.cand_idx.sort(1)
     vals, order = s.cand_vals.gather(1, order).sort(dim=1, descending=True, stable=True)
-    tokens = by_index.gather(1, order)[:, :count]
+    tokens = by_index.gather(1, order[:, :count])
     return vals[:, :count] - s.lse[:, None], tokens
