@@ -9,6 +9,12 @@ bf16, temperature 0.8, top-k 50, top-p 0.9. HF's path is what ``generate()`` doe
 ``TopPLogitsWarper`` → ``softmax`` → ``multinomial``. Issue 5's targets: peak ≤ 50 MiB and time
 ≤ 0.6x HF's.
 
+Group ``beam-step``: one step of beam search for 16 prompts x 8 beams (128 rows), D = 1024,
+V = 256000, fp32 (a bf16 GEMM is ~100x slower than fp32 on an AVX2-only CPU): what
+``generate(num_beams=8)`` computes per step (``lm_head`` → ``.float()`` → ``log_softmax`` → plus
+the beam scores → ``topk(16)`` over ``[16, 8 * V]``) against ``beam_candidates`` (each row's 16
+best log-probs and its log-sum-exp) plus the same ranking over the ``8 * 16`` candidates.
+
 Group ``generate``: ``chunklogits.sample`` against ``model.generate(do_sample=True)`` (the
 model's defaults: top-k 50) on a small random Llama-3-shaped model (V = 128256), 8 prompts of 64
 tokens, 32 new tokens each; ``extra_info["tokens_per_s"]``. Target: at least HF's tokens/s.
@@ -29,6 +35,7 @@ from transformers.generation.logits_process import (
 
 import chunklogits as cl
 from bench.common import device, measure
+from chunklogits.sampling import beam_candidates
 
 ROWS, DIM, VOCAB = 64, 1024, 256000
 TEMPERATURE, TOP_K, TOP_P = 0.8, 50, 0.9
@@ -64,6 +71,44 @@ def test_sampling_step(benchmark, head, name):
     hidden, weight = head
     with torch.no_grad():
         measure(benchmark, lambda: STEPS[name](hidden, weight))
+
+
+BEAM_PROMPTS, BEAMS = 16, 8
+
+
+@pytest.fixture(scope="module")
+def beam_head():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(BEAM_PROMPTS * BEAMS, DIM, generator=g).to(device())
+    weight = (torch.randn(VOCAB, DIM, generator=g) / DIM**0.25).to(device())
+    scores = torch.randn(BEAM_PROMPTS, BEAMS, generator=g).to(device())
+    return hidden, weight, scores
+
+
+def _hf_beam_step(hidden, weight, scores):
+    logprobs = F.linear(hidden, weight).float().log_softmax(-1)
+    total = logprobs.view(BEAM_PROMPTS, BEAMS, -1) + scores[:, :, None]
+    return total.flatten(1).topk(2 * BEAMS)
+
+
+def _chunklogits_beam_step(hidden, weight, scores):
+    logprobs, tokens = beam_candidates(hidden, weight, 2 * BEAMS)
+    total = logprobs.view(BEAM_PROMPTS, BEAMS, -1) + scores[:, :, None]
+    best, chosen = total.flatten(1).topk(2 * BEAMS)
+    return best, tokens.view(BEAM_PROMPTS, -1).gather(1, chosen)
+
+
+BEAM_STEPS = {"hf-generate-beam-step": _hf_beam_step, "chunklogits": _chunklogits_beam_step}
+
+
+@pytest.mark.benchmark(group="beam-step")
+@pytest.mark.parametrize("name", BEAM_STEPS)
+def test_beam_step(benchmark, beam_head, name):
+    with torch.no_grad():
+        hf = _hf_beam_step(*beam_head)
+        ours = _chunklogits_beam_step(*beam_head)
+        torch.testing.assert_close(ours[0], hf.values, rtol=0, atol=1e-4)
+        measure(benchmark, lambda: BEAM_STEPS[name](*beam_head))
 
 
 PROMPTS, PROMPT_LENGTH, NEW_TOKENS = 8, 64, 32
