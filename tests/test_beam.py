@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from chunklogits import reference
 from chunklogits.generate import decode, sample
 from chunklogits.sampling import beam_candidates
-from tests.helpers import assert_as_accurate, one_thread, seeded
+from tests.helpers import assert_as_accurate, one_thread, run_ranks, seeded
 from tests.test_generate import FAMILIES, PAD, VOCAB, _model, _prompts
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -96,6 +96,31 @@ def test_beam_search_is_generate_fp32(
 def test_beam_search_is_generate_bf16(ties_by_index, cpu_gemm, family):
     options = dict(num_beams=3, length_penalty=0.5, early_stopping=True, num_return_sequences=2)
     _check_beams(_model(family).to(torch.bfloat16), options, with_eos=True)
+
+
+_PARALLEL_BEAMS = dict(num_beams=3, do_sample=False, max_new_tokens=6, num_return_sequences=2)
+
+
+def _parallel_prompts() -> Tensor:
+    return torch.randint(3, 301, (3, 5), generator=torch.Generator().manual_seed(2))
+
+
+def _beams_over_ranks(rank: int, world: int) -> Tensor:
+    from tests.test_distributed import _llama
+
+    with torch.no_grad():
+        return sample(_llama(world), _parallel_prompts(), shards=2, **_PARALLEL_BEAMS)
+
+
+def test_beam_search_with_a_colwise_parallel_lm_head():
+    """Each rank holds half of the head's vocabulary (ColwiseParallel); every rank's beams are
+    generate()'s in one process."""
+    from tests.test_distributed import _llama
+
+    with torch.no_grad():
+        expected = _llama().generate(_parallel_prompts(), **_PARALLEL_BEAMS)
+    for rank, got in enumerate(run_ranks(_beams_over_ranks, 2)):
+        assert torch.equal(got, expected), f"rank {rank}: {got} vs {expected}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
