@@ -12,6 +12,7 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedTokenizerFast,
     TextIteratorStreamer,
+    TextStreamer,
     TopKLogitsWarper,
 )
 from transformers.generation.streamers import BaseStreamer
@@ -222,6 +223,19 @@ def test_text_iterator_streamer_gets_every_token_then_ends(tokenizer):
     with torch.no_grad():
         sequence = model.generate(ids, **options)[0]
     assert texts[1] == tokenizer.decode(sequence)
+
+
+def test_text_streamer_prints_what_it_prints_for_generate(tokenizer, capsys):
+    model = _model("gpt2")
+    ids, _ = _prompts(rows=1)
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD)
+    printed = []
+    with torch.no_grad():
+        for run in (model.generate, lambda *a, **k: sample(model, *a, **k)):
+            run(ids, streamer=TextStreamer(tokenizer), **options)
+            printed.append(capsys.readouterr().out)
+    assert printed[1] == printed[0]
+    assert printed[0].endswith("\n")  # end() flushed the last words and a newline
 
 
 @pytest.mark.parametrize("beams", [1, 3])
