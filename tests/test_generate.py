@@ -19,7 +19,9 @@ from transformers import (
 
 from chunklogits import reference
 from chunklogits.generate import decode, sample
-from tests.helpers import chi_square_pvalue, seeded
+from tests.helpers import chi_square_pvalue, one_thread, seeded
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 VOCAB = 500
 PAD = 0
