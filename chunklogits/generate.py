@@ -16,6 +16,7 @@ and builds the stop-string criterion from ``stop_strings`` and ``tokenizer``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -194,15 +195,17 @@ def _add_stop_strings(model: nn.Module, stop_strings, tokenizer, generate_kwargs
     generate_kwargs["stop_strings"] = None
 
 
-# The processors ``decode`` reproduces inside ``sample_next``; anything else is refused.
+# The processors ``decode`` reproduces inside ``sample_next``, in the order ``generate()`` builds
+# them and ``sample_next`` applies them: the ``sample_next`` option each sets, and the processor's
+# attribute that holds it. Anything else is refused.
 _REPRODUCED = {
-    "RepetitionPenaltyLogitsProcessor",
-    "TemperatureLogitsWarper",
-    "TopKLogitsWarper",
-    "TopPLogitsWarper",
-    "MinPLogitsWarper",
+    "RepetitionPenaltyLogitsProcessor": ("repetition_penalty", "penalty"),
+    "TemperatureLogitsWarper": ("temperature", "temperature"),
+    "TopKLogitsWarper": ("top_k", "top_k"),
+    "TopPLogitsWarper": ("top_p", "top_p"),
+    "MinPLogitsWarper": ("min_p", "min_p"),
 }
-# The sampling settings ``decode`` reads from generation_config, and their value when unset.
+# ``sample_next``'s settings when no processor sets them.
 _NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
 # generation_config settings whose meaning ``decode`` cannot honour.
 _REFUSED = {
@@ -282,11 +285,7 @@ def decode(
         return _beam_search(
             model, base, head, input_ids, stopping_criteria, generation_config, model_kwargs
         )
-    options = {"do_sample": bool(generation_config.do_sample)}
-    for name, off in _NEUTRAL.items():
-        value = getattr(generation_config, name, None)
-        options[name] = off if value is None else value
-    check_sampling_options(**options)
+    options = _sampling_options(logits_processor, bool(generation_config.do_sample))
     generator = randomness(seed, generator, input_ids.device)
 
     batch = input_ids.shape[0]
@@ -476,6 +475,36 @@ def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict)
                 f"logits_processor: chunklogits.sample reproduces only {sorted(_REPRODUCED)}, "
                 f"got {type(processor).__name__} (from generation settings or a user processor)"
             )
+
+
+def _sampling_options(logits_processor, do_sample: bool) -> dict:
+    """``sample_next``'s settings from the processors ``generate()`` applies, in its order: those
+    it builds from the generation settings and the user's (``logits_processor=``; transformers
+    5.x runs them after the repetition penalty and before the warpers it builds, temperature,
+    top-k, top-p, min-p). A list ``sample_next`` does not reproduce is refused: one out of
+    ``_REPRODUCED``'s order or with a type twice, or a filter with a ``filter_value`` other than
+    -inf or ``min_tokens_to_keep`` above 1."""
+    options = {"do_sample": do_sample, **_NEUTRAL}
+    names = [type(processor).__name__ for processor in logits_processor]
+    order = list(_REPRODUCED)
+    if names != sorted(set(names), key=order.index):
+        raise ValueError(
+            f"logits_processor: chunklogits.sample applies {order} in this order, each once, as "
+            f"generate() builds them from the generation settings, got {names} (user processors "
+            "run where generate() merges them, not where their setting would: pass the setting)"
+        )
+    for processor, name in zip(logits_processor, names, strict=True):
+        kept = getattr(processor, "min_tokens_to_keep", 1)
+        filler = getattr(processor, "filter_value", -math.inf)
+        if kept != 1 or filler != -math.inf:
+            raise ValueError(
+                f"logits_processor: chunklogits.sample reproduces {name} with "
+                f"min_tokens_to_keep=1 and filter_value=-inf, got {kept} and {filler}"
+            )
+        option, attribute = _REPRODUCED[name]
+        options[option] = getattr(processor, attribute)
+    check_sampling_options(**options)
+    return options
 
 
 def _reorder_cache(model, model_kwargs: dict, name: str, origins: Tensor) -> None:

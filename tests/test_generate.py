@@ -211,3 +211,61 @@ def test_a_head_it_does_not_know_is_refused():
     ids, mask = _prompts()
     with pytest.raises(TypeError, match=r"model: expected a plain nn\.Linear output head, got Seq"):
         sample(model, ids, mask, max_new_tokens=2)
+
+
+def test_direct_route_takes_the_settings_of_user_processors():
+    # generate() hands decode its own processors and the user's (logits_processor=), in the
+    # order it applies them: decode reads the settings from them, or refuses a list it does not
+    # reproduce.
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+        # top_k = 1 leaves the most probable token only: sampling reproduces greedy decoding.
+        only_top = LogitsProcessorList([TopKLogitsWarper(1)])
+        routed = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=6,
+            logits_processor=only_top,
+            custom_generate=decode,
+            seed=0,
+        )
+        assert torch.equal(routed, greedy)
+        # A user temperature runs before the built top-k, as sample_next applies them.
+        tempered = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=1,
+            max_new_tokens=6,
+            logits_processor=LogitsProcessorList([TemperatureLogitsWarper(0.5)]),
+            custom_generate=decode,
+            seed=0,
+        )
+        assert torch.equal(tempered, greedy)
+        for processor, temperature, message in (
+            # a user top-p runs before the built temperature: another distribution
+            (TopPLogitsWarper(0.9), 0.7, "applies .* in this order"),
+            (TopKLogitsWarper(9, min_tokens_to_keep=3), 1.0, "reproduces .*min_tokens_to_keep=1"),
+        ):
+            with pytest.raises(ValueError, match=f"logits_processor: chunklogits.sample {message}"):
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    max_new_tokens=2,
+                    logits_processor=LogitsProcessorList([processor]),
+                    custom_generate=decode,
+                )
