@@ -1,0 +1,308 @@
+"""TRL: the per-token log-probs, entropy and metrics of TRL's trainers through chunklogits.
+
+TRL 1.16's SFT, DPO, GRPO, RLOO and KTO trainers never read a model's logits for their loss. After
+``Trainer.__init__`` each one replaces the ``forward`` of its model (and reference model) with the
+one ``trl.trainer.utils.add_fused_lm_head`` builds: called with ``fused_lm_head=True``, it runs the
+backbone and hands ``lm_head.weight`` straight to TRL's own chunked kernel; without it, it calls
+the forward it replaced. The fused path calls neither the output module nor that forward, so a
+model wrapped by ``ChunkedLMHead.wrap`` and handed to a trainer trains through TRL's kernel (with
+the wrapped head's Parameters, so correctly, but not through chunklogits): nothing a model carries
+is reached there short of patching TRL. ``use_chunklogits(trainer)`` is the one call that reaches
+it: it puts a forward with the same contract in place of TRL's, on the same models, with the
+options TRL installed (temperature, requested outputs) read from TRL's forward.
+
+Nothing here is imported by ``import chunklogits``; this module imports TRL when it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from .._blocks import plan_blocks, row_stats
+from .._checks import check_head, check_in_vocab, make_transform
+from ..sampling import sample_next
+from .transformers import logit_transform
+
+# What TRL's fused forward keeps from ``add_fused_lm_head``'s arguments and the model's config
+# (the names of its closure cells in TRL 1.16), and the per-token outputs it may be asked for.
+_TRL_CELLS = (
+    "original_forward",
+    "backbone_attr",
+    "temperature",
+    "cast_lm_head_to_fp32",
+    "outputs",
+    "final_logit_softcapping",
+    "logit_scale",
+)
+_SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+@dataclass(frozen=True)
+class _FusedOptions:
+    """How ``fused_lm_head=True`` computes: TRL's options plus chunklogits' shard count."""
+
+    backbone_attr: str
+    temperature: float
+    outputs: tuple[str, ...]
+    softcap: float | None
+    logit_scale: float | None
+    shards: int | None
+
+
+def use_chunklogits(trainer, *, shards: int | None = None):
+    """Make a TRL trainer compute its per-token log-probs, entropy and metrics with chunklogits,
+    in place; returns ``trainer``. Call it after constructing the trainer, before ``train()``::
+
+        trainer = GRPOTrainer(model=model, reward_funcs=..., args=..., train_dataset=...)
+        chunklogits.integrations.trl.use_chunklogits(trainer)
+        trainer.train()
+
+    For the trainer's model (the base model of a PEFT model) and its ``ref_model``, where TRL
+    installed its fused LM head (``trl.trainer.utils.add_fused_lm_head``), the fused forward is
+    replaced by one with the same contract: ``model(..., labels=labels, fused_lm_head=True)``
+    returns TRL's ``FusedCausalLMOutput`` (``log_probs``, ``entropy``, ``mean_logits``,
+    ``is_top1`` as TRL was asked for, 0 where the label is -100; ``loss`` the negative
+    log-likelihood summed over the labelled tokens and divided by ``num_items_in_batch`` or their
+    count; ``label_mask``), at TRL's temperature; without ``fused_lm_head`` the forward TRL
+    replaced runs (generation, evaluation). Naive equivalent, per labelled position::
+
+        z = transform(lm_head(hidden[:, :-1]).float()) / temperature      # [.., V]
+        log_probs = z.log_softmax(-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+        mean_logits = z.mean(-1);  is_top1 = z.argmax(-1) == labels[:, 1:]
+
+    computed with ``row_stats`` (one pass over the vocabulary, differentiable ``log_probs`` and
+    ``entropy``) and, for ``is_top1``, a greedy ``sample_next`` pass without gradient. The head
+    runs in its weight's dtype, outside autocast: under ``bf16=True`` with an fp32 model the
+    values are fp32-accurate (TRL's kernel would run the head in bf16).
+
+    Args:
+        trainer: a ``trl`` trainer (SFT, DPO, GRPO, RLOO, KTO) after ``__init__``.
+        shards: vocabulary shards per pass, as in ``ChunkedLMHead``; None takes the count of a
+            ``ChunkedLMHead.wrap``-ped model's head, else picks it from the block budget.
+
+    Raises ``ValueError`` naming the model when none has TRL's fused head, or when it asks for
+    something not reproduced here: ``log_sum_sq_probs`` (DPO's ``use_weighting``), MoE router
+    losses, a logit transform that chunklogits reads differently from TRL, a DTensor (FSDP2) or
+    DeepSpeed ZeRO-3 sharded head.
+    """
+    found = []
+    for role, model in (
+        ("model", trainer.model),
+        ("ref_model", getattr(trainer, "ref_model", None)),
+    ):
+        if model is None:
+            continue
+        target = model.get_base_model() if _is_peft(model) else model
+        if getattr(target.forward, "_chunklogits_fused", None) is not None:
+            found.append(role)  # already ours (a second call)
+            continue
+        cells = _trl_fused_cells(target)
+        if cells is not None:
+            _install(target, cells, shards, role)
+            found.append(role)
+    if not found:
+        raise ValueError(
+            f"trainer: expected a TRL trainer whose model has TRL's fused LM head "
+            f"(trl.trainer.utils.add_fused_lm_head), got a {type(trainer).__name__} without one"
+        )
+    return trainer
+
+
+def _is_peft(model: nn.Module) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
+
+
+def _trl_fused_cells(model: nn.Module) -> dict | None:
+    """The closure of TRL's fused forward installed on ``model``, or None if it has none."""
+    forward = model.__dict__.get("forward")
+    function = getattr(forward, "__func__", None)
+    # functools.wraps gave it the class forward's names; its code and module are TRL's.
+    if (
+        function is None
+        or function.__code__.co_name != "_fused_forward"
+        or function.__globals__.get("__name__") != "trl.trainer.utils"
+    ):
+        return None
+    cells = dict(
+        zip(
+            function.__code__.co_freevars,
+            (cell.cell_contents for cell in function.__closure__ or ()),
+            strict=True,
+        )
+    )
+    missing = [name for name in _TRL_CELLS if name not in cells]
+    if missing:
+        import trl
+
+        raise ValueError(
+            f"trl {trl.__version__}: its fused LM head no longer keeps {missing}; "
+            "chunklogits.integrations.trl reads the options of TRL 1.16's add_fused_lm_head"
+        )
+    return cells
+
+
+def _install(model: nn.Module, cells: dict, shards: int | None, role: str) -> None:
+    name = f"{role} ({type(model).__name__})"
+    unsupported = [output for output in cells["outputs"] if output not in _SUPPORTED_OUTPUTS]
+    if unsupported:
+        raise ValueError(
+            f"{name}: TRL asks its fused LM head for {unsupported}, which chunklogits does not "
+            f"compute (it computes {list(_SUPPORTED_OUTPUTS)}; log_sum_sq_probs is DPO's "
+            "use_weighting)"
+        )
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "output_router_logits", False):
+        raise ValueError(
+            f"{name}: its config requests router logits (a MoE load-balancing loss), which "
+            "chunklogits' fused LM head does not add to the loss"
+        )
+    head = model.get_output_embeddings()
+    if isinstance(head.weight, DTensor):
+        raise ValueError(
+            f"{name}: its output layer's weight is a DTensor (FSDP2 or tensor parallelism), "
+            "which chunklogits' fused LM head for TRL does not gather"
+        )
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            f"{name}: DeepSpeed ZeRO-3 partitions the output layer's weight, which chunklogits' "
+            "fused LM head for TRL does not gather"
+        )
+    # The transform chunklogits reads (a wrapped model's head carries it) must be TRL's.
+    transform = (
+        {"softcap": head.softcap, "logit_scale": head.logit_scale}
+        if hasattr(head, "logit_scale")
+        else logit_transform(model.config)
+    )
+    trl_scale = None if cells["logit_scale"] == 1.0 else cells["logit_scale"]
+    theirs = {"softcap": cells["final_logit_softcapping"], "logit_scale": trl_scale}
+    if transform != theirs:
+        raise ValueError(
+            f"{name}: TRL applies the logit transform {theirs}, chunklogits reads {transform} "
+            "from the config; refusing rather than computing other log-probs"
+        )
+    options = _FusedOptions(
+        backbone_attr=cells["backbone_attr"],
+        temperature=cells["temperature"],
+        outputs=tuple(cells["outputs"]),
+        shards=getattr(head, "shards", None) if shards is None else shards,
+        **transform,
+    )
+    original_forward = cells["original_forward"]
+
+    # TRL's contract and the class forward's signature (generate() validates its kwargs with it).
+    @functools.wraps(type(model).forward)
+    def fused_forward(
+        self,
+        *args,
+        fused_lm_head=False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        if not fused_lm_head:
+            for key, value in (
+                ("labels", labels),
+                ("shift_labels", shift_labels),
+                ("num_items_in_batch", num_items_in_batch),
+            ):
+                if value is not None:
+                    kwargs[key] = value
+            return original_forward(*args, **kwargs)
+        return _fused_outputs(self, options, args, kwargs, labels, shift_labels, num_items_in_batch)
+
+    fused_forward._chunklogits_fused = options
+    model.forward = types.MethodType(fused_forward, model)
+
+
+def _fused_outputs(model, options, args, kwargs, labels, shift_labels, num_items_in_batch):
+    """TRL's ``FusedCausalLMOutput`` of one fused forward, the head computed by chunklogits."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    kwargs["use_cache"] = False
+    hidden = getattr(model, options.backbone_attr)(*args, **kwargs).last_hidden_state
+    # Position t predicts labels[t + 1] unless the caller shifted them (context parallelism).
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    targets = targets.to(weight.device)
+    mask = targets != -100
+    # Outside autocast, in the weight's dtype: values at the head's precision (fp32 for an fp32
+    # head under bf16 autocast, or one that cast_lm_head_to_fp32 made fp32).
+    with torch.autocast(weight.device.type, enabled=False):
+        rows = hidden.to(weight.device, weight.dtype)[mask]
+        per_token = _per_token(rows, weight, bias, targets[mask], options)
+    fields = {}
+    for key, values in per_token.items():
+        fields[key] = values.new_zeros(mask.shape).masked_scatter(mask, values)
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -fields["log_probs"].sum() / count
+    if rows.shape[0] == 0:
+        # No labelled token: a zero that still reaches the head and the backbone, as TRL's does,
+        # so that backward() works and the optimizer sees zero gradients.
+        reach = rows.sum() + weight.sum() + (0.0 if bias is None else bias.sum())
+        loss = loss + 0.0 * reach
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, **fields)
+
+
+def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> dict[str, Tensor]:
+    """The requested per-token fields of the labelled rows ``[N, D]`` with labels ``[N]``."""
+    check_head(rows, weight, bias)
+    vocab = weight.shape[0]
+    check_in_vocab("labels", targets, vocab, ignore_index=-100)
+    if rows.shape[0] == 0:
+        empty = rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
+        fields = {"log_probs": empty, "is_top1": empty.bool()}
+        fields.update({key: empty for key in ("entropy", "mean_logits")})
+        return {
+            key: fields[key]
+            for key in _SUPPORTED_OUTPUTS
+            if key == "log_probs" or key in options.outputs
+        }
+    transform = make_transform(options.softcap, options.logit_scale, options.temperature)
+    plan = plan_blocks(
+        rows.shape[0], vocab, rows.dtype, rows.device, shards=options.shards, dim=rows.shape[1]
+    )
+    stats = row_stats(
+        rows,
+        weight,
+        bias,
+        targets=targets,
+        transform=transform,
+        plan=plan,
+        want_mean="mean_logits" in options.outputs,
+        want_entropy="entropy" in options.outputs,
+    )
+    fields = {"log_probs": stats.target - stats.lse}
+    if stats.entropy is not None:
+        fields["entropy"] = stats.entropy
+    if stats.mean is not None:
+        fields["mean_logits"] = stats.mean.detach()  # TRL's is a metric without gradient
+    if "is_top1" in options.outputs:
+        # The first maximum, as TRL's kernel and torch.argmax take it; temperature does not move it.
+        with torch.no_grad():
+            argmax = sample_next(
+                rows,
+                weight,
+                bias=bias,
+                softcap=options.softcap,
+                logit_scale=options.logit_scale,
+                shards=options.shards,
+                do_sample=False,
+            )
+        fields["is_top1"] = argmax == targets
+    return fields

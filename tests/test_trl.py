@@ -1,0 +1,257 @@
+"""chunklogits.integrations.trl: TRL 1.16's SFT, DPO and GRPO trainers with chunklogits' head.
+
+Each trainer runs twice from the same weights and data, once with TRL's own fused LM head and
+once after ``use_chunklogits``: in fp32 the logged losses and metrics and the parameters after
+the steps agree within rounding, TRL's kernel is not called by the second run and chunklogits'
+engine is. Under ``bf16=True`` (TRL's default: autocast) the first step's loss is compared with
+the fp64 loss of the same hidden states. Tiny Llama, word-level tokenizer built in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+import trl.kernels.chunked_logprob as trl_kernel  # noqa: E402
+
+import chunklogits._blocks as blocks  # noqa: E402
+from chunklogits import ChunkedLMHead  # noqa: E402
+from chunklogits.integrations.trl import use_chunklogits  # noqa: E402
+from tests.helpers import assert_as_accurate, one_thread, tiny_llama_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "big", "small"]
+WORDS += ["red", "blue", "and", "very"]
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran under the log",
+    "the big red cat ran",
+    "a small blue dog sat on a mat and ran",
+]
+# Logged values that are wall-clock times, not results.
+TIMINGS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def base_model(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # V = 23: 20 words and specials plus 3 unused rows, so the vocabulary is not the tokenizer's.
+    config = tiny_llama_config(len(tokenizer) + 3, pad_token_id=0, eos_token_id=1)
+    return LlamaForCausalLM(config).eval()
+
+
+class _Counter:
+    """Counts the calls of a module-level function, calling it through; keeps the last call's
+    positional arguments."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.calls, self.last_args, original = 0, None, getattr(module, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            self.last_args = args
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+
+def _train(
+    trainer_class, config_class, model, tokenizer, tmp_path, ours, monkeypatch, record=None, **kw
+):
+    """Train ``model`` (a copy of it, or a saved copy's path) and return (the trained model, log
+    history without timings, engine calls, TRL kernel calls)."""
+    if isinstance(model, torch.nn.Module):
+        model = copy.deepcopy(model)
+    ours_calls = _Counter(monkeypatch, blocks, "_forward_stats")
+    trl_calls = _Counter(monkeypatch, trl_kernel, "_forward_tile")
+    dataset, options = kw.pop("train_dataset"), kw.pop("trainer_options", {})
+    defaults = dict(
+        output_dir=str(tmp_path / ("ours" if ours else "trl")),
+        per_device_train_batch_size=2,
+        optim="sgd",  # parameters then differ by lr x the gradients' difference
+        learning_rate=0.1,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
+    args = config_class(**{**defaults, **kw})
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **options
+    )
+    if ours:
+        assert use_chunklogits(trainer) is trainer
+    if record is not None:
+        compute_loss = trainer.compute_loss
+
+        def recorded(model, inputs, **kwargs):
+            record.append(dict(inputs))
+            return compute_loss(model, inputs, **kwargs)
+
+        trainer.compute_loss = recorded
+    trainer.train()
+    history = [
+        {k: v for k, v in log.items() if k not in TIMINGS} for log in trainer.state.log_history
+    ]
+    return trainer.model, history, ours_calls.calls, trl_calls.calls
+
+
+def _assert_same_training(run, rel=2e-5):
+    """TRL's head and chunklogits' give the same logs and parameters (fp32, within rounding)."""
+    theirs_model, theirs, engine_theirs, kernel_theirs = run(False)
+    ours_model, ours, engine_ours, kernel_ours = run(True)
+    assert kernel_theirs > 0 and engine_theirs == 0, "TRL's run: its own kernel computes the head"
+    assert kernel_ours == 0 and engine_ours > 0, "after use_chunklogits: chunklogits' engine does"
+    assert [log.keys() for log in ours] == [log.keys() for log in theirs]
+    for step, (mine, their) in enumerate(zip(ours, theirs, strict=True)):
+        for key, value in their.items():
+            assert mine[key] == pytest.approx(value, rel=rel, abs=1e-5), f"step {step}: {key}"
+    for (name, p), q in zip(ours_model.named_parameters(), theirs_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    return ours
+
+
+def test_sft_trainer_same_losses_metrics_and_parameters(
+    base_model, tokenizer, tmp_path, monkeypatch
+):
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = datasets.Dataset.from_dict({"text": TEXTS})
+
+    def run(ours):
+        return _train(
+            SFTTrainer, SFTConfig, base_model, tokenizer, tmp_path, ours, monkeypatch,
+            train_dataset=dataset, max_steps=2, bf16=False,
+        )  # fmt: skip
+
+    logs = _assert_same_training(run)
+    assert {"loss", "entropy", "mean_token_accuracy"} <= logs[0].keys()
+
+
+def test_dpo_trainer_same_losses_metrics_and_parameters(
+    base_model, tokenizer, tmp_path, monkeypatch
+):
+    from trl import DPOConfig, DPOTrainer
+
+    dataset = datasets.Dataset.from_dict(
+        {
+            "prompt": ["the cat", "a dog", "the big", "a small"],
+            "chosen": [" sat on the mat", " ran under the log", " red cat ran", " blue dog sat"],
+            "rejected": [" mat the on", " log ran", " cat cat", " dog and very"],
+        }
+    )
+
+    def run(ours):
+        return _train(
+            DPOTrainer, DPOConfig, base_model, tokenizer, tmp_path, ours, monkeypatch,
+            train_dataset=dataset, max_steps=2, bf16=False, beta=0.1,
+            trainer_options={"ref_model": copy.deepcopy(base_model)},
+        )  # fmt: skip
+
+    logs = _assert_same_training(run)
+    assert {"loss", "logps/chosen", "logits/chosen", "mean_token_accuracy"} <= logs[0].keys()
+
+
+def _reward_length(completions, **kwargs):
+    return [float(len(completion)) for completion in completions]
+
+
+def test_grpo_trainer_same_losses_metrics_and_parameters(
+    base_model, tokenizer, tmp_path, monkeypatch
+):
+    from trl import GRPOConfig, GRPOTrainer
+
+    dataset = datasets.Dataset.from_dict({"prompt": ["the cat", "a dog", "the big", "a small"]})
+
+    # beta > 0: a reference model (which GRPOTrainer loads from the policy's path), whose fused
+    # head is replaced too; temperature 0.7 reaches the log-probs and the entropy.
+    path = tmp_path / "base"
+    base_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+    def run(ours):
+        return _train(
+            GRPOTrainer, GRPOConfig, str(path), tokenizer, tmp_path, ours, monkeypatch,
+            train_dataset=dataset, max_steps=2, bf16=False, beta=0.1, temperature=0.7,
+            num_generations=2, max_completion_length=4,
+            trainer_options={"reward_funcs": _reward_length},
+        )  # fmt: skip
+
+    logs = _assert_same_training(run)
+    assert {"loss", "entropy", "kl", "reward"} <= logs[0].keys()
+
+
+def test_sft_trainer_with_wrapped_model_uses_its_head(base_model, tokenizer, tmp_path, monkeypatch):
+    """A ChunkedLMHead.wrap-ped model: use_chunklogits takes its head (and shard count); the
+    training equals TRL's on the unwrapped model."""
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = datasets.Dataset.from_dict({"text": TEXTS})
+    wrapped = ChunkedLMHead.wrap(copy.deepcopy(base_model), shards=3)
+    engine = _Counter(monkeypatch, blocks, "_forward_stats")
+
+    def run(ours):
+        return _train(
+            SFTTrainer, SFTConfig, wrapped if ours else base_model, tokenizer, tmp_path, ours,
+            monkeypatch, train_dataset=dataset, max_steps=1, bf16=False,
+        )  # fmt: skip
+
+    _assert_same_training(run)
+    plan = engine.last_args[
+        6
+    ]  # _forward_stats(hidden2d, weight, bias, index, targets, transform, plan, ...)
+    assert len(plan.shards) == 3
+
+
+def test_sft_trainer_bf16_loss_as_accurate_as_trl(base_model, tokenizer, tmp_path, monkeypatch):
+    """``bf16=True`` (TRL's default: the forward under bf16 autocast): the first step's loss is
+    the fp64 loss of the autocast hidden states at least as closely as TRL's bf16 head gets it."""
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = datasets.Dataset.from_dict({"text": TEXTS})
+    seen = []
+
+    def run(ours):
+        model, logs, *_ = _train(
+            SFTTrainer, SFTConfig, base_model, tokenizer, tmp_path, ours, monkeypatch,
+            train_dataset=dataset, max_steps=1, bf16=True, learning_rate=0.0,
+            record=seen,
+        )  # fmt: skip
+        return model, logs[0]["loss"]
+
+    _, theirs = run(False)
+    model, ours = run(True)
+    assert math.isfinite(ours)
+    batch = seen[-1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state[:, :-1].double()
+    logits = hidden @ model.lm_head.weight.double().T
+    labels = batch["labels"][:, 1:]
+    exact = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    as_tensor = torch.tensor
+    assert_as_accurate(as_tensor(ours), as_tensor(theirs), exact, torch.bfloat16, "bf16 loss")
+    assert abs(ours - exact.item()) < 1e-5 * exact.item()  # the head ran in fp32
