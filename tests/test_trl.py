@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
+import types
 
+import datasets
 import pytest
 import torch
+import trl.kernels.chunked_logprob as trl_kernel
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-
-import trl.kernels.chunked_logprob as trl_kernel  # noqa: E402
-
-import chunklogits._blocks as blocks  # noqa: E402
-from chunklogits import ChunkedLMHead  # noqa: E402
-from chunklogits.integrations.trl import use_chunklogits  # noqa: E402
-from tests.helpers import assert_as_accurate, one_thread, tiny_llama_config  # noqa: E402
+import chunklogits._blocks as blocks
+from chunklogits import ChunkedLMHead, reference
+from chunklogits.integrations.trl import use_chunklogits
+from tests.helpers import assert_as_accurate, one_thread, tiny_llama_config
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
@@ -255,3 +255,117 @@ def test_sft_trainer_bf16_loss_as_accurate_as_trl(base_model, tokenizer, tmp_pat
     as_tensor = torch.tensor
     assert_as_accurate(as_tensor(ours), as_tensor(theirs), exact, torch.bfloat16, "bf16 loss")
     assert abs(ours - exact.item()) < 1e-5 * exact.item()  # the head ran in fp32
+
+
+def _fused_pair(model, **options):
+    """Two copies of ``model`` with TRL's fused head (``add_fused_lm_head(**options)``), the
+    second switched to chunklogits'."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    theirs, ours = copy.deepcopy(model), copy.deepcopy(model)
+    for m in (theirs, ours):
+        add_fused_lm_head(m, **options)
+    use_chunklogits(types.SimpleNamespace(model=ours))
+    return theirs, ours
+
+
+def _batch(vocab: int, ignored: float = 0.3):
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, vocab, (3, 9), generator=g)
+    labels = input_ids.masked_fill(torch.rand(input_ids.shape, generator=g) < ignored, -100)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, :3] = 0  # a left-padded row
+    labels[2, :3] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _fused_results(model, batch):
+    model.zero_grad()
+    out = model(**batch, fused_lm_head=True)
+    (out.loss + 0.1 * out.entropy.sum()).backward()
+    fields = {
+        k: getattr(out, k) for k in ("loss", "log_probs", "entropy", "mean_logits", "is_top1")
+    }
+    return fields, [p.grad.clone() for p in model.parameters()]
+
+
+def test_fused_forward_fields_and_gradients_match_trl(base_model):
+    """Every field TRL's trainers read, at temperature 0.7 with a softcap read from the config,
+    ignored labels and padding: the same values and gradients as TRL's head (fp32)."""
+    model = copy.deepcopy(base_model)
+    model.config.final_logit_softcapping = 3.0  # TRL and chunklogits both read it
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    theirs, ours = _fused_pair(model, temperature=0.7, outputs=outputs)
+    batch = _batch(model.config.vocab_size)
+    expected, expected_grads = _fused_results(theirs, batch)
+    got, grads = _fused_results(ours, batch)
+    for key, value in expected.items():
+        assert value is not None
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert got["is_top1"].any() or not expected["is_top1"].any()
+    for mine, their in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, their, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_forward_without_labelled_tokens_gives_zero_gradients(base_model):
+    theirs, ours = _fused_pair(base_model, outputs=("log_probs", "entropy", "is_top1"))
+    batch = _batch(base_model.config.vocab_size)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    expected, expected_grads = _fused_results(theirs, batch)
+    got, grads = _fused_results(ours, batch)
+    assert got["loss"].item() == expected["loss"].item() == 0.0
+    assert not got["log_probs"].any() and not got["is_top1"].any()
+    for mine, their in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, their, rtol=0, atol=0)
+
+
+def test_fused_forward_bf16_model_as_accurate_as_naive(base_model, cpu_gemm):
+    """A bf16 model: log-probs, entropies and the head's gradient at least as close to fp64 as
+    the naive bf16 computation (reference.token_logprobs on the same hidden states)."""
+    model = copy.deepcopy(base_model).to(torch.bfloat16)
+    _, ours = _fused_pair(model, outputs=("log_probs", "entropy"))
+    batch = _batch(model.config.vocab_size)
+    out = ours(**batch, fused_lm_head=True)
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    with torch.no_grad():
+        hidden = ours.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = hidden.last_hidden_state[:, :-1]
+    labels, weight = batch["labels"][:, 1:], ours.lm_head.weight
+    mask = labels != -100
+    results = {}
+    for name, h, w in (
+        ("naive", hidden[mask], weight.detach().clone().requires_grad_()),
+        ("exact", hidden[mask].double(), weight.detach().double().requires_grad_()),
+    ):
+        logp, entropy = reference.token_logprobs(h, w, labels[mask], return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+        results[name] = (logp, entropy, w.grad)
+    ours_results = (out.log_probs[mask], out.entropy[mask], weight.grad)
+    for what, mine, naive, exact in zip(
+        ("log_probs", "entropy", "lm_head grad"), ours_results, *results.values(), strict=True
+    ):
+        assert_as_accurate(mine.detach(), naive.detach(), exact.detach(), torch.bfloat16, what)
+
+
+def test_refuses_what_it_does_not_reproduce(base_model):
+    from trl.trainer.utils import add_fused_lm_head
+
+    with pytest.raises(ValueError, match="trainer: expected a TRL trainer"):
+        use_chunklogits(types.SimpleNamespace(model=copy.deepcopy(base_model)))
+    weighted = copy.deepcopy(base_model)
+    add_fused_lm_head(weighted, outputs=("log_probs", "log_sum_sq_probs"))
+    with pytest.raises(ValueError, match=r"\['log_sum_sq_probs'\].*use_weighting"):
+        use_chunklogits(types.SimpleNamespace(model=weighted))
+    scaled = copy.deepcopy(base_model)
+    scaled.config.output_multiplier = 2.0  # TRL reads it as a logit scale, chunklogits does not
+    add_fused_lm_head(scaled)
+    with pytest.raises(ValueError, match="logit transform"):
+        use_chunklogits(types.SimpleNamespace(model=scaled))
+
+
+def test_import_chunklogits_does_not_import_trl():
+    code = "import sys, chunklogits; print('trl' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
