@@ -57,7 +57,7 @@ def base_model(tokenizer):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    # V = 23: 20 words and specials plus 3 unused rows, so the vocabulary is not the tokenizer's.
+    # V = 22: the 19 tokens plus 3 unused rows, so the vocabulary is not the tokenizer's.
     config = tiny_llama_config(len(tokenizer) + 3, pad_token_id=0, eos_token_id=1)
     return LlamaForCausalLM(config).eval()
 
@@ -373,6 +373,10 @@ def test_refuses_what_it_does_not_reproduce(base_model):
 
     with pytest.raises(ValueError, match="trainer: expected a TRL trainer"):
         use_chunklogits(types.SimpleNamespace(model=copy.deepcopy(base_model)))
+    fused = copy.deepcopy(base_model)
+    add_fused_lm_head(fused)
+    with pytest.raises(ValueError, match=r"shards: expected an int in \[1, 22\], got 0"):
+        use_chunklogits(types.SimpleNamespace(model=fused), shards=0)
     weighted = copy.deepcopy(base_model)
     add_fused_lm_head(weighted, outputs=("log_probs", "log_sum_sq_probs"))
     with pytest.raises(ValueError, match=r"\['log_sum_sq_probs'\].*use_weighting"):

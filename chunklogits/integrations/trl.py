@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .._blocks import plan_blocks, row_stats
+from .._blocks import _check_count, plan_blocks, row_stats
 from .._checks import check_head, check_in_vocab, make_transform
+from ..head import ChunkedLMHead
 from ..sampling import sample_next
 from .transformers import logit_transform
 
@@ -178,10 +179,14 @@ def _install(model: nn.Module, cells: dict, shards: int | None, role: str) -> No
             f"{name}: DeepSpeed ZeRO-3 partitions the output layer's weight, which chunklogits' "
             "fused LM head for TRL does not gather"
         )
+    wrapped = isinstance(head, ChunkedLMHead)
+    if shards is None and wrapped:
+        shards = head.shards
+    _check_count("shards", shards, 1, head.weight.shape[0])
     # The transform chunklogits reads (a wrapped model's head carries it) must be TRL's.
     transform = (
         {"softcap": head.softcap, "logit_scale": head.logit_scale}
-        if hasattr(head, "logit_scale")
+        if wrapped
         else logit_transform(model.config)
     )
     trl_scale = None if cells["logit_scale"] == 1.0 else cells["logit_scale"]
@@ -195,7 +200,7 @@ def _install(model: nn.Module, cells: dict, shards: int | None, role: str) -> No
         backbone_attr=cells["backbone_attr"],
         temperature=cells["temperature"],
         outputs=tuple(cells["outputs"]),
-        shards=getattr(head, "shards", None) if shards is None else shards,
+        shards=shards,
         **transform,
     )
     original_forward = cells["original_forward"]
