@@ -6,8 +6,8 @@ from ._blocks import set_block_budget, set_cpu_gemm_dtype
 from .generate import sample
 from .head import ChunkedLMHead
 from .integrations.transformers import sequence_logprobs
-from .logprobs import logsumexp, token_logprobs
-from .loss import linear_cross_entropy
+from .logprobs import logsumexp, token_logprobs, topk_logprobs
+from .loss import linear_cross_entropy, token_accuracy
 from .sampling import sample_next
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "sequence_logprobs",
     "set_block_budget",
     "set_cpu_gemm_dtype",
+    "token_accuracy",
     "token_logprobs",
+    "topk_logprobs",
 ]
 __version__ = "0.1.0"

@@ -210,6 +210,26 @@ class RowStats(NamedTuple):
     target: Tensor | None
     mean: Tensor | None
     entropy: Tensor | None
+    top: TopLogits | None = None
+
+
+class TopLogits(NamedTuple):
+    """The ``k`` largest logits of each row, chosen on the logits the model's own head returns
+    (``decision``: its model-dtype logits with the head's transform applied in that dtype, as
+    fp32, descending; for fp32/fp64 inputs simply ``z``), not differentiable. ``index``: their
+    vocabulary indices ``[N, k]`` (ties in no particular order, as ``torch.topk``); ``value``:
+    ``z`` at them, at fp32 accuracy; ``target_decision``: the target's decision logit ``[N]``
+    (None without targets). Rows with fewer than ``k`` entries are padded with ``-inf``."""
+
+    decision: Tensor
+    index: Tensor
+    value: Tensor
+    target_decision: Tensor | None
+
+    def above_target(self) -> Tensor:
+        """``[N]`` int64: how many logits exceed the target's decision logit, counted up to
+        ``k`` (``k`` means ``k`` or more)."""
+        return (self.decision > self.target_decision[:, None]).sum(1)
 
 
 class _Rows:
@@ -315,7 +335,7 @@ def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]
 
 
 def _forward_stats(
-    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
+    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, top_k=0
 ):
     stat_dtype = torch.promote_types(hidden2d.dtype, torch.float32)
     n, vocab = plan.rows, weight.shape[0]
@@ -329,10 +349,17 @@ def _forward_stats(
     weighted = torch.zeros(n, **new) if want_entropy else None
     lowest = torch.finfo(stat_dtype).min
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
+    top = _RunningTop(n, top_k, targets is not None, **new) if top_k else None
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
         for r0, r1, h in rows:
-            z = _block_logits(h, w, b, transform, work, stat_dtype)
+            if top is None:
+                z = _block_logits(h, w, b, transform, work, stat_dtype)
+            else:
+                z, decision = _block_logits_and_decisions(
+                    h, w, b, transform, work, stat_dtype, hidden2d.dtype
+                )
+                top.merge(r0, r1, v0, z, decision, None if targets is None else targets[r0:r1])
             if target is not None:
                 inside, column = _target_in_shard(targets[r0:r1], v0, v1)
                 picked = z.gather(1, column[:, None]).squeeze(1)
@@ -360,7 +387,51 @@ def _forward_stats(
     lse = running_max + sum_exp.log()
     mean = None if total is None else total / vocab
     entropy = None if weighted is None else sum_exp.log() - weighted / sum_exp
-    return RowStats(lse, target, mean, entropy)
+    return RowStats(lse, target, mean, entropy, None if top is None else top.result())
+
+
+def _block_logits_and_decisions(h, w, b, transform, work, stat_dtype, model_dtype):
+    """``(z, decision)`` of one block: ``z = transform(h @ w.T + b)`` in ``stat_dtype`` as
+    ``_block_logits`` gives it, and the logits the model's own head returns: the product rounded
+    to ``model_dtype`` and the transform (without temperature, which keeps the order) applied in
+    that dtype. The same tensor when ``model_dtype`` is ``stat_dtype``."""
+    if model_dtype == stat_dtype:
+        z = _block_logits(h, w, b, transform, work, stat_dtype)
+        return z, z
+    raw = _block_logits(h, w, b, LogitTransform(), work, stat_dtype)
+    decision = work.get("decision", *raw.shape, model_dtype).copy_(raw)
+    replace(transform, temperature=1.0).apply_(decision)
+    return transform.apply_(raw), decision
+
+
+class _RunningTop:
+    """The running ``TopLogits`` of ``n`` rows, merged block by block."""
+
+    def __init__(self, n: int, k: int, with_target: bool, device, dtype):
+        self.k = k
+        self.decision = torch.full((n, k), -math.inf, device=device, dtype=dtype)
+        self.index = torch.zeros(n, k, dtype=torch.long, device=device)
+        self.value = torch.full((n, k), -math.inf, device=device, dtype=dtype)
+        self.target = None
+        if with_target:
+            self.target = torch.full((n,), -math.inf, device=device, dtype=dtype)
+
+    def merge(self, r0: int, r1: int, v0: int, z: Tensor, decision: Tensor, targets) -> None:
+        """Fold in the block of rows ``[r0, r1)``, columns ``[v0, v0 + width)`` (read before the
+        caller changes ``z`` in place)."""
+        block_top, cols = decision.topk(min(self.k, decision.shape[1]), dim=1)
+        joined = torch.cat([self.decision[r0:r1], block_top.to(self.decision.dtype)], 1)
+        self.decision[r0:r1], pos = joined.topk(self.k, dim=1)
+        index = torch.cat([self.index[r0:r1], cols + v0], 1)
+        self.index[r0:r1] = index.gather(1, pos)
+        self.value[r0:r1] = torch.cat([self.value[r0:r1], z.gather(1, cols)], 1).gather(1, pos)
+        if targets is not None:
+            inside, column = _target_in_shard(targets, v0, v0 + decision.shape[1])
+            picked = decision.gather(1, column[:, None]).squeeze(1).to(self.target.dtype)
+            self.target[r0:r1] = torch.where(inside, picked, self.target[r0:r1])
+
+    def result(self) -> TopLogits:
+        return TopLogits(self.decision, self.index, self.value, self.target)
 
 
 class _GradCoefficients(NamedTuple):
@@ -449,11 +520,11 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     return grad_hidden, grad_weight, grad_bias
 
 
-def _block_functions(hidden2d: Tensor):
+def _block_functions(hidden2d: Tensor, top_k: int = 0):
     """``(forward_stats, backward_blocks)`` for ``hidden2d``: the fused Triton kernels of
-    ``_triton`` where they serve it (CUDA, triton installed), else the PyTorch loop above, which
-    is also their test oracle."""
-    if hidden2d.is_cuda:
+    ``_triton`` where they serve it (CUDA, triton installed, no ``top_k``), else the PyTorch loop
+    above, which is also their test oracle."""
+    if hidden2d.is_cuda and not top_k:
         kernels = _triton_module()
         if kernels is not None and kernels.serves(hidden2d):
             return kernels.forward_stats, kernels.backward_blocks
@@ -483,11 +554,14 @@ class _RowStatsFunction(torch.autograd.Function):
         want_mean,
         want_entropy,
         vocab_parallel,
+        top_k,
     ):
-        forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
+        forward_stats, ctx.backward_blocks = _block_functions(hidden2d, top_k)
+        extra = {"top_k": top_k} if top_k else {}
         stats = forward_stats(
-            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy
-        )
+            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy,
+            **extra,
+        )  # fmt: skip
         if stats.entropy is not None:
             # A row whose every logit is -inf (a -inf bias masking the whole vocabulary) has lse
             # -inf and no distribution: its entropy is NaN, as the naive computation's.
@@ -499,8 +573,12 @@ class _RowStatsFunction(torch.autograd.Function):
         # Statistics that do not reach the loss get ``None`` gradients instead of zeros, so their
         # terms are skipped in the backward blocks.
         ctx.set_materialize_grads(False)
-        ctx.layout = tuple(s is not None for s in stats)
-        return tuple(s for s in stats if s is not None)
+        differentiable = stats[:4]
+        ctx.layout = tuple(s is not None for s in differentiable)
+        # The top logits are decisions (and values at indices chosen without a gradient).
+        top = () if stats.top is None else tuple(t for t in stats.top if t is not None)
+        ctx.mark_non_differentiable(*top)
+        return tuple(s for s in differentiable if s is not None) + top
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -523,7 +601,7 @@ class _RowStatsFunction(torch.autograd.Function):
         )
         if parallel is not None and grad_hidden is not None:
             grad_hidden = parallel.reduce_grad(grad_hidden)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, *([None] * 8)
 
 
 def row_stats(
@@ -538,6 +616,7 @@ def row_stats(
     want_mean: bool = False,
     want_entropy: bool = False,
     vocab_parallel=None,
+    top_k: int = 0,
 ) -> RowStats:
     """Differentiable ``RowStats`` of ``z = transform(hidden2d[index] @ weight.T + bias)``.
 
@@ -553,6 +632,9 @@ def row_stats(
     ``targets`` are indices into the whole vocabulary (a row whose target another rank holds gets
     a local target logit of 0), ``combine(stats)`` turns this slice's statistics into the whole
     vocabulary's, and ``reduce_grad(grad_hidden)`` sums the ranks' hidden gradients.
+
+    top_k: > 0 for ``RowStats.top``, the ``top_k`` largest logits of each row (``TopLogits``,
+    not differentiable; whole-vocabulary indices under ``vocab_parallel``), from the same pass.
     """
     if vocab_parallel is not None and targets is not None:
         targets = targets - vocab_parallel.start
@@ -568,7 +650,12 @@ def row_stats(
             want_mean,
             want_entropy,
             vocab_parallel,
+            top_k,
         )
     )
     present = (True, targets is not None, want_mean, want_entropy)
-    return RowStats(*(next(out) if kept else None for kept in present))
+    stats = [next(out) if kept else None for kept in present]
+    top = None
+    if top_k:
+        top = TopLogits(next(out), next(out), next(out), next(out, None))
+    return RowStats(*stats, top)

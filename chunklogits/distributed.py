@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ._blocks import LogitTransform, RowStats
+from ._blocks import LogitTransform, RowStats, TopLogits
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ERRORS = (None, ValueError, TypeError, RuntimeError)
@@ -92,7 +92,21 @@ class VocabSlice:
         entropy = None if stats.entropy is None else total.log() + next(summed) / total
         target = None if stats.target is None else next(summed)
         mean = None if stats.mean is None else next(summed) / self.vocab
-        return RowStats(top + total.log(), target, mean, entropy)
+        largest = None if stats.top is None else self._combine_top(stats.top)
+        return RowStats(top + total.log(), target, mean, entropy, largest)
+
+    def _combine_top(self, top: TopLogits) -> TopLogits:
+        """The whole vocabulary's ``TopLogits`` from every rank's (one ``all_gather``): the
+        ``k`` largest of all ranks' candidates, the target's decision logit from its holder."""
+        k = top.decision.shape[1]
+        parts = [top.decision, top.index + self.start, top.value]
+        if top.target_decision is not None:
+            parts.append(top.target_decision)
+        # [world, n, k] -> [n, world * k]: every rank's candidates side by side.
+        every = [t.transpose(0, 1).flatten(1) for t in self.gather(parts)]
+        decision, pos = every[0].topk(k, dim=1)
+        target = None if top.target_decision is None else every[3].amax(1)
+        return TopLogits(decision, every[1].gather(1, pos), every[2].gather(1, pos), target)
 
     def reduce_grad(self, grad_hidden: Tensor) -> Tensor:
         """Each rank's hidden gradient covers its own slice; the full one is their sum."""
@@ -191,11 +205,13 @@ class _Agreement:
         targets: Tensor | None = None,
         targets_name: str = "",
         sampling: dict | None = None,
+        top_k: int | None = None,
     ) -> VocabSlice | None:
         """Exchange this rank's description of its inputs; raise on every rank if they disagree.
         Returns this rank's ``VocabSlice``, or None without a process group. Sets ``vocab``, the
         size of the whole vocabulary, which labels must index. ``sampling``: the sampler's
-        options (``_sampling_fields``' arguments), which must agree too."""
+        options (``_sampling_fields``' arguments), which must agree too; ``top_k``: the count of
+        largest logits an op keeps (``token_accuracy``, ``topk_logprobs``), likewise."""
         self.vocab = weight.shape[0]
         if self.group is None:
             return None
@@ -213,6 +229,8 @@ class _Agreement:
         }
         if sampling is not None:
             fields.update(_sampling_fields(**sampling))
+        if top_k is not None:
+            fields["top_k"] = top_k
         ranks = self._gather(fields, _fingerprints(hidden2d, targets))
         _raise_first_error(ranks)
         _same(ranks, "dim", "weight", "hidden size D")
@@ -234,6 +252,8 @@ class _Agreement:
             _same(ranks, name, name, "value")
         if sampling is not None:
             _check_sampling(ranks)
+        if top_k is not None:
+            _same(ranks, "top_k", "top_k", "value")
         _check_replicated(ranks)
         sizes = [int(rank["vocab"]) for rank in ranks]
         rank = dist.get_rank(self.group)

@@ -1,11 +1,15 @@
-"""Per-token log-probabilities, entropy and log-sum-exp of a linear head without its logits."""
+"""Per-token log-probabilities, entropy, log-sum-exp and top-k log-probs of a linear head without
+its logits."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import plan_blocks, row_stats
+from ._blocks import _check_count, plan_blocks, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
 from .distributed import checked_on_every_rank
 
@@ -120,3 +124,78 @@ def logsumexp(
         rows, weight, bias, transform=transform, plan=plan, vocab_parallel=vocab_slice
     )
     return stats.lse.reshape(hidden.shape[:-1])
+
+
+class TopLogprobs(NamedTuple):
+    """``topk_logprobs``' result: ``values`` ``[..., k]`` fp32 log-probs, descending, and their
+    vocabulary ``indices`` ``[..., k]`` (int64)."""
+
+    values: Tensor
+    indices: Tensor
+
+
+def topk_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+    process_group: ProcessGroup | None = None,
+) -> TopLogprobs:
+    """The ``k`` most probable tokens of each position and their log-probs (OpenAI's and vLLM's
+    ``logprobs=k``, top-k distillation targets), without the logits.
+
+    Naive equivalent (``reference.topk_logprobs``)::
+
+        decision = model_logits(hidden, weight, bias, softcap, logit_scale).float()
+        indices = decision.topk(k, dim=-1).indices        # chosen on the head's own logits
+        z = softcap(F.linear(hidden, weight, bias).float() * logit_scale) / temperature
+        values = z.log_softmax(-1).gather(-1, indices)
+
+    The tokens are chosen on the logits the model's own head returns (the product rounded to
+    the model dtype, the transform applied in that dtype, as ``generate()`` sees them), whatever
+    dtype the block GEMMs run in; tokens tied at the ``k``-th logit come in no particular order,
+    as with ``torch.topk``. Their log-probs are computed at fp32 accuracy from the same pass.
+
+    Args:
+        hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]`` or None (hidden's dtype).
+        k: an int in ``[1, V]``.
+        temperature: divides the (softcapped) logits before the log-softmax; it does not change
+            which tokens are chosen.
+        softcap, logit_scale, shards, chunk_size, process_group: as in ``linear_cross_entropy``
+            (with a process group the indices are the whole vocabulary's, the same on every
+            rank).
+
+    Returns:
+        ``TopLogprobs(values, indices)``, both ``[..., k]``. Not differentiable (the log-probs
+        of given tokens, with gradients, are ``token_logprobs``').
+    """
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden, weight, bias)
+        _check_count("k", k, 1)
+        transform = make_transform(softcap, logit_scale, temperature)
+        rows = flat_rows(hidden)
+        plan = plan_blocks(
+            rows.shape[0],
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
+            chunk_size=chunk_size,
+            dim=hidden.shape[-1],
+        )
+        vocab_slice = ranks.agree(rows.detach(), weight, bias, transform, top_k=k)
+        if k > ranks.vocab:
+            raise ValueError(f"k: expected an int in [1, V = {ranks.vocab}], got {k}")
+    with torch.no_grad():
+        stats = row_stats(
+            rows, weight, bias, transform=transform, plan=plan, vocab_parallel=vocab_slice, top_k=k
+        )
+    shape = (*hidden.shape[:-1], k)
+    values = stats.top.value - stats.lse[:, None]
+    return TopLogprobs(values.reshape(shape), stats.top.index.reshape(shape))

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import plan_blocks, row_stats
-from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
+from ._blocks import BlockPlan, _check_count, plan_blocks, row_stats
+from ._checks import (
+    check_head,
+    check_in_vocab,
+    check_tensor,
+    check_token_tensor,
+    flat_rows,
+    make_transform,
+)
 from .distributed import checked_on_every_rank
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -31,8 +39,11 @@ def linear_cross_entropy(
     softcap: float | None = None,
     logit_scale: float | None = None,
     shift: bool = False,
+    class_weight: Tensor | None = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
     process_group: ProcessGroup | None = None,
-) -> Tensor:
+) -> Tensor | LossOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, never holding the logits.
 
     Naive equivalent (``reference.linear_cross_entropy``)::
@@ -41,8 +52,10 @@ def linear_cross_entropy(
         z = softcap * torch.tanh(z / softcap)
         if shift: z, labels = z[..., :-1, :], labels[..., 1:]
         loss = F.cross_entropy(z.flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
-                               reduction=reduction, label_smoothing=label_smoothing)
-        # + z_loss * logsumexp(z)^2 per label, reduced the same way
+                               reduction=reduction, label_smoothing=label_smoothing,
+                               weight=class_weight)
+        # + z_loss * logsumexp(z)^2 per label (times the label's class weight), reduced the
+        # same way
 
     Args:
         hidden: ``[..., D]`` activations in the model dtype (fp16, bf16, fp32 or fp64).
@@ -65,6 +78,18 @@ def linear_cross_entropy(
             ``1 / logits_scaling``).
         shift: predict ``labels[..., t + 1]`` from ``hidden[..., t, :]`` (causal LM training)
             without copying hidden.
+        class_weight: ``[V]`` fp32 (or hidden's dtype) non-negative weights per class, as
+            ``F.cross_entropy(weight=)`` and Liger's ``ce_weight``: each label's loss (and its
+            z-loss term) is multiplied by its class's weight, and ``"mean"`` divides by the
+            summed weights of the non-ignored labels (by ``num_items_in_batch`` when given).
+            Not combined with ``label_smoothing`` (refused).
+        return_z_loss: also return the z-loss term (already included in the loss), reduced as
+            the loss, for logging.
+        return_token_accuracy: also return, from the same pass, whether each non-ignored label
+            is the argmax of the logits the model's own head returns (model-dtype logits, the
+            head's transform applied in that dtype; a label counts when no logit is strictly
+            greater than its own): the fraction for ``"mean"``, the count for ``"sum"``, 1 or
+            0 per label (0 at ignored positions) for ``"none"``. Not differentiable.
         process_group: vocabulary parallelism (``chunklogits.distributed``): ``weight`` and
             ``bias`` are this rank's slice of the head, the slices of the group's ranks following
             one another in rank order; hidden and labels are the same on every rank. Returns the
@@ -74,7 +99,9 @@ def linear_cross_entropy(
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
-        Differentiable with respect to hidden, weight and bias.
+        Differentiable with respect to hidden, weight and bias. With ``return_z_loss`` or
+        ``return_token_accuracy``: ``LossOutput(loss, z_loss, token_accuracy)``, the fields not
+        asked for None.
 
     Memory and time: the logits exist one block (``chunk_size x V / shards``) at a time; the
     forward pass keeps four fp32 numbers per row and saves only the log-sum-exp for backward.
@@ -86,21 +113,158 @@ def linear_cross_entropy(
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
-        labels = check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        labels = _check_labels(labels, hidden, ignore_index, shift)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
         _check_fraction("label_smoothing", label_smoothing, high=1.0)
         _check_fraction("z_loss", z_loss, high=None)
         if num_items_in_batch is not None:
             _check_num_items(num_items_in_batch, reduction)
-        if shift and hidden.dim() < 2:
-            raise ValueError(
-                f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}"
-            )
+        _check_class_weight(class_weight, weight, label_smoothing)
+        for name, flag in (
+            ("return_z_loss", return_z_loss),
+            ("return_token_accuracy", return_token_accuracy),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {flag!r}")
         transform = make_transform(softcap, logit_scale)
+        rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
+        vocab_slice = ranks.agree(rows.hidden2d, weight, bias, transform, rows.targets, "labels")
+    check_in_vocab("labels", rows.targets, ranks.vocab, ignore_index)
+    if class_weight is not None and class_weight.shape[0] != ranks.vocab:
+        raise ValueError(
+            f"class_weight: expected shape [V] = [{ranks.vocab}] (the whole vocabulary), got "
+            f"{tuple(class_weight.shape)}"
+        )
+    stats = row_stats(
+        rows.hidden2d,
+        weight,
+        bias,
+        index=rows.index,
+        targets=rows.targets,
+        transform=transform,
+        plan=rows.plan,
+        want_mean=label_smoothing > 0,
+        vocab_parallel=vocab_slice,
+        top_k=1 if return_token_accuracy else 0,
+    )
+    row_loss = stats.lse - stats.target
+    if label_smoothing > 0:
+        row_loss = stats.lse - (1.0 - label_smoothing) * stats.target - label_smoothing * stats.mean
+    row_z = z_loss * stats.lse.square() if z_loss > 0 or return_z_loss else None
+    if z_loss > 0:
+        row_loss = row_loss + row_z
+    row_weight = None
+    if class_weight is not None:
+        row_weight = class_weight.to(row_loss.dtype)[rows.targets]
+        row_loss = row_loss * row_weight
+        row_z = row_z * row_weight if row_z is not None else None
+    loss = rows.reduce(row_loss, reduction, num_items_in_batch, row_weight)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    out = LossOutput(loss, None, None)
+    if return_z_loss:
+        out = out._replace(z_loss=rows.reduce(row_z, reduction, num_items_in_batch, row_weight))
+    if return_token_accuracy:
+        correct = (stats.top.above_target() == 0).to(row_loss.dtype)
+        out = out._replace(token_accuracy=rows.reduce(correct, reduction))
+    return out
 
+
+class LossOutput(NamedTuple):
+    """``linear_cross_entropy(..., return_z_loss=True and/or return_token_accuracy=True)``: the
+    loss (z-loss included), the z-loss term alone (None unless ``return_z_loss``) and the token
+    accuracy (None unless ``return_token_accuracy``), each reduced as ``reduction`` says (see
+    ``linear_cross_entropy``); the field names are Liger's ``CrossEntropyOutput``'s."""
+
+    loss: Tensor
+    z_loss: Tensor | None
+    token_accuracy: Tensor | None
+
+
+def token_accuracy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    top_k: int = 1,
+    ignore_index: int = -100,
+    shift: bool = False,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+    process_group: ProcessGroup | None = None,
+) -> Tensor:
+    """The fraction of non-ignored positions whose label is among the ``top_k`` largest logits,
+    never holding the logits (TRL's SFT ``mean_token_accuracy`` for ``top_k=1``).
+
+    Naive equivalent (``reference.token_accuracy``)::
+
+        z = model_logits(hidden, weight, bias, softcap, logit_scale).float()  # the head's own
+        if shift: z, labels = z[..., :-1, :], labels[..., 1:]
+        kept = labels != ignore_index
+        above = (z[kept] > z[kept].gather(-1, labels[kept][:, None])).sum(-1)
+        accuracy = (above < top_k).float().mean()
+
+    A label counts when fewer than ``top_k`` logits are strictly greater than its own (ties with
+    the ``top_k``-th logit count). The comparisons are made on the logits the model's own head
+    returns: the product rounded to the model dtype, the head's transform (``logit_scale``,
+    ``softcap``) applied in that dtype, whatever dtype the block GEMMs run in.
+
+    Args:
+        hidden ``[..., D]``, weight ``[V, D]``, labels ``hidden.shape[:-1]``, bias, ignore_index,
+            shift, softcap, logit_scale, shards, chunk_size, process_group: as in
+            ``linear_cross_entropy``.
+        top_k: an int in ``[1, V]``.
+
+    Returns:
+        fp32 scalar (fp64 for fp64 inputs) in ``[0, 1]``; NaN when every label is ignored (as
+        the mean of nothing). Not differentiable.
+    """
+    with checked_on_every_rank(process_group) as ranks:
+        check_head(hidden, weight, bias)
+        labels = _check_labels(labels, hidden, ignore_index, shift)
+        _check_count("top_k", top_k, 1)
+        transform = make_transform(softcap, logit_scale)
+        rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
+        vocab_slice = ranks.agree(
+            rows.hidden2d.detach(), weight, bias, transform, rows.targets, "labels", top_k=top_k
+        )
+        if top_k > ranks.vocab:
+            raise ValueError(f"top_k: expected an int in [1, V = {ranks.vocab}], got {top_k}")
+    check_in_vocab("labels", rows.targets, ranks.vocab, ignore_index)
+    with torch.no_grad():
+        stats = row_stats(
+            rows.hidden2d,
+            weight,
+            bias,
+            index=rows.index,
+            targets=rows.targets,
+            transform=transform,
+            plan=rows.plan,
+            vocab_parallel=vocab_slice,
+            top_k=top_k,
+        )
+    return (stats.top.above_target() < top_k).to(stats.lse.dtype).mean()
+
+
+class _Labelled(NamedTuple):
+    """The rows of a labelled call that are not ignored: ``hidden2d [M, D]``, ``index`` of the
+    kept rows (None: all), their ``targets [N]``, the flat targets with ignored positions, the
+    labels' shape, ``shift`` and the block plan."""
+
+    hidden2d: Tensor
+    index: Tensor | None
+    targets: Tensor
+    flat_targets: Tensor
+    shape: tuple[int, ...]
+    shift: bool
+    plan: BlockPlan
+
+    @staticmethod
+    def select(hidden, weight, labels, ignore_index, shift, shards, chunk_size) -> _Labelled:
         targets_full = labels
         if shift:
             targets_full = labels.new_full(labels.shape, ignore_index)
@@ -121,38 +285,57 @@ def linear_cross_entropy(
             chunk_size=chunk_size,
             dim=hidden.shape[-1],
         )
-        hidden2d = flat_rows(hidden)
-        vocab_slice = ranks.agree(hidden2d, weight, bias, transform, targets, "labels")
-    check_in_vocab("labels", targets, ranks.vocab, ignore_index)
-    stats = row_stats(
-        hidden2d,
-        weight,
-        bias,
-        index=index,
-        targets=targets,
-        transform=transform,
-        plan=plan,
-        want_mean=label_smoothing > 0,
-        vocab_parallel=vocab_slice,
-    )
-    row_loss = stats.lse - stats.target
-    if label_smoothing > 0:
-        row_loss = stats.lse - (1.0 - label_smoothing) * stats.target - label_smoothing * stats.mean
-    if z_loss > 0:
-        row_loss = row_loss + z_loss * stats.lse.square()
+        return _Labelled(
+            flat_rows(hidden), index, targets, flat_targets, tuple(labels.shape), shift, plan
+        )
 
-    if reduction == "none":
-        out = row_loss
-        if index is not None:
-            out = row_loss.new_zeros(flat_targets.shape).index_put((index,), row_loss)
-        out = out.reshape(labels.shape)
-        return out[..., :-1] if shift else out
-    total = row_loss.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        return total / torch.as_tensor(num_items_in_batch, device=total.device)
-    return total / targets.numel()
+    def reduce(self, per_row, reduction, num_items=None, row_weight=None) -> Tensor:
+        """``per_row [N]`` (kept rows) reduced: per label (0 at ignored positions, ``labels
+        [..., 1:]``'s shape with ``shift``), summed, or averaged over ``num_items``, the summed
+        ``row_weight`` or the number of kept rows."""
+        if reduction == "none":
+            out = per_row
+            if self.index is not None:
+                out = per_row.new_zeros(self.flat_targets.shape).index_put((self.index,), per_row)
+            out = out.reshape(self.shape)
+            return out[..., :-1] if self.shift else out
+        total = per_row.sum()
+        if reduction == "sum":
+            return total
+        if num_items is not None:
+            return total / torch.as_tensor(num_items, device=total.device)
+        if row_weight is not None:
+            return total / row_weight.sum()
+        return total / self.targets.numel()
+
+
+def _check_labels(labels, hidden: Tensor, ignore_index, shift: bool) -> Tensor:
+    """The labels as int64 (``check_token_tensor``), after checking them and the options."""
+    labels = check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if shift and hidden.dim() < 2:
+        raise ValueError(f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}")
+    return labels
+
+
+def _check_class_weight(class_weight, weight: Tensor, label_smoothing: float) -> None:
+    if class_weight is None:
+        return
+    check_tensor("class_weight", class_weight)
+    if class_weight.dim() != 1:
+        raise ValueError(f"class_weight: expected shape [V], got {tuple(class_weight.shape)}")
+    if not class_weight.dtype.is_floating_point:
+        raise TypeError(f"class_weight: expected a floating-point tensor, got {class_weight.dtype}")
+    if class_weight.device != weight.device:
+        raise ValueError(
+            f"class_weight: expected weight's device {weight.device}, got {class_weight.device}"
+        )
+    if label_smoothing > 0:
+        raise ValueError(
+            "class_weight: not supported together with label_smoothing > 0 (the smoothing term "
+            f"would need the class-weighted mean logit), got label_smoothing={label_smoothing}"
+        )
 
 
 def _check_fraction(name: str, value, high: float | None) -> None:

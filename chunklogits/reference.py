@@ -68,26 +68,112 @@ def linear_cross_entropy(
     softcap: float | None = None,
     logit_scale: float | None = None,
     shift: bool = False,
-) -> Tensor:
+    class_weight: Tensor | None = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+):
+    """``F.cross_entropy`` on the materialised fp32 logits (``weight=class_weight``), plus
+    ``z_loss * logsumexp^2`` per label (times its class weight); ``"mean"`` divides by the
+    number of non-ignored labels, their summed class weights, or ``num_items_in_batch``. The
+    token accuracy is ``token_accuracy``'s with ``top_k=1``, per label or reduced likewise
+    (a fraction for ``"mean"``, a count for ``"sum"``)."""
+    from .loss import LossOutput
+
     z = logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    decision = model_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
     if shift:
-        z, labels = z[..., :-1, :], labels[..., 1:]
+        z, decision, labels = z[..., :-1, :], decision[..., :-1, :], labels[..., 1:]
     z, flat_labels = z.reshape(-1, z.shape[-1]), labels.reshape(-1)
+    kept = flat_labels != ignore_index
     per_label = F.cross_entropy(
-        z, flat_labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+        z,
+        flat_labels,
+        weight=None if class_weight is None else class_weight.to(z.dtype),
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
     )
-    if z_loss:
-        per_label = per_label + z_loss * z.logsumexp(-1).square() * (flat_labels != ignore_index)
-    if reduction == "none":
-        return per_label.reshape(labels.shape)
-    if reduction == "sum":
-        return per_label.sum()
-    count = (
-        num_items_in_batch
-        if num_items_in_batch is not None
-        else (flat_labels != ignore_index).sum()
+    label_weight = kept.to(z.dtype)
+    if class_weight is not None:
+        label_weight = label_weight * class_weight.to(z.dtype)[flat_labels.clamp(min=0)]
+    z_term = z_loss * z.logsumexp(-1).square() * label_weight
+    per_label = per_label + z_term
+
+    def reduce(per: Tensor, denominator: Tensor) -> Tensor:
+        if reduction == "none":
+            return per.reshape(labels.shape)
+        if reduction == "sum":
+            return per.sum()
+        return per.sum() / (num_items_in_batch if num_items_in_batch is not None else denominator)
+
+    loss = reduce(per_label, label_weight.sum())
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    out = LossOutput(loss, None, None)
+    if return_z_loss:
+        out = out._replace(z_loss=reduce(z_term, label_weight.sum()))
+    if return_token_accuracy:
+        correct = _ranks_above(decision, labels, ignore_index).reshape(-1) == 0
+        correct = (correct & kept).to(z.dtype)
+        accuracy = correct.sum() / kept.sum() if reduction == "mean" else reduce(correct, None)
+        out = out._replace(token_accuracy=accuracy)
+    return out
+
+
+def _ranks_above(decision: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """How many of the model's logits ``decision [..., V]`` are strictly greater than the
+    label's own, per position (anything at ignored positions)."""
+    decision = decision.to(torch.promote_types(decision.dtype, torch.float32))
+    own = decision.gather(-1, labels.clamp(min=0)[..., None])
+    return (decision > own).sum(-1)
+
+
+def token_accuracy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    top_k: int = 1,
+    ignore_index: int = -100,
+    shift: bool = False,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The fraction of non-ignored labels with fewer than ``top_k`` of the model's own logits
+    (``model_logits``) strictly greater than theirs."""
+    decision = model_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    if shift:
+        decision, labels = decision[..., :-1, :], labels[..., 1:]
+    kept = labels != ignore_index
+    correct = _ranks_above(decision, labels, ignore_index)[kept] < top_k
+    return correct.to(torch.promote_types(hidden.dtype, torch.float32)).mean()
+
+
+def topk_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+):
+    """The ``k`` largest of the model's own logits (``model_logits``; ties in ``torch.topk``'s
+    order) and the fp32 log-softmax of the tempered logits at them."""
+    from .logprobs import TopLogprobs
+
+    decision = model_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    indices = decision.to(torch.promote_types(decision.dtype, torch.float32)).topk(k, -1).indices
+    z = logits(
+        hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature
     )
-    return per_label.sum() / count
+    return TopLogprobs(z.log_softmax(-1).gather(-1, indices), indices)
 
 
 def token_logprobs(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import chunklogits as cl
 from chunklogits import reference
@@ -200,4 +201,182 @@ def test_both_cpu_compute_paths(cpu_gemm):
         reduction="none",
         shards=4,
         softcap=6.0,
+    )
+
+
+# --- class_weight, return_z_loss, return_token_accuracy, token_accuracy --------------------------
+
+
+def class_weights(vocab: int, seed: int = 7) -> torch.Tensor:
+    """Per-class weights in [0, 2], some exactly 0 (a class that never counts)."""
+    weights = torch.rand(vocab, generator=seeded(seed)) * 2
+    weights[::5] = 0.0
+    return weights
+
+
+@pytest.mark.parametrize("shards", [1, 4, 301])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_weight_matches_oracle(dtype, reduction, shards):
+    hidden, weight, bias, labels = make_inputs((4, 23), 301, 48, dtype, 0.3, bias=True)
+    upstream = torch.rand(labels.shape, generator=seeded(1)) if reduction == "none" else None
+    check_against_oracle(
+        hidden, weight, bias, labels, dtype, upstream, reduction=reduction, shards=shards,
+        class_weight=class_weights(301), z_loss=1e-3, softcap=7.0,
+    )  # fmt: skip
+
+
+def test_class_weight_equals_torch_cross_entropy():
+    # F.cross_entropy(weight=): the weighted sum over the summed weights of the kept labels.
+    hidden, weight, _, labels = make_inputs((3, 19), 211, 32, torch.float64, 0.3)
+    weights = class_weights(211).double()
+    ours = cl.linear_cross_entropy(hidden, weight, labels, class_weight=weights, shards=6)
+    logits = (hidden @ weight.T).flatten(0, 1)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, labels.flatten(), weight=weights))
+    with_items = cl.linear_cross_entropy(
+        hidden, weight, labels, class_weight=weights, num_items_in_batch=50
+    )
+    summed = F.cross_entropy(logits, labels.flatten(), weight=weights, reduction="sum")
+    torch.testing.assert_close(with_items, summed / 50)
+
+
+def loss_output_and_grads(fn, hidden, weight, bias, labels, **kw):
+    """The three fields of ``fn(..., return_z_loss=True, return_token_accuracy=True)`` and the
+    gradients of ``loss + 3 * z_loss`` (the z-loss output is differentiable too)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fn(
+        *leaves[:2], labels, bias=leaves[2], return_z_loss=True, return_token_accuracy=True, **kw
+    )
+    assert type(out).__name__ == "LossOutput"
+    upstream = torch.rand(out.loss.shape, generator=seeded(1), dtype=torch.float64)
+    ((out.loss + 3 * out.z_loss) * upstream.to(out.loss.dtype)).sum().backward()
+    return [t.detach() for t in out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("class_weighted", [False, True], ids=["unweighted", "class_weight"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_z_loss_and_token_accuracy_outputs_match_oracle(dtype, reduction, class_weighted):
+    hidden, weight, bias, labels = make_inputs((3, 29), 257, 40, dtype, 0.3, bias=True)
+    labels = labels_near_the_top(hidden, weight, bias, labels, softcap=4.0)
+    options = dict(reduction=reduction, z_loss=2e-3, softcap=4.0, shift=True)
+    if class_weighted:
+        options["class_weight"] = class_weights(257)
+    f64 = [t.double() for t in (hidden, weight, bias)]
+    exact = loss_output_and_grads(reference.linear_cross_entropy, *f64, labels, **options)
+    naive = loss_output_and_grads(
+        reference.linear_cross_entropy, hidden, weight, bias, labels, **options
+    )
+    ours = loss_output_and_grads(
+        cl.linear_cross_entropy, hidden, weight, bias, labels, shards=5, **options
+    )
+    names = ["loss", "z_loss", "token_accuracy", "grad hidden", "grad weight", "grad bias"]
+    for name, o, n, e in zip(names, ours, naive, exact, strict=True):
+        assert o.shape == e.shape, name
+        if name == "token_accuracy":
+            # A decision on the model's own logits: exactly the naive same-dtype result.
+            assert o.dtype == torch.float32
+            torch.testing.assert_close(o, n, rtol=0, atol=0)
+        else:
+            assert_as_accurate(o, n, e, dtype, name)
+    plain = cl.linear_cross_entropy(
+        hidden.detach(), weight.detach(), labels, bias=bias.detach(), shards=5, **options
+    )
+    torch.testing.assert_close(ours[0], plain, rtol=0, atol=0)
+
+
+def test_return_flags_give_the_fields_asked_for():
+    hidden, weight, _, labels = make_inputs((2, 9), 67, 16, torch.float32, 0.2)
+    only_z = cl.linear_cross_entropy(hidden, weight, labels, z_loss=1e-2, return_z_loss=True)
+    only_accuracy = cl.linear_cross_entropy(hidden, weight, labels, return_token_accuracy=True)
+    assert only_z.token_accuracy is None and only_accuracy.z_loss is None
+    # Without z_loss the returned term is 0 and the loss the plain one.
+    no_z = cl.linear_cross_entropy(hidden, weight, labels, return_z_loss=True)
+    assert no_z.z_loss.item() == 0.0
+    torch.testing.assert_close(no_z.loss, cl.linear_cross_entropy(hidden, weight, labels))
+    lse = reference.logits(hidden, weight).logsumexp(-1)[labels != -100]
+    torch.testing.assert_close(only_z.z_loss, 1e-2 * lse.square().mean())
+
+
+def labels_near_the_top(hidden, weight, bias, labels, softcap=None, seed=5):
+    """``labels`` with about half the kept positions moved to one of the model's three largest
+    logits (so that accuracy is neither 0 nor 1, and half-precision ties come up)."""
+    decision = reference.model_logits(
+        hidden.detach(), weight.detach(), bias=None if bias is None else bias.detach(),
+        softcap=softcap,
+    ).float()  # fmt: skip
+    g = seeded(seed)
+    rank = torch.randint(0, 3, labels.shape, generator=g)
+    near = decision.topk(3, dim=-1).indices.gather(-1, rank[..., None]).squeeze(-1)
+    # With shift=True position t's label is read at t - 1: move labels one step to the right.
+    near = torch.cat([near[..., -1:], near[..., :-1]], -1)
+    moved = (torch.rand(labels.shape, generator=g) < 0.5) & (labels != -100)
+    return torch.where(moved, near, labels)
+
+
+ACCURACY_OPTIONS = [{}, {"softcap": 1.5}, {"logit_scale": 0.5, "softcap": 2.0}]
+
+
+def check_token_accuracy(shape, vocab, dim, dtype, top_k, options, blockings):
+    hidden, weight, bias, labels = make_inputs(shape, vocab, dim, dtype, 0.3, bias=True)
+    labels = labels_near_the_top(hidden, weight, bias, labels, options.get("softcap"))
+    args = (hidden.detach(), weight.detach(), labels)
+    kw = dict(bias=bias.detach(), top_k=top_k, shift=True, **options)
+    naive = reference.token_accuracy(*args, **kw)
+    assert 0.1 < naive < 0.9  # the case tells right from wrong
+    for shards, chunk_size in blockings:
+        ours = cl.token_accuracy(*args, shards=shards, chunk_size=chunk_size, **kw)
+        assert ours.dtype == torch.float32 and not ours.requires_grad
+        torch.testing.assert_close(ours, naive, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", ACCURACY_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_token_accuracy_matches_oracle(top_k, options):
+    # One shard per vocabulary entry is slow: once.
+    blockings = [(1, None), (7, 5)] + [(507, None)] * (top_k == 2)
+    check_token_accuracy((3, 31), 507, 123, torch.float32, top_k, options, blockings)
+
+
+@pytest.mark.parametrize("options", ACCURACY_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_token_accuracy_half_precision(cpu_gemm, top_k, options):
+    # The comparisons are made on the model's bf16 logits (ties are frequent) on both GEMM paths.
+    blockings = [(1, None), (7, 5)]
+    check_token_accuracy((2, 29), 251, 40, torch.bfloat16, top_k, options, blockings)
+
+
+def test_token_accuracy_counts_ties_with_the_kth_logit():
+    # Three logits equal to 1, the rest below: each tied label counts for top_k=1.
+    weight = torch.zeros(6, 2)
+    weight[[1, 3, 4], 0] = 1.0
+    hidden = torch.tensor([[1.0, 0.0]] * 4)
+    labels = torch.tensor([1, 3, 4, 0])
+    assert cl.token_accuracy(hidden, weight, labels, shards=3).item() == 0.75
+    assert cl.token_accuracy(hidden, weight, labels, top_k=4, shards=3).item() == 1.0
+
+
+def test_token_accuracy_equals_trls_mean_token_accuracy():
+    # TRL's SFTTrainer: argmax of the shifted logits == shifted labels, over labels != -100
+    # (fp32 logits of random data have no ties, so argmax and "nothing greater" agree).
+    hidden, weight, _, labels = make_inputs((2, 40), 97, 16, torch.float32, 0.2)
+    labels = labels_near_the_top(hidden, weight, None, labels)
+    logits = reference.logits(hidden.detach(), weight.detach())
+    shift_logits, shift_labels = logits[..., :-1, :], labels[..., 1:]
+    mask = shift_labels != -100
+    correct = (shift_logits.argmax(-1) == shift_labels) & mask
+    trl = correct.sum() / mask.sum()
+    ours = cl.token_accuracy(hidden.detach(), weight.detach(), labels, shift=True, shards=3)
+    torch.testing.assert_close(ours, trl.float())
+
+
+def test_token_accuracy_of_nothing_is_nan():
+    hidden, weight, _, labels = make_inputs((2, 5), 30, 8, torch.float32, ignored=1.0)
+    assert cl.token_accuracy(hidden, weight, labels).isnan()
+    out = cl.linear_cross_entropy(hidden, weight, labels, return_token_accuracy=True)
+    assert (
+        out.token_accuracy.isnan()
+        == reference.linear_cross_entropy(
+            hidden, weight, labels, return_token_accuracy=True
+        ).token_accuracy.isnan()
     )
