@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 from ._blocks import _check_count
 from ._checks import check_tensor, make_transform
 from .distributed import local_head
-from .logprobs import token_logprobs
-from .loss import linear_cross_entropy
+from .logprobs import TopLogprobs, token_logprobs, topk_logprobs
+from .loss import LossOutput, linear_cross_entropy, token_accuracy
 from .sampling import NextTokens, sample_next
 
 
@@ -131,7 +131,10 @@ class ChunkedLMHead(nn.Module):
         z_loss: float = 0.0,
         shift: bool = False,
         chunk_size: int | None = None,
-    ) -> Tensor:
+        class_weight: Tensor | None = None,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
+    ) -> Tensor | LossOutput:
         """``chunklogits.linear_cross_entropy(hidden, weight, labels, bias=bias, shards=shards,
         softcap=softcap, logit_scale=logit_scale, ...)``: hidden ``[..., D]``, labels
         ``hidden.shape[:-1]``; every other argument as there. Naive equivalent::
@@ -155,6 +158,66 @@ class ChunkedLMHead(nn.Module):
             softcap=self.softcap,
             logit_scale=self.logit_scale,
             shift=shift,
+            class_weight=class_weight,
+            return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy,
+        )
+
+    def token_accuracy(
+        self,
+        hidden: Tensor,
+        labels: Tensor,
+        *,
+        top_k: int = 1,
+        ignore_index: int = -100,
+        shift: bool = False,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """``chunklogits.token_accuracy(hidden, weight, labels, bias=bias, shards=shards,
+        softcap=softcap, logit_scale=logit_scale, ...)``: the fraction (fp32 scalar) of
+        non-ignored labels among the ``top_k`` largest of the head's own logits. Naive
+        equivalent: ``reference.token_accuracy`` on ``head(hidden)`` with the transform applied
+        in the model dtype."""
+        weight, bias, process_group = local_head(self.weight, self.bias)
+        return token_accuracy(
+            hidden,
+            weight,
+            labels,
+            top_k=top_k,
+            ignore_index=ignore_index,
+            shift=shift,
+            bias=bias,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            shards=self.shards,
+            chunk_size=chunk_size,
+            process_group=process_group,
+        )
+
+    def topk_logprobs(
+        self,
+        hidden: Tensor,
+        k: int,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+    ) -> TopLogprobs:
+        """``chunklogits.topk_logprobs(hidden, weight, k, bias=bias, shards=shards,
+        softcap=softcap, logit_scale=logit_scale, ...)``: ``TopLogprobs(values, indices)``, both
+        ``[..., k]``: the ``k`` largest of the head's own logits and their fp32 log-probs under
+        ``softmax(transform(head(hidden).float()) / temperature)``. Not differentiable."""
+        weight, bias, process_group = local_head(self.weight, self.bias)
+        return topk_logprobs(
+            hidden,
+            weight,
+            k,
+            temperature=temperature,
+            bias=bias,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            shards=self.shards,
+            chunk_size=chunk_size,
+            process_group=process_group,
         )
 
     def token_logprobs(

@@ -97,3 +97,91 @@ def test_entropy_alone_backpropagates():
         1
     ].sum().backward()
     torch.testing.assert_close(ours.grad, naive.grad)
+
+
+# --- topk_logprobs -----------------------------------------------------------------------------
+
+
+def check_topk(hidden, weight, bias, k, dtype, blockings, **options):
+    """``topk_logprobs`` against the naive twin: the indices pick the ``k`` largest of the model's
+    own logits (the same values as the naive ``topk``, whichever of tied tokens), the values are
+    as accurate as the naive log-softmax at those indices, against fp64."""
+    transform = {key: options[key] for key in ("softcap", "logit_scale") if key in options}
+    decision = reference.model_logits(hidden, weight, bias=bias, **transform).float()
+    naive_indices = reference.topk_logprobs(hidden, weight, k, bias=bias, **options).indices
+    naive_logp = reference.logits(hidden, weight, bias=bias, **options).log_softmax(-1)
+    f64 = [t.double() for t in (hidden, weight, bias)]
+    exact_logp = reference.logits(*f64[:2], bias=f64[2], **options).log_softmax(-1)
+    for shards, chunk_size in blockings:
+        values, indices = cl.topk_logprobs(
+            hidden, weight, k, bias=bias, shards=shards, chunk_size=chunk_size, **options
+        )
+        assert values.shape == indices.shape == (*hidden.shape[:-1], k)
+        assert values.dtype == torch.float32 and indices.dtype == torch.long
+        assert not values.requires_grad
+        # The k largest model logits, in descending order, each token once.
+        torch.testing.assert_close(
+            decision.gather(-1, indices), decision.gather(-1, naive_indices), rtol=0, atol=0
+        )
+        assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+        where = f"shards={shards}, chunk_size={chunk_size}, {options}"
+        assert_as_accurate(
+            values, naive_logp.gather(-1, indices), exact_logp.gather(-1, indices), dtype, where
+        )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 0.6}, {"softcap": 2.0, "temperature": 1.4}, {"logit_scale": 0.5}],
+    ids=lambda o: ",".join(o) or "plain",
+)
+@pytest.mark.parametrize("k", [1, 5, 507])
+def test_topk_logprobs_match_oracle(k, options):
+    hidden, weight, bias, _ = make_inputs((3, 17), 507, 123, torch.float32, bias=True)
+    blockings = [(1, None), (7, 4)] + [(507, None)] * (k == 5)
+    check_topk(
+        *(t.detach() for t in (hidden, weight, bias)), k, torch.float32, blockings, **options
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"softcap": 1.5, "temperature": 0.7}], ids=["plain", "softcap"]
+)
+@pytest.mark.parametrize("k", [1, 20])
+def test_topk_logprobs_half_precision(cpu_gemm, k, options):
+    # Tokens chosen on the model's bf16 logits (ties are frequent: a softcap of 1.5 leaves few
+    # distinct bf16 values) whichever dtype the block GEMMs run in.
+    hidden, weight, bias, _ = make_inputs((2, 11), 251, 40, torch.bfloat16, bias=True)
+    check_topk(
+        *(t.detach() for t in (hidden, weight, bias)),
+        k,
+        torch.bfloat16,
+        [(1, None), (6, 5)],
+        **options,
+    )
+
+
+def test_topk_logprobs_one_row_and_whole_vocabulary():
+    # k = V: every token, sorted; the log-probs sum to 1 in probability.
+    hidden, weight, _, _ = make_inputs((5,), 61, 12, torch.float64)
+    values, indices = cl.topk_logprobs(hidden[0].detach(), weight.detach(), 61, shards=4)
+    expected = reference.logits(hidden[0].detach(), weight.detach()).log_softmax(-1)
+    torch.testing.assert_close(values, expected.sort(descending=True).values)
+    torch.testing.assert_close(values, expected[indices])
+    torch.testing.assert_close(values.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_head_topk_logprobs_match_oracle():
+    hidden, weight, bias, _ = make_inputs((2, 7), 211, 32, torch.float32, bias=True)
+    hidden, weight, bias = (t.detach() for t in (hidden, weight, bias))
+    head = cl.ChunkedLMHead(weight, bias, shards=4, softcap=3.0, logit_scale=0.8)
+    ours = head.topk_logprobs(hidden, 6, temperature=0.9)
+    transform = dict(bias=bias, softcap=3.0, logit_scale=0.8)
+    naive = reference.topk_logprobs(hidden, weight, 6, temperature=0.9, **transform)
+    assert torch.equal(ours.indices, naive.indices)  # fp32 logits of random data: no ties
+    exact = reference.logits(
+        hidden.double(), weight.double(), temperature=0.9, **{**transform, "bias": bias.double()}
+    ).log_softmax(-1)
+    assert_as_accurate(
+        ours.values, naive.values, exact.gather(-1, ours.indices), torch.float32, "head top-k"
+    )

@@ -380,3 +380,23 @@ def test_token_accuracy_of_nothing_is_nan():
             hidden, weight, labels, return_token_accuracy=True
         ).token_accuracy.isnan()
     )
+
+
+def test_head_methods_match_oracle():
+    hidden, weight, bias, labels = make_inputs((2, 19), 211, 32, torch.bfloat16, 0.2, bias=True)
+    hidden, weight, bias = (t.detach() for t in (hidden, weight, bias))
+    labels = labels_near_the_top(hidden, weight, bias, labels, softcap=3.0)
+    head = cl.ChunkedLMHead(weight, bias, shards=3, softcap=3.0, logit_scale=0.8)
+    transform = dict(bias=bias, softcap=3.0, logit_scale=0.8)
+    accuracy = head.token_accuracy(hidden, labels, top_k=2, shift=True)
+    expected = reference.token_accuracy(hidden, weight, labels, top_k=2, shift=True, **transform)
+    torch.testing.assert_close(accuracy, expected, rtol=0, atol=0)
+    options = dict(shift=True, class_weight=class_weights(211), return_token_accuracy=True)
+    out = head.loss(hidden, labels, **options)
+    naive = reference.linear_cross_entropy(hidden, weight, labels, **options, **transform)
+    f64 = dict(bias=bias.double(), softcap=3.0, logit_scale=0.8)
+    exact = reference.linear_cross_entropy(
+        hidden.double(), weight.double(), labels, **options, **f64
+    )
+    assert_as_accurate(out.loss, naive.loss, exact.loss, torch.bfloat16, "head loss")
+    torch.testing.assert_close(out.token_accuracy, naive.token_accuracy, rtol=0, atol=0)
