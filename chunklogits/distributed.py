@@ -205,13 +205,14 @@ class _Agreement:
         targets: Tensor | None = None,
         targets_name: str = "",
         sampling: dict | None = None,
-        top_k: int | None = None,
+        top_k: tuple[str, int] | None = None,
     ) -> VocabSlice | None:
         """Exchange this rank's description of its inputs; raise on every rank if they disagree.
         Returns this rank's ``VocabSlice``, or None without a process group. Sets ``vocab``, the
         size of the whole vocabulary, which labels must index. ``sampling``: the sampler's
-        options (``_sampling_fields``' arguments), which must agree too; ``top_k``: the count of
-        largest logits an op keeps (``token_accuracy``, ``topk_logprobs``), likewise."""
+        options (``_sampling_fields``' arguments), which must agree too; ``top_k``: (argument
+        name, value), the count of largest logits an op keeps (``token_accuracy``,
+        ``topk_logprobs``), likewise."""
         self.vocab = weight.shape[0]
         if self.group is None:
             return None
@@ -230,7 +231,7 @@ class _Agreement:
         if sampling is not None:
             fields.update(_sampling_fields(**sampling))
         if top_k is not None:
-            fields["top_k"] = top_k
+            fields["top_k"] = top_k[1]
         ranks = self._gather(fields, _fingerprints(hidden2d, targets))
         _raise_first_error(ranks)
         _same(ranks, "dim", "weight", "hidden size D")
@@ -253,7 +254,7 @@ class _Agreement:
         if sampling is not None:
             _check_sampling(ranks)
         if top_k is not None:
-            _same(ranks, "top_k", "top_k", "value")
+            _same(ranks, "top_k", top_k[0], "value")
         _check_replicated(ranks)
         sizes = [int(rank["vocab"]) for rank in ranks]
         rank = dist.get_rank(self.group)

@@ -189,7 +189,7 @@ def topk_logprobs(
             chunk_size=chunk_size,
             dim=hidden.shape[-1],
         )
-        vocab_slice = ranks.agree(rows.detach(), weight, bias, transform, top_k=k)
+        vocab_slice = ranks.agree(rows.detach(), weight, bias, transform, top_k=("k", k))
         if k > ranks.vocab:
             raise ValueError(f"k: expected an int in [1, V = {ranks.vocab}], got {k}")
     with torch.no_grad():

@@ -230,7 +230,13 @@ def token_accuracy(
         transform = make_transform(softcap, logit_scale)
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
         vocab_slice = ranks.agree(
-            rows.hidden2d.detach(), weight, bias, transform, rows.targets, "labels", top_k=top_k
+            rows.hidden2d.detach(),
+            weight,
+            bias,
+            transform,
+            rows.targets,
+            "labels",
+            top_k=("top_k", top_k),
         )
         if top_k > ranks.vocab:
             raise ValueError(f"top_k: expected an int in [1, V = {ranks.vocab}], got {top_k}")

@@ -96,6 +96,22 @@ CASES = {
     "logsumexp": Case(
         "logsumexp", torch.float32, 1001, "uneven", options=dict(logit_scale=1.3, temperature=1.5)
     ),
+    "loss_class_weight_z_loss_accuracy": Case(
+        "loss",
+        torch.float32,
+        1001,
+        "uneven",
+        bias=True,
+        ignored=0.3,
+        options=dict(
+            class_weight=torch.rand(1001, generator=torch.Generator().manual_seed(2)),
+            z_loss=1e-3,
+            return_z_loss=True,
+            return_token_accuracy=True,
+            softcap=5.0,
+            shards=3,
+        ),
+    ),
     "dtensor_colwise_loss": Case(
         "loss",
         torch.float32,
@@ -299,6 +315,14 @@ def _logsumexp(hidden, weight, labels, **kwargs):
     return chunklogits.logsumexp(hidden, weight, **kwargs)
 
 
+def _accuracy(hidden, weight, labels, **kwargs):
+    return chunklogits.token_accuracy(hidden, weight, labels, **{"top_k": 2, **kwargs})
+
+
+def _topk_logprobs(hidden, weight, labels, **kwargs):
+    return chunklogits.topk_logprobs(hidden, weight, **{"k": 4, **kwargs})
+
+
 def _sample(hidden, weight, labels, **kwargs):
     options = {"seed": 0, "repetition_penalty": 1.3, **kwargs}
     return sampling.sample_next(hidden, weight, prev_tokens=labels[:, None], **options)
@@ -397,6 +421,27 @@ BAD_INPUTS = {
         lambda a, k: a["labels"].__setitem__(2, -1),
         ValueError,
         "tokens: expected values in [0, {vocab})",
+    ),
+    "accuracy_top_k": (
+        _accuracy,
+        "one",
+        lambda a, k: k.update(top_k=3),
+        ValueError,
+        "top_k: expected the same value on every rank",
+    ),
+    "topk_logprobs_k": (
+        _topk_logprobs,
+        "one",
+        lambda a, k: k.update(k=2),
+        ValueError,
+        "k: expected the same value on every rank",
+    ),
+    "topk_logprobs_k_beyond_vocabulary": (
+        _topk_logprobs,
+        "all",
+        lambda a, k: k.update(k=100),
+        ValueError,
+        "k: expected an int in [1, V = {vocab}], got 100",
     ),
     "process_group_type": (
         _loss,
@@ -621,6 +666,43 @@ def _masked_slice(rank: int, world: int) -> list[torch.Tensor]:
     )  # fmt: skip
 
 
+# --- decisions: token accuracy and top-k log-probs, the same as one process ---------------------
+
+# (dtype, options): the model's bf16 logits under a softcap have many ties.
+_DECISION_CASES = {
+    "fp32": (torch.float32, {"softcap": 4.0}),
+    "bf16_softcap": (torch.bfloat16, {"softcap": 1.5, "logit_scale": 0.8}),
+}
+
+
+def _decision_inputs(dtype: torch.dtype, options: dict):
+    """A head of 1001 tokens; the label of position i is the model's (i mod 4)-th largest logit
+    (so that top-1 and top-3 accuracies are neither 0 nor 1), some labels ignored."""
+    case = Case("accuracy", dtype, 1001, "uneven", bias=True, ignored=0.2)
+    hidden, weight, bias, labels = _inputs(case, dtype)
+    decision = reference.model_logits(hidden, weight, bias=bias, **options).float()
+    rank = (torch.arange(labels.numel()) % 4).reshape(_ROWS)
+    near = decision.topk(4, -1).indices.gather(-1, rank[..., None]).squeeze(-1)
+    return hidden, weight, bias, torch.where(labels != -100, near, labels)
+
+
+def _decisions(rank: int, world: int) -> dict:
+    results = {}
+    for name, (dtype, options) in _DECISION_CASES.items():
+        hidden, weight, bias, labels = _decision_inputs(dtype, options)
+        start, end = _bounds(1001, world, "uneven")[rank : rank + 2]
+        head = dict(bias=bias[start:end], process_group=dist.group.WORLD, **options)
+        for top_k in (1, 3):
+            results[name, "accuracy", top_k] = chunklogits.token_accuracy(
+                hidden, weight[start:end], labels, top_k=top_k, shards=2, **head
+            )
+        top = chunklogits.topk_logprobs(
+            hidden, weight[start:end], 6, temperature=0.7, chunk_size=4, **head
+        )
+        results[name, "topk"] = tuple(top)  # a plain tuple travels through torch.load
+    return results
+
+
 def _worker(rank: int, world: int) -> dict:
     bad = {name: _bad_call(rank, world, name) for name in BAD_INPUTS}
     bad.update({name: _bad_dtensor_head(rank, world, name) for name in BAD_DTENSOR_HEADS})
@@ -631,6 +713,7 @@ def _worker(rank: int, world: int) -> dict:
     results["wrapped_parallel_llama"] = _wrapped_parallel_llama(rank, world)
     results["head_draws"] = _head_draws(world)
     results["masked_slice"] = _masked_slice(rank, world)
+    results["decisions"] = _decisions(rank, world)
     if world == 2:
         results["fsdp2"] = _fsdp2_losses(rank, world)
         for tied in (False, True):
@@ -869,3 +952,35 @@ def test_a_slice_masked_by_an_infinite_bias(world):
     for logp, entropy, hidden_grad, _ in ranks:
         ours = [logp, entropy, hidden_grad, torch.cat([r[3] for r in ranks])]
         assert_matches_kept_vocabulary(ours, infinite_bias_head(_MASKED))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", _DECISION_CASES)
+def test_accuracy_and_topk_logprobs_match_single_process(name, world):
+    dtype, options = _DECISION_CASES[name]
+    hidden, weight, bias, labels = _decision_inputs(dtype, options)
+    decision = reference.model_logits(hidden, weight, bias=bias, **options).float()
+    tempered = dict(bias=bias, temperature=0.7, **options)
+    naive_logp = reference.logits(hidden, weight, **tempered).log_softmax(-1)
+    f64 = {**tempered, "bias": bias.double()}
+    exact_logp = reference.logits(hidden.double(), weight.double(), **f64).log_softmax(-1)
+    naive_indices = reference.topk_logprobs(hidden, weight, 6, **tempered).indices
+    for rank, results in enumerate(_ranks(world)):
+        got = results["decisions"]
+        where = f"{name}, rank {rank} of {world}"
+        for top_k in (1, 3):
+            expected = reference.token_accuracy(
+                hidden, weight, labels, top_k=top_k, bias=bias, **options
+            )
+            # The case tells right from wrong (with many bf16 ties the top 3 may hold every label).
+            assert 0 < expected < 1 or (top_k == 3 and expected == 1), where
+            torch.testing.assert_close(got[name, "accuracy", top_k], expected, rtol=0, atol=0)
+        values, indices = got[name, "topk"]
+        # The six largest model logits of the whole head, whichever of tied tokens.
+        torch.testing.assert_close(
+            decision.gather(-1, indices), decision.gather(-1, naive_indices), rtol=0, atol=0
+        )
+        assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), where
+        assert_as_accurate(
+            values, naive_logp.gather(-1, indices), exact_logp.gather(-1, indices), dtype, where
+        )
