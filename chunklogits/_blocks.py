@@ -300,14 +300,20 @@ def _block_logits(
         if raw is not z:
             z.copy_(raw)
         return transform.apply_(z)
-    model = raw
-    if raw.dtype != rounded_to:
-        model = work.get("model", *raw.shape, rounded_to).copy_(raw)
-    replace(transform, temperature=1.0).apply_(model)
-    z.copy_(model)
+    z.copy_(_model_rounded_(raw, transform, work, rounded_to))
     if transform.temperature != 1.0:
         z.div_(transform.temperature)
     return z
+
+
+def _model_rounded_(raw: Tensor, transform: LogitTransform, work: _Workspace, rounded_to):
+    """The logits the model's own head returns for the raw block ``raw`` (``h @ w.T + b``):
+    rounded to ``rounded_to`` (into the workspace's ``model`` buffer, or ``raw`` itself in place
+    when it has that dtype), then the transform's scale and softcap applied in that dtype."""
+    model = raw
+    if raw.dtype != rounded_to:
+        model = work.get("model", *raw.shape, rounded_to).copy_(raw)
+    return replace(transform, temperature=1.0).apply_(model)
 
 
 def log_floor(dtype: torch.dtype) -> float:
@@ -391,16 +397,15 @@ def _forward_stats(
 
 
 def _block_logits_and_decisions(h, w, b, transform, work, stat_dtype, model_dtype):
-    """``(z, decision)`` of one block: ``z = transform(h @ w.T + b)`` in ``stat_dtype`` as
-    ``_block_logits`` gives it, and the logits the model's own head returns: the product rounded
-    to ``model_dtype`` and the transform (without temperature, which keeps the order) applied in
-    that dtype. The same tensor when ``model_dtype`` is ``stat_dtype``."""
+    """``(z, decision)`` of one block, from one GEMM: ``z = transform(h @ w.T + b)`` in
+    ``stat_dtype`` as ``_block_logits`` gives it (the values), and the logits the model's own
+    head returns in ``model_dtype`` (``_model_rounded_``, without the temperature, which keeps
+    the order: the decisions). The same tensor when ``model_dtype`` is ``stat_dtype``."""
     if model_dtype == stat_dtype:
         z = _block_logits(h, w, b, transform, work, stat_dtype)
         return z, z
     raw = _block_logits(h, w, b, LogitTransform(), work, stat_dtype)
-    decision = work.get("decision", *raw.shape, model_dtype).copy_(raw)
-    replace(transform, temperature=1.0).apply_(decision)
+    decision = _model_rounded_(raw, transform, work, model_dtype)
     return transform.apply_(raw), decision
 
 

@@ -96,8 +96,9 @@ def linear_cross_entropy(
     label_weight = kept.to(z.dtype)
     if class_weight is not None:
         label_weight = label_weight * class_weight.to(z.dtype)[flat_labels.clamp(min=0)]
-    z_term = z_loss * z.logsumexp(-1).square() * label_weight
-    per_label = per_label + z_term
+    z_term = z_loss * z.logsumexp(-1).square() * label_weight if z_loss or return_z_loss else None
+    if z_loss:
+        per_label = per_label + z_term
 
     def reduce(per: Tensor, denominator: Tensor) -> Tensor:
         if reduction == "none":
