@@ -203,7 +203,8 @@ class RowStats(NamedTuple):
     """Per-row statistics of ``z = transform(hidden @ weight.T + bias)`` over the vocabulary.
 
     ``lse``: ``logsumexp(z)``; ``target``: ``z[target]``; ``mean``: ``z.mean()``;
-    ``entropy``: ``-(softmax(z) * log_softmax(z)).sum()``. Unrequested ones are ``None``.
+    ``entropy``: ``-(softmax(z) * log_softmax(z)).sum()``; ``top``: the ``TopLogits`` (the
+    ``top_k`` largest logits, chosen on the model's own logits). Unrequested ones are ``None``.
     """
 
     lse: Tensor
@@ -525,11 +526,11 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     return grad_hidden, grad_weight, grad_bias
 
 
-def _block_functions(hidden2d: Tensor, top_k: int = 0):
+def _block_functions(hidden2d: Tensor):
     """``(forward_stats, backward_blocks)`` for ``hidden2d``: the fused Triton kernels of
-    ``_triton`` where they serve it (CUDA, triton installed, no ``top_k``), else the PyTorch loop
-    above, which is also their test oracle."""
-    if hidden2d.is_cuda and not top_k:
+    ``_triton`` where they serve it (CUDA, triton installed), else the PyTorch loop above, which
+    is also their test oracle."""
+    if hidden2d.is_cuda:
         kernels = _triton_module()
         if kernels is not None and kernels.serves(hidden2d):
             return kernels.forward_stats, kernels.backward_blocks
@@ -561,8 +562,10 @@ class _RowStatsFunction(torch.autograd.Function):
         vocab_parallel,
         top_k,
     ):
-        forward_stats, ctx.backward_blocks = _block_functions(hidden2d, top_k)
-        extra = {"top_k": top_k} if top_k else {}
+        forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
+        extra = {}
+        if top_k:  # the running top-k is a statistic of the PyTorch loop only
+            forward_stats, extra = _forward_stats, {"top_k": top_k}
         stats = forward_stats(
             hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy,
             **extra,

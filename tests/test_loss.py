@@ -400,3 +400,69 @@ def test_head_methods_match_oracle():
     )
     assert_as_accurate(out.loss, naive.loss, exact.loss, torch.bfloat16, "head loss")
     torch.testing.assert_close(out.token_accuracy, naive.token_accuracy, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (
+            lambda h, w, y: cl.linear_cross_entropy(h, w, y, class_weight=torch.ones(30)),
+            ValueError,
+            ["class_weight", "[V] = [40]", "(30,)"],
+        ),
+        (
+            lambda h, w, y: cl.linear_cross_entropy(h, w, y, class_weight=torch.ones(40, 1)),
+            ValueError,
+            ["class_weight", "[V]", "(40, 1)"],
+        ),
+        (
+            lambda h, w, y: cl.linear_cross_entropy(
+                h, w, y, class_weight=torch.ones(40, dtype=torch.long)
+            ),
+            TypeError,
+            ["class_weight", "floating-point", "int64"],
+        ),
+        (
+            lambda h, w, y: cl.linear_cross_entropy(
+                h, w, y, class_weight=torch.ones(40), label_smoothing=0.1
+            ),
+            ValueError,
+            ["class_weight", "label_smoothing", "0.1"],
+        ),
+        (
+            lambda h, w, y: cl.linear_cross_entropy(h, w, y, return_token_accuracy=1),
+            TypeError,
+            ["return_token_accuracy", "bool", "1"],
+        ),
+        (
+            lambda h, w, y: cl.linear_cross_entropy(h, w, y, return_z_loss="yes"),
+            TypeError,
+            ["return_z_loss", "bool", "'yes'"],
+        ),
+        (lambda h, w, y: cl.token_accuracy(h, w, y, top_k=0), ValueError, ["top_k", ">= 1", "0"]),
+        (
+            lambda h, w, y: cl.token_accuracy(h, w, y, top_k=41),
+            ValueError,
+            ["top_k", "[1, V = 40]", "41"],
+        ),
+        (lambda h, w, y: cl.token_accuracy(h, w, y, top_k=1.0), TypeError, ["top_k", "int"]),
+        (
+            lambda h, w, y: cl.token_accuracy(h, w, y[:, :-1]),
+            ValueError,
+            ["labels", "(2, 5)", "(2, 4)"],
+        ),
+        (lambda h, w, y: cl.topk_logprobs(h, w, 0), ValueError, ["k", ">= 1", "0"]),
+        (lambda h, w, y: cl.topk_logprobs(h, w, 41), ValueError, ["k", "[1, V = 40]", "41"]),
+        (
+            lambda h, w, y: cl.topk_logprobs(h, w, 3, temperature=0.0),
+            ValueError,
+            ["temperature", "> 0", "0.0"],
+        ),
+    ],
+)
+def test_bad_arguments_of_the_new_options(call, error, words):
+    hidden, weight, labels = torch.randn(2, 5, 8), torch.randn(40, 8), torch.randint(0, 40, (2, 5))
+    with pytest.raises(error) as raised:
+        call(hidden, weight, labels)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
