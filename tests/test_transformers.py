@@ -191,23 +191,45 @@ def test_greedy_generate_unchanged(family):
     assert torch.equal(wrapped.generate(input_ids, **options), expected)
 
 
-def test_labels_give_no_logits_unless_asked():
+def test_logits_with_labels_in_evaluation_only_unless_asked():
+    """With labels: no logits in training mode; the original's logits in eval mode (what
+    Trainer.evaluate hands to compute_metrics); return_logits=True / False: always / never."""
     model = _model("gemma2").eval()
     wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     input_ids, labels = _batch()
     theirs = model(input_ids, labels=labels)
-    ours = wrapped(input_ids, labels=labels)
-    assert ours.logits is None and "logits" not in ours
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
-    ours_tuple = wrapped(input_ids, labels=labels, return_dict=False)
-    assert torch.equal(ours_tuple[0], ours.loss) and len(ours_tuple) == len(theirs.to_tuple()) - 1
-
+    for mode, expect_logits in (("train", False), ("eval", True)):
+        getattr(wrapped, mode)()
+        ours = wrapped(input_ids, labels=labels)
+        torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
+        if expect_logits:
+            assert torch.equal(ours.logits, theirs.logits)
+        else:
+            assert ours.logits is None and "logits" not in ours
+    wrapped.train()
     wrapped.lm_head.return_logits = True
-    ours = wrapped(input_ids, labels=labels)
-    assert torch.equal(ours.logits, theirs.logits)
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
-    also = cl.ChunkedLMHead.wrap(copy.deepcopy(model), return_logits=True)
+    assert torch.equal(wrapped(input_ids, labels=labels).logits, theirs.logits)
+    wrapped.eval()
+    wrapped.lm_head.return_logits = False
+    assert wrapped(input_ids, labels=labels).logits is None
+    also = cl.ChunkedLMHead.wrap(copy.deepcopy(model).train(), return_logits=True)
     assert torch.equal(also(input_ids, labels=labels).logits, theirs.logits)
+
+
+def test_tuple_outputs_keep_the_positions_of_the_original():
+    """return_dict=False with labels: (loss, logits, cache, ...) as the original's tuple, with
+    None at index 1 where the logits are not computed (never the cache in their place)."""
+    model = _model("llama").eval()
+    wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+    input_ids, labels = _batch()
+    theirs = model(input_ids, labels=labels, return_dict=False)
+    for mode, logits in (("eval", theirs[1]), ("train", None)):
+        getattr(wrapped, mode)()
+        ours = wrapped(input_ids, labels=labels, return_dict=False)
+        assert isinstance(ours, tuple) and len(ours) == len(theirs) == 3
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=0)
+        assert ours[1] is None if logits is None else torch.equal(ours[1], logits)
+        assert type(ours[2]) is type(theirs[2])  # the cache, where the original has it
 
 
 def test_loss_arguments_follow_for_causal_lm_loss():
