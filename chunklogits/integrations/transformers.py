@@ -12,6 +12,12 @@ hidden states) is reproduced by construction; what it does after it is reproduce
 transforms in the table and ``ForCausalLMLoss``, and ``wrap`` checks that claim on the model
 itself with a probe before it returns.
 
+The output module may also be a PEFT layer around the linear one (LoRA's ``Linear``, a
+``ModulesToSaveWrapper``): the ``ChunkedLMHead`` then takes the inner layer's place, the PEFT layer
+is the one that records, and the loss uses the linear layer the PEFT layer's forward amounts to
+(``_effective_head``). The output module's call is recorded under the autocast state it runs in,
+and the loss runs under the same state.
+
 Nothing here imports transformers at module level: ``import chunklogits`` stays light.
 """
 
