@@ -291,8 +291,8 @@ class ChunkedLMHead(nn.Linear):
         a PEFT LoRA ``Linear`` or ``ModulesToSaveWrapper`` around an ``nn.Linear``; a wrapped
         model may equally be given to ``get_peft_model`` with ``lm_head`` in ``target_modules``
         or ``modules_to_save``. The loss then uses the active copy of ``modules_to_save``, or
-        the LoRA layer's effective weight ``W + scaling * B @ A`` (with an active dropout, the
-        input ``[x, dropout(x)]`` against ``[W, scaling * B @ A]``, as PEFT computes it).
+        the LoRA layer's effective weight ``W + scaling * B @ A``, applied as ``[x, scaling *
+        lora_A(dropout(x))] @ [W, B].T`` (PEFT's dropout mask, no ``B @ A`` formed).
         ``resize_token_embeddings`` resizes the original layer and wraps the result again.
         Under ``torch.autocast`` (also accelerate's ``mixed_precision``) the loss's block GEMMs
         run in the autocast dtype the output layer is called under (see the class docstring).

@@ -568,12 +568,13 @@ def _effective_head(outer: nn.Module, hidden: Tensor):
 
 def _lora_head(layer: nn.Module, hidden: Tensor):
     """``_effective_head`` of PEFT's LoRA ``Linear``, whose forward is ``base(x) + sum over active
-    adapters of lora_B(lora_A(dropout(x))) * scaling``. Without dropout (eval mode, ``p = 0``)
-    that is one linear layer of weight ``W + scaling * B @ A`` (and bias ``b + scaling *
-    lora_B.bias`` with ``lora_bias``); an adapter whose dropout is active appends ``dropout(x)``
-    to the input and ``scaling * B @ A`` to the weight, ``[x, dropout(x)] @ [W, s B A].T``, so
-    that its dropout mask is drawn as PEFT draws it (same RNG call, same point of the forward).
-    Gradients reach ``A``, ``B`` and, if they require it, ``W`` and ``b``."""
+    adapters of lora_B(lora_A(dropout(x))) * scaling``. That is one linear layer over a wider
+    input: ``[x, s * lora_A(dropout(x)), ...] @ [W, B, ...].T (+ b + s * lora_B.bias with
+    lora_bias)``, the effective weight ``W + s * B @ A`` applied without forming ``B @ A``, the
+    GEMMs ``r`` columns wider. The dropout mask is drawn as PEFT draws it (the same call at the
+    same point of the forward, on the input cast to the adapter's dtype). Gradients reach ``A``
+    and ``B`` and, if they require it, ``W`` and ``b``. The concatenated weight is one copy of
+    ``W`` (``[V, D + r]``) per call."""
     from ..head import ChunkedLMHead
 
     base, base_hidden = _effective_head(layer.base_layer, hidden)
@@ -583,8 +584,7 @@ def _lora_head(layer: nn.Module, hidden: Tensor):
         return base, base_hidden
     if layer.merged:
         return base, base_hidden
-    weight, bias = base.weight, base.bias
-    appended_weights, appended_inputs = [], []
+    weights, inputs, bias = [base.weight], [base_hidden], base.bias
     for adapter in layer.active_adapters:
         if adapter not in layer.lora_A:
             continue
@@ -596,25 +596,24 @@ def _lora_head(layer: nn.Module, hidden: Tensor):
             )
         lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
         scaling = layer.scaling[adapter]
-        delta = (lora_b.weight @ lora_a.weight * scaling).to(weight.dtype)
+        projected = lora_a(
+            layer.lora_dropout[adapter](layer._cast_input_dtype(hidden, lora_a.weight.dtype))
+        )
+        inputs.append((projected * scaling).to(base_hidden.dtype))
+        weights.append(lora_b.weight.to(base.weight.dtype))
         if lora_b.bias is not None:
-            lora_bias = (lora_b.bias * scaling).to(weight.dtype)
+            lora_bias = (lora_b.bias * scaling).to(base.weight.dtype)
             bias = lora_bias if bias is None else bias + lora_bias
-        dropout = layer.lora_dropout[adapter]
-        if isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0:
-            weight = weight + delta
-            continue
-        # As PEFT: the input cast to the adapter's dtype, then its dropout.
-        dropped = dropout(layer._cast_input_dtype(hidden, lora_a.weight.dtype))
-        appended_inputs.append(dropped.to(base_hidden.dtype))
-        appended_weights.append(delta)
-    if appended_weights:
-        weight = torch.cat([weight, *appended_weights], dim=1)
-        base_hidden = torch.cat([base_hidden, *appended_inputs], dim=-1)
+    if len(weights) == 1:
+        return base, base_hidden
     head = ChunkedLMHead(
-        weight, bias, shards=base.shards, softcap=base.softcap, logit_scale=base.logit_scale
+        torch.cat(weights, dim=1),
+        bias,
+        shards=base.shards,
+        softcap=base.softcap,
+        logit_scale=base.logit_scale,
     )
-    return head, base_hidden
+    return head, torch.cat(inputs, dim=-1)
 
 
 @contextmanager
