@@ -683,3 +683,23 @@ def test_resize_token_embeddings_of_a_wrapped_model(family):
     cl.ChunkedLMHead.unwrap(wrapped)
     assert type(wrapped.lm_head) is nn.Linear and wrapped.lm_head.out_features == new_vocab
     assert "resize_token_embeddings" not in vars(wrapped)
+
+
+def test_warns_only_when_training_on_full_logits():
+    """The warning that full logits were made fires for a training-mode call without labels
+    with autograd on (what Trainer's label smoothing and compute_loss_func do), and for no
+    other call: labels, eval mode, no_grad (generate) and one position (logits_to_keep=1)."""
+    import warnings
+
+    model = cl.ChunkedLMHead.wrap(_model("llama"))
+    input_ids, labels = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train()(input_ids, labels=labels)
+        model(input_ids, logits_to_keep=1)
+        with torch.no_grad():
+            model(input_ids)
+        model.eval()(input_ids)
+    with pytest.warns(UserWarning, match=r"computed the full \(3, 13, 311\) logits"):
+        logits = model.train()(input_ids).logits
+    assert logits.shape == (3, 13, VOCAB)
