@@ -157,9 +157,10 @@ def test_saved_adapter_merge_and_generate(kind, order, tmp_path):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_unwrap_gives_the_peft_layers_back(kind):
-    model = _peft_model(kind, "peft-then-wrap")
+def test_unwrap_gives_the_peft_layers_back(kind, order):
+    model = _peft_model(kind, order)
     naive = _peft_model(kind, None)
     cl.ChunkedLMHead.unwrap(model)
     head, naive_head = model.base_model.model.lm_head, naive.base_model.model.lm_head
