@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import plan_blocks, row_stats
+from ._blocks import RowStats, _block_functions, _forward_stats, plan_blocks, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
 from .distributed import checked_on_every_rank
 
@@ -32,6 +32,7 @@ def linear_cross_entropy(
     logit_scale: float | None = None,
     shift: bool = False,
     process_group: ProcessGroup | None = None,
+    grad_in_forward: bool | None = None,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, never holding the logits.
 
@@ -71,6 +72,12 @@ def linear_cross_entropy(
             whole vocabulary's loss on every rank; ``shards`` counts this rank's slice. Every rank
             must call ``backward``: each gets its slice's weight and bias gradients and the full
             (all-reduced) gradient of hidden.
+        grad_in_forward: compute the gradients of hidden, weight and bias during the forward
+            pass, so that ``backward`` only scales them (see "Memory and time"). Needs a scalar
+            loss (``reduction`` "mean" or "sum"). ``True`` forces it, ``False`` forbids it,
+            ``None`` (default) uses it when gradients are needed and it costs no memory beyond
+            the block budget: an fp32 or fp64 weight (or one that needs no gradient), on a
+            device the Triton kernels do not serve.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
@@ -79,10 +86,17 @@ def linear_cross_entropy(
     Memory and time: the logits exist one block (``chunk_size x V / shards``) at a time; the
     forward pass keeps four fp32 numbers per row and saves only the log-sum-exp for backward.
     The backward pass recomputes each block's logits: one more ``2 N V D`` GEMM than the naive
-    version (8 instead of 6 ``N V D``). Computing the gradients during the forward pass instead,
-    as some fused losses do, would need either the ``[N, V]`` logits of a chunk for the whole
-    vocabulary plus an fp32 ``[V, D]`` weight-gradient accumulator, or a rounding of the
-    weight gradient at every chunk; both contradict what this function is for.
+    version (8 instead of 6 ``N V D``).
+
+    With ``grad_in_forward`` the rows are walked in chunks, each through the whole vocabulary,
+    and a chunk's fp32 logits (``chunk x V``, within the block budget) are kept from its
+    log-sum-exp to its gradient, so each block is computed once (6 ``N V D``, Liger-Kernel's
+    strategy). The gradients then exist from the forward pass on: hidden's as an fp32 ``[N, D]``
+    buffer, weight's as an fp32 ``[V, D]`` sum over the chunks, which for a half-precision
+    weight is memory beyond the gradient itself (4 bytes per weight entry), plus a ``[V, D]``
+    copy of the weight where the CPU's GEMMs run in fp32 for half-precision inputs
+    (``set_cpu_gemm_dtype``); for an fp32 weight the sum is the gradient itself. The
+    PyTorch block loop serves this path on every device.
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
@@ -100,6 +114,15 @@ def linear_cross_entropy(
                 f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}"
             )
         transform = make_transform(softcap, logit_scale)
+        if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+            raise TypeError(
+                f"grad_in_forward: expected True, False or None, got {grad_in_forward!r}"
+            )
+        if grad_in_forward and reduction == "none":
+            raise ValueError(
+                "grad_in_forward: True needs a scalar loss (reduction 'mean' or 'sum'), "
+                "got reduction='none'"
+            )
 
         targets_full = labels
         if shift:
@@ -112,19 +135,30 @@ def linear_cross_entropy(
             targets = flat_targets[index]
             if index.numel() == flat_targets.numel():
                 index, targets = None, flat_targets
-        plan = plan_blocks(
-            targets.numel(),
-            weight.shape[0],
-            hidden.dtype,
-            hidden.device,
-            shards=shards,
-            chunk_size=chunk_size,
-            dim=hidden.shape[-1],
-        )
+        plan_args = (targets.numel(), weight.shape[0], hidden.dtype, hidden.device)
+        plan_options = {"shards": shards, "chunk_size": chunk_size, "dim": hidden.shape[-1]}
+        plan = plan_blocks(*plan_args, **plan_options)
         hidden2d = flat_rows(hidden)
         vocab_slice = ranks.agree(hidden2d, weight, bias, transform, targets, "labels")
+    fused = reduction != "none" and targets.numel() > 0 and _grads_needed(hidden, weight, bias)
+    if grad_in_forward is None:
+        fused = fused and _fused_costs_nothing(hidden2d, weight)
+    else:
+        fused = fused and grad_in_forward
+    if fused:  # chunks sized for the whole vocabulary, the same on every rank
+        plan = plan_blocks(*plan_args, **plan_options, kept_vocab=ranks.vocab)
     check_in_vocab("labels", targets, ranks.vocab, ignore_index)
-    stats = row_stats(
+
+    def row_loss_of(stats: RowStats) -> Tensor:
+        row_loss = stats.lse - stats.target
+        if label_smoothing > 0:
+            smoothed = stats.lse - (1.0 - label_smoothing) * stats.target
+            row_loss = smoothed - label_smoothing * stats.mean
+        if z_loss > 0:
+            row_loss = row_loss + z_loss * stats.lse.square()
+        return row_loss
+
+    result = row_stats(
         hidden2d,
         weight,
         bias,
@@ -134,12 +168,13 @@ def linear_cross_entropy(
         plan=plan,
         want_mean=label_smoothing > 0,
         vocab_parallel=vocab_slice,
+        row_loss=row_loss_of if fused else None,
     )
-    row_loss = stats.lse - stats.target
-    if label_smoothing > 0:
-        row_loss = stats.lse - (1.0 - label_smoothing) * stats.target - label_smoothing * stats.mean
-    if z_loss > 0:
-        row_loss = row_loss + z_loss * stats.lse.square()
+    if fused:
+        _, total = result
+    else:
+        row_loss = row_loss_of(result)
+        total = row_loss.sum()
 
     if reduction == "none":
         out = row_loss
@@ -147,12 +182,23 @@ def linear_cross_entropy(
             out = row_loss.new_zeros(flat_targets.shape).index_put((index,), row_loss)
         out = out.reshape(labels.shape)
         return out[..., :-1] if shift else out
-    total = row_loss.sum()
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:
         return total / torch.as_tensor(num_items_in_batch, device=total.device)
     return total / targets.numel()
+
+
+def _grads_needed(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
+    """Whether ``grad_in_forward`` needs no memory beyond the block budget and the gradients
+    themselves: the weight gradient is its own fp32 sum (an fp32/fp64 weight, or none is
+    needed), and the PyTorch loop is what would run anyway (no Triton kernels)."""
+    wide = weight.dtype in (torch.float32, torch.float64) or not weight.requires_grad
+    return wide and _block_functions(hidden2d)[0] is _forward_stats
 
 
 def _check_fraction(name: str, value, high: float | None) -> None:
