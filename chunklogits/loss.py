@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import RowStats, _block_functions, _forward_stats, plan_blocks, row_stats
+from . import _blocks
+from ._blocks import RowStats, plan_blocks, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
 from .distributed import checked_on_every_rank
 
@@ -198,7 +199,7 @@ def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
     themselves: the weight gradient is its own fp32 sum (an fp32/fp64 weight, or none is
     needed), and the PyTorch loop is what would run anyway (no Triton kernels)."""
     wide = weight.dtype in (torch.float32, torch.float64) or not weight.requires_grad
-    return wide and _block_functions(hidden2d)[0] is _forward_stats
+    return wide and _blocks._block_functions(hidden2d)[0] is _blocks._forward_stats
 
 
 def _check_fraction(name: str, value, high: float | None) -> None:
