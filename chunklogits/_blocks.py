@@ -138,6 +138,7 @@ def plan_blocks(
     dim: int = 0,
     backward: bool = True,
     kept_vocab: int | None = None,
+    kept_rows: int = 1,
 ) -> BlockPlan:
     """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
     block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
@@ -150,7 +151,8 @@ def plan_blocks(
     ``_fused_loss_blocks``, which keeps a row chunk's fp32 logits for ``kept_vocab`` vocabulary
     entries (this rank's slice, or the whole vocabulary under vocabulary parallelism, so that
     every rank cuts the same chunks) beside one transient block of a shard of at most
-    ``_KEPT_SHARD`` entries."""
+    ``_KEPT_SHARD`` entries; ``kept_rows``: the fewest rows per chunk it may take then, whatever
+    the budget."""
     _check_count("shards", shards, 1, vocab)
     _check_count("chunk_size", chunk_size, 1)
     compute_dtype = block_compute_dtype(dtype, device)
@@ -163,7 +165,7 @@ def plan_blocks(
             shards = math.ceil(vocab / _KEPT_SHARD)
         if chunk_size is None:
             row_bytes = kept_vocab * 4 + math.ceil(vocab / shards) * bytes_per_element + row_copy
-            chunk_size = max(1, min(rows, _MAX_CHUNK, budget // row_bytes))
+            chunk_size = max(1, min(rows, _MAX_CHUNK, max(kept_rows, budget // row_bytes)))
     if chunk_size is None:
         width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
         fits = (budget - width * column_copy) // (width * bytes_per_element + row_copy)

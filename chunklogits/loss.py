@@ -90,14 +90,15 @@ def linear_cross_entropy(
     version (8 instead of 6 ``N V D``).
 
     With ``grad_in_forward`` the rows are walked in chunks, each through the whole vocabulary,
-    and a chunk's fp32 logits (``chunk x V``, within the block budget) are kept from its
-    log-sum-exp to its gradient, so each block is computed once (6 ``N V D``, Liger-Kernel's
-    strategy). The gradients then exist from the forward pass on: hidden's as an fp32 ``[N, D]``
-    buffer, weight's as an fp32 ``[V, D]`` sum over the chunks, which for a half-precision
-    weight is memory beyond the gradient itself (4 bytes per weight entry), plus a ``[V, D]``
-    copy of the weight where the CPU's GEMMs run in fp32 for half-precision inputs
-    (``set_cpu_gemm_dtype``); for an fp32 weight the sum is the gradient itself. The
-    PyTorch block loop serves this path on every device.
+    and a chunk's fp32 logits (``chunk x V``) are kept from its log-sum-exp to its gradient, so
+    each block is computed once (6 ``N V D``, Liger-Kernel's strategy). The gradients then exist
+    from the forward pass on: hidden's as an fp32 ``[N, D]`` buffer, weight's as an fp32
+    ``[V, D]`` sum over the chunks. For an fp32 weight that sum is the gradient itself and the
+    kept logits fit the block budget. For a half-precision weight the sum is memory beyond the
+    gradient (4 bytes per weight entry), the kept logits may then be as large (chunks of up to
+    ``D`` rows: GEMMs of few rows are slow on CPUs), and where the CPU's GEMMs run in fp32 for
+    half-precision inputs (``set_cpu_gemm_dtype``) an fp32 copy of the weight is made once
+    (another 4 bytes per entry). The PyTorch block loop serves this path on every device.
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
@@ -147,7 +148,11 @@ def linear_cross_entropy(
     else:
         fused = fused and grad_in_forward
     if fused:  # chunks sized for the whole vocabulary, the same on every rank
-        plan = plan_blocks(*plan_args, **plan_options, kept_vocab=ranks.vocab)
+        # Where an fp32 [V, D] sum of the weight gradient is held anyway, a chunk's kept logits
+        # may be as large (D rows): CPU GEMMs of a few dozen rows run at a fraction of their speed.
+        summed = weight.requires_grad and weight.dtype not in (torch.float32, torch.float64)
+        kept_rows = hidden.shape[-1] if summed else 1
+        plan = plan_blocks(*plan_args, **plan_options, kept_vocab=ranks.vocab, kept_rows=kept_rows)
     check_in_vocab("labels", targets, ranks.vocab, ignore_index)
 
     def row_loss_of(stats: RowStats) -> Tensor:
