@@ -16,7 +16,9 @@ backward.
 
 Blocks are walked vocabulary shard by shard (outer) and row chunk by row chunk (inner), so each
 shard's weight gradient is finished before the next shard starts and needs no ``[V, D]`` fp32
-accumulator.
+accumulator. A scalar loss can instead have its gradients computed in the forward pass
+(``row_stats(row_loss=...)``, ``_fused_loss_blocks``): row chunks outer, each chunk's logits kept
+for the whole vocabulary, 3 GEMMs per block instead of 4, the weight gradient summed in fp32.
 """
 
 from __future__ import annotations
