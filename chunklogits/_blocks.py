@@ -784,3 +784,62 @@ def row_stats(
     present = (True, targets is not None, want_mean, want_entropy)
     stats = RowStats(*(next(out) if kept else None for kept in present))
     return stats if row_loss is None else (stats, next(out))
+
+
+class _HeadGradients:
+    """Gradients of one head's hidden rows, weight and bias, written block by block from fp32
+    ``dL/dx`` blocks (``x`` the raw logits) by ops whose backward is not ``row_stats``' (the
+    distillation losses). Shard by shard, as ``_backward_blocks``: a shard's weight gradient is
+    finished before the next starts, and with one row chunk it is written once, without an fp32
+    accumulator. ``needs``: which of (hidden, weight, bias) want a gradient."""
+
+    def __init__(self, hidden2d, weight, bias, index, plan, needs, stat_dtype):
+        self.hidden2d, self.weight, self.bias, self.index = hidden2d, weight, bias, index
+        self.plan, self.stat_dtype = plan, stat_dtype
+        need_hidden, need_weight, need_bias = needs
+        new = {"dtype": stat_dtype, "device": hidden2d.device}
+        self.rows = torch.zeros(plan.rows, hidden2d.shape[1], **new) if need_hidden else None
+        self.weight_grad = torch.zeros_like(weight) if need_weight else None
+        self.bias_grad = torch.zeros(weight.shape[0], **new) if need_bias else None
+        self.single_chunk = len(plan.chunks) == 1
+        self.shard_grad = None
+
+    def start_shard(self, v0: int, v1: int) -> None:
+        if self.weight_grad is not None and not self.single_chunk:
+            self.shard_grad = torch.zeros(
+                v1 - v0, self.hidden2d.shape[1], dtype=self.stat_dtype, device=self.hidden2d.device
+            )
+
+    def add(self, grad: Tensor, h: Tensor, w: Tensor, r0: int, r1: int, v0: int, v1: int, work):
+        """Fold the fp32 block ``grad = dL/dx`` of rows ``[r0, r1)`` x shard ``[v0, v1)``, whose
+        rows and weight shard in the compute dtype are ``h`` and ``w``; ``work``'s ``raw``
+        buffer holds its compute-dtype copy."""
+        if self.bias_grad is not None:
+            self.bias_grad[v0:v1] += grad.sum(0)
+        if self.plan.compute_dtype != self.stat_dtype:
+            grad = work.get("raw", *grad.shape, self.plan.compute_dtype).copy_(grad)
+        if self.rows is not None:
+            self.rows[r0:r1] += grad @ w
+        if self.shard_grad is not None:
+            self.shard_grad += grad.T @ h
+        elif self.weight_grad is not None and self.weight.dtype == grad.dtype:
+            torch.mm(grad.T, h, out=self.weight_grad[v0:v1])
+        elif self.weight_grad is not None:
+            self.weight_grad[v0:v1] = grad.T @ h
+
+    def finish_shard(self, v0: int, v1: int) -> None:
+        if self.shard_grad is not None:
+            self.weight_grad[v0:v1] = self.shard_grad
+            self.shard_grad = None
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(hidden2d's gradient, zero at unselected rows; weight's; bias'), in their dtypes."""
+        grad_hidden = None
+        if self.rows is not None:
+            grad_hidden = torch.zeros_like(self.hidden2d)
+            if self.index is None:
+                grad_hidden.copy_(self.rows)
+            else:
+                grad_hidden[self.index] = self.rows.to(self.hidden2d.dtype)
+        grad_bias = None if self.bias_grad is None else self.bias_grad.to(self.bias.dtype)
+        return grad_hidden, self.weight_grad, grad_bias

@@ -23,7 +23,8 @@ states' gradient, so every rank's ``hidden.grad`` is the full gradient (as the i
 Megatron's column-parallel linear layer). So every rank must call ``backward`` on the result.
 
 Users pass ``process_group=`` to ``linear_cross_entropy``, ``token_logprobs``,
-``logsumexp`` and ``sampling.sample_next`` (whose passes each end with one ``all_gather`` of their
+``logsumexp``, ``linear_jsd`` (which also sums its per-row divergences: ``VocabSlice.sum_``)
+and ``sampling.sample_next`` (whose passes each end with one ``all_gather`` of their
 per-row candidates and winners: ``VocabSlice.gather``; see ``sampling``). Before any other
 collective, the ranks exchange a small description of their inputs in one ``all_gather``; a bad
 input on any rank, or inputs that disagree across ranks (hidden size, dtype, rows, bias, logit
@@ -98,6 +99,12 @@ class VocabSlice:
         """Each rank's hidden gradient covers its own slice; the full one is their sum."""
         dist.all_reduce(grad_hidden, group=self.group)
         return grad_hidden
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (per-row sums over this rank's slice) replaced in place by its sum over the
+        ranks: the same sums over the whole vocabulary."""
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     @property
     def rank(self) -> int:
