@@ -48,9 +48,9 @@ from ._checks import (
 from .distributed import checked_on_every_rank
 
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
-# Transient bytes one block element costs: both heads' fp32 logits, the two softmaxes and the
-# mixture's log-probabilities (5 x 4), and the half-precision GEMM outputs of both heads (2 x 2).
-_BYTES_PER_BLOCK_ELEMENT = 24
+# Transient bytes one block element costs: both heads' fp32 logits, the two softmaxes, the
+# mixture and q / m (6 x 4), and the half-precision GEMM outputs of both heads (2 x 2).
+_BYTES_PER_BLOCK_ELEMENT = 28
 
 
 def linear_jsd(
@@ -291,10 +291,11 @@ class _Block(NamedTuple):
     works: tuple[_Workspace, _Workspace]
 
 
-def _shards(heads, index, lses, options):
+def _shards(heads, index, lses, options, residuals=None):
     """For each vocabulary shard ``[v0, v1)``: ``(v0, v1, blocks)``, ``blocks`` yielding the
     shard's ``_Block``s chunk by chunk. Both heads' rows are cut alike, so a block holds the
-    same positions and tokens of both."""
+    same positions and tokens of both. A block's log-probabilities are ``z - lse`` and, with
+    ``residuals`` (``[2, N]``, see ``_row_terms``), ``z - lse - residual``."""
     plan, device = options.plan, heads[0].hidden2d.device
     stat_dtype = lses[0].dtype
     rows = [_Rows(head.hidden2d, index, plan) for head in heads]
@@ -302,11 +303,12 @@ def _shards(heads, index, lses, options):
 
     def blocks(params):
         for (r0, r1, h_s), (_, _, h_t) in zip(*rows, strict=True):
-            logs = tuple(
-                _block_logits(h, w, b, options.transform, work, stat_dtype).sub_(lse[r0:r1, None])
-                for h, (w, b), work, lse in zip((h_s, h_t), params, works, lses, strict=True)
-            )
-            yield _Block(r0, r1, (h_s, h_t), (params[0][0], params[1][0]), logs, works)
+            logs = []
+            for i, (h, (w, b), work) in enumerate(zip((h_s, h_t), params, works, strict=True)):
+                log = _block_logits(h, w, b, options.transform, work, stat_dtype)
+                log.sub_(lses[i][r0:r1, None])
+                logs.append(log if residuals is None else log.sub_(residuals[i, r0:r1, None]))
+            yield _Block(r0, r1, (h_s, h_t), (params[0][0], params[1][0]), tuple(logs), works)
 
     for v0, v1 in plan.shards:
         params = [_shard_params(head.weight, head.bias, v0, v1, plan) for head in heads]
@@ -320,10 +322,10 @@ def _probs(log: Tensor, work: _Workspace, role: str) -> Tensor:
     return torch.clamp(log, min=log_floor(log.dtype), out=out).exp_()
 
 
-def _mixture_log(p: Tensor, q: Tensor, beta: float, work: _Workspace) -> Tensor:
-    """``log(beta * q + (1 - beta) * p)``; the floored ``p`` and ``q`` keep it finite."""
+def _mixture(p: Tensor, q: Tensor, beta: float, work: _Workspace) -> Tensor:
+    """``beta * q + (1 - beta) * p``, which the floored ``p`` and ``q`` keep above 0."""
     m = torch.mul(q, beta, out=work.get("mixture", *p.shape, p.dtype))
-    return m.add_(p, alpha=1.0 - beta).log_()
+    return m.add_(p, alpha=1.0 - beta)
 
 
 def _kl_order(beta: float) -> tuple[int, int]:
@@ -333,37 +335,77 @@ def _kl_order(beta: float) -> tuple[int, int]:
 
 
 def _divergence_sums(heads, index, lses, options) -> Tensor:
-    """Per-row sums over the blocks: ``[KL(x || y)]`` for beta 0 or 1, else
-    ``[KL(p || m), KL(q || m)]``; ``[k, N]``."""
+    """Per-row sums over the blocks, of the probabilities ``p~ = exp(z_s - lse_s)``, ``q~ =
+    exp(z_t - lse_t)`` as the fp32 log-sum-exps give them (see ``_row_terms``): for beta 0 or 1,
+    ``[sum x~ * (log x~ - log y~), sum x~, sum y~]``; else, with ``m~ = beta * q~ + (1 - beta)
+    * p~``, ``[sum p~ * log(p~ / m~), sum q~ * log(q~ / m~), sum p~, sum q~, sum p~ q~ / m~]``."""
     beta, plan = options.beta, options.plan
     general = 0 < beta < 1
-    sums = lses[0].new_zeros(2 if general else 1, plan.rows)
+    sums = lses[0].new_zeros(5 if general else 3, plan.rows)
     for _, _, blocks in _shards(heads, index, lses, options):
         for block in blocks:
             r0, r1 = block.r0, block.r1
             work = block.works[0]
             if general:
                 p, q = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
-                log_m = _mixture_log(p, q, beta, work)
+                m = _mixture(p, q, beta, work)
+                ratio = torch.div(q, m, out=work.get("ratio", *m.shape, m.dtype))
+                sums[4, r0:r1] += torch.linalg.vecdot(p, ratio)
+                log_m = m.log_()
                 for k, (prob, log) in enumerate(zip((p, q), block.logs, strict=True)):
                     sums[k, r0:r1] += torch.linalg.vecdot(prob, log.sub_(log_m))
+                    sums[2 + k, r0:r1] += prob.sum(1)
             else:
                 x, y = _kl_order(beta)
-                prob = _probs(block.logs[x], work, "p")
-                sums[0, r0:r1] += torch.linalg.vecdot(prob, block.logs[x].sub_(block.logs[y]))
+                prob_x = _probs(block.logs[x], work, "p")
+                sums[1, r0:r1] += prob_x.sum(1)
+                sums[2, r0:r1] += _probs(block.logs[y], work, "q").sum(1)
+                sums[0, r0:r1] += torch.linalg.vecdot(prob_x, block.logs[x].sub_(block.logs[y]))
     return sums
 
 
-def _divergence(sums: Tensor, beta: float) -> Tensor:
+class _RowTerms(NamedTuple):
+    """``divergence`` ``[N]``; ``kl``: ``[KL(x || y)]`` (beta 0 or 1) or ``[KL(p || m),
+    KL(q || m)]``, ``[k, N]``; ``residuals``: ``[2, N]``, the student's and teacher's
+    ``log(sum exp(z - lse))``."""
+
+    divergence: Tensor
+    kl: Tensor
+    residuals: Tensor
+
+
+def _row_terms(sums: Tensor, beta: float) -> _RowTerms:
+    """The divergence terms of ``_divergence_sums``' sums, corrected for the rounding of the
+    log-sum-exps to fp32.
+
+    ``lse`` is the fp32 rounding of ``max + log(sum_exp)``: off by up to half an ulp of its
+    magnitude (4e-6 at |lse| = 100, which low temperatures reach), which shifts every
+    log-probability of the row alike; the naive ``log_softmax`` keeps ``x - max`` and
+    ``log(sum_exp)`` apart instead. The masses ``M = sum p~`` measure the shift, ``eps =
+    log M``, with the true ``p = p~ / M``. For beta 0 or 1, exactly: ``KL(x || y) = A / M_x -
+    eps_x + eps_y``. Else to first order in ``eps`` (``|eps|^2`` is below fp32 resolution):
+    ``KL(p || m) = k_p (1 - eps_p) + beta R (eps_q - eps_p)``, ``KL(q || m) = k_q (1 - eps_q)
+    + (1 - beta) R (eps_p - eps_q)`` with ``R = sum p~ q~ / m~``. The backward pass subtracts
+    ``eps`` from each log-probability."""
     if 0 < beta < 1:
-        return beta * sums[1] + (1.0 - beta) * sums[0]
-    return sums[0]
+        kl_p, kl_q, mass_p, mass_q, ratio = sums
+        eps_p, eps_q = mass_p.log(), mass_q.log()
+        kl_p = kl_p * (1.0 - eps_p) + beta * ratio * (eps_q - eps_p)
+        kl_q = kl_q * (1.0 - eps_q) + (1.0 - beta) * ratio * (eps_p - eps_q)
+        divergence = beta * kl_q + (1.0 - beta) * kl_p
+        return _RowTerms(divergence, torch.stack([kl_p, kl_q]), torch.stack([eps_p, eps_q]))
+    x, _ = _kl_order(beta)
+    weighted, mass_x, mass_y = sums
+    eps_x, eps_y = mass_x.log(), mass_y.log()
+    divergence = weighted / mass_x - eps_x + eps_y
+    residuals = torch.stack([eps_x, eps_y] if x == 0 else [eps_y, eps_x])
+    return _RowTerms(divergence, divergence[None], residuals)
 
 
-def _gradients(heads, index, lses, sums, grad_rows, options, needs):
+def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
     """Both heads' (hidden, weight, bias) gradients of ``sum(grad_rows * divergence)``.
 
-    With ``d = log x - log y`` summed as ``D = sum x * d`` (the KL terms of ``sums``), the
+    With ``d = log x - log y`` summed as ``D = sum x * d`` (the KL terms of ``terms``), the
     gradient with respect to the logits of ``x``'s head is ``x * (d - D)`` and, for beta 0 or 1,
     with respect to those of ``y``'s head ``y - x``; the generalised JSD's terms are
     ``(1 - beta) * p * (log p - log m - KL(p || m))`` and ``beta * q * (log q - log m -
@@ -378,7 +420,7 @@ def _gradients(heads, index, lses, sums, grad_rows, options, needs):
         for i, head in enumerate(heads)
     ]
     general = 0 < beta < 1
-    for v0, v1, blocks in _shards(heads, index, lses, options):
+    for v0, v1, blocks in _shards(heads, index, lses, options, terms.residuals):
         for sink in sinks:
             if sink is not None:
                 sink.start_shard(v0, v1)
@@ -386,15 +428,15 @@ def _gradients(heads, index, lses, sums, grad_rows, options, needs):
             r0, r1 = block.r0, block.r1
             # d z / d x = 1 / temperature, folded into the per-row factor.
             upstream = grad_rows[r0:r1, None] / transform.temperature
+            kl = terms.kl[:, r0:r1, None]
             work = block.works[0]
             grads = [None, None]
             if general:
                 probs = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
-                log_m = _mixture_log(*probs, beta, work)
+                log_m = _mixture(*probs, beta, work).log_()
                 for i, weight in ((0, 1.0 - beta), (1, beta)):
                     if sinks[i] is not None:
-                        kl = sums[i, r0:r1, None]
-                        grads[i] = block.logs[i].sub_(log_m).sub_(kl).mul_(probs[i])
+                        grads[i] = block.logs[i].sub_(log_m).sub_(kl[i]).mul_(probs[i])
                         grads[i].mul_(upstream * weight)
             else:
                 x, y = _kl_order(beta)
@@ -402,7 +444,7 @@ def _gradients(heads, index, lses, sums, grad_rows, options, needs):
                 prob_y = _probs(block.logs[y], work, "q") if sinks[y] is not None else None
                 if sinks[x] is not None:
                     log_ratio = block.logs[x].sub_(block.logs[y])
-                    grads[x] = log_ratio.sub_(sums[0, r0:r1, None]).mul_(prob_x).mul_(upstream)
+                    grads[x] = log_ratio.sub_(kl[0]).mul_(prob_x).mul_(upstream)
                 if sinks[y] is not None:
                     grads[y] = torch.sub(prob_y, prob_x, out=block.logs[y]).mul_(upstream)
             for i, sink in enumerate(sinks):
@@ -444,18 +486,22 @@ class _JSDFunction(torch.autograd.Function):
         sums = _divergence_sums(heads, index, lses, options)
         if vocab_parallel is not None:
             vocab_parallel.sum_(sums)
-        ctx.save_for_backward(*(t for head in heads for t in head), index, *lses, sums)
+        terms = _row_terms(sums, options.beta)
+        ctx.save_for_backward(
+            *(t for head in heads for t in head), index, *lses, terms.kl, terms.residuals
+        )
         ctx.options, ctx.vocab_parallel = options, vocab_parallel
-        return _divergence(sums, options.beta)
+        return terms.divergence
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_divergence):
         saved = ctx.saved_tensors
         heads = (_Head(*saved[0:3]), _Head(*saved[3:6]))
-        index, lses, sums = saved[6], saved[7:9], saved[9]
+        index, lses = saved[6], saved[7:9]
+        terms = _RowTerms(None, *saved[9:11])
         grads = _gradients(
-            heads, index, lses, sums, grad_divergence, ctx.options, ctx.needs_input_grad[:6]
+            heads, index, lses, terms, grad_divergence, ctx.options, ctx.needs_input_grad[:6]
         )
         if ctx.vocab_parallel is not None:
             for i in (0, 3):
