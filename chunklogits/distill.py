@@ -127,8 +127,10 @@ def linear_jsd(
         teacher's gradients are formed only where they require grad).
 
     Cost: two passes in the forward (each head's log-sum-exp, then the divergence over both
-    heads' blocks) and one in the backward: 6 ``N V (D_s + D_t)`` multiply-adds against the naive
-    path's 2, plus the gradient GEMMs the naive path does too.
+    heads' blocks) and one in the backward, so the logits cost ``3 N V (D_s + D_t)``
+    multiply-adds against the naive path's ``N V (D_s + D_t)``; the gradient GEMMs are the naive
+    path's. Working memory: the blocks (``chunklogits.set_block_budget``) and ``O(N)`` per-row
+    numbers, besides the gradients themselves.
     """
     with checked_on_every_rank(process_group) as ranks:
         _check_head("student", student_hidden, student_weight, student_bias)
@@ -164,7 +166,10 @@ def linear_jsd(
             dim=student_hidden.shape[-1] + teacher_hidden.shape[-1],
         )
         student2d, teacher2d = flat_rows(student_hidden), flat_rows(teacher_hidden)
-        kept = index if index is not None else torch.arange(rows, device=student2d.device)
+        # The positions that count, which every rank must share (the exchange needs a tensor).
+        kept = index
+        if index is None and process_group is not None:
+            kept = torch.arange(rows, device=student2d.device)
         vocab_slice = ranks.agree(
             student2d, student_weight, student_bias, transform, kept, "labels"
         )
