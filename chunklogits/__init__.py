@@ -3,6 +3,7 @@ logits tensor."""
 
 from . import distributed, memory, reference
 from ._blocks import set_block_budget, set_cpu_gemm_dtype
+from .distill import linear_jsd
 from .generate import sample
 from .head import ChunkedLMHead
 from .integrations.transformers import sequence_logprobs
@@ -14,6 +15,7 @@ __all__ = [
     "ChunkedLMHead",
     "distributed",
     "linear_cross_entropy",
+    "linear_jsd",
     "logsumexp",
     "memory",
     "reference",

@@ -16,7 +16,9 @@ backward.
 
 Blocks are walked vocabulary shard by shard (outer) and row chunk by row chunk (inner), so each
 shard's weight gradient is finished before the next shard starts and needs no ``[V, D]`` fp32
-accumulator.
+accumulator. A scalar loss can instead have its gradients computed in the forward pass
+(``row_stats(row_loss=...)``, ``_fused_loss_blocks``): row chunks outer, each chunk's logits kept
+for the whole vocabulary, 3 GEMMs per block instead of 4, the weight gradient summed in fp32.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from torch import Tensor
 _BYTES_PER_BLOCK_ELEMENT = 12
 _MIN_SHARD = 128
 _MAX_CHUNK = 16384
+# Vocabulary entries per shard when a row chunk's logits are kept for the whole vocabulary
+# (``grad_in_forward``): wide enough for efficient GEMMs, narrow enough that the transient
+# buffers beside the kept logits stay small.
+_KEPT_SHARD = 4096
 
 _CPU_GEMM_MODES = ("auto", "model", "fp32")
 _settings = {"block_budget": 32 * 2**20, "cpu_gemm": os.environ.get("CHUNKLOGITS_CPU_GEMM", "auto")}
@@ -133,6 +139,8 @@ def plan_blocks(
     bytes_per_element: int = _BYTES_PER_BLOCK_ELEMENT,
     dim: int = 0,
     backward: bool = True,
+    kept_vocab: int | None = None,
+    kept_rows: int = 1,
 ) -> BlockPlan:
     """Choose the block shape. Explicit ``shards``/``chunk_size`` win; otherwise as many rows per
     block as the budget allows with shards of at least ``_MIN_SHARD`` vocabulary entries, then the
@@ -141,7 +149,12 @@ def plan_blocks(
     the copies beside the block: when the GEMMs run in another dtype than the inputs', the
     converted weight shard (``width x dim``) and row chunk (``chunk x dim``); with ``backward``,
     the shard's weight gradient in fp32 (``width x dim``: the accumulator over row chunks, or the
-    product before its rounding to the weight's dtype)."""
+    product before its rounding to the weight's dtype). ``kept_vocab``: plan for
+    ``_fused_loss_blocks``, which keeps a row chunk's fp32 logits for ``kept_vocab`` vocabulary
+    entries (this rank's slice, or the whole vocabulary under vocabulary parallelism, so that
+    every rank cuts the same chunks) beside one transient block of a shard of at most
+    ``_KEPT_SHARD`` entries; ``kept_rows``: the fewest rows per chunk it may take then, whatever
+    the budget."""
     _check_count("shards", shards, 1, vocab)
     _check_count("chunk_size", chunk_size, 1)
     compute_dtype = block_compute_dtype(dtype, device)
@@ -149,6 +162,12 @@ def plan_blocks(
     # Bytes per row of the row chunk's copy, and per vocabulary entry of the shard's copies.
     row_copy = dim * compute_dtype.itemsize if compute_dtype != dtype else 0
     column_copy = row_copy + (dim * 4 if backward else 0)
+    if kept_vocab is not None:
+        if shards is None:
+            shards = math.ceil(vocab / _KEPT_SHARD)
+        if chunk_size is None:
+            row_bytes = kept_vocab * 4 + math.ceil(vocab / shards) * bytes_per_element + row_copy
+            chunk_size = max(1, min(rows, _MAX_CHUNK, max(kept_rows, budget // row_bytes)))
     if chunk_size is None:
         width = math.ceil(vocab / shards) if shards is not None else min(vocab, _MIN_SHARD)
         fits = (budget - width * column_copy) // (width * bytes_per_element + row_copy)
@@ -218,7 +237,7 @@ class TopLogits(NamedTuple):
     """The ``k`` largest logits of each row, chosen on the logits the model's own head returns
     (``decision``: its model-dtype logits with the head's transform applied in that dtype, as
     fp32, descending; for fp32/fp64 inputs simply ``z``), not differentiable. ``index``: their
-    vocabulary indices ``[N, k]`` (ties in no particular order, as ``torch.topk``); ``value``:
+    vocabulary indices ``[N, k]`` (equal decisions by ascending index); ``value``:
     ``z`` at them, at fp32 accuracy; ``target_decision``: the target's decision logit ``[N]``
     (None without targets). Rows with fewer than ``k`` entries are padded with ``-inf``."""
 
@@ -270,6 +289,19 @@ class _Workspace:
         if buffer is None:
             buffer = self._buffers[role] = torch.empty(self.numel, dtype=dtype, device=self.device)
         return buffer[: rows * cols].view(rows, cols)
+
+    def kept(self, shard: int) -> _KeptBlock:
+        """A view of this workspace in which shard ``shard``'s logits block (role ``z``) has a
+        buffer of its own, so that a row chunk's blocks of every shard outlive one another."""
+        return _KeptBlock(self, shard)
+
+
+class _KeptBlock(NamedTuple):
+    work: _Workspace
+    shard: int
+
+    def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        return self.work.get(f"z{self.shard}" if role == "z" else role, rows, cols, dtype)
 
 
 def _shard_params(weight, bias, v0, v1, plan):
@@ -341,60 +373,90 @@ def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]
     return inside, (targets - v0).clamp_(0, v1 - v0 - 1)
 
 
+class _RunningStats:
+    """Per-row fp32 running statistics of the blocks folded so far (the online log-sum-exp
+    merge of the module docstring): what ``_forward_stats`` and ``_fused_loss_blocks`` share."""
+
+    def __init__(self, n: int, targets, want_mean: bool, want_entropy: bool, like: Tensor):
+        new = {"device": like.device, "dtype": torch.promote_types(like.dtype, torch.float32)}
+        self.dtype = new["dtype"]
+        self.max = torch.full((n,), -math.inf, **new)
+        self.sum_exp = torch.zeros(n, **new)
+        self.target = torch.zeros(n, **new) if targets is not None else None
+        self.total = torch.zeros(n, **new) if want_mean else None
+        # sum_v exp(z_v - m) * (z_v - m): the entropy is log(sum_exp) - weighted / sum_exp, with
+        # no cancellation of the (possibly large) max between lse and the expected logit.
+        self.weighted = torch.zeros(n, **new) if want_entropy else None
+        self.targets = targets
+
+    def fold(self, z: Tensor, r0: int, r1: int, v0: int, v1: int, work, keep: bool) -> None:
+        """Fold block ``z`` (rows ``[r0, r1)``, vocabulary ``[v0, v1)``) into the statistics.
+        ``keep``: leave ``z`` intact (it is used again), else it is overwritten."""
+        if self.target is not None:
+            inside, column = _target_in_shard(self.targets[r0:r1], v0, v1)
+            picked = z.gather(1, column[:, None]).squeeze(1)
+            self.target[r0:r1] = torch.where(inside, picked, self.target[r0:r1])
+        if self.total is not None:
+            self.total[r0:r1] += z.sum(1)
+        old_max = self.max[r0:r1]
+        new_max = torch.maximum(old_max, z.amax(1))
+        # Rows with no finite logit yet (a -inf bias masks tokens) are centred on 0, so that
+        # their z - max is -inf, not NaN; the zero rescale of the next finite maximum drops
+        # what they summed.
+        centre = new_max.masked_fill(new_max == -math.inf, 0.0)
+        # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
+        step = (old_max - centre).clamp_(min=torch.finfo(self.dtype).min)
+        rescale = step.exp()
+        self.max[r0:r1] = new_max  # old_max is a view: read above
+        if keep:
+            centred = torch.sub(z, centre[:, None], out=work.get("centred", *z.shape, z.dtype))
+        else:
+            centred = z.sub_(centre[:, None])
+        _floor_(centred)
+        if self.weighted is None:
+            exp = centred.exp_()
+        else:
+            exp = torch.exp(centred, out=work.get("exp", *z.shape, self.dtype))
+            carried = (self.weighted[r0:r1] + step * self.sum_exp[r0:r1]) * rescale
+            self.weighted[r0:r1] = carried + torch.linalg.vecdot(exp, centred)
+        self.sum_exp[r0:r1] = self.sum_exp[r0:r1] * rescale + exp.sum(1)
+
+    def stats(self, vocab: int, rows: slice = slice(None)) -> RowStats:
+        """The statistics of ``rows`` over a vocabulary of ``vocab`` entries, all folded."""
+        log_sum = self.sum_exp[rows].log()
+        lse = self.max[rows] + log_sum
+        target = None if self.target is None else self.target[rows]
+        mean = None if self.total is None else self.total[rows] / vocab
+        entropy = (
+            None if self.weighted is None else log_sum - self.weighted[rows] / self.sum_exp[rows]
+        )
+        return RowStats(lse, target, mean, entropy)
+
+
 def _forward_stats(
     hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, top_k=0
 ):
-    stat_dtype = torch.promote_types(hidden2d.dtype, torch.float32)
-    n, vocab = plan.rows, weight.shape[0]
-    new = {"device": hidden2d.device, "dtype": stat_dtype}
-    running_max = torch.full((n,), -math.inf, **new)
-    sum_exp = torch.zeros(n, **new)
-    target = torch.zeros(n, **new) if targets is not None else None
-    total = torch.zeros(n, **new) if want_mean else None
-    # sum_v exp(z_v - m) * (z_v - m): the entropy is log(sum_exp) - weighted / sum_exp, with no
-    # cancellation of the (possibly large) max between lse and the expected logit.
-    weighted = torch.zeros(n, **new) if want_entropy else None
-    lowest = torch.finfo(stat_dtype).min
+    running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d)
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
-    top = _RunningTop(n, top_k, targets is not None, **new) if top_k else None
+    top = None
+    if top_k:
+        top = _RunningTop(
+            plan.rows, top_k, targets is not None, device=hidden2d.device, dtype=running.dtype
+        )
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
         for r0, r1, h in rows:
             if top is None:
-                z = _block_logits(h, w, b, transform, work, stat_dtype)
+                z = _block_logits(h, w, b, transform, work, running.dtype)
             else:
                 z, decision = _block_logits_and_decisions(
-                    h, w, b, transform, work, stat_dtype, hidden2d.dtype
+                    h, w, b, transform, work, running.dtype, hidden2d.dtype
                 )
+                # Read before the fold overwrites z (``decision`` may be z itself).
                 top.merge(r0, r1, v0, z, decision, None if targets is None else targets[r0:r1])
-            if target is not None:
-                inside, column = _target_in_shard(targets[r0:r1], v0, v1)
-                picked = z.gather(1, column[:, None]).squeeze(1)
-                target[r0:r1] = torch.where(inside, picked, target[r0:r1])
-            if total is not None:
-                total[r0:r1] += z.sum(1)
-            old_max = running_max[r0:r1]
-            new_max = torch.maximum(old_max, z.amax(1))
-            # Rows with no finite logit yet (a -inf bias masks tokens) are centred on 0, so that
-            # their z - max is -inf, not NaN; the zero rescale of the next finite maximum drops
-            # what they summed.
-            centre = new_max.masked_fill(new_max == -math.inf, 0.0)
-            # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
-            step = (old_max - centre).clamp_(min=lowest)
-            rescale = step.exp()
-            running_max[r0:r1] = new_max  # old_max is a view: read above
-            centred = _floor_(z.sub_(centre[:, None]))
-            if weighted is None:
-                exp = centred.exp_()
-            else:
-                exp = torch.exp(centred, out=work.get("exp", *z.shape, stat_dtype))
-                carried = (weighted[r0:r1] + step * sum_exp[r0:r1]) * rescale
-                weighted[r0:r1] = carried + torch.linalg.vecdot(exp, centred)
-            sum_exp[r0:r1] = sum_exp[r0:r1] * rescale + exp.sum(1)
-    lse = running_max + sum_exp.log()
-    mean = None if total is None else total / vocab
-    entropy = None if weighted is None else sum_exp.log() - weighted / sum_exp
-    return RowStats(lse, target, mean, entropy, None if top is None else top.result())
+            running.fold(z, r0, r1, v0, v1, work, keep=False)
+    stats = running.stats(weight.shape[0])
+    return stats if top is None else stats._replace(top=top.result())
 
 
 def _block_logits_and_decisions(h, w, b, transform, work, stat_dtype, model_dtype):
@@ -410,13 +472,40 @@ def _block_logits_and_decisions(h, w, b, transform, work, stat_dtype, model_dtyp
     return transform.apply_(raw), decision
 
 
+_NO_INDEX = 2**62  # exact in float64 (the ranks' exchange), above any vocabulary index
+
+
+def _top_columns(decision: Tensor, k: int) -> Tensor:
+    """The columns ``[n, k]`` of the ``k`` largest entries of each row of ``decision``, where
+    ties at the ``k``-th value go to the smaller columns (``torch.topk`` chooses among them in
+    no particular order). The order of the columns within a row is left to the caller."""
+    cols = decision.topk(k, dim=1).indices
+    kth = decision.gather(1, cols).amin(1, keepdim=True)
+    tied = decision == kth
+    greater = (decision > kth).sum(1, keepdim=True)
+    if bool((greater + tied.sum(1, keepdim=True) == k).all()):  # no tie crosses the k-th place
+        return cols
+    # Keep the first (k - greater) tied columns of each row: exactly k columns per row.
+    chosen = (decision > kth) | (tied & (tied.cumsum(1, dtype=torch.int32) <= k - greater))
+    return chosen.nonzero()[:, 1].view(decision.shape[0], k)
+
+
+def _by_value_then_index(values: Tensor, index: Tensor) -> Tensor:
+    """The positions ordering each row of ``values`` descending, equal values by ascending
+    ``index`` (a sort by index, then a stable sort by value)."""
+    by_index = index.argsort(dim=1)
+    order = values.gather(1, by_index).sort(dim=1, descending=True, stable=True).indices
+    return by_index.gather(1, order)
+
+
 class _RunningTop:
     """The running ``TopLogits`` of ``n`` rows, merged block by block."""
 
     def __init__(self, n: int, k: int, with_target: bool, device, dtype):
         self.k = k
         self.decision = torch.full((n, k), -math.inf, device=device, dtype=dtype)
-        self.index = torch.zeros(n, k, dtype=torch.long, device=device)
+        # Placeholders sort after every real entry of an equal (-inf) decision.
+        self.index = torch.full((n, k), _NO_INDEX, dtype=torch.long, device=device)
         self.value = torch.full((n, k), -math.inf, device=device, dtype=dtype)
         self.target = None
         if with_target:
@@ -424,11 +513,13 @@ class _RunningTop:
 
     def merge(self, r0: int, r1: int, v0: int, z: Tensor, decision: Tensor, targets) -> None:
         """Fold in the block of rows ``[r0, r1)``, columns ``[v0, v0 + width)`` (read before the
-        caller changes ``z`` in place)."""
-        block_top, cols = decision.topk(min(self.k, decision.shape[1]), dim=1)
-        joined = torch.cat([self.decision[r0:r1], block_top.to(self.decision.dtype)], 1)
-        self.decision[r0:r1], pos = joined.topk(self.k, dim=1)
+        caller changes ``z`` in place). Among equal decisions the smaller index is kept."""
+        cols = _top_columns(decision, min(self.k, decision.shape[1]))
+        block_top = decision.gather(1, cols).to(self.decision.dtype)
         index = torch.cat([self.index[r0:r1], cols + v0], 1)
+        joined = torch.cat([self.decision[r0:r1], block_top], 1)
+        pos = _by_value_then_index(joined, index)[:, : self.k]
+        self.decision[r0:r1] = joined.gather(1, pos)
         self.index[r0:r1] = index.gather(1, pos)
         self.value[r0:r1] = torch.cat([self.value[r0:r1], z.gather(1, cols)], 1).gather(1, pos)
         if targets is not None:
@@ -449,6 +540,9 @@ class _GradCoefficients(NamedTuple):
     target_coef: Tensor | None
     uniform: Tensor | None
 
+    def rows(self, r0: int, r1: int) -> _GradCoefficients:
+        return _GradCoefficients(*(None if c is None else c[r0:r1] for c in self))
+
 
 def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoefficients:
     # d lse / dz = p;  d z_t / dz = onehot(t);  d mean / dz = 1 / V;
@@ -463,6 +557,40 @@ def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoeffici
     return _GradCoefficients(p_coef, plogp_coef, grads.target, uniform)
 
 
+def _block_grad(z, lse, coef: _GradCoefficients, targets, v0, v1, transform, work) -> Tensor:
+    """``dL/dx`` of the raw block under ``z`` (rows of ``lse``, ``coef`` and ``targets``,
+    vocabulary ``[v0, v1)``) in ``z``'s dtype, in the workspace; ``z`` is overwritten unless
+    the softcap's derivative needs it."""
+    shape, dtype = z.shape, z.dtype
+    if transform.softcap is not None:  # the softcap's derivative is read off z
+        logp = torch.sub(z, lse[:, None], out=work.get("logp", *shape, dtype))
+    else:
+        logp = z.sub_(lse[:, None])
+    _floor_(logp)
+    p_coef = coef.p_coef[:, None] if coef.p_coef is not None else 0.0
+    if coef.plogp_coef is not None:
+        grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
+        grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
+    else:
+        grad = logp.exp_().mul_(p_coef)
+    if coef.target_coef is not None:
+        inside, column = _target_in_shard(targets, v0, v1)
+        grad.scatter_add_(1, column[:, None], (coef.target_coef * inside)[:, None])
+    if coef.uniform is not None:
+        grad.add_(coef.uniform[:, None])
+    return transform.chain_(grad, z)
+
+
+def _hidden_grad(grad_rows: Tensor, hidden2d: Tensor, index: Tensor | None) -> Tensor:
+    """The gradient of ``hidden2d`` in its dtype from that of its selected rows (fp32)."""
+    grad_hidden = torch.zeros_like(hidden2d)
+    if index is None:
+        grad_hidden.copy_(grad_rows)
+    else:
+        grad_hidden[index] = grad_rows.to(hidden2d.dtype)
+    return grad_hidden
+
+
 def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
     stat_dtype = lse.dtype
     need_hidden, need_weight, need_bias = needs
@@ -474,7 +602,6 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     grad_bias = (
         torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
     )
-    keep_z = transform.softcap is not None  # the softcap's derivative is read off z
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
         grad_w = None
@@ -482,28 +609,14 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
             grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
         for r0, r1, h in rows:
             z = _block_logits(h, w, b, transform, work, stat_dtype)
-            shape = z.shape
-            if keep_z:
-                logp = torch.sub(z, lse[r0:r1, None], out=work.get("logp", *shape, stat_dtype))
-            else:
-                logp = z.sub_(lse[r0:r1, None])
-            _floor_(logp)
-            p_coef = coef.p_coef[r0:r1, None] if coef.p_coef is not None else 0.0
-            if coef.plogp_coef is not None:
-                grad = torch.exp(logp, out=work.get("grad", *shape, stat_dtype))
-                grad.mul_(logp.mul_(coef.plogp_coef[r0:r1, None]).add_(p_coef))
-            else:
-                grad = logp.exp_().mul_(p_coef)
-            if coef.target_coef is not None:
-                inside, column = _target_in_shard(targets[r0:r1], v0, v1)
-                grad.scatter_add_(1, column[:, None], (coef.target_coef[r0:r1] * inside)[:, None])
-            if coef.uniform is not None:
-                grad.add_(coef.uniform[r0:r1, None])
-            transform.chain_(grad, z)
+            chunk_targets = None if targets is None else targets[r0:r1]
+            grad = _block_grad(
+                z, lse[r0:r1], coef.rows(r0, r1), chunk_targets, v0, v1, transform, work
+            )
             if grad_bias is not None:
                 grad_bias[v0:v1] += grad.sum(0)
             if plan.compute_dtype != stat_dtype:
-                grad = work.get("raw", *shape, plan.compute_dtype).copy_(grad)
+                grad = work.get("raw", *grad.shape, plan.compute_dtype).copy_(grad)
             if grad_rows is not None:
                 grad_rows[r0:r1] += grad @ w
             if grad_w is not None:
@@ -514,16 +627,100 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
                 grad_weight[v0:v1] = grad.T @ h
         if grad_w is not None:
             grad_weight[v0:v1] = grad_w
-    grad_hidden = None
-    if grad_rows is not None:
-        grad_hidden = torch.zeros_like(hidden2d)
-        if index is None:
-            grad_hidden.copy_(grad_rows)
-        else:
-            grad_hidden[index] = grad_rows.to(hidden2d.dtype)
+    grad_hidden = None if grad_rows is None else _hidden_grad(grad_rows, hidden2d, index)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _loss_and_grads(row_loss, stats: RowStats) -> tuple[Tensor, RowStats]:
+    """``row_loss(stats).sum()`` and its gradients with respect to the statistics (the per-row
+    coefficients of a gradient pass), by autograd on ``O(rows)`` numbers: the caller's one
+    formula of its loss serves both the value and the gradient."""
+    with torch.enable_grad():
+        leaves = RowStats(*(None if s is None else s.detach().requires_grad_() for s in stats))
+        total = row_loss(leaves).sum()
+        present = [s for s in leaves if s is not None]
+        grads = iter(torch.autograd.grad(total, present, allow_unused=True))
+    return total.detach(), RowStats(*(None if s is None else next(grads) for s in leaves))
+
+
+class _FusedGrads(NamedTuple):
+    """The gradients ``_fused_loss_blocks`` accumulates, in fp32 (fp64 for fp64 inputs), for a
+    loss gradient of 1: of the selected rows of hidden ``[N, D]``, of weight ``[V, D]``, of
+    bias ``[V]``; ``None`` where not needed."""
+
+    rows: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def _fused_loss_blocks(
+    hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, row_loss,
+    needs, vocab_parallel,
+):  # fmt: skip
+    """``(stats, loss, grads)``: the ``RowStats`` of ``_forward_stats``, the scalar
+    ``row_loss(stats).sum()`` and its gradients (``_FusedGrads``), in one pass.
+
+    Row chunks outer, vocabulary inner: a chunk's blocks are computed once, folded into its
+    statistics, kept (fp32, ``chunk x V``, one workspace buffer per shard) until its log-sum-exp
+    is known (combined over the ranks' slices under vocabulary parallelism), then turned into
+    ``dL/dx`` and multiplied into the gradients: 3 GEMMs of ``2 * chunk * V * D`` per chunk
+    instead of the 4 of a forward pass followed by a recomputing backward. The weight gradient
+    is summed over the chunks in an fp32 ``[V, D]`` buffer (the result itself for an fp32
+    weight), and a half-precision weight is converted once to the GEMMs' dtype where that
+    differs (another ``[V, D]``), instead of once per chunk."""
+    need_hidden, need_weight, need_bias = needs
+    running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d)
+    stat_dtype, device = running.dtype, hidden2d.device
+    vocab = weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
+    rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, device)
+    params = [_shard_params(weight, bias, v0, v1, plan) for v0, v1 in plan.shards]
+    kept = [work.kept(i) for i in range(len(params))]
+    new = {"device": device, "dtype": stat_dtype}
+    grads = _FusedGrads(
+        torch.zeros(plan.rows, hidden2d.shape[1], **new) if need_hidden else None,
+        torch.zeros(weight.shape, **new) if need_weight else None,
+        torch.zeros(weight.shape[0], **new) if need_bias else None,
+    )
+    loss, chunk_stats = torch.zeros((), **new), []
+    for r0, r1, h in rows:
+        blocks = []
+        for (v0, v1), (w, b), shard_work in zip(plan.shards, params, kept, strict=True):
+            z = _block_logits(h, w, b, transform, shard_work, stat_dtype)
+            running.fold(z, r0, r1, v0, v1, work, keep=True)
+            blocks.append(z)
+        stats = running.stats(weight.shape[0], slice(r0, r1))
+        if vocab_parallel is not None:
+            stats = vocab_parallel.combine(stats)
+        chunk_stats.append(stats)
+        chunk_loss, stat_grads = _loss_and_grads(row_loss, stats)
+        loss += chunk_loss
+        coef = _coefficients(stats, stat_grads, vocab)
+        chunk_targets = None if targets is None else targets[r0:r1]
+        for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
+            grad = _block_grad(z, stats.lse, coef, chunk_targets, v0, v1, transform, work)
+            if grads.bias is not None:
+                grads.bias[v0:v1] += grad.sum(0)
+            if plan.compute_dtype != stat_dtype:
+                grad = work.get("raw", *grad.shape, plan.compute_dtype).copy_(grad)
+            same = grad.dtype == stat_dtype  # else a half-precision product, added in fp32
+            if grads.rows is not None:
+                if same:
+                    grads.rows[r0:r1].addmm_(grad, w)
+                else:
+                    grads.rows[r0:r1] += grad @ w
+            if grads.weight is not None:
+                if same:
+                    grads.weight[v0:v1].addmm_(grad.T, h)
+                else:
+                    grads.weight[v0:v1] += grad.T @ h
+    if not chunk_stats:  # no row
+        return running.stats(weight.shape[0]), loss, grads
+    stats = RowStats(
+        *(None if s[0] is None else torch.cat(s) for s in zip(*chunk_stats, strict=True))
+    )
+    return stats, loss, grads
 
 
 def _block_functions(hidden2d: Tensor):
@@ -561,23 +758,38 @@ class _RowStatsFunction(torch.autograd.Function):
         want_entropy,
         vocab_parallel,
         top_k,
+        row_loss,
     ):
-        forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
-        extra = {}
-        if top_k:  # the running top-k is a statistic of the PyTorch loop only
-            forward_stats, extra = _forward_stats, {"top_k": top_k}
-        stats = forward_stats(
-            hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy,
-            **extra,
-        )  # fmt: skip
-        if stats.entropy is not None:
-            # A row whose every logit is -inf (a -inf bias masking the whole vocabulary) has lse
-            # -inf and no distribution: its entropy is NaN, as the naive computation's.
-            stats.entropy.masked_fill_(stats.lse == -math.inf, math.nan)
-        if vocab_parallel is not None:
-            stats = vocab_parallel.combine(stats)
+        ctx.fused = None
+        if row_loss is None:
+            forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
+            extra = {}
+            if top_k:  # the running top-k is a statistic of the PyTorch loop only
+                forward_stats, extra = _forward_stats, {"top_k": top_k}
+            stats = forward_stats(
+                hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy,
+                **extra,
+            )  # fmt: skip
+            if stats.entropy is not None:
+                # A row whose every logit is -inf (a -inf bias masking the whole vocabulary) has
+                # lse -inf and no distribution: its entropy is NaN, as the naive computation's.
+                stats.entropy.masked_fill_(stats.lse == -math.inf, math.nan)
+            if vocab_parallel is not None:
+                stats = vocab_parallel.combine(stats)
+        else:
+            if top_k:
+                raise ValueError(
+                    "row_stats: top_k is not computed by the fused pass (row_loss); "
+                    f"got top_k={top_k}"
+                )
+            ctx.backward_blocks = _backward_blocks
+            stats, loss, ctx.fused = _fused_loss_blocks(
+                hidden2d, weight, bias, index, targets, transform, plan, want_mean,
+                want_entropy, row_loss, ctx.needs_input_grad[:3], vocab_parallel,
+            )  # fmt: skip
         ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.entropy)
         ctx.transform, ctx.plan, ctx.vocab_parallel = transform, plan, vocab_parallel
+        ctx.row_loss = row_loss
         # Statistics that do not reach the loss get ``None`` gradients instead of zeros, so their
         # terms are skipped in the backward blocks.
         ctx.set_materialize_grads(False)
@@ -586,7 +798,8 @@ class _RowStatsFunction(torch.autograd.Function):
         # The top logits are decisions (and values at indices chosen without a gradient).
         top = () if stats.top is None else tuple(t for t in stats.top if t is not None)
         ctx.mark_non_differentiable(*top)
-        return tuple(s for s in differentiable if s is not None) + top
+        outputs = tuple(s for s in differentiable if s is not None) + top
+        return outputs if row_loss is None else (*outputs, loss)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -600,16 +813,46 @@ class _RowStatsFunction(torch.autograd.Function):
         hidden2d, weight, bias, index, targets, lse, entropy = ctx.saved_tensors
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
-        stats = RowStats(lse, None, None, entropy)
+        grad_loss = next(present, None)
         parallel = ctx.vocab_parallel
-        coef = _coefficients(stats, grads, weight.shape[0] if parallel is None else parallel.vocab)
         needs = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = ctx.backward_blocks(
-            hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
-        )
+        grad_rows = grad_weight = grad_bias = None
+        if ctx.row_loss is not None and grad_loss is not None:
+            # The forward pass computed the gradients for a loss gradient of 1: scale them.
+            if ctx.fused is None:
+                raise RuntimeError(
+                    "linear_cross_entropy(grad_in_forward=True): backward through the same loss "
+                    "twice; its gradients were computed in the forward pass and are consumed by "
+                    "the first backward"
+                )
+            fused, ctx.fused = ctx.fused, None
+            grad_rows, grad_weight, grad_bias = (
+                None if g is None else g.mul_(grad_loss) for g in fused
+            )
+        if any(g is not None for g in grads):  # the statistics themselves reach the result
+            stats = RowStats(lse, None, None, entropy)
+            vocab = weight.shape[0] if parallel is None else parallel.vocab
+            coef = _coefficients(stats, grads, vocab)
+            recomputed = ctx.backward_blocks(
+                hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
+            )
+            grad_hidden, grad_weight, grad_bias = (
+                r if f is None else f.add_(r)
+                for f, r in zip((None, grad_weight, grad_bias), recomputed, strict=True)
+            )
+            if grad_rows is not None:  # both in fp32, rounded once
+                grad_hidden = grad_hidden.to(grad_rows.dtype)
+                grad_hidden[slice(None) if index is None else index] += grad_rows
+                grad_hidden = grad_hidden.to(hidden2d.dtype)
+        else:
+            grad_hidden = None if grad_rows is None else _hidden_grad(grad_rows, hidden2d, index)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
         if parallel is not None and grad_hidden is not None:
             grad_hidden = parallel.reduce_grad(grad_hidden)
-        return grad_hidden, grad_weight, grad_bias, *([None] * 8)
+        return grad_hidden, grad_weight, grad_bias, *(None,) * 9
 
 
 def row_stats(
@@ -625,7 +868,8 @@ def row_stats(
     want_entropy: bool = False,
     vocab_parallel=None,
     top_k: int = 0,
-) -> RowStats:
+    row_loss=None,
+) -> RowStats | tuple[RowStats, Tensor]:
     """Differentiable ``RowStats`` of ``z = transform(hidden2d[index] @ weight.T + bias)``.
 
     hidden2d: ``[M, D]``; weight: ``[V, D]``; bias: ``[V]`` or None; index: ``[N]`` rows of
@@ -643,6 +887,12 @@ def row_stats(
 
     top_k: > 0 for ``RowStats.top``, the ``top_k`` largest logits of each row (``TopLogits``,
     not differentiable; whole-vocabulary indices under ``vocab_parallel``), from the same pass.
+
+    row_loss: None, or a function of ``RowStats`` (each ``[rows]``) to a per-row loss, made of
+    differentiable torch ops. Then ``(stats, loss)`` is returned, ``loss = row_loss(stats).sum()``,
+    and the gradients of ``loss`` are computed during the forward pass (``_fused_loss_blocks``,
+    which needs a plan from ``plan_blocks(kept_vocab=...)``); the backward pass only scales them.
+    Gradients that reach ``stats`` too are added by a recomputing pass.
     """
     if vocab_parallel is not None and targets is not None:
         targets = targets - vocab_parallel.start
@@ -659,11 +909,72 @@ def row_stats(
             want_entropy,
             vocab_parallel,
             top_k,
+            row_loss,
         )
     )
     present = (True, targets is not None, want_mean, want_entropy)
     stats = [next(out) if kept else None for kept in present]
     top = None
     if top_k:
-        top = TopLogits(next(out), next(out), next(out), next(out, None))
-    return RowStats(*stats, top)
+        top = TopLogits(next(out), next(out), next(out), next(out) if targets is not None else None)
+    stats = RowStats(*stats, top)
+    return stats if row_loss is None else (stats, next(out))
+
+
+class _HeadGradients:
+    """Gradients of one head's hidden rows, weight and bias, written block by block from fp32
+    ``dL/dx`` blocks (``x`` the raw logits) by ops whose backward is not ``row_stats``' (the
+    distillation losses). Shard by shard, as ``_backward_blocks``: a shard's weight gradient is
+    finished before the next starts, and with one row chunk it is written once, without an fp32
+    accumulator. ``needs``: which of (hidden, weight, bias) want a gradient."""
+
+    def __init__(self, hidden2d, weight, bias, index, plan, needs, stat_dtype):
+        self.hidden2d, self.weight, self.bias, self.index = hidden2d, weight, bias, index
+        self.plan, self.stat_dtype = plan, stat_dtype
+        need_hidden, need_weight, need_bias = needs
+        new = {"dtype": stat_dtype, "device": hidden2d.device}
+        self.rows = torch.zeros(plan.rows, hidden2d.shape[1], **new) if need_hidden else None
+        self.weight_grad = torch.zeros_like(weight) if need_weight else None
+        self.bias_grad = torch.zeros(weight.shape[0], **new) if need_bias else None
+        self.single_chunk = len(plan.chunks) == 1
+        self.shard_grad = None
+
+    def start_shard(self, v0: int, v1: int) -> None:
+        if self.weight_grad is not None and not self.single_chunk:
+            self.shard_grad = torch.zeros(
+                v1 - v0, self.hidden2d.shape[1], dtype=self.stat_dtype, device=self.hidden2d.device
+            )
+
+    def add(self, grad: Tensor, h: Tensor, w: Tensor, r0: int, r1: int, v0: int, v1: int, work):
+        """Fold the fp32 block ``grad = dL/dx`` of rows ``[r0, r1)`` x shard ``[v0, v1)``, whose
+        rows and weight shard in the compute dtype are ``h`` and ``w``; ``work``'s ``raw``
+        buffer holds its compute-dtype copy."""
+        if self.bias_grad is not None:
+            self.bias_grad[v0:v1] += grad.sum(0)
+        if self.plan.compute_dtype != self.stat_dtype:
+            grad = work.get("raw", *grad.shape, self.plan.compute_dtype).copy_(grad)
+        if self.rows is not None:
+            self.rows[r0:r1] += grad @ w
+        if self.shard_grad is not None:
+            self.shard_grad += grad.T @ h
+        elif self.weight_grad is not None and self.weight.dtype == grad.dtype:
+            torch.mm(grad.T, h, out=self.weight_grad[v0:v1])
+        elif self.weight_grad is not None:
+            self.weight_grad[v0:v1] = grad.T @ h
+
+    def finish_shard(self, v0: int, v1: int) -> None:
+        if self.shard_grad is not None:
+            self.weight_grad[v0:v1] = self.shard_grad
+            self.shard_grad = None
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(hidden2d's gradient, zero at unselected rows; weight's; bias'), in their dtypes."""
+        grad_hidden = None
+        if self.rows is not None:
+            grad_hidden = torch.zeros_like(self.hidden2d)
+            if self.index is None:
+                grad_hidden.copy_(self.rows)
+            else:
+                grad_hidden[self.index] = self.rows.to(self.hidden2d.dtype)
+        grad_bias = None if self.bias_grad is None else self.bias_grad.to(self.bias.dtype)
+        return grad_hidden, self.weight_grad, grad_bias

@@ -23,7 +23,8 @@ states' gradient, so every rank's ``hidden.grad`` is the full gradient (as the i
 Megatron's column-parallel linear layer). So every rank must call ``backward`` on the result.
 
 Users pass ``process_group=`` to ``linear_cross_entropy``, ``token_logprobs``,
-``logsumexp`` and ``sampling.sample_next`` (whose passes each end with one ``all_gather`` of their
+``logsumexp``, ``linear_jsd`` (which also sums its per-row divergences: ``VocabSlice.sum_``)
+and ``sampling.sample_next`` (whose passes each end with one ``all_gather`` of their
 per-row candidates and winners: ``VocabSlice.gather``; see ``sampling``). Before any other
 collective, the ranks exchange a small description of their inputs in one ``all_gather``; a bad
 input on any rank, or inputs that disagree across ranks (hidden size, dtype, rows, bias, logit
@@ -46,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ._blocks import LogitTransform, RowStats, TopLogits
+from ._blocks import LogitTransform, RowStats, TopLogits, _by_value_then_index
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ERRORS = (None, ValueError, TypeError, RuntimeError)
@@ -104,7 +105,9 @@ class VocabSlice:
             parts.append(top.target_decision)
         # [world, n, k] -> [n, world * k]: every rank's candidates side by side.
         every = [t.transpose(0, 1).flatten(1) for t in self.gather(parts)]
-        decision, pos = every[0].topk(k, dim=1)
+        # Equal decisions by the smaller whole-vocabulary index, as within a rank.
+        pos = _by_value_then_index(every[0], every[1])[:, :k]
+        decision = every[0].gather(1, pos)
         target = None if top.target_decision is None else every[3].amax(1)
         return TopLogits(decision, every[1].gather(1, pos), every[2].gather(1, pos), target)
 
@@ -112,6 +115,12 @@ class VocabSlice:
         """Each rank's hidden gradient covers its own slice; the full one is their sum."""
         dist.all_reduce(grad_hidden, group=self.group)
         return grad_hidden
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (per-row sums over this rank's slice) replaced in place by its sum over the
+        ranks: the same sums over the whole vocabulary."""
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     @property
     def rank(self) -> int:

@@ -9,8 +9,7 @@ a transformers ``*ForCausalLM`` (see ``chunklogits.integrations.transformers``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +24,15 @@ from .loss import LossOutput, linear_cross_entropy, token_accuracy
 from .sampling import NextTokens, sample_next
 
 
-class ChunkedLMHead(nn.Module):
+class ChunkedLMHead(nn.Linear):
     """Output layer ``hidden [..., D] -> logits [..., V]`` with chunked loss and log-probs.
 
     Args:
         weight: ``[V, D]`` output embedding. A Parameter is kept as is (the same object, so tied
-            input/output embeddings stay tied); a plain tensor becomes a Parameter sharing its data.
+            input/output embeddings stay tied); a leaf tensor becomes a Parameter sharing its
+            data; a tensor computed from others (a merged LoRA weight ``W + scale * B @ A``) is
+            kept as that tensor, not registered, so that gradients flow back to what it is made
+            of.
         bias: ``[V]`` or None, likewise.
         shards: vocabulary shards per pass of the chunked ops, in ``[1, V]``; None picks the count
             from the block budget (``chunklogits.set_block_budget``).
@@ -48,6 +50,16 @@ class ChunkedLMHead(nn.Module):
     every rank of the group calls them with the same inputs and gets the whole vocabulary's
     result. ``head(hidden)`` is then the parallelised layer's own output (``wrap`` keeps that
     layer, with the input and output layouts its parallel style gives).
+
+    Under ``torch.autocast`` the chunked ops take their operands as ``F.linear`` does there:
+    hidden, weight and bias are cast to the autocast dtype (bf16 for ``torch.autocast("cpu")``,
+    accelerate's ``mixed_precision="bf16"`` and ``Trainer(bf16=True)``), so the block GEMMs run
+    in that dtype (on CPU as ``set_cpu_gemm_dtype`` says) and the statistics, the loss and the
+    log-probs stay fp32; the gradients return to the Parameters in their own dtype. The cast
+    weight is one ``[V, D]`` copy per call, as autocast makes for the plain ``nn.Linear``.
+
+    The class derives from ``nn.Linear`` so that libraries that adapt linear layers (PEFT's LoRA,
+    ``modules_to_save``) accept it; it is built from the given tensors, not initialised.
     """
 
     def __init__(
@@ -58,7 +70,7 @@ class ChunkedLMHead(nn.Module):
         softcap: float | None = None,
         logit_scale: float | None = None,
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # nn.Linear's own __init__ would create new Parameters
         check_tensor("weight", weight)
         if weight.dim() != 2 or weight.shape[0] < 1:
             raise ValueError(
@@ -80,10 +92,9 @@ class ChunkedLMHead(nn.Module):
         self.shards = shards
         self.softcap = transform.softcap
         self.logit_scale = transform.logit_scale
-        # With labels, a wrapped model also returns the logits (materialising them) when True.
-        self.return_logits = False
-        # Set while a wrapped model's forward runs: what the module returns instead of F.linear.
-        self._intercept: Callable[[Tensor], Tensor] | None = None
+        # With labels, whether a wrapped model also returns the logits (materialising them):
+        # True, False, or None for "when not training" (see ChunkedLMHead.wrap).
+        self.return_logits: bool | None = None
         # Set by ``wrap``: what ``unwrap`` restores (see integrations.transformers).
         self._wrapping = None
 
@@ -104,11 +115,6 @@ class ChunkedLMHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """Plain logits ``F.linear(hidden, weight, bias)``, ``[..., V]`` in the model dtype."""
-        if self._intercept is not None:
-            return self._intercept(hidden)
-        return self._linear(hidden)
-
-    def _linear(self, hidden: Tensor) -> Tensor:
         if not isinstance(self.weight, DTensor):
             return F.linear(hidden, self.weight, self.bias)
         if self._wrapping is None:
@@ -141,27 +147,28 @@ class ChunkedLMHead(nn.Module):
 
             F.cross_entropy(transform(head(hidden).float()).flatten(0, -2), labels.flatten(), ...)
         """
-        weight, bias, process_group = local_head(self.weight, self.bias)
-        return linear_cross_entropy(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            process_group=process_group,
-            shards=self.shards,
-            chunk_size=chunk_size,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            shift=shift,
-            class_weight=class_weight,
-            return_z_loss=return_z_loss,
-            return_token_accuracy=return_token_accuracy,
-        )
+        hidden, weight, bias, process_group, autocast = self._operands(hidden)
+        with autocast:
+            return linear_cross_entropy(
+                hidden,
+                weight,
+                labels,
+                bias=bias,
+                process_group=process_group,
+                shards=self.shards,
+                chunk_size=chunk_size,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                num_items_in_batch=num_items_in_batch,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
+                softcap=self.softcap,
+                logit_scale=self.logit_scale,
+                shift=shift,
+                class_weight=class_weight,
+                return_z_loss=return_z_loss,
+                return_token_accuracy=return_token_accuracy,
+            )
 
     def token_accuracy(
         self,
@@ -178,21 +185,22 @@ class ChunkedLMHead(nn.Module):
         non-ignored labels among the ``top_k`` largest of the head's own logits. Naive
         equivalent: ``reference.token_accuracy`` on ``head(hidden)`` with the transform applied
         in the model dtype."""
-        weight, bias, process_group = local_head(self.weight, self.bias)
-        return token_accuracy(
-            hidden,
-            weight,
-            labels,
-            top_k=top_k,
-            ignore_index=ignore_index,
-            shift=shift,
-            bias=bias,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            shards=self.shards,
-            chunk_size=chunk_size,
-            process_group=process_group,
-        )
+        hidden, weight, bias, process_group, autocast = self._operands(hidden)
+        with autocast:
+            return token_accuracy(
+                hidden,
+                weight,
+                labels,
+                top_k=top_k,
+                ignore_index=ignore_index,
+                shift=shift,
+                bias=bias,
+                softcap=self.softcap,
+                logit_scale=self.logit_scale,
+                shards=self.shards,
+                chunk_size=chunk_size,
+                process_group=process_group,
+            )
 
     def topk_logprobs(
         self,
@@ -206,19 +214,20 @@ class ChunkedLMHead(nn.Module):
         softcap=softcap, logit_scale=logit_scale, ...)``: ``TopLogprobs(values, indices)``, both
         ``[..., k]``: the ``k`` largest of the head's own logits and their fp32 log-probs under
         ``softmax(transform(head(hidden).float()) / temperature)``. Not differentiable."""
-        weight, bias, process_group = local_head(self.weight, self.bias)
-        return topk_logprobs(
-            hidden,
-            weight,
-            k,
-            temperature=temperature,
-            bias=bias,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            shards=self.shards,
-            chunk_size=chunk_size,
-            process_group=process_group,
-        )
+        hidden, weight, bias, process_group, autocast = self._operands(hidden)
+        with autocast:
+            return topk_logprobs(
+                hidden,
+                weight,
+                k,
+                temperature=temperature,
+                bias=bias,
+                softcap=self.softcap,
+                logit_scale=self.logit_scale,
+                shards=self.shards,
+                chunk_size=chunk_size,
+                process_group=process_group,
+            )
 
     def token_logprobs(
         self,
@@ -237,20 +246,21 @@ class ChunkedLMHead(nn.Module):
             z = transform(head(hidden).float()) / temperature
             z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
         """
-        weight, bias, process_group = local_head(self.weight, self.bias)
-        return token_logprobs(
-            hidden,
-            weight,
-            tokens,
-            temperature=temperature,
-            return_entropy=return_entropy,
-            bias=bias,
-            process_group=process_group,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            shards=self.shards,
-            chunk_size=chunk_size,
-        )
+        hidden, weight, bias, process_group, autocast = self._operands(hidden)
+        with autocast:
+            return token_logprobs(
+                hidden,
+                weight,
+                tokens,
+                temperature=temperature,
+                return_entropy=return_entropy,
+                bias=bias,
+                process_group=process_group,
+                softcap=self.softcap,
+                logit_scale=self.logit_scale,
+                shards=self.shards,
+                chunk_size=chunk_size,
+            )
 
     def sample_next(
         self,
@@ -273,39 +283,51 @@ class ChunkedLMHead(nn.Module):
         their log-probs). Naive equivalent: ``reference.sample_next``, i.e. ``head(hidden_last)
         .float()`` through transformers' logits processors, softmax and ``torch.multinomial``.
         """
-        weight, bias, process_group = local_head(self.weight, self.bias)
-        return sample_next(
-            hidden_last,
-            weight,
-            bias=bias,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            shards=self.shards,
-            process_group=process_group,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            prev_tokens=prev_tokens,
-            seed=seed,
-            generator=generator,
-            return_logprobs=return_logprobs,
-        )
+        hidden_last, weight, bias, process_group, autocast = self._operands(hidden_last)
+        with autocast:
+            return sample_next(
+                hidden_last,
+                weight,
+                bias=bias,
+                softcap=self.softcap,
+                logit_scale=self.logit_scale,
+                shards=self.shards,
+                process_group=process_group,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                prev_tokens=prev_tokens,
+                seed=seed,
+                generator=generator,
+                return_logprobs=return_logprobs,
+            )
 
-    @contextmanager
-    def _intercepted(self, replacement: Callable[[Tensor], Tensor]) -> Iterator[None]:
-        """Within the block, calling the module returns ``replacement(hidden)``."""
-        previous, self._intercept = self._intercept, replacement
-        try:
-            yield
-        finally:
-            self._intercept = previous
+    def _operands(self, hidden: Tensor):
+        """``(hidden, weight, bias, process_group, context)`` for a chunked op: this rank's slice
+        of a vocab-parallel head (``local_head``); under ``torch.autocast`` for hidden's device,
+        the operands cast to the autocast dtype as ``F.linear`` casts them there, and a context
+        that turns autocast off for the op (its blocks are already in that dtype)."""
+        weight, bias, process_group = local_head(self.weight, self.bias)
+        device_type = hidden.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return hidden, weight, bias, process_group, nullcontext()
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(tensor: Tensor | None) -> Tensor | None:
+            # Autocast leaves fp64 alone (and non-float tensors, which check_head refuses).
+            if tensor is None or tensor.dtype == torch.float64:
+                return tensor
+            return tensor.to(dtype)
+
+        off = torch.autocast(device_type, enabled=False)
+        return cast(hidden), cast(weight), cast(bias), process_group, off
 
     @classmethod
     def wrap(
-        cls, model: nn.Module, shards: int | None = None, *, return_logits: bool = False
+        cls, model: nn.Module, shards: int | None = None, *, return_logits: bool | None = None
     ) -> nn.Module:
         """Put a ``ChunkedLMHead`` in place of a transformers ``*ForCausalLM``'s output layer,
         in place; returns ``model``.
@@ -318,14 +340,32 @@ class ChunkedLMHead(nn.Module):
         * with ``labels``, the loss is ``head.loss(hidden, labels, shift=True,
           num_items_in_batch=...)`` on the hidden states the output layer receives, with
           transformers' ``ForCausalLMLoss`` semantics (``ignore_index=-100``, ``shift_labels``,
-          ``num_items_in_batch``); no ``[tokens, vocab]`` tensor is made and ``outputs.logits`` is
-          None, unless ``return_logits=True`` (then the logits are computed as before);
+          ``num_items_in_batch``). ``return_logits`` says whether ``outputs.logits`` is computed
+          too (in full, as the original does): ``None`` (default) when the model is not in
+          training mode (``Trainer.evaluate``/``predict`` and ``compute_metrics`` get the logits
+          of each batch they ask for), ``True`` always, ``False`` never. In training no
+          ``[tokens, vocab]`` tensor is made. With ``return_dict=False`` the tuple keeps the
+          original's positions: ``(loss, logits, *rest)``, ``logits`` None when not computed;
         * without ``labels``, the outputs are the original forward's (``logits_to_keep``
-          positions, model dtype), so ``generate()`` and evaluation code are unaffected.
+          positions, model dtype), so ``generate()`` and evaluation code are unaffected. Called
+          so in training with autograd on (as ``Trainer`` does for ``label_smoothing_factor``
+          and ``compute_loss_func``, which take the loss from the logits), it warns that the
+          full logits were made.
+
+        ``model`` may be a PEFT model (wrapped: its ``get_base_model()``), and the output layer
+        a PEFT LoRA ``Linear`` or ``ModulesToSaveWrapper`` around an ``nn.Linear``; a wrapped
+        model may equally be given to ``get_peft_model`` with ``lm_head`` in ``target_modules``
+        or ``modules_to_save``. The loss then uses the active copy of ``modules_to_save``, or
+        the LoRA layer's effective weight ``W + scaling * B @ A``, applied as ``[x, scaling *
+        lora_A(dropout(x))] @ [W, B].T`` (PEFT's dropout mask, no ``B @ A`` formed).
+        ``resize_token_embeddings`` resizes the original layer and wraps the result again.
+        Under ``torch.autocast`` (also accelerate's ``mixed_precision``) the loss's block GEMMs
+        run in the autocast dtype the output layer is called under (see the class docstring).
 
         Before returning, a probe on a tiny input checks that the wrapped forward reproduces the
-        original's loss and logits; a model whose output layer, logit transform or loss is not
-        reproduced is refused with a ``ValueError`` naming it. ``shards`` as in the constructor.
+        original's loss and logits (within the autocast dtype's rounding under autocast); a
+        model whose output layer, logit transform or loss is not reproduced is refused with a
+        ``ValueError`` naming it. ``shards`` as in the constructor.
         """
         from .integrations import transformers as hf
 
@@ -333,14 +373,17 @@ class ChunkedLMHead(nn.Module):
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        """Undo ``wrap``: put the original output module (holding the head's current
-        Parameters) and forward back, in place; returns ``model``."""
+        """Undo ``wrap``: put the original output layers (holding the heads' current
+        Parameters), forward and ``resize_token_embeddings`` back, in place; returns ``model``."""
         from .integrations import transformers as hf
 
         return hf.unwrap(model)
 
 
-def _as_parameter(tensor: Tensor) -> nn.Parameter:
-    if isinstance(tensor, nn.Parameter):
+def _as_parameter(tensor: Tensor) -> Tensor:
+    """A Parameter as is; a leaf tensor as a Parameter sharing its data; a tensor with a
+    ``grad_fn`` as is, so that the graph it comes from is kept (a new Parameter would be a leaf
+    and cut it)."""
+    if isinstance(tensor, nn.Parameter) or tensor.grad_fn is not None:
         return tensor
     return nn.Parameter(tensor, requires_grad=tensor.requires_grad)

@@ -153,14 +153,17 @@ def topk_logprobs(
     Naive equivalent (``reference.topk_logprobs``)::
 
         decision = model_logits(hidden, weight, bias, softcap, logit_scale).float()
-        indices = decision.topk(k, dim=-1).indices        # chosen on the head's own logits
+        # chosen on the head's own logits, ties broken by the smaller token id
+        indices = decision.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         z = softcap(F.linear(hidden, weight, bias).float() * logit_scale) / temperature
         values = z.log_softmax(-1).gather(-1, indices)
 
     The tokens are chosen on the logits the model's own head returns (the product rounded to
     the model dtype, the transform applied in that dtype, as ``generate()`` sees them), whatever
-    dtype the block GEMMs run in; tokens tied at the ``k``-th logit come in no particular order,
-    as with ``torch.topk``. Their log-probs are computed at fp32 accuracy from the same pass.
+    dtype the block GEMMs run in, in descending order, equal logits by the smaller token id
+    (as ``log_softmax(...).topk(k)`` with ties broken by the smaller token id, so the chosen
+    tokens and their order are deterministic). Their log-probs are computed at fp32 accuracy
+    from the same pass.
 
     Args:
         hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]`` or None (hidden's dtype).

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import BlockPlan, _check_count, plan_blocks, row_stats
+from . import _blocks
+from ._blocks import BlockPlan, RowStats, _check_count, plan_blocks, row_stats
 from ._checks import (
     check_head,
     check_in_vocab,
@@ -43,6 +44,7 @@ def linear_cross_entropy(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     process_group: ProcessGroup | None = None,
+    grad_in_forward: bool | None = None,
 ) -> Tensor | LossOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, never holding the logits.
 
@@ -96,6 +98,14 @@ def linear_cross_entropy(
             whole vocabulary's loss on every rank; ``shards`` counts this rank's slice. Every rank
             must call ``backward``: each gets its slice's weight and bias gradients and the full
             (all-reduced) gradient of hidden.
+        grad_in_forward: compute the gradients of hidden, weight and bias during the forward
+            pass, so that ``backward`` only scales them (see "Memory and time"). Needs a scalar
+            loss (``reduction`` "mean" or "sum"). ``True`` forces it, ``False`` forbids it,
+            ``None`` (default) uses it when gradients are needed and it costs no memory beyond
+            the block budget: an fp32 or fp64 weight (or one that needs no gradient), on a
+            device the Triton kernels do not serve. The fused pass computes no top-k statistic:
+            with ``return_token_accuracy``, ``None`` uses the recomputing path and ``True`` is
+            refused (ValueError). ``class_weight`` and ``return_z_loss`` are served by both.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
@@ -106,10 +116,18 @@ def linear_cross_entropy(
     Memory and time: the logits exist one block (``chunk_size x V / shards``) at a time; the
     forward pass keeps four fp32 numbers per row and saves only the log-sum-exp for backward.
     The backward pass recomputes each block's logits: one more ``2 N V D`` GEMM than the naive
-    version (8 instead of 6 ``N V D``). Computing the gradients during the forward pass instead,
-    as some fused losses do, would need either the ``[N, V]`` logits of a chunk for the whole
-    vocabulary plus an fp32 ``[V, D]`` weight-gradient accumulator, or a rounding of the
-    weight gradient at every chunk; both contradict what this function is for.
+    version (8 instead of 6 ``N V D``).
+
+    With ``grad_in_forward`` the rows are walked in chunks, each through the whole vocabulary,
+    and a chunk's fp32 logits (``chunk x V``) are kept from its log-sum-exp to its gradient, so
+    each block is computed once (6 ``N V D``, Liger-Kernel's strategy). The gradients then exist
+    from the forward pass on: hidden's as an fp32 ``[N, D]`` buffer, weight's as an fp32
+    ``[V, D]`` sum over the chunks. For an fp32 weight that sum is the gradient itself and the
+    kept logits fit the block budget. For a half-precision weight the sum is memory beyond the
+    gradient (4 bytes per weight entry), the kept logits may then be as large (chunks of up to
+    ``D`` rows: GEMMs of few rows are slow on CPUs), and where the CPU's GEMMs run in fp32 for
+    half-precision inputs (``set_cpu_gemm_dtype``) an fp32 copy of the weight is made once
+    (another 4 bytes per entry). The PyTorch block loop serves this path on every device.
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
@@ -128,15 +146,69 @@ def linear_cross_entropy(
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {flag!r}")
         transform = make_transform(softcap, logit_scale)
+        if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+            raise TypeError(
+                f"grad_in_forward: expected True, False or None, got {grad_in_forward!r}"
+            )
+        if grad_in_forward and reduction == "none":
+            raise ValueError(
+                "grad_in_forward: True needs a scalar loss (reduction 'mean' or 'sum'), "
+                "got reduction='none'"
+            )
+        if grad_in_forward and return_token_accuracy:
+            raise ValueError(
+                "grad_in_forward: True does not serve return_token_accuracy=True (the fused pass "
+                "computes no top-k statistic); use grad_in_forward=None or False"
+            )
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
         vocab_slice = ranks.agree(rows.hidden2d, weight, bias, transform, rows.targets, "labels")
+    fused = reduction != "none" and rows.targets.numel() > 0 and _grads_needed(hidden, weight, bias)
+    # The token accuracy's top-1 statistic is computed by the recomputing path only.
+    fused = fused and not return_token_accuracy
+    if grad_in_forward is None:
+        fused = fused and _fused_costs_nothing(rows.hidden2d, weight)
+    else:
+        fused = fused and grad_in_forward
+    if fused:  # chunks sized for the whole vocabulary, the same on every rank
+        # Where an fp32 [V, D] sum of the weight gradient is held anyway, a chunk's kept logits
+        # may be as large (D rows): CPU GEMMs of a few dozen rows run at a fraction of their speed.
+        summed = weight.requires_grad and weight.dtype not in (torch.float32, torch.float64)
+        kept_rows = hidden.shape[-1] if summed else 1
+        plan = plan_blocks(
+            rows.targets.numel(),
+            weight.shape[0],
+            hidden.dtype,
+            hidden.device,
+            shards=shards,
+            chunk_size=chunk_size,
+            dim=hidden.shape[-1],
+            kept_vocab=ranks.vocab,
+            kept_rows=kept_rows,
+        )
+        rows = rows._replace(plan=plan)
     check_in_vocab("labels", rows.targets, ranks.vocab, ignore_index)
     if class_weight is not None and class_weight.shape[0] != ranks.vocab:
         raise ValueError(
             f"class_weight: expected shape [V] = [{ranks.vocab}] (the whole vocabulary), got "
             f"{tuple(class_weight.shape)}"
         )
-    stats = row_stats(
+    row_weight = None
+    if class_weight is not None:
+        stat_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        row_weight = class_weight.to(stat_dtype)[rows.targets]
+
+    def row_loss_of(stats: RowStats) -> Tensor:
+        row_loss = stats.lse - stats.target
+        if label_smoothing > 0:
+            smoothed = stats.lse - (1.0 - label_smoothing) * stats.target
+            row_loss = smoothed - label_smoothing * stats.mean
+        if z_loss > 0:
+            row_loss = row_loss + z_loss * stats.lse.square()
+        if row_weight is not None:
+            row_loss = row_loss * row_weight
+        return row_loss
+
+    result = row_stats(
         rows.hidden2d,
         weight,
         bias,
@@ -147,26 +219,24 @@ def linear_cross_entropy(
         want_mean=label_smoothing > 0,
         vocab_parallel=vocab_slice,
         top_k=1 if return_token_accuracy else 0,
+        row_loss=row_loss_of if fused else None,
     )
-    row_loss = stats.lse - stats.target
-    if label_smoothing > 0:
-        row_loss = stats.lse - (1.0 - label_smoothing) * stats.target - label_smoothing * stats.mean
-    row_z = z_loss * stats.lse.square() if z_loss > 0 or return_z_loss else None
-    if z_loss > 0:
-        row_loss = row_loss + row_z
-    row_weight = None
-    if class_weight is not None:
-        row_weight = class_weight.to(row_loss.dtype)[rows.targets]
-        row_loss = row_loss * row_weight
-        row_z = row_z * row_weight if row_z is not None else None
-    loss = rows.reduce(row_loss, reduction, num_items_in_batch, row_weight)
+    if fused:
+        (stats, total), row_loss = result, None
+    else:
+        stats, row_loss = result, row_loss_of(result)
+        total = row_loss.sum()
+    loss = rows.reduce(row_loss, reduction, num_items_in_batch, row_weight, total=total)
     if not (return_z_loss or return_token_accuracy):
         return loss
     out = LossOutput(loss, None, None)
     if return_z_loss:
+        row_z = z_loss * stats.lse.square()
+        if row_weight is not None:
+            row_z = row_z * row_weight
         out = out._replace(z_loss=rows.reduce(row_z, reduction, num_items_in_batch, row_weight))
     if return_token_accuracy:
-        correct = (stats.top.above_target() == 0).to(row_loss.dtype)
+        correct = (stats.top.above_target() == 0).to(stats.lse.dtype)
         out = out._replace(token_accuracy=rows.reduce(correct, reduction))
     return out
 
@@ -295,17 +365,18 @@ class _Labelled(NamedTuple):
             flat_rows(hidden), index, targets, flat_targets, tuple(labels.shape), shift, plan
         )
 
-    def reduce(self, per_row, reduction, num_items=None, row_weight=None) -> Tensor:
+    def reduce(self, per_row, reduction, num_items=None, row_weight=None, total=None) -> Tensor:
         """``per_row [N]`` (kept rows) reduced: per label (0 at ignored positions, ``labels
         [..., 1:]``'s shape with ``shift``), summed, or averaged over ``num_items``, the summed
-        ``row_weight`` or the number of kept rows."""
+        ``row_weight`` or the number of kept rows. ``total``: the sum when already known (the
+        fused pass's loss; ``per_row`` is then unused)."""
         if reduction == "none":
             out = per_row
             if self.index is not None:
                 out = per_row.new_zeros(self.flat_targets.shape).index_put((self.index,), per_row)
             out = out.reshape(self.shape)
             return out[..., :-1] if self.shift else out
-        total = per_row.sum()
+        total = per_row.sum() if total is None else total
         if reduction == "sum":
             return total
         if num_items is not None:
@@ -342,6 +413,18 @@ def _check_class_weight(class_weight, weight: Tensor, label_smoothing: float) ->
             "class_weight: not supported together with label_smoothing > 0 (the smoothing term "
             f"would need the class-weighted mean logit), got label_smoothing={label_smoothing}"
         )
+
+
+def _grads_needed(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
+    """Whether ``grad_in_forward`` needs no memory beyond the block budget and the gradients
+    themselves: the weight gradient is its own fp32 sum (an fp32/fp64 weight, or none is
+    needed), and the PyTorch loop is what would run anyway (no Triton kernels)."""
+    wide = weight.dtype in (torch.float32, torch.float64) or not weight.requires_grad
+    return wide and _blocks._block_functions(hidden2d)[0] is _blocks._forward_stats
 
 
 def _check_fraction(name: str, value, high: float | None) -> None:

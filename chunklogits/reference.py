@@ -165,12 +165,14 @@ def topk_logprobs(
     shards: int | None = None,
     chunk_size: int | None = None,
 ):
-    """The ``k`` largest of the model's own logits (``model_logits``; ties in ``torch.topk``'s
-    order) and the fp32 log-softmax of the tempered logits at them."""
+    """The ``k`` largest of the model's own logits (``model_logits``), descending, equal logits
+    by the smaller token id (a stable sort), and the fp32 log-softmax of the tempered logits at
+    them."""
     from .logprobs import TopLogprobs
 
     decision = model_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
-    indices = decision.to(torch.promote_types(decision.dtype, torch.float32)).topk(k, -1).indices
+    decision = decision.to(torch.promote_types(decision.dtype, torch.float32))
+    indices = decision.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     z = logits(
         hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature
     )
@@ -404,3 +406,58 @@ def beam_candidates(
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     values, tokens = z.log_softmax(-1).sort(dim=-1, descending=True, stable=True)
     return values[:, :count], tokens[:, :count]
+
+
+def linear_jsd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | Tensor | None = None,
+    shift: bool = False,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` on both heads' full fp32 logits, with the mask
+    ``labels != ignore_index``; ``reduction="none"``: its elementwise result summed over the
+    vocabulary, per position (0 at ignored ones)."""
+    s = logits(student_hidden, student_weight, bias=student_bias, temperature=temperature)
+    t = logits(teacher_hidden, teacher_weight, bias=teacher_bias, temperature=temperature)
+    if shift:
+        s, t = s[..., :-1, :], t[..., :-1, :]
+        labels = None if labels is None else labels[..., 1:]
+    logp, logq = s.log_softmax(-1), t.log_softmax(-1)
+    if beta == 0:
+        jsd = F.kl_div(logp, logq, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(logq, logp, reduction="none", log_target=True)
+    else:
+        beta_t = torch.tensor(beta, dtype=logp.dtype, device=logp.device)
+        log_m = torch.logsumexp(
+            torch.stack([logp + torch.log1p(-beta_t), logq + torch.log(beta_t)]), dim=0
+        )
+        kl_teacher = F.kl_div(log_m, logq, reduction="none", log_target=True)
+        kl_student = F.kl_div(log_m, logp, reduction="none", log_target=True)
+        jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+    if reduction == "none":
+        per_position = jsd.sum(-1)
+        return per_position if labels is None else per_position * (labels != ignore_index)
+    count = max(jsd.shape[0], 1)
+    if labels is not None:
+        mask = labels != ignore_index
+        jsd, count = jsd[mask], mask.sum().clamp_min(1)
+    if num_items_in_batch is not None:
+        return jsd.sum() / num_items_in_batch
+    if reduction == "sum":
+        return jsd.sum()
+    if reduction == "mean":
+        return jsd.mean()
+    return jsd.sum() / count

@@ -976,7 +976,8 @@ def test_accuracy_and_topk_logprobs_match_single_process(name, world):
             assert 0 < expected < 1 or (top_k == 3 and expected == 1), where
             torch.testing.assert_close(got[name, "accuracy", top_k], expected, rtol=0, atol=0)
         values, indices = got[name, "topk"]
-        # The six largest model logits of the whole head, whichever of tied tokens.
+        # The six largest model logits of the whole head, tied tokens by the smaller id.
+        assert torch.equal(indices, naive_indices), where
         torch.testing.assert_close(
             decision.gather(-1, indices), decision.gather(-1, naive_indices), rtol=0, atol=0
         )

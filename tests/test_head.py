@@ -180,3 +180,32 @@ def test_sample_next_is_the_sampler_with_the_heads_transform(transform):
         assert torch.equal(ours, expected)
     raw = reference.token_logprobs(hidden_last, weight, drawn.tokens, bias=b, **options)
     torch.testing.assert_close(drawn.raw_logprobs, raw)
+
+
+def test_a_computed_weight_keeps_its_graph():
+    """``ChunkedLMHead(W + B @ A)`` (a merged LoRA weight) keeps that tensor instead of making a
+    new leaf Parameter of it: A and B get the gradients of the naive head."""
+    g = seeded(4)
+    base = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.3
+    a0 = torch.randn(4, D, generator=g, dtype=torch.float64) * 0.2
+    b0 = torch.randn(V, 4, generator=g, dtype=torch.float64) * 0.2
+    hidden = torch.randn(9, D, generator=g, dtype=torch.float64)
+    labels = torch.randint(V, (9,), generator=g)
+    results = {}
+    for name, precision in (
+        ("ours", torch.float32),
+        ("naive", torch.float32),
+        ("exact", torch.float64),
+    ):
+        a, b = _leaves((a0, b0), precision)
+        weight = base.to(precision) + b @ a
+        if name == "ours":
+            head = cl.ChunkedLMHead(weight, shards=3)
+            assert head.weight is weight and list(head.parameters()) == []
+            loss = head.loss(hidden.to(precision), labels)
+        else:
+            loss = reference.linear_cross_entropy(hidden.to(precision), weight, labels)
+        loss.backward()
+        results[name] = [loss, a.grad, b.grad]
+    for what, ours, naive, exact in zip(("loss", "A", "B"), *results.values(), strict=True):
+        assert_as_accurate(ours, naive, exact, torch.float32, what)

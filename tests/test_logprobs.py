@@ -104,8 +104,9 @@ def test_entropy_alone_backpropagates():
 
 def check_topk(hidden, weight, bias, k, dtype, blockings, **options):
     """``topk_logprobs`` against the naive twin: the indices pick the ``k`` largest of the model's
-    own logits (the same values as the naive ``topk``, whichever of tied tokens), the values are
-    as accurate as the naive log-softmax at those indices, against fp64."""
+    own logits, in descending order, tied tokens by the smaller id: exactly the naive twin's
+    indices (a stable sort); the values are as accurate as the naive log-softmax at those
+    indices, against fp64."""
     transform = {key: options[key] for key in ("softcap", "logit_scale") if key in options}
     decision = reference.model_logits(hidden, weight, bias=bias, **transform).float()
     naive_indices = reference.topk_logprobs(hidden, weight, k, bias=bias, **options).indices
@@ -119,7 +120,8 @@ def check_topk(hidden, weight, bias, k, dtype, blockings, **options):
         assert values.shape == indices.shape == (*hidden.shape[:-1], k)
         assert values.dtype == torch.float32 and indices.dtype == torch.long
         assert not values.requires_grad
-        # The k largest model logits, in descending order, each token once.
+        # The k largest model logits, in descending order, ties by the smaller id, each once.
+        assert torch.equal(indices, naive_indices), (shards, chunk_size, options)
         torch.testing.assert_close(
             decision.gather(-1, indices), decision.gather(-1, naive_indices), rtol=0, atol=0
         )
@@ -159,6 +161,27 @@ def test_topk_logprobs_half_precision(cpu_gemm, k, options):
         [(1, None), (6, 5)],
         **options,
     )
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 7, 12])
+@pytest.mark.parametrize("blocking", [(1, None), (3, 2), (12, 1), (5, 3)])
+def test_topk_logprobs_ties_by_smaller_token_id(k, blocking):
+    # Exact ties across shards and within them: logits 2 at ids {9, 2, 7}, 1 at {0, 5, 10, 11},
+    # 0 elsewhere; every tie group straddles some k and some shard boundary.
+    weight = torch.zeros(12, 2)
+    weight[[9, 2, 7], 0] = 2.0
+    weight[[0, 5, 10, 11], 0] = 1.0
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.0, 0.0]])
+    shards, chunk_size = blocking
+    values, indices = cl.topk_logprobs(hidden, weight, k, shards=shards, chunk_size=chunk_size)
+    order = [2, 7, 9, 0, 5, 10, 11, 1, 3, 4, 6, 8]
+    assert indices[:2].tolist() == [order[:k]] * 2
+    assert indices[2].tolist() == list(range(k))  # all equal: the smallest ids, ascending
+    naive = reference.topk_logprobs(hidden, weight, k)
+    assert torch.equal(indices, naive.indices)
+    # The same as log_softmax(...).topk(k) with ties broken by the smaller token id.
+    logp = reference.logits(hidden, weight).log_softmax(-1)
+    torch.testing.assert_close(values, logp.gather(-1, indices))
 
 
 def test_topk_logprobs_one_row_and_whole_vocabulary():

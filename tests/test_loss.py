@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import chunklogits as cl
 from chunklogits import reference
-from tests.helpers import assert_as_accurate, seeded
+from tests.helpers import assert_as_accurate, run_ranks, seeded
 
 
 def make_inputs(shape, vocab, dim, dtype, ignored=0.0, bias=False, seed=0):
@@ -40,11 +42,13 @@ def run(fn, hidden, weight, bias, labels, upstream=None, **kw):
     return [loss.detach()] + [t.grad for t in leaves if t is not None]
 
 
-def check_against_oracle(hidden, weight, bias, labels, dtype, upstream=None, **kw):
+def check_against_oracle(
+    hidden, weight, bias, labels, dtype, upstream=None, ours_fn=cl.linear_cross_entropy, **kw
+):
     to64 = [t.double() if t is not None else None for t in (hidden, weight, bias)]
     exact = run(reference.linear_cross_entropy, *to64, labels, upstream, **kw)
     naive = run(reference.linear_cross_entropy, hidden, weight, bias, labels, upstream, **kw)
-    ours = run(cl.linear_cross_entropy, hidden, weight, bias, labels, upstream, **kw)
+    ours = run(ours_fn, hidden, weight, bias, labels, upstream, **kw)
     names = ["loss", "grad hidden", "grad weight", "grad bias"]
     for name, o, n, e in zip(names, ours, naive, exact, strict=False):
         assert o.shape == e.shape, f"{name}: shape {tuple(o.shape)} != {tuple(e.shape)}"
@@ -169,9 +173,8 @@ def test_frozen_weight_skips_its_gradient():
 def test_double_backward_is_not_silently_wrong():
     hidden, weight, _, labels = make_inputs((2, 8), 64, 16, torch.float64)
     loss = cl.linear_cross_entropy(hidden, weight, labels)
-    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
-    with pytest.raises(RuntimeError):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="create_graph: chunklogits ops have no second-order"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
 
 
 def test_no_grad_inference_matches():
@@ -466,3 +469,223 @@ def test_bad_arguments_of_the_new_options(call, error, words):
         call(hidden, weight, labels)
     for word in words:
         assert word in str(raised.value), (word, str(raised.value))
+
+
+# --- grad_in_forward: the gradients computed during the forward pass ----------------------------
+
+_FUSED_OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"shift": True, "num_items_in_batch": 50},
+    {"label_smoothing": 0.1, "z_loss": 1e-3},
+    {"softcap": 3.0, "logit_scale": 1.5, "reduction": "sum"},
+    {"shift": True, "label_smoothing": 0.2, "z_loss": 1e-4, "softcap": 2.5, "chunk_size": 7},
+]
+
+
+@pytest.mark.parametrize("options", _FUSED_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("grad_in_forward", [True, False, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_in_forward_matches_oracle(dtype, grad_in_forward, options):
+    # Ignored labels, a bias, an odd vocabulary and several shards and chunks throughout.
+    hidden, weight, bias, labels = make_inputs((4, 23), 301, 48, dtype, 0.3, bias=True)
+    ours = functools.partial(cl.linear_cross_entropy, grad_in_forward=grad_in_forward)
+    options = {"shards": 5, **options}
+    check_against_oracle(hidden, weight, bias, labels, dtype, ours_fn=ours, **options)
+
+
+def test_grad_in_forward_both_cpu_compute_paths(cpu_gemm):
+    hidden, weight, bias, labels = make_inputs((2, 30), 211, 40, torch.bfloat16, 0.3, bias=True)
+    ours = functools.partial(cl.linear_cross_entropy, grad_in_forward=True)
+    check_against_oracle(
+        hidden, weight, bias, labels, torch.bfloat16, ours_fn=ours, shards=4, softcap=6.0
+    )
+
+
+def test_grad_in_forward_default_budget_plan():
+    # No shards / chunk_size given: the plan keeps whole rows of the vocabulary within a small
+    # budget, so several row chunks and shards are walked.
+    hidden, weight, bias, labels = make_inputs((8, 40), 5000, 32, torch.float32, 0.2, bias=True)
+    previous = cl.set_block_budget(2**17)
+    try:
+        plan = cl._blocks.plan_blocks(320, 5000, torch.float32, hidden.device, kept_vocab=5000)
+        assert plan.chunk_size < 320 and len(plan.shards) > 1
+        ours = functools.partial(cl.linear_cross_entropy, grad_in_forward=True)
+        check_against_oracle(hidden, weight, bias, labels, torch.float32, ours_fn=ours)
+    finally:
+        cl.set_block_budget(previous)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "weight_grad", "reduction", "expected"),
+    [
+        (torch.float32, True, "mean", True),  # the fp32 weight gradient is its own accumulator
+        (torch.bfloat16, False, "sum", True),  # no weight gradient: nothing to accumulate
+        (torch.bfloat16, True, "mean", False),  # would need an fp32 [V, D] sum
+        (torch.float32, True, "none", False),  # no scalar loss
+    ],
+)
+def test_grad_in_forward_default_decides(monkeypatch, dtype, weight_grad, reduction, expected):
+    from chunklogits import _blocks
+
+    calls = []
+    fused = _blocks._fused_loss_blocks
+    monkeypatch.setattr(_blocks, "_fused_loss_blocks", lambda *a: calls.append(1) or fused(*a))
+    hidden, weight, bias, labels = make_inputs((3, 17), 203, 24, dtype, 0.2, bias=True)
+    weight.requires_grad_(weight_grad)
+    results = []
+    for fn, cast in [(cl.linear_cross_entropy, dtype), (reference.linear_cross_entropy, dtype),
+                     (reference.linear_cross_entropy, torch.float64)]:  # fmt: skip
+        h = hidden.detach().to(cast).requires_grad_()
+        loss = fn(h, weight.to(cast), labels, bias=bias.to(cast), reduction=reduction)
+        loss.sum().backward()
+        results.append((loss.detach(), h.grad))
+    for ours, naive, exact in zip(*results, strict=True):
+        assert_as_accurate(ours, naive, exact, dtype, "loss and hidden gradient")
+    assert bool(calls) == expected
+
+
+def test_grad_in_forward_without_grad_is_the_loss():
+    hidden, weight, bias, labels = make_inputs((3, 10), 99, 20, torch.float32, 0.3, bias=True)
+    with torch.no_grad():
+        ours = cl.linear_cross_entropy(hidden, weight, labels, bias=bias, grad_in_forward=True)
+    exact = reference.linear_cross_entropy(
+        hidden.double(), weight.double(), labels, bias=bias.double()
+    )
+    naive = reference.linear_cross_entropy(hidden, weight, labels, bias=bias)
+    assert not ours.requires_grad
+    assert_as_accurate(ours, naive.detach(), exact.detach(), torch.float32, "no_grad loss")
+
+
+def test_grad_in_forward_with_the_statistics_in_the_result():
+    # A result that uses the per-row statistics besides the fused loss (as a returned z-loss
+    # would): their gradient is added by a recomputing pass, on top of the scaled fused one.
+    from chunklogits import _blocks
+
+    hidden, weight, bias, labels = make_inputs((2, 20), 150, 16, torch.float64, 0.2, bias=True)
+    flat = labels.reshape(-1)
+    index = (flat != -100).nonzero().squeeze(1)
+    plan = _blocks.plan_blocks(index.numel(), 150, torch.float64, hidden.device, shards=3,
+                               chunk_size=9, kept_vocab=150)  # fmt: skip
+    stats, total = _blocks.row_stats(
+        hidden.reshape(-1, 16), weight, bias, index=index, targets=flat[index], plan=plan,
+        row_loss=lambda s: s.lse - s.target,
+    )  # fmt: skip
+    (0.5 * total + stats.lse.square().sum()).backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = torch.nn.functional.linear(leaves[0].reshape(-1, 16)[index], leaves[1], leaves[2])
+    lse = logits.logsumexp(-1)
+    expected = 0.5 * (lse - logits.gather(1, flat[index, None]).squeeze(1)).sum()
+    (expected + lse.square().sum()).backward()
+    for ours, theirs in zip((hidden, weight, bias), leaves, strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_in_forward_second_backward_raises():
+    hidden, weight, _, labels = make_inputs((2, 8), 64, 16, torch.float32)
+    loss = cl.linear_cross_entropy(hidden, weight, labels, grad_in_forward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="grad_in_forward"):
+        loss.backward()
+
+
+def test_grad_in_forward_bad_values():
+    hidden, weight, _, labels = make_inputs((2, 8), 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="grad_in_forward: True needs a scalar loss"):
+        cl.linear_cross_entropy(hidden, weight, labels, reduction="none", grad_in_forward=True)
+    with pytest.raises(TypeError, match="grad_in_forward: expected True, False or None, got 1"):
+        cl.linear_cross_entropy(hidden, weight, labels, grad_in_forward=1)
+
+
+def _fused_ranks_worker(rank: int, world: int, dtype: torch.dtype, options: dict) -> list:
+    import torch.distributed as dist
+
+    hidden, weight, bias, labels = make_inputs((3, 19), 203, 24, dtype, 0.2, bias=True)
+    bounds = [0, 80, 203]  # uneven slices
+    leaves = [
+        t.detach()[bounds[rank] : bounds[rank + 1]].clone().requires_grad_() if t is not hidden
+        else t.detach().clone().requires_grad_()
+        for t in (hidden, weight, bias)
+    ]  # fmt: skip
+    loss = cl.linear_cross_entropy(
+        leaves[0], leaves[1], labels, bias=leaves[2], process_group=dist.group.WORLD,
+        grad_in_forward=True, chunk_size=7, **options,
+    )  # fmt: skip
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_in_forward_two_ranks(dtype):
+    options = {"shift": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
+    hidden, weight, bias, labels = make_inputs((3, 19), 203, 24, dtype, 0.2, bias=True)
+    to64 = [t.double() for t in (hidden, weight, bias)]
+    exact = run(reference.linear_cross_entropy, *to64, labels, **options)
+    naive = run(reference.linear_cross_entropy, hidden, weight, bias, labels, **options)
+    ranks = run_ranks(_fused_ranks_worker, 2, dtype, options)
+    bounds = [0, 80, 203]
+    for rank, ours in enumerate(ranks):
+        part = slice(bounds[rank], bounds[rank + 1])
+        names = ["loss", "grad hidden", "grad weight", "grad bias"]
+        for i, (name, o, n, e) in enumerate(zip(names, ours, naive, exact, strict=True)):
+            n, e = (n[part], e[part]) if i >= 2 else (n, e)
+            assert_as_accurate(o, n, e, dtype, f"rank {rank} {name}")
+
+
+# --- grad_in_forward with class weights, the returned z-loss and the token accuracy -----------
+
+_FUSED_NEW_OPTIONS = [
+    {"class_weight": True},
+    {"class_weight": True, "reduction": "sum", "z_loss": 1e-3},
+    {"return_z_loss": True, "z_loss": 1e-3, "shift": True},
+    {"class_weight": True, "return_z_loss": True, "z_loss": 1e-2, "num_items_in_batch": 30},
+    {"return_token_accuracy": True},
+    {"return_token_accuracy": True, "return_z_loss": True, "class_weight": True, "z_loss": 1e-3},
+]
+
+
+@pytest.mark.parametrize("options", _FUSED_NEW_OPTIONS, ids=lambda o: ",".join(o))
+@pytest.mark.parametrize("grad_in_forward", [True, False, None])
+def test_grad_in_forward_with_the_new_options(monkeypatch, grad_in_forward, options):
+    from chunklogits import _blocks
+
+    calls = []
+    fused = _blocks._fused_loss_blocks
+    monkeypatch.setattr(_blocks, "_fused_loss_blocks", lambda *a: calls.append(1) or fused(*a))
+    hidden, weight, bias, labels = make_inputs((3, 17), 203, 24, torch.float32, 0.2, bias=True)
+    options = dict(options)
+    if options.pop("class_weight", False):
+        options["class_weight"] = class_weights(203)
+    accuracy = options.get("return_token_accuracy", False)
+    if grad_in_forward and accuracy:
+        with pytest.raises(ValueError, match="grad_in_forward: True does not serve"):
+            cl.linear_cross_entropy(
+                hidden, weight, labels, bias=bias, grad_in_forward=True, **options
+            )
+        return
+    results = []
+    for fn, cast, extra in [
+        (cl.linear_cross_entropy, torch.float32, {"grad_in_forward": grad_in_forward, "shards": 3}),
+        (reference.linear_cross_entropy, torch.float32, {}),
+        (reference.linear_cross_entropy, torch.float64, {}),
+    ]:
+        leaves = [t.detach().to(cast).requires_grad_() for t in (hidden, weight, bias)]
+        opts = dict(options)
+        if "class_weight" in opts:
+            opts["class_weight"] = opts["class_weight"].to(cast)
+        out = fn(leaves[0], leaves[1], labels, bias=leaves[2], **opts, **extra)
+        loss = out if isinstance(out, torch.Tensor) else out.loss
+        loss.backward()
+        results.append((out, [t.grad for t in leaves]))
+    (ours, ours_grads), (naive, naive_grads), (exact, exact_grads) = results
+    if isinstance(ours, torch.Tensor):
+        ours, naive, exact = (ours,), (naive,), (exact,)
+    else:
+        assert ours.token_accuracy is None or torch.equal(ours.token_accuracy, naive.token_accuracy)
+        ours, naive, exact = ([x for x in out[:2] if x is not None] for out in (ours, naive, exact))
+    for o, n, e in zip(ours, naive, exact, strict=True):
+        assert_as_accurate(o.detach(), n.detach(), e.detach(), torch.float32, f"{options}")
+    for o, n, e in zip(ours_grads, naive_grads, exact_grads, strict=True):
+        assert_as_accurate(o, n, e, torch.float32, f"grads {options}")
+    # fp32 weight on the CPU: None fuses unless the token accuracy is asked for.
+    assert bool(calls) == (grad_in_forward is not False and not accuracy)

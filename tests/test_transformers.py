@@ -7,13 +7,16 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import chunklogits as cl
 from chunklogits import reference
-from tests.helpers import assert_as_accurate, assert_as_accurate_in_norm, seeded
+from tests.helpers import assert_as_accurate, assert_as_accurate_in_norm, one_thread, seeded
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 VOCAB = 311
 _SIZES = {
@@ -191,23 +194,45 @@ def test_greedy_generate_unchanged(family):
     assert torch.equal(wrapped.generate(input_ids, **options), expected)
 
 
-def test_labels_give_no_logits_unless_asked():
+def test_logits_with_labels_in_evaluation_only_unless_asked():
+    """With labels: no logits in training mode; the original's logits in eval mode (what
+    Trainer.evaluate hands to compute_metrics); return_logits=True / False: always / never."""
     model = _model("gemma2").eval()
     wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     input_ids, labels = _batch()
     theirs = model(input_ids, labels=labels)
-    ours = wrapped(input_ids, labels=labels)
-    assert ours.logits is None and "logits" not in ours
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
-    ours_tuple = wrapped(input_ids, labels=labels, return_dict=False)
-    assert torch.equal(ours_tuple[0], ours.loss) and len(ours_tuple) == len(theirs.to_tuple()) - 1
-
+    for mode, expect_logits in (("train", False), ("eval", True)):
+        getattr(wrapped, mode)()
+        ours = wrapped(input_ids, labels=labels)
+        torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
+        if expect_logits:
+            assert torch.equal(ours.logits, theirs.logits)
+        else:
+            assert ours.logits is None and "logits" not in ours
+    wrapped.train()
     wrapped.lm_head.return_logits = True
-    ours = wrapped(input_ids, labels=labels)
-    assert torch.equal(ours.logits, theirs.logits)
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
-    also = cl.ChunkedLMHead.wrap(copy.deepcopy(model), return_logits=True)
+    assert torch.equal(wrapped(input_ids, labels=labels).logits, theirs.logits)
+    wrapped.eval()
+    wrapped.lm_head.return_logits = False
+    assert wrapped(input_ids, labels=labels).logits is None
+    also = cl.ChunkedLMHead.wrap(copy.deepcopy(model).train(), return_logits=True)
     assert torch.equal(also(input_ids, labels=labels).logits, theirs.logits)
+
+
+def test_tuple_outputs_keep_the_positions_of_the_original():
+    """return_dict=False with labels: (loss, logits, cache, ...) as the original's tuple, with
+    None at index 1 where the logits are not computed (never the cache in their place)."""
+    model = _model("llama").eval()
+    wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+    input_ids, labels = _batch()
+    theirs = model(input_ids, labels=labels, return_dict=False)
+    for mode, logits in (("eval", theirs[1]), ("train", None)):
+        getattr(wrapped, mode)()
+        ours = wrapped(input_ids, labels=labels, return_dict=False)
+        assert isinstance(ours, tuple) and len(ours) == len(theirs) == 3
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=0)
+        assert ours[1] is None if logits is None else torch.equal(ours[1], logits)
+        assert type(ours[2]) is type(theirs[2])  # the cache, where the original has it
 
 
 def test_loss_arguments_follow_for_causal_lm_loss():
@@ -523,3 +548,158 @@ def test_bad_labels_and_sequences():
         cl.sequence_logprobs(model, input_ids, torch.ones(3, 4))
     with pytest.raises(ValueError, match="temperature: expected a finite float > 0"):
         cl.sequence_logprobs(model, input_ids, temperature=0.0)
+
+
+# ---------------------------------------------------------------- mixed precision (autocast)
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """An accelerate ``Accelerator(mixed_precision="bf16")`` on CPU, its process-wide state reset
+    after the test (other tests build their own, e.g. through Trainer)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield Accelerator(mixed_precision="bf16", cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def _autocast_losses(family: str, wrapped: nn.Module, naive: nn.Module, under_autocast: bool):
+    """The loss of the wrapped and the unwrapped fp32 model (each under bf16 autocast when
+    ``under_autocast``, else as called: a prepared model autocasts itself) and of the fp64 model;
+    the wrapped one held to the accuracy rule of bf16, the unwrapped autocast loss's precision."""
+    exact = _model(family, torch.float64)
+    input_ids, labels = _batch()
+    losses = []
+    for model in (wrapped, naive):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+            losses.append(model(input_ids=input_ids, labels=labels).loss)
+    exact_loss = exact(input_ids=input_ids, labels=labels).loss
+    assert losses[0].dtype == torch.float32
+    assert_as_accurate(*losses, exact_loss, torch.bfloat16, f"{family} autocast loss")
+    return losses
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_wrap_under_autocast(family, cpu_gemm):
+    """Wrapping inside torch.autocast (the probe tells autocast's bf16 rounding of the original
+    logits from a real mismatch), then the loss under autocast, as accurate as the unwrapped
+    model's autocast loss."""
+    naive = _model(family)
+    wrapped = copy.deepcopy(naive)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cl.ChunkedLMHead.wrap(wrapped)
+    _autocast_losses(family, wrapped, naive, under_autocast=True)
+
+
+@pytest.mark.parametrize("order", ["wrap-then-prepare", "prepare-then-wrap"])
+def test_wrap_and_accelerate_bf16_in_either_order(order, bf16_accelerator):
+    naive = bf16_accelerator.prepare(_model("llama"))
+    wrapped = _model("llama")
+    if order == "wrap-then-prepare":
+        wrapped = bf16_accelerator.prepare(cl.ChunkedLMHead.wrap(wrapped))
+    else:
+        wrapped = cl.ChunkedLMHead.wrap(bf16_accelerator.prepare(wrapped))
+    assert isinstance(wrapped.lm_head, cl.ChunkedLMHead)
+    _autocast_losses("llama", wrapped, naive, under_autocast=False)
+    # Unwrapping a model wrapped after prepare gives the prepared (autocasting) forward back.
+    if order == "prepare-then-wrap":
+        cl.ChunkedLMHead.unwrap(wrapped)
+        input_ids, _ = _batch()
+        assert torch.equal(wrapped(input_ids).logits, naive(input_ids).logits)
+
+
+def test_head_operands_under_autocast_are_in_the_autocast_dtype(monkeypatch, cpu_gemm):
+    """What the docstrings state: under autocast the chunked ops receive hidden, weight and
+    bias in the autocast dtype (as F.linear does), so the block GEMMs run in bf16 (or in fp32
+    from bf16 operands on the fp32 CPU path); outside autocast in the Parameters' dtype."""
+    import chunklogits.head as head_module
+
+    seen, chunked = [], head_module.linear_cross_entropy
+
+    def spy(hidden, weight, labels, **kwargs):
+        seen.append((hidden.dtype, weight.dtype, kwargs["bias"].dtype))
+        return chunked(hidden, weight, labels, **kwargs)
+
+    monkeypatch.setattr(head_module, "linear_cross_entropy", spy)
+    g = seeded(3)
+    linear = nn.Linear(24, 50)
+    head = cl.ChunkedLMHead(linear.weight, linear.bias)
+    hidden = torch.randn(4, 24, generator=g, requires_grad=True)
+    labels = torch.randint(50, (4,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head.loss(hidden, labels)
+        naive = F.cross_entropy(linear(hidden).float(), labels)
+    assert seen == [(torch.bfloat16,) * 3]
+    loss.backward()
+    assert hidden.grad.dtype == linear.weight.grad.dtype == torch.float32
+    exact = F.cross_entropy(
+        F.linear(hidden.double(), *(p.double() for p in (linear.weight, linear.bias))), labels
+    )
+    assert_as_accurate(loss, naive, exact, torch.bfloat16, "autocast head loss")
+    head.loss(hidden, labels)
+    assert seen[-1] == (torch.float32,) * 3
+
+
+def test_sequence_logprobs_of_an_unwrapped_model_under_autocast():
+    model = _model("gemma2")
+    exact = _model("gemma2", torch.float64)
+    input_ids, mask = _padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = cl.sequence_logprobs(model, input_ids, mask, temperature=0.7)
+        naive = reference.sequence_logprobs(model, input_ids, mask, temperature=0.7)
+    assert type(model.lm_head) is nn.Linear  # wrapped for the call only
+    expected = reference.sequence_logprobs(exact, input_ids, mask, temperature=0.7)
+    assert_as_accurate(ours, naive, expected, torch.bfloat16, "autocast logprobs")
+
+
+# ---------------------------------------------------------------- resize_token_embeddings
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_resize_token_embeddings_of_a_wrapped_model(family):
+    """The head follows the resized output embedding: sizes agree, the loss over the new tokens
+    is the unwrapped resized model's, and unwrap gives a plain layer of the new size."""
+    naive = _model(family)
+    wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(naive), shards=3)
+    new_vocab = VOCAB + 9
+    for model in (naive, wrapped):
+        torch.manual_seed(4)  # the new rows are drawn at random
+        model.resize_token_embeddings(new_vocab)
+    head = wrapped.lm_head
+    assert isinstance(head, cl.ChunkedLMHead) and head.shards == 3
+    assert head.weight.shape[0] == wrapped.config.vocab_size == new_vocab
+    assert (head.weight is wrapped.get_input_embeddings().weight) == (family == "llama-tied")
+    input_ids, labels = _batch()
+    input_ids[:, -3:] = labels[:, -3:] = torch.arange(VOCAB, VOCAB + 3)
+    naive.train(), wrapped.train()
+    torch.testing.assert_close(
+        wrapped(input_ids, labels=labels).loss,
+        naive(input_ids, labels=labels).loss,
+        rtol=1e-5,
+        atol=0,
+    )
+    cl.ChunkedLMHead.unwrap(wrapped)
+    assert type(wrapped.lm_head) is nn.Linear and wrapped.lm_head.out_features == new_vocab
+    assert "resize_token_embeddings" not in vars(wrapped)
+
+
+def test_warns_only_when_training_on_full_logits():
+    """The warning that full logits were made fires for a training-mode call without labels
+    with autograd on (what Trainer's label smoothing and compute_loss_func do), and for no
+    other call: labels, eval mode, no_grad (generate) and one position (logits_to_keep=1)."""
+    import warnings
+
+    model = cl.ChunkedLMHead.wrap(_model("llama"))
+    input_ids, labels = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train()(input_ids, labels=labels)
+        model(input_ids, logits_to_keep=1)
+        with torch.no_grad():
+            model(input_ids)
+        model.eval()(input_ids)
+    with pytest.warns(UserWarning, match=r"computed the full \(3, 13, 311\) logits"):
+        logits = model.train()(input_ids).logits
+    assert logits.shape == (3, 13, VOCAB)

@@ -107,7 +107,8 @@ def test_forward_stats(dtype, transform):
     ours = _triton.forward_stats(hidden, weight, bias, index, targets, transform, plan, True, True)
     naive = naive_stats(hidden, weight, bias, index, targets, transform)
     exact = naive_stats(hidden.double(), weight.double(), bias.double(), index, targets, transform)
-    for name, o, n, e in zip(STATS, ours, naive, exact, strict=True):
+    assert ours.top is None  # the running top-k is a statistic of the PyTorch loop only
+    for name, o, n, e in zip(STATS, ours[: len(STATS)], naive, exact, strict=True):
         assert o.dtype == torch.float32 and o.shape == e.shape, name
         assert_as_accurate(o, n, e, dtype, f"{name} {transform}")
 

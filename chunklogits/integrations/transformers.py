@@ -12,6 +12,12 @@ hidden states) is reproduced by construction; what it does after it is reproduce
 transforms in the table and ``ForCausalLMLoss``, and ``wrap`` checks that claim on the model
 itself with a probe before it returns.
 
+The output module may also be a PEFT layer around the linear one (LoRA's ``Linear``, a
+``ModulesToSaveWrapper``): the ``ChunkedLMHead`` then takes the inner layer's place, the PEFT layer
+is the one that records, and the loss uses the linear layer the PEFT layer's forward amounts to
+(``_effective_head``). The output module's call is recorded under the autocast state it runs in,
+and the loss runs under the same state.
+
 Nothing here imports transformers at module level: ``import chunklogits`` stays light.
 """
 
@@ -46,15 +52,19 @@ _PROBE_LOGIT_STD = 40.0
 
 @dataclass
 class _Wrapping:
-    """What ``unwrap`` restores, kept on the head (so it follows ``copy.deepcopy`` of the model)."""
+    """What ``unwrap`` restores, kept on each head ``wrap`` installs (so it follows
+    ``copy.deepcopy`` of the model): the layer the head replaced and, for the model, the
+    attributes ``wrap`` set on the instance."""
 
     original_layer: nn.Module
-    instance_forward: Callable | None  # a forward set on the instance before wrapping, if any
+    # "forward" and "resize_token_embeddings" as they were in the instance's __dict__ (None: not
+    # there, the class's method serves).
+    instance_methods: dict[str, Callable | None]
     parameter_names: tuple[str, ...]  # the original forward's positional parameters, without self
 
     def original_forward(self, model: nn.Module) -> Callable:
-        if self.instance_forward is not None:
-            return self.instance_forward
+        if self.instance_methods["forward"] is not None:
+            return self.instance_methods["forward"]
         return types.MethodType(type(model).forward, model)
 
 
@@ -81,49 +91,62 @@ def logit_transform(config) -> dict[str, float | None]:
 
 
 def wrap(
-    head_class: type, model: nn.Module, *, shards: int | None, return_logits: bool
+    head_class: type, model: nn.Module, *, shards: int | None, return_logits: bool | None
 ) -> nn.Module:
     """``ChunkedLMHead.wrap`` (documented there)."""
-    name = type(model).__name__
-    if not isinstance(return_logits, bool):
-        raise TypeError(f"return_logits: expected a bool, got {return_logits!r}")
-    layer = _output_layer(model)
-    head = head_class(layer.weight, layer.bias, shards=shards, **logit_transform(model.config))
-    head.return_logits = return_logits
-    with _evaluating(model):
-        inputs, labels = _probe_inputs(model, layer)
-        expected = model(**inputs, labels=labels)
-        _install(model, head, layer)
+    if return_logits is not None and not isinstance(return_logits, bool):
+        raise TypeError(f"return_logits: expected a bool or None, got {return_logits!r}")
+    causal_lm = _causal_lm(model)
+    name = type(causal_lm).__name__
+    outer = _output_module(causal_lm)
+    slots = _linear_slots(outer)
+    layers = [_checked_linear(causal_lm, _slot_get(causal_lm, slot)) for slot in slots]
+    transform = logit_transform(causal_lm.config)
+    heads = [head_class(x.weight, x.bias, shards=shards, **transform) for x in layers]
+    for head in heads:
+        head.return_logits = return_logits
+    with _evaluating(causal_lm):
+        inputs, labels = _probe_inputs(causal_lm, layers[0])
+        expected = causal_lm(**inputs, labels=labels)
+        _install(causal_lm, heads, layers, slots)
         try:
-            _check_probe(model, head, inputs, labels, expected)
+            _check_probe(causal_lm, heads[0], inputs, labels, expected)
         except Exception as error:
-            unwrap(model)
+            unwrap(causal_lm)
             raise ValueError(
-                f"ChunkedLMHead.wrap: refusing {name} ({head.extra_repr()}), the wrapped forward "
-                f"does not reproduce the original: {error}"
+                f"ChunkedLMHead.wrap: refusing {name} ({heads[0].extra_repr()}), the wrapped "
+                f"forward does not reproduce the original: {error}"
             ) from error
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """``ChunkedLMHead.unwrap`` (documented there)."""
-    head = _wrapped_head(model)
+    from ..head import ChunkedLMHead
+
+    causal_lm = _causal_lm(model)
+    head = _wrapped_head(causal_lm)
     if head is None:
         raise ValueError(
             "model: expected a model wrapped by ChunkedLMHead.wrap, "
-            f"got an unwrapped {type(model).__name__}"
+            f"got an unwrapped {type(causal_lm).__name__}"
         )
-    wrapping = head._wrapping
-    layer = wrapping.original_layer
-    layer.weight = head.weight
-    if head.bias is not None:
-        layer.bias = head.bias
-    model.set_output_embeddings(layer)
-    if wrapping.instance_forward is None:
-        del model.forward
-    else:
-        model.forward = wrapping.instance_forward
-    head._wrapping = None
+    methods = head._wrapping.instance_methods
+    for slot in _linear_slots(causal_lm.get_output_embeddings()):
+        installed = _slot_get(causal_lm, slot)
+        if not isinstance(installed, ChunkedLMHead) or installed._wrapping is None:
+            continue
+        layer = installed._wrapping.original_layer
+        layer.weight = installed.weight
+        if installed.bias is not None:
+            layer.bias = installed.bias
+        _slot_set(causal_lm, slot, layer)
+        installed._wrapping = None
+    for attribute, saved in methods.items():
+        if saved is None:
+            delattr(causal_lm, attribute)
+        else:
+            setattr(causal_lm, attribute, saved)
     return model
 
 
@@ -147,9 +170,10 @@ def sequence_logprobs(
         # both 0 where attention_mask[:, 1:] == 0
 
     Args:
-        model: a transformers ``*ForCausalLM``. A model wrapped by ``ChunkedLMHead.wrap`` is used
-            as is; any other is wrapped for the call and unwrapped after it, which repeats the
-            wrap-time probe (two forwards of 12 tokens) per call: wrap once to avoid it.
+        model: a transformers ``*ForCausalLM``, or a PEFT model around one. A model wrapped by
+            ``ChunkedLMHead.wrap`` is used as is; any other is wrapped for the call and unwrapped
+            after it, which repeats the wrap-time probe (two forwards of 12 tokens) per call: wrap
+            once to avoid it.
         input_ids: ``[B, T]`` integer tokens, ``T >= 2``.
         attention_mask: ``[B, T]`` (1 = token, 0 = padding) or None; passed to the model.
             Positions whose *predicted* token is padding get 0 and cost nothing.
@@ -159,33 +183,36 @@ def sequence_logprobs(
     Returns:
         fp32 ``[B, T - 1]``: ``logprobs[b, t] = log p(input_ids[b, t + 1] | input_ids[b, :t + 1])``
         (and the entropy, same shape), differentiable with respect to the model's parameters.
+        Under ``torch.autocast`` the head's blocks run in the autocast dtype (see
+        ``ChunkedLMHead``).
     """
     _check_sequences(input_ids, attention_mask)
-    head = _wrapped_head(model)
+    causal_lm = _causal_lm(model)
+    head = _wrapped_head(causal_lm)
     if head is None:
         from ..head import ChunkedLMHead
 
-        wrap(ChunkedLMHead, model, shards=None, return_logits=False)
+        wrap(ChunkedLMHead, causal_lm, shards=None, return_logits=None)
         try:
             return sequence_logprobs(
-                model,
+                causal_lm,
                 input_ids,
                 attention_mask,
                 temperature=temperature,
                 return_entropy=return_entropy,
             )
         finally:
-            unwrap(model)
+            unwrap(causal_lm)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    _, hidden = _forward_recording(
-        head._wrapping.original_forward(model), head, inputs, keep_logits=False
-    )
+    _, recorded = _forward_recording(causal_lm, head, inputs, keep_logits=False)
+    effective, hidden = _effective_head(causal_lm.get_output_embeddings(), recorded.hidden)
     hidden, next_tokens = hidden[:, :-1], input_ids[:, 1:].to(hidden.device)
     options = {"temperature": temperature, "return_entropy": return_entropy}
-    if attention_mask is None:
-        return head.token_logprobs(hidden, next_tokens, **options)
-    real = attention_mask[:, 1:].to(hidden.device).bool()
-    results = head.token_logprobs(hidden[real], next_tokens[real], **options)
+    with recorded.autocast:
+        if attention_mask is None:
+            return effective.token_logprobs(hidden, next_tokens, **options)
+        real = attention_mask[:, 1:].to(hidden.device).bool()
+        results = effective.token_logprobs(hidden[real], next_tokens[real], **options)
     results = results if return_entropy else (results,)
     scattered = tuple(r.new_zeros(next_tokens.shape).index_put((real,), r) for r in results)
     return scattered if return_entropy else scattered[0]
@@ -200,17 +227,81 @@ def _check_sequences(input_ids, attention_mask) -> None:
     check_attention_mask(attention_mask, input_ids)
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (``get_base_model()``), else ``model``: what
+    ``wrap`` patches, so that the PEFT model's forward, which calls it, is the wrapped one."""
+    peft = _peft()
+    if peft is not None and isinstance(model, peft.PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def _peft():
+    """The ``peft`` module when it has been imported (a model cannot hold PEFT layers
+    otherwise), else None: chunklogits does not import it."""
+    import sys
+
+    return sys.modules.get("peft")
+
+
+def _peft_layer_kind(module: nn.Module) -> str | None:
+    """``"lora"`` for PEFT's LoRA ``Linear``, ``"modules_to_save"`` for its
+    ``ModulesToSaveWrapper``, None for anything else."""
+    if _peft() is None:
+        return None
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if isinstance(module, LoraLinear):
+        return "lora"
+    if isinstance(module, ModulesToSaveWrapper):
+        return "modules_to_save"
+    return None
+
+
+def _linear_slots(outer: nn.Module) -> list[tuple[nn.Module | None, str]]:
+    """Where the linear layers holding the output layer's weights sit, as ``(parent, name)``,
+    the one the forward uses by default first: the output module itself (``(None, "")``), a LoRA
+    layer's ``base_layer``, or a ``ModulesToSaveWrapper``'s ``original_module`` and copies."""
+    kind = _peft_layer_kind(outer)
+    if kind == "lora":
+        return [(outer, "base_layer")]
+    if kind == "modules_to_save":
+        copies = outer.modules_to_save
+        return [(outer, "original_module"), *((copies, name) for name in copies)]
+    return [(None, "")]
+
+
+def _slot_get(causal_lm: nn.Module, slot: tuple[nn.Module | None, str]) -> nn.Module:
+    parent, name = slot
+    return causal_lm.get_output_embeddings() if parent is None else getattr(parent, name)
+
+
+def _slot_set(causal_lm: nn.Module, slot: tuple[nn.Module | None, str], layer: nn.Module):
+    parent, name = slot
+    if parent is None:
+        causal_lm.set_output_embeddings(layer)
+    else:
+        setattr(parent, name, layer)
+
+
 def _wrapped_head(model: nn.Module):
-    """The ``ChunkedLMHead`` that ``wrap`` installed in ``model``, or None."""
+    """The ``ChunkedLMHead`` that ``wrap`` installed in ``model`` (inside the PEFT layer that
+    adapts it, if any), or None."""
     from ..head import ChunkedLMHead
 
-    get = getattr(model, "get_output_embeddings", None)
-    layer = get() if get is not None else None
+    causal_lm = _causal_lm(model)
+    get = getattr(causal_lm, "get_output_embeddings", None)
+    outer = get() if get is not None else None
+    if not isinstance(outer, nn.Module):
+        return None
+    layer = _slot_get(causal_lm, _linear_slots(outer)[0])
     return layer if isinstance(layer, ChunkedLMHead) and layer._wrapping is not None else None
 
 
-def _output_layer(model: nn.Module) -> nn.Linear:
-    """The model's output layer, if it is one whose forward and loss we reproduce."""
+def _output_module(model: nn.Module) -> nn.Module:
+    """The model's output module (a linear layer, or a PEFT layer around one), if it is one whose
+    forward and loss we reproduce."""
     name = type(model).__name__
     if (
         not isinstance(model, nn.Module)
@@ -219,36 +310,20 @@ def _output_layer(model: nn.Module) -> nn.Linear:
     ):
         raise TypeError(
             f"model: expected a transformers *ForCausalLM (a PreTrainedModel with an output "
-            f"embedding), got {name}"
+            f"embedding) or a PEFT model around one, got {name}"
         )
     if _wrapped_head(model) is not None:
         raise ValueError(
             f"model: {name} is already wrapped by ChunkedLMHead.wrap (unwrap it first)"
         )
-    layer = model.get_output_embeddings()
-    if layer is None:
+    outer = model.get_output_embeddings()
+    if outer is None:
         raise ValueError(
             f"model: {name} has no output embedding (get_output_embeddings() is None); "
             "wrap the *ForCausalLM model, not its base model"
         )
-    if type(layer) is not nn.Linear:
-        raise ValueError(
-            f"model: {name}'s output layer is a {type(layer).__module__}.{type(layer).__name__}, "
-            "expected a plain torch.nn.Linear (quantised or adapted layers are not reproduced)"
-        )
-    # A layer parallelised on the vocabulary (ColwiseParallel: a DTensor weight, its layouts set
-    # by hooks) is kept: the head calls it for plain logits (see ChunkedLMHead).
-    parallel = local_head(layer.weight, layer.bias).process_group is not None
-    hooked = layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
-    if hooked and not parallel:
-        raise ValueError(
-            f"model: {name}'s output layer has forward hooks (e.g. accelerate's device placement), "
-            "which replacing it would drop"
-        )
-    if layer.weight.device.type == "meta":
-        raise ValueError(
-            f"model: {name}'s output layer is on the meta device; load its weights first"
-        )
+    if _peft_layer_kind(outer) is not None and _hooked(outer):
+        raise ValueError(f"model: {name}'s output layer has forward hooks, which wrap would drop")
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     loss_function = getattr(model, "loss_function", None)
@@ -258,15 +333,45 @@ def _output_layer(model: nn.Module) -> nn.Linear:
             f"{getattr(loss_function, '__name__', loss_function)}, "
             "expected transformers' ForCausalLMLoss (other losses are not reproduced)"
         )
+    return outer
+
+
+def _hooked(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
+
+
+def _checked_linear(model: nn.Module, layer: nn.Module) -> nn.Linear:
+    """``layer`` (one the output module computes with) if the head can take its place."""
+    name = type(model).__name__
+    if type(layer) is not nn.Linear:
+        raise ValueError(
+            f"model: {name}'s output layer is a {type(layer).__module__}.{type(layer).__name__}, "
+            "expected a plain torch.nn.Linear, or PEFT's LoRA Linear or ModulesToSaveWrapper "
+            "around one (quantised or otherwise adapted layers are not reproduced)"
+        )
+    # A layer parallelised on the vocabulary (ColwiseParallel: a DTensor weight, its layouts set
+    # by hooks) is kept: the head calls it for plain logits (see ChunkedLMHead).
+    parallel = local_head(layer.weight, layer.bias).process_group is not None
+    if _hooked(layer) and not parallel:
+        raise ValueError(
+            f"model: {name}'s output layer has forward hooks (e.g. accelerate's device placement), "
+            "which replacing it would drop"
+        )
+    if layer.weight.device.type == "meta":
+        raise ValueError(
+            f"model: {name}'s output layer is on the meta device; load its weights first"
+        )
     return layer
 
 
-def _install(model: nn.Module, head, layer: nn.Module) -> None:
+def _install(model: nn.Module, heads: list, layers: list, slots: list) -> None:
     class_forward = type(model).forward
     parameters = list(inspect.signature(class_forward).parameters.values())[1:]  # without self
     positional = tuple(p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD)
-    head._wrapping = _Wrapping(layer, model.__dict__.get("forward"), positional)
-    model.set_output_embeddings(head)
+    methods = {name: model.__dict__.get(name) for name in ("forward", "resize_token_embeddings")}
+    for head, layer, slot in zip(heads, layers, slots, strict=True):
+        head._wrapping = _Wrapping(layer, methods, positional)
+        _slot_set(model, slot, head)
 
     # A function per wrap, carrying the class forward's signature (transformers.Trainer reads it
     # to pick the columns and loss arguments to pass), bound to the instance so that
@@ -275,7 +380,29 @@ def _install(model: nn.Module, head, layer: nn.Module) -> None:
     def forward(self, *args, **kwargs):
         return _chunked_forward(self, *args, **kwargs)
 
+    @functools.wraps(type(model).resize_token_embeddings)
+    def resize_token_embeddings(self, *args, **kwargs):
+        return _resize_wrapped(self, *args, **kwargs)
+
     model.forward = types.MethodType(forward, model)
+    model.resize_token_embeddings = types.MethodType(resize_token_embeddings, model)
+
+
+def _resize_wrapped(model: nn.Module, *args, **kwargs):
+    """``resize_token_embeddings`` of a wrapped model: unwrapped, resized by transformers (which
+    resizes an ``nn.Linear`` output layer and ``config.vocab_size`` together), wrapped again with
+    the same options, so that the head holds the resized output embedding."""
+    from ..head import ChunkedLMHead
+
+    head = _wrapped_head(model)
+    shards, return_logits = head.shards, head.return_logits
+    unwrap(model)
+    try:
+        return model.resize_token_embeddings(*args, **kwargs)
+    finally:
+        if shards is not None:
+            shards = min(shards, model.get_output_embeddings().out_features)
+        wrap(ChunkedLMHead, model, shards=shards, return_logits=return_logits)
 
 
 def _chunked_forward(model: nn.Module, *args, **kwargs):
@@ -292,54 +419,201 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
                 f"{type(model).__name__}.forward: got multiple values for argument {parameter!r}"
             )
         kwargs[parameter] = value
-    original = wrapping.original_forward(model)
     labels = kwargs.pop("labels", None)
     if labels is None:
-        return original(**kwargs)
+        outputs = wrapping.original_forward(model)(**kwargs)
+        _warn_if_training_on_logits(model, outputs)
+        return outputs
     check_tensor("labels", labels)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
-    outputs, hidden = _forward_recording(original, head, kwargs, keep_logits=head.return_logits)
+    keep_logits = head.return_logits
+    if keep_logits is None:
+        keep_logits = not model.training
+    outputs, recorded = _forward_recording(model, head, kwargs, keep_logits=keep_logits)
     if getattr(outputs, "aux_loss", None) is not None:
         raise ValueError(
             f"{type(model).__name__}: its outputs carry an auxiliary (router) loss, which "
             "ChunkedLMHead does not add to the loss; pass output_router_logits=False or unwrap"
         )
+    effective, hidden = _effective_head(model.get_output_embeddings(), recorded.hidden)
     # transformers' ForCausalLMLoss: labels shifted left by one (or shift_labels given),
     # ignore_index -100, the sum divided by num_items_in_batch when given.
     shift_labels = kwargs.get("shift_labels")
     targets = labels if shift_labels is None else check_tensor("shift_labels", shift_labels)
-    loss = head.loss(
-        hidden,
-        targets.to(hidden.device),
-        ignore_index=kwargs.get("ignore_index", -100),
-        num_items_in_batch=kwargs.get("num_items_in_batch"),
-        shift=shift_labels is None,
+    with recorded.autocast:
+        loss = effective.loss(
+            hidden,
+            targets.to(hidden.device),
+            ignore_index=kwargs.get("ignore_index", -100),
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            shift=shift_labels is None,
+        )
+    rest = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
+    logits = outputs.logits if keep_logits else None
+    result = type(outputs)(loss=loss, logits=logits, **rest)
+    if return_dict:
+        return result
+    # The positions of the original tuple: loss, logits (None when not computed), the rest.
+    return (loss, logits, *rest.values())
+
+
+def _warn_if_training_on_logits(model: nn.Module, outputs) -> None:
+    """A wrapped model called without labels while training, with autograd on, has just made
+    the full logits of several positions per row: a loss computed from them outside the model
+    (Trainer's ``label_smoothing_factor`` or ``compute_loss_func``, a hand-written loss) costs
+    what wrapping was meant to save. Say so rather than let it pass silently."""
+    logits = getattr(outputs, "logits", None)
+    if not (model.training and torch.is_grad_enabled()) or logits is None or logits.dim() < 3:
+        return
+    if logits.shape[-2] < 2:
+        return
+    import warnings
+
+    warnings.warn(
+        f"{type(model).__name__} is wrapped by ChunkedLMHead, but was called while training "
+        f"without labels, so its forward computed the full {tuple(logits.shape)} logits. "
+        "transformers.Trainer does so with label_smoothing_factor or compute_loss_func, which "
+        "take the loss from those logits: pass the labels to the model instead (its loss is the "
+        "chunked one), or use cl.linear_cross_entropy / cl.sequence_logprobs on the hidden states.",
+        stacklevel=3,
     )
-    fields = dict(outputs.items())
-    fields["loss"] = loss
-    if not head.return_logits:
-        fields.pop("logits", None)
-    result = type(outputs)(**fields)
-    return result if return_dict else result.to_tuple()
 
 
-def _forward_recording(original: Callable, head, kwargs: dict, *, keep_logits: bool):
-    """Run ``original(**kwargs)`` while the head records its input; returns (outputs, hidden)."""
+@dataclass
+class _Recorded:
+    """The output module's input in a forward, and the autocast state it was called under."""
+
+    hidden: Tensor
+    autocast: torch.autocast
+
+
+def _forward_recording(model: nn.Module, head, kwargs: dict, *, keep_logits: bool):
+    """Run the original forward on ``kwargs`` while the output module records its input and
+    hands back an empty stand-in for the logits (or the logits, with ``keep_logits``); returns
+    ``(outputs, _Recorded)``."""
+    outer = model.get_output_embeddings()
+    compute = _module_forward(outer)
     seen = []
 
-    def record(hidden: Tensor) -> Tensor:
-        seen.append(hidden)
+    def record(hidden: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs:
+            raise ValueError(
+                f"the output layer was called with more than the hidden states ({sorted(kwargs)}"
+                f"{', positional' if args else ''}; e.g. PEFT's mixed-adapter batches), which "
+                "ChunkedLMHead does not reproduce"
+            )
+        device_type = hidden.device.type
+        autocast = torch.autocast(
+            device_type,
+            dtype=torch.get_autocast_dtype(device_type),
+            enabled=torch.is_autocast_enabled(device_type),
+        )
+        seen.append(_Recorded(hidden, autocast))
         if keep_logits:
-            return head._linear(hidden)
+            return compute(hidden)
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
-    with head._intercepted(record):
-        outputs = original(**kwargs, return_dict=True)
+    with _intercepted(outer, record):
+        outputs = head._wrapping.original_forward(model)(**kwargs, return_dict=True)
     if len(seen) != 1:
         raise RuntimeError(f"the forward called its output layer {len(seen)} times, expected once")
     return outputs, seen[0]
+
+
+def _module_forward(module: nn.Module) -> Callable:
+    """The forward a call of ``module`` runs (an instance's own, else its class's)."""
+    return module.__dict__.get("forward") or types.MethodType(type(module).forward, module)
+
+
+@contextmanager
+def _intercepted(module: nn.Module, replacement: Callable) -> Iterator[None]:
+    """Within the block, calling ``module`` (its hooks included) runs ``replacement``."""
+    saved = module.__dict__.get("forward")
+    module.forward = replacement
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def _effective_head(outer: nn.Module, hidden: Tensor):
+    """``(head, hidden)``: a ``ChunkedLMHead`` and its input whose logits are those of
+    ``outer(hidden)``. ``outer`` is a wrapped model's output module: its ``ChunkedLMHead``, or a
+    PEFT layer around it (the copy a ``ModulesToSaveWrapper`` uses, a LoRA layer's effective
+    weight)."""
+    from ..head import ChunkedLMHead
+
+    kind = _peft_layer_kind(outer)
+    if kind == "modules_to_save":
+        # ModulesToSaveWrapper.forward: the original module when adapters are off or an active
+        # adapter has no copy, else the first active adapter's copy.
+        active = outer.active_adapters
+        if outer.disable_adapters or not active or any(a not in outer._adapters for a in active):
+            return _effective_head(outer.original_module, hidden)
+        return _effective_head(outer.modules_to_save[active[0]], hidden)
+    if kind == "lora":
+        return _lora_head(outer, hidden)
+    if not isinstance(outer, ChunkedLMHead):
+        raise ValueError(
+            f"the output layer is a {type(outer).__name__} around the ChunkedLMHead, which "
+            "chunklogits does not reproduce (PEFT's LoRA Linear and ModulesToSaveWrapper are)"
+        )
+    return outer, hidden
+
+
+def _lora_head(layer: nn.Module, hidden: Tensor):
+    """``_effective_head`` of PEFT's LoRA ``Linear``, whose forward is ``base(x) + sum over active
+    adapters of lora_B(lora_A(dropout(x))) * scaling``. That is one linear layer over a wider
+    input: ``[x, s * lora_A(dropout(x)), ...] @ [W, B, ...].T (+ b + s * lora_B.bias with
+    lora_bias)``, the effective weight ``W + s * B @ A`` applied without forming ``B @ A``, the
+    GEMMs ``r`` columns wider. The dropout mask is drawn as PEFT draws it (the same call at the
+    same point of the forward, on the input cast to the adapter's dtype). Gradients reach ``A``
+    and ``B`` and, if they require it, ``W`` and ``b``. The concatenated weight is one copy of
+    ``W`` (``[V, D + r]``) per call."""
+    from ..head import ChunkedLMHead
+
+    base, base_hidden = _effective_head(layer.base_layer, hidden)
+    if layer.disable_adapters:
+        if layer.merged:
+            layer.unmerge()  # as its forward does
+        return base, base_hidden
+    if layer.merged:
+        return base, base_hidden
+    weights, inputs, bias = [base.weight], [base_hidden], base.bias
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        if adapter in getattr(layer, "lora_variant", {}):
+            raise ValueError(
+                f"the output layer's LoRA adapter {adapter!r} is a "
+                f"{type(layer.lora_variant[adapter]).__name__} (DoRA or another variant), which "
+                "ChunkedLMHead does not reproduce; plain LoRA is"
+            )
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        scaling = layer.scaling[adapter]
+        projected = lora_a(
+            layer.lora_dropout[adapter](layer._cast_input_dtype(hidden, lora_a.weight.dtype))
+        )
+        inputs.append((projected * scaling).to(base_hidden.dtype))
+        weights.append(lora_b.weight.to(base.weight.dtype))
+        if lora_b.bias is not None:
+            lora_bias = (lora_b.bias * scaling).to(base.weight.dtype)
+            bias = lora_bias if bias is None else bias + lora_bias
+    if len(weights) == 1:
+        return base, base_hidden
+    head = ChunkedLMHead(
+        torch.cat(weights, dim=1),
+        bias,
+        shards=base.shards,
+        softcap=base.softcap,
+        logit_scale=base.logit_scale,
+    )
+    return head, torch.cat(inputs, dim=-1)
 
 
 @contextmanager
@@ -369,16 +643,27 @@ def _probe_inputs(model: nn.Module, layer: nn.Linear) -> tuple[dict[str, Tensor]
 
 def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected) -> None:
     """The wrapped forward against the original's outputs ``expected`` on the probe inputs: the
-    same transform of large raw logits, the same loss, the same logits without labels."""
+    same transform of large raw logits, the same loss, the same logits without labels. Under
+    autocast (the caller's ``torch.autocast``, or accelerate's around a prepared model's
+    forward) the original's logits are rounded to the autocast dtype: the tolerances are then
+    that dtype's, which tells its rounding (1e-2 relative in bf16) from a term added to the loss
+    or a transform missing from the table (changes of order 1)."""
     dtype = head.weight.dtype
-    eps = torch.finfo(dtype).eps
     # Random-weight (or small) logits hardly show a softcap: feed the forward's transform raw
     # logits far from 0 and compare with the transform read from the config.
     generator = torch.Generator().manual_seed(1)
     shape = (*inputs["input_ids"].shape, head.out_features)
     raw = (torch.randn(shape, generator=generator) * _PROBE_LOGIT_STD).to(head.weight.device, dtype)
-    with head._intercepted(lambda hidden: raw.clone()):
+    autocast_dtypes = []
+
+    def raw_logits(hidden: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(hidden.device.type):
+            autocast_dtypes.append(torch.get_autocast_dtype(hidden.device.type))
+        return raw.clone()
+
+    with _intercepted(model.get_output_embeddings(), raw_logits):
         theirs = model(**inputs).logits
+    eps = torch.finfo(autocast_dtypes[0] if autocast_dtypes else dtype).eps
     stat_dtype = torch.promote_types(dtype, torch.float32)
     ours = make_transform(head.softcap, head.logit_scale).apply_(raw.to(stat_dtype, copy=True))
     excess = (theirs.to(stat_dtype) - ours).abs() - 4 * eps * (1.0 + ours.abs())

@@ -1,0 +1,515 @@
+"""Knowledge distillation between two linear heads without either's logits: TRL's GKD loss.
+
+A student head ``weight_s [V, D_s]`` and a teacher head ``weight_t [V, D_t]`` over the same
+vocabulary. The divergence of a row needs, at every token, both heads' log-probabilities, so each
+block holds both heads' logits for the same vocabulary shard, centred on both rows' log-sum-exps:
+
+1. the two log-sum-exps, one engine pass per head (``_blocks``' forward statistics);
+2. the per-row divergence sums over the blocks of both heads;
+3. backward: each block recomputed, ``dL/dlogits`` of both heads formed from the row sums of
+   pass 2, and multiplied back through each head's GEMMs (``_blocks._HeadGradients``).
+
+Liger-Kernel's ``LigerFusedLinearJSD`` instead cuts the tokens into chunks that each hold the
+whole vocabulary's logits of both heads (and writes the gradients during the forward pass); here
+the vocabulary is sharded as in every other op, so a block's size does not grow with ``V``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from ._blocks import (
+    BlockPlan,
+    LogitTransform,
+    _block_functions,
+    _block_logits,
+    _HeadGradients,
+    _Rows,
+    _shard_params,
+    _Workspace,
+    log_floor,
+    plan_blocks,
+)
+from ._checks import (
+    check_head,
+    check_real_in,
+    check_tensor,
+    check_token_tensor,
+    flat_rows,
+    make_transform,
+)
+from .distributed import checked_on_every_rank
+
+_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# Transient bytes one block element costs: both heads' fp32 logits, the two softmaxes, the
+# mixture and q / m (6 x 4), and the half-precision GEMM outputs of both heads (2 x 2).
+_BYTES_PER_BLOCK_ELEMENT = 28
+
+
+def linear_jsd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | Tensor | None = None,
+    shift: bool = False,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    shards: int | None = None,
+    chunk_size: int | None = None,
+    process_group: ProcessGroup | None = None,
+) -> Tensor:
+    """TRL's generalised Jensen-Shannon divergence (GKD) between a student and a teacher head,
+    never holding either head's ``[tokens, V]`` logits.
+
+    Naive equivalent (``reference.linear_jsd``; ``GKDTrainer.generalized_jsd_loss`` of
+    ``trl.experimental.gkd`` on the same logits, ``labels`` masking with ``ignore_index``)::
+
+        s = F.linear(student_hidden, student_weight, student_bias).float() / temperature
+        t = F.linear(teacher_hidden, teacher_weight, teacher_bias).float() / temperature
+        if shift: s, t, labels = s[..., :-1, :], t[..., :-1, :], labels[..., 1:]
+        logp, logq = s.log_softmax(-1), t.log_softmax(-1)           # student p, teacher q
+        if beta == 0: jsd = F.kl_div(logp, logq, reduction="none", log_target=True)  # KL(q||p)
+        elif beta == 1: jsd = F.kl_div(logq, logp, reduction="none", log_target=True)  # KL(p||q)
+        else:
+            logm = torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
+            jsd = beta * F.kl_div(logm, logq, reduction="none", log_target=True) \\
+                + (1 - beta) * F.kl_div(logm, logp, reduction="none", log_target=True)
+        jsd = jsd[labels != ignore_index]                            # if labels is not None
+        loss = jsd.sum() / n   # batchmean: n = kept positions (>= 1), or s.shape[0] without labels
+        # "sum": jsd.sum(); "mean": jsd.mean() (over positions x V); "none": see below
+
+    Args:
+        student_hidden: ``[..., D_s]`` the student's last hidden states (fp16, bf16, fp32, fp64).
+        student_weight: ``[V, D_s]`` the student's output embedding, its hidden's dtype.
+        teacher_hidden: ``[..., D_t]``, the same leading shape and dtype as ``student_hidden``
+            (usually computed under ``torch.no_grad()``: then no teacher gradient is formed).
+        teacher_weight: ``[V, D_t]``, the same vocabulary as the student's.
+        labels: ``student_hidden.shape[:-1]`` integers or None. Only which positions are
+            ``ignore_index`` matters: they contribute nothing and are dropped before any logits
+            are computed. None: every position counts.
+        beta: in ``[0, 1]``: 0 is the forward KL ``KL(teacher || student)``, 1 the reverse
+            ``KL(student || teacher)``, in between the generalised JSD through the mixture
+            ``m = beta * teacher + (1 - beta) * student`` (TRL's convention).
+        temperature: divides both heads' logits before the softmaxes.
+        ignore_index: the label value of positions to leave out.
+        reduction: ``"batchmean"`` (TRL's default: the sum over positions and vocabulary divided
+            by the number of kept positions, at least 1, or without labels by the first
+            dimension of the logits), ``"sum"``, ``"mean"`` (the sum divided by kept positions
+            x V, as ``jsd.mean()``), or ``"none"``: the divergence of each position (TRL's
+            elementwise ``[..., V]`` result summed over the vocabulary), shaped like ``labels``
+            (``labels[..., 1:]`` with ``shift``), 0 at ignored positions.
+        num_items_in_batch: divide the sum by this count instead, whatever the reduction (as
+            TRL does for gradient accumulation); not with ``reduction="none"``.
+        shift: pair ``hidden[..., t, :]`` with ``labels[..., t + 1]`` and leave out the last
+            position (causal LM training, as ``GKDTrainer.compute_loss``), without copies.
+        student_bias, teacher_bias: ``[V]`` or None.
+        shards, chunk_size, process_group: as in ``linear_cross_entropy``; both heads are cut
+            into the same blocks, and with a process group every rank holds the same vocabulary
+            slice of both heads (and the same hidden states of both).
+
+    Returns:
+        fp32 (fp64 for fp64 inputs) scalar, or per position for ``reduction="none"``;
+        differentiable with respect to both heads' hidden states, weights and biases (the
+        teacher's gradients are formed only where they require grad).
+
+    Cost: two passes in the forward (each head's log-sum-exp, then the divergence over both
+    heads' blocks) and one in the backward, so the logits cost ``3 N V (D_s + D_t)``
+    multiply-adds against the naive path's ``N V (D_s + D_t)``; the gradient GEMMs are the naive
+    path's. Working memory: the blocks (``chunklogits.set_block_budget``) and ``O(N)`` per-row
+    numbers, besides the gradients themselves.
+    """
+    with checked_on_every_rank(process_group) as ranks:
+        _check_head("student", student_hidden, student_weight, student_bias)
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        _check_same_positions(student_hidden, student_weight, teacher_hidden, teacher_weight)
+        lead = student_hidden.shape[:-1]
+        if labels is not None:
+            check_token_tensor("labels", labels, lead, student_hidden.device)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        beta = check_real_in("beta", beta, 0.0, 1.0)
+        transform = make_transform(None, None, temperature)
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+        if num_items_in_batch is not None:
+            _check_num_items(num_items_in_batch, reduction)
+        if shift and student_hidden.dim() < 2:
+            raise ValueError(
+                "student_hidden: shift=True needs shape [..., T, D], "
+                f"got {tuple(student_hidden.shape)}"
+            )
+        out_shape = (*lead[:-1], lead[-1] - 1) if shift else tuple(lead)
+        index = _kept_rows(lead, labels, ignore_index, shift, student_hidden.device)
+        rows = math.prod(lead) if index is None else index.numel()
+        plan = plan_blocks(
+            rows,
+            student_weight.shape[0],
+            student_hidden.dtype,
+            student_hidden.device,
+            shards=shards,
+            chunk_size=chunk_size,
+            bytes_per_element=_BYTES_PER_BLOCK_ELEMENT,
+            dim=student_hidden.shape[-1] + teacher_hidden.shape[-1],
+        )
+        student2d, teacher2d = flat_rows(student_hidden), flat_rows(teacher_hidden)
+        # The positions that count, which every rank must share (the exchange needs a tensor).
+        kept = index
+        if index is None and process_group is not None:
+            kept = torch.arange(rows, device=student2d.device)
+        vocab_slice = ranks.agree(
+            student2d, student_weight, student_bias, transform, kept, "labels"
+        )
+        # The teacher's slice is the student's: each rank checked that both have the same size.
+        ranks.agree(teacher2d, teacher_weight, teacher_bias, transform, kept, "labels")
+    divergence = _JSDFunction.apply(
+        student2d,
+        student_weight,
+        student_bias,
+        teacher2d,
+        teacher_weight,
+        teacher_bias,
+        index,
+        _Options(beta, transform, plan),
+        vocab_slice,
+    )
+    if reduction == "none":
+        if index is not None:
+            divergence = divergence.new_zeros(math.prod(lead)).index_put((index,), divergence)
+        divergence = divergence.reshape(lead)
+        return divergence[..., :-1] if shift else divergence
+    total = divergence.sum()
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (rows * ranks.vocab)  # 0 / 0 = NaN with no kept position, as TRL's mean
+    first = rows if labels is not None else (*out_shape, ranks.vocab)[0]
+    return total / max(first, 1)
+
+
+def _check_head(role: str, hidden, weight, bias) -> None:
+    """``check_head`` with the messages naming ``role``'s arguments (``student_hidden``, ...)."""
+    try:
+        check_head(hidden, weight, bias)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{role}_{error}") from None
+
+
+def _check_same_positions(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            "teacher_hidden: expected student_hidden's positions "
+            f"{tuple(student_hidden.shape[:-1])} (shape[:-1]), "
+            f"got {tuple(teacher_hidden.shape[:-1])}"
+        )
+    if teacher_hidden.dtype != student_hidden.dtype:
+        raise TypeError(
+            f"teacher_hidden: expected student_hidden's dtype {student_hidden.dtype}, got "
+            f"{teacher_hidden.dtype} (cast one of them: both heads' blocks run in one dtype)"
+        )
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(
+            f"teacher_hidden: expected student_hidden's device {student_hidden.device}, "
+            f"got {teacher_hidden.device}"
+        )
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight: expected the student's vocabulary size V = "
+            f"{student_weight.shape[0]} (with a process group: this rank's slice), "
+            f"got {teacher_weight.shape[0]}"
+        )
+
+
+def _check_num_items(num_items, reduction: str) -> None:
+    if reduction == "none":
+        raise ValueError(
+            "num_items_in_batch: divides the summed divergence, so it needs a reduction other "
+            "than 'none', got reduction='none'"
+        )
+    if isinstance(num_items, Tensor):
+        check_tensor("num_items_in_batch", num_items)
+        if num_items.numel() != 1 or num_items.dtype.is_complex:
+            raise ValueError(
+                "num_items_in_batch: expected a scalar, "
+                f"got a tensor of shape {tuple(num_items.shape)}"
+            )
+        return
+    if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
+        raise ValueError(
+            f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}"
+        )
+
+
+def _kept_rows(lead, labels, ignore_index, shift, device) -> Tensor | None:
+    """Flat indices of the positions that count (those whose label, ``labels[..., t + 1]``
+    with ``shift``, is not ``ignore_index``; with ``shift`` never the last), None for all."""
+    if labels is None and not shift:
+        return None
+    keep = torch.ones(lead, dtype=torch.bool, device=device)
+    if labels is not None:
+        keep = labels != ignore_index
+    if shift:
+        shifted = torch.zeros_like(keep)
+        shifted[..., :-1] = keep[..., 1:]
+        keep = shifted
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    return None if index.numel() == keep.numel() else index
+
+
+@dataclass(frozen=True)
+class _Options:
+    beta: float
+    transform: LogitTransform
+    plan: BlockPlan
+
+
+class _Head(NamedTuple):
+    hidden2d: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+
+class _Block(NamedTuple):
+    """Rows ``[r0, r1)``; per head (student, teacher): the rows and weight shard in the compute
+    dtype, the log-probabilities ``z - lse`` (fp32, in the head's workspace) and the workspace."""
+
+    r0: int
+    r1: int
+    rows: tuple[Tensor, Tensor]
+    weights: tuple[Tensor, Tensor]
+    logs: tuple[Tensor, Tensor]
+    works: tuple[_Workspace, _Workspace]
+
+
+def _shards(heads, index, lses, options, residuals=None):
+    """For each vocabulary shard ``[v0, v1)``: ``(v0, v1, blocks)``, ``blocks`` yielding the
+    shard's ``_Block``s chunk by chunk. Both heads' rows are cut alike, so a block holds the
+    same positions and tokens of both. A block's log-probabilities are ``z - lse`` and, with
+    ``residuals`` (``[2, N]``, see ``_row_terms``), ``z - lse - residual``."""
+    plan, device = options.plan, heads[0].hidden2d.device
+    stat_dtype = lses[0].dtype
+    rows = [_Rows(head.hidden2d, index, plan) for head in heads]
+    works = (_Workspace(plan, device), _Workspace(plan, device))
+
+    def blocks(params):
+        for (r0, r1, h_s), (_, _, h_t) in zip(*rows, strict=True):
+            logs = []
+            for i, (h, (w, b), work) in enumerate(zip((h_s, h_t), params, works, strict=True)):
+                log = _block_logits(h, w, b, options.transform, work, stat_dtype)
+                log.sub_(lses[i][r0:r1, None])
+                logs.append(log if residuals is None else log.sub_(residuals[i, r0:r1, None]))
+            yield _Block(r0, r1, (h_s, h_t), (params[0][0], params[1][0]), tuple(logs), works)
+
+    for v0, v1 in plan.shards:
+        params = [_shard_params(head.weight, head.bias, v0, v1, plan) for head in heads]
+        yield v0, v1, blocks(params)
+
+
+def _probs(log: Tensor, work: _Workspace, role: str) -> Tensor:
+    """``exp(log)`` in ``work``'s ``role`` buffer, the exponent floored as ``_blocks._floor_``
+    does (``log`` itself keeps its value: a tiny probability's log enters the divergence)."""
+    out = work.get(role, *log.shape, log.dtype)
+    return torch.clamp(log, min=log_floor(log.dtype), out=out).exp_()
+
+
+def _mixture(p: Tensor, q: Tensor, beta: float, work: _Workspace) -> Tensor:
+    """``beta * q + (1 - beta) * p``, which the floored ``p`` and ``q`` keep above 0."""
+    m = torch.mul(q, beta, out=work.get("mixture", *p.shape, p.dtype))
+    return m.add_(p, alpha=1.0 - beta)
+
+
+def _kl_order(beta: float) -> tuple[int, int]:
+    """For ``beta`` 0 or 1, the divergence is ``KL(x || y)``: (index of x, index of y) among
+    (student, teacher)."""
+    return (1, 0) if beta == 0 else (0, 1)
+
+
+def _divergence_sums(heads, index, lses, options) -> Tensor:
+    """Per-row sums over the blocks, of the probabilities ``p~ = exp(z_s - lse_s)``, ``q~ =
+    exp(z_t - lse_t)`` as the fp32 log-sum-exps give them (see ``_row_terms``): for beta 0 or 1,
+    ``[sum x~ * (log x~ - log y~), sum x~, sum y~]``; else, with ``m~ = beta * q~ + (1 - beta)
+    * p~``, ``[sum p~ * log(p~ / m~), sum q~ * log(q~ / m~), sum p~, sum q~, sum p~ q~ / m~]``."""
+    beta, plan = options.beta, options.plan
+    general = 0 < beta < 1
+    sums = lses[0].new_zeros(5 if general else 3, plan.rows)
+    for _, _, blocks in _shards(heads, index, lses, options):
+        for block in blocks:
+            r0, r1 = block.r0, block.r1
+            work = block.works[0]
+            if general:
+                p, q = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
+                m = _mixture(p, q, beta, work)
+                ratio = torch.div(q, m, out=work.get("ratio", *m.shape, m.dtype))
+                sums[4, r0:r1] += torch.linalg.vecdot(p, ratio)
+                log_m = m.log_()
+                for k, (prob, log) in enumerate(zip((p, q), block.logs, strict=True)):
+                    sums[k, r0:r1] += torch.linalg.vecdot(prob, log.sub_(log_m))
+                    sums[2 + k, r0:r1] += prob.sum(1)
+            else:
+                x, y = _kl_order(beta)
+                prob_x = _probs(block.logs[x], work, "p")
+                sums[1, r0:r1] += prob_x.sum(1)
+                sums[2, r0:r1] += _probs(block.logs[y], work, "q").sum(1)
+                sums[0, r0:r1] += torch.linalg.vecdot(prob_x, block.logs[x].sub_(block.logs[y]))
+    return sums
+
+
+class _RowTerms(NamedTuple):
+    """``divergence`` ``[N]``; ``kl``: ``[KL(x || y)]`` (beta 0 or 1) or ``[KL(p || m),
+    KL(q || m)]``, ``[k, N]``; ``residuals``: ``[2, N]``, the student's and teacher's
+    ``log(sum exp(z - lse))``."""
+
+    divergence: Tensor
+    kl: Tensor
+    residuals: Tensor
+
+
+def _row_terms(sums: Tensor, beta: float) -> _RowTerms:
+    """The divergence terms of ``_divergence_sums``' sums, corrected for the rounding of the
+    log-sum-exps to fp32.
+
+    ``lse`` is the fp32 rounding of ``max + log(sum_exp)``: off by up to half an ulp of its
+    magnitude (4e-6 at |lse| = 100, which low temperatures reach), which shifts every
+    log-probability of the row alike; the naive ``log_softmax`` keeps ``x - max`` and
+    ``log(sum_exp)`` apart instead. The masses ``M = sum p~`` measure the shift, ``eps =
+    log M``, with the true ``p = p~ / M``. For beta 0 or 1, exactly: ``KL(x || y) = A / M_x -
+    eps_x + eps_y``. Else to first order in ``eps`` (``|eps|^2`` is below fp32 resolution):
+    ``KL(p || m) = k_p (1 - eps_p) + beta R (eps_q - eps_p)``, ``KL(q || m) = k_q (1 - eps_q)
+    + (1 - beta) R (eps_p - eps_q)`` with ``R = sum p~ q~ / m~``. The backward pass subtracts
+    ``eps`` from each log-probability."""
+    if 0 < beta < 1:
+        kl_p, kl_q, mass_p, mass_q, ratio = sums
+        eps_p, eps_q = mass_p.log(), mass_q.log()
+        kl_p = kl_p * (1.0 - eps_p) + beta * ratio * (eps_q - eps_p)
+        kl_q = kl_q * (1.0 - eps_q) + (1.0 - beta) * ratio * (eps_p - eps_q)
+        divergence = beta * kl_q + (1.0 - beta) * kl_p
+        return _RowTerms(divergence, torch.stack([kl_p, kl_q]), torch.stack([eps_p, eps_q]))
+    x, _ = _kl_order(beta)
+    weighted, mass_x, mass_y = sums
+    eps_x, eps_y = mass_x.log(), mass_y.log()
+    divergence = weighted / mass_x - eps_x + eps_y
+    residuals = torch.stack([eps_x, eps_y] if x == 0 else [eps_y, eps_x])
+    return _RowTerms(divergence, divergence[None], residuals)
+
+
+def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
+    """Both heads' (hidden, weight, bias) gradients of ``sum(grad_rows * divergence)``.
+
+    With ``d = log x - log y`` summed as ``D = sum x * d`` (the KL terms of ``terms``), the
+    gradient with respect to the logits of ``x``'s head is ``x * (d - D)`` and, for beta 0 or 1,
+    with respect to those of ``y``'s head ``y - x``; the generalised JSD's terms are
+    ``(1 - beta) * p * (log p - log m - KL(p || m))`` and ``beta * q * (log q - log m -
+    KL(q || m))`` (the mixture's own derivative cancels). Each is then divided by the
+    temperature, ``d z / d x`` of ``z = x / temperature``."""
+    beta, plan, transform = options.beta, options.plan, options.transform
+    stat_dtype = lses[0].dtype
+    sinks = [
+        _HeadGradients(*head, index, plan, needs[3 * i : 3 * i + 3], stat_dtype)
+        if any(needs[3 * i : 3 * i + 3])
+        else None
+        for i, head in enumerate(heads)
+    ]
+    general = 0 < beta < 1
+    for v0, v1, blocks in _shards(heads, index, lses, options, terms.residuals):
+        for sink in sinks:
+            if sink is not None:
+                sink.start_shard(v0, v1)
+        for block in blocks:
+            r0, r1 = block.r0, block.r1
+            # d z / d x = 1 / temperature, folded into the per-row factor.
+            upstream = grad_rows[r0:r1, None] / transform.temperature
+            kl = terms.kl[:, r0:r1, None]
+            work = block.works[0]
+            grads = [None, None]
+            if general:
+                probs = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
+                log_m = _mixture(*probs, beta, work).log_()
+                for i, weight in ((0, 1.0 - beta), (1, beta)):
+                    if sinks[i] is not None:
+                        grads[i] = block.logs[i].sub_(log_m).sub_(kl[i]).mul_(probs[i])
+                        grads[i].mul_(upstream * weight)
+            else:
+                x, y = _kl_order(beta)
+                prob_x = _probs(block.logs[x], work, "p")
+                prob_y = _probs(block.logs[y], work, "q") if sinks[y] is not None else None
+                if sinks[x] is not None:
+                    log_ratio = block.logs[x].sub_(block.logs[y])
+                    grads[x] = log_ratio.sub_(kl[0]).mul_(prob_x).mul_(upstream)
+                if sinks[y] is not None:
+                    grads[y] = torch.sub(prob_y, prob_x, out=block.logs[y]).mul_(upstream)
+            for i, sink in enumerate(sinks):
+                if sink is not None:
+                    sink.add(
+                        grads[i], block.rows[i], block.weights[i], r0, r1, v0, v1, block.works[i]
+                    )
+        for sink in sinks:
+            if sink is not None:
+                sink.finish_shard(v0, v1)
+    return [grad for sink in sinks for grad in (sink.result() if sink is not None else (None,) * 3)]
+
+
+class _JSDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student2d,
+        student_weight,
+        student_bias,
+        teacher2d,
+        teacher_weight,
+        teacher_bias,
+        index,
+        options,
+        vocab_parallel,
+    ):
+        heads = (
+            _Head(student2d, student_weight, student_bias),
+            _Head(teacher2d, teacher_weight, teacher_bias),
+        )
+        forward_stats = _block_functions(student2d)[0]
+        lses = []
+        for head in heads:
+            stats = forward_stats(*head, index, None, options.transform, options.plan, False, False)
+            if vocab_parallel is not None:
+                stats = vocab_parallel.combine(stats)
+            lses.append(stats.lse)
+        sums = _divergence_sums(heads, index, lses, options)
+        if vocab_parallel is not None:
+            vocab_parallel.sum_(sums)
+        terms = _row_terms(sums, options.beta)
+        ctx.save_for_backward(
+            *(t for head in heads for t in head), index, *lses, terms.kl, terms.residuals
+        )
+        ctx.options, ctx.vocab_parallel = options, vocab_parallel
+        return terms.divergence
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_divergence):
+        saved = ctx.saved_tensors
+        heads = (_Head(*saved[0:3]), _Head(*saved[3:6]))
+        index, lses = saved[6], saved[7:9]
+        terms = _RowTerms(None, *saved[9:11])
+        grads = _gradients(
+            heads, index, lses, terms, grad_divergence, ctx.options, ctx.needs_input_grad[:6]
+        )
+        if ctx.vocab_parallel is not None:
+            for i in (0, 3):
+                if grads[i] is not None:
+                    grads[i] = ctx.vocab_parallel.reduce_grad(grads[i])
+        return (*grads, None, None, None)

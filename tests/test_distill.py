@@ -1,0 +1,432 @@
+"""linear_jsd against TRL's own GKD loss (``GKDTrainer.generalized_jsd_loss``) on the full logits,
+the naive oracle (reference.py) and fp64 truth, on one process and vocab-parallel over gloo."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import chunklogits as cl
+from chunklogits import reference
+from tests.helpers import (
+    assert_as_accurate,
+    assert_as_accurate_in_norm,
+    one_thread,
+    run_ranks,
+    seeded,
+    tiny_llama_config,
+)
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+
+_VOCAB, _STUDENT_DIM, _TEACHER_DIM = 507, 123, 61
+_LEAF_NAMES = (
+    "student hidden",
+    "student weight",
+    "student bias",
+    "teacher hidden",
+    "teacher weight",
+    "teacher bias",
+)
+
+
+def make_pair(shape, dtype, *, ignored=0.3, bias=True, teacher_grad=True, vocab=_VOCAB, seed=0):
+    """Student and teacher heads over the same vocabulary (hidden sizes 123 and 61) with some
+    weight rows equal to scaled hidden rows (peaked softmaxes, as in test_loss), and labels with
+    a fraction ``ignored`` of -100. Returns ``(leaves, labels)``: leaves are student hidden,
+    weight, bias, teacher hidden, weight, bias (biases None without ``bias``)."""
+    g = seeded(seed)
+    leaves = []
+    for dim in (_STUDENT_DIM, _TEACHER_DIM):
+        hidden = torch.randn(*shape, dim, generator=g) / dim**0.5
+        weight = torch.randn(vocab, dim, generator=g)
+        shared = min(hidden[..., 0].numel(), vocab) // 3
+        weight[:shared] = hidden.reshape(-1, dim)[:shared] * 4
+        b = torch.randn(vocab, generator=g) * 0.5 if bias else None
+        leaves += [hidden, weight, b]
+    labels = torch.randint(0, vocab, shape, generator=g)
+    flat = labels.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[: round(ignored * flat.numel())]] = -100
+    for i, t in enumerate(leaves):
+        if t is not None:
+            leaves[i] = t.to(dtype).requires_grad_(teacher_grad or i < 3)
+    return leaves, labels
+
+
+def trl_jsd(sh, sw, sb, th, tw, tb, labels, *, shift=False, reduction="batchmean", **kw):
+    """``GKDTrainer.generalized_jsd_loss`` on the materialised logits (upcast to fp32, or fp64
+    for fp64 inputs), shifted as ``GKDTrainer.compute_loss`` does; ``reduction="none"``: its
+    result summed over the vocabulary, at every position, 0 at ignored ones (the layout of
+    ``linear_jsd``)."""
+    student, teacher = F.linear(sh, sw, sb), F.linear(th, tw, tb)
+    upcast = torch.promote_types(student.dtype, torch.float32)
+    student, teacher = student.to(upcast), teacher.to(upcast)
+    if shift:
+        student, teacher = student[..., :-1, :], teacher[..., :-1, :]
+        labels = None if labels is None else labels[..., 1:]
+    # Imported here, not by the module: the vocab-parallel ranks import this module too.
+    gkd_trainer = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    loss = gkd_trainer.GKDTrainer.generalized_jsd_loss(
+        student, teacher, labels, reduction=reduction, **kw
+    )
+    if reduction != "none":
+        return loss
+    if labels is None:
+        return loss.sum(-1)
+    kept = labels != -100
+    return loss.new_zeros(kept.shape).masked_scatter(kept, loss.sum(-1))
+
+
+def run(fn, leaves, labels, upstream=None, **kw):
+    """``fn``'s result and the gradients of the leaves that require grad, at copies of them."""
+    copies = [
+        None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in leaves
+    ]
+    loss = fn(*copies, labels, **kw)
+    target = loss if upstream is None else (loss * upstream.to(loss.dtype)).sum()
+    target.backward()
+    return [loss.detach()] + [t.grad for t in copies if t is not None and t.requires_grad]
+
+
+def _ours(sh, sw, sb, th, tw, tb, labels, **kw):
+    return cl.linear_jsd(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, **kw)
+
+
+def _reference(sh, sw, sb, th, tw, tb, labels, **kw):
+    return reference.linear_jsd(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, **kw)
+
+
+def check_against_trl(leaves, labels, dtype, upstream=None, *, blocking=None, **kw):
+    """Ours (with ``blocking``: shards / chunk_size) at least as accurate as TRL's function on the
+    same-dtype logits, against TRL's function on fp64 logits: the loss and every gradient."""
+    to64 = [None if t is None else t.double().requires_grad_(t.requires_grad) for t in leaves]
+    exact = run(trl_jsd, to64, labels, upstream, **kw)
+    naive = run(trl_jsd, leaves, labels, upstream, **kw)
+    ours = run(_ours, leaves, labels, upstream, **kw, **(blocking or {}))
+    names = ["loss"] + [
+        f"{name} grad"
+        for name, t in zip(_LEAF_NAMES, leaves, strict=True)
+        if t is not None and t.requires_grad
+    ]
+    assert len(ours) == len(exact) == len(names)
+    for name, o, n, e in zip(names, ours, naive, exact, strict=True):
+        assert o.shape == e.shape, f"{name}: shape {tuple(o.shape)} != {tuple(e.shape)}"
+        assert o.dtype == (torch.promote_types(dtype, torch.float32) if name == "loss" else dtype)
+        assert_as_accurate(o, n, e, dtype, f"{name} {kw} {blocking}")
+    return ours, exact
+
+
+BETAS = (0.0, 0.5, 1.0, 0.2)
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _upstream(labels, reduction, shift=False):
+    """Random weights of the per-position results for ``reduction="none"``."""
+    if reduction != "none":
+        return None
+    shape = (*labels.shape[:-1], labels.shape[-1] - 1) if shift else labels.shape
+    return torch.rand(shape, generator=seeded(1))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_fp32_matches_trl(beta, reduction):
+    leaves, labels = make_pair((3, 11), torch.float32)
+    check_against_trl(
+        leaves,
+        labels,
+        torch.float32,
+        _upstream(labels, reduction),
+        beta=beta,
+        reduction=reduction,
+        blocking=dict(shards=3, chunk_size=8),
+    )
+
+
+@pytest.mark.parametrize("reduction", ("batchmean", "none"))
+@pytest.mark.parametrize("beta", BETAS)
+def test_bf16_matches_trl(cpu_gemm, beta, reduction):
+    leaves, labels = make_pair((2, 9), torch.bfloat16)
+    check_against_trl(
+        leaves,
+        labels,
+        torch.bfloat16,
+        _upstream(labels, reduction),
+        beta=beta,
+        reduction=reduction,
+        blocking=dict(shards=4),
+    )
+
+
+# Options beyond beta and reduction: (make_pair's arguments, linear_jsd's and TRL's, blocking).
+OPTION_CASES = {
+    "temperature-shift": (dict(), dict(beta=0.5, temperature=2.0, shift=True), dict(shards=5)),
+    # At temperature 0.05 most student log-probs lie far below log(tiny) where the teacher's
+    # probabilities do not: the divergence must use them unfloored.
+    "low-temperature-forward-kl": (dict(), dict(beta=0.0, temperature=0.05), dict(shards=2)),
+    "low-temperature-reverse-kl": (dict(), dict(beta=1.0, temperature=0.05), dict(shards=2)),
+    # There the fp32 rounding of the log-sum-exps alone (4e-6 near 100) would shift each row's
+    # log-probabilities by more than the naive log_softmax errs: see distill._row_terms.
+    "low-temperature-jsd": (dict(), dict(beta=0.5, temperature=0.05), dict(shards=2)),
+    "no-labels-batchmean": (dict(labels=False), dict(beta=0.5), dict(shards=7, chunk_size=5)),
+    "no-labels-shift-mean": (
+        dict(labels=False),
+        dict(beta=1.0, shift=True, reduction="mean"),
+        dict(shards=3),
+    ),
+    "no-labels-shift-none": (
+        dict(labels=False),
+        dict(beta=0.3, shift=True, reduction="none"),
+        dict(),
+    ),
+    "num-items-in-batch": (dict(), dict(beta=0.3, shift=True, num_items_in_batch=7), dict()),
+    "one-shard-one-row-chunks": (dict(), dict(beta=0.5), dict(shards=1, chunk_size=1)),
+    "a-shard-per-token": (dict(), dict(beta=0.0), dict(shards=_VOCAB, chunk_size=40)),
+    "no-bias-3d": (dict(bias=False, shape=(2, 3, 5)), dict(beta=0.7, shift=True), dict()),
+    "frozen-teacher": (dict(teacher_grad=False), dict(beta=0.5, reduction="sum"), dict()),
+    "frozen-teacher-forward-kl": (dict(teacher_grad=False), dict(beta=0.0), dict(shards=3)),
+}
+
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_options_match_trl(case):
+    inputs, options, blocking = OPTION_CASES[case]
+    inputs = dict(inputs)
+    with_labels = inputs.pop("labels", True)
+    leaves, labels = make_pair(inputs.pop("shape", (3, 11)), torch.float32, **inputs)
+    labels = labels if with_labels else None
+    upstream = None
+    if options.get("reduction") == "none":
+        upstream = torch.rand(3, 10, generator=seeded(1))
+    ours, _ = check_against_trl(
+        leaves, labels, torch.float32, upstream, blocking=blocking, **options
+    )
+    if not inputs.get("teacher_grad", True):
+        assert len(ours) == 4  # the loss and the student's three gradients only
+
+
+def test_reference_is_trls_function():
+    """reference.linear_jsd, the oracle of the vocab-parallel tests, is TRL's loss."""
+    leaves, labels = make_pair((3, 11), torch.float32)
+    for beta in BETAS:
+        for reduction in REDUCTIONS:
+            for shift in (False, True):
+                kw = dict(beta=beta, reduction=reduction, shift=shift, temperature=0.7)
+                ours = _reference(*leaves, labels, **kw)
+                theirs = trl_jsd(*leaves, labels, **kw)
+                torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6, msg=str(kw))
+
+
+def test_every_position_ignored():
+    """TRL's batchmean divides by at least 1: 0 and zero gradients; mean is 0 / 0."""
+    leaves, labels = make_pair((2, 5), torch.float32, ignored=1.0)
+    for reduction in ("batchmean", "sum"):
+        ours = run(_ours, leaves, labels, reduction=reduction)
+        theirs = run(trl_jsd, leaves, labels, reduction=reduction)
+        for o, t in zip(ours, theirs, strict=True):
+            assert torch.equal(o, t) and not o.any()
+    assert _ours(*leaves, labels, reduction="mean").isnan()
+    assert trl_jsd(*leaves, labels, reduction="mean").isnan()
+
+
+def test_results_do_not_depend_on_blocking():
+    leaves, labels = make_pair((4, 13), torch.float32, seed=2)
+    results = [
+        run(_ours, leaves, labels, beta=0.4, shards=shards, chunk_size=chunk)
+        for shards, chunk in ((1, None), (6, 7), (_VOCAB, None), (3, 1), (None, None))
+    ]
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+BAD_INPUTS = {
+    "teacher_hidden: expected student_hidden's positions (3, 11) (shape[:-1]), got (3, 10)": (
+        lambda a: {"teacher_hidden": a["teacher_hidden"][:, :-1]}
+    ),
+    "teacher_hidden: expected student_hidden's dtype torch.float32, got torch.float64": (
+        lambda a: {
+            "teacher_hidden": a["teacher_hidden"].double(),
+            "teacher_weight": a["teacher_weight"].double(),
+        }
+    ),
+    "teacher_weight: expected the student's vocabulary size V = 507": (
+        lambda a: {"teacher_weight": a["teacher_weight"][:-1]}
+    ),
+    "student_weight: expected [V, D] with D = hidden.shape[-1] = 123, got (507, 122)": (
+        lambda a: {"student_weight": a["student_weight"][:, :-1]}
+    ),
+    "teacher_bias: expected shape [V] = [507], got (3,)": lambda a: {
+        "teacher_bias": torch.zeros(3)
+    },
+    "labels: expected shape (3, 11)": lambda a: {"labels": a["labels"][:, 1:]},
+    "labels: expected an integer tensor": lambda a: {"labels": a["labels"].float()},
+    "beta: expected a float in [0.0, 1.0], got 1.5": lambda a: {"beta": 1.5},
+    "temperature: expected a finite float > 0, got 0.0": lambda a: {"temperature": 0.0},
+    "reduction: expected one of": lambda a: {"reduction": "elementwise"},
+    "num_items_in_batch: divides the summed divergence": (
+        lambda a: {"reduction": "none", "num_items_in_batch": 4}
+    ),
+    "student_hidden: shift=True needs shape [..., T, D], got (123,)": (
+        lambda a: {
+            "shift": True,
+            "student_hidden": a["student_hidden"][0, 0],
+            "teacher_hidden": a["teacher_hidden"][0, 0],
+            "labels": a["labels"][0, 0],
+        }
+    ),
+    "shards: expected an int in [1, 507], got 0": lambda a: {"shards": 0},
+}
+
+
+@pytest.mark.parametrize("message", BAD_INPUTS)
+def test_bad_input_names_the_argument(message):
+    leaves, labels = make_pair((3, 11), torch.float32, bias=False)
+    names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
+    args = dict(zip(names, (t for t in leaves if t is not None), strict=True), labels=labels)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        cl.linear_jsd(**{**args, **BAD_INPUTS[message](args)})
+
+
+# --- vocab-parallel: every rank holds the same slice of both heads ------------------------------
+
+# (dtype, world -> slice sizes, linear_jsd's options); the losses and gradients of every rank
+# against TRL's loss on the whole heads in one process.
+PARALLEL_CASES = {
+    "jsd-shift-batchmean": (torch.float32, "even", dict(beta=0.5, shift=True, temperature=0.8)),
+    "forward-kl-none": (torch.float32, "uneven", dict(beta=0.0, reduction="none", shards=3)),
+    "reverse-kl-sum-bf16": (torch.bfloat16, "uneven", dict(beta=1.0, reduction="sum")),
+}
+_UNEVEN = {2: (100, 407), 3: (300, 7, 200)}
+
+
+def _slice_bounds(world: int, split: str) -> list[int]:
+    sizes = (
+        [len(c) for c in torch.arange(_VOCAB).chunk(world)] if split == "even" else _UNEVEN[world]
+    )
+    return [sum(sizes[:rank]) for rank in range(world + 1)]
+
+
+def _parallel_worker(rank: int, world: int) -> dict:
+    results = {}
+    # A bad input on one rank (its teacher slice one row short) fails every rank, none hangs.
+    leaves, labels = make_pair((2, 7), torch.float32)
+    sh, sw, _, th, tw, _ = leaves
+    short = tw[: -1 if rank == world - 1 else None]
+    try:
+        cl.linear_jsd(sh, sw, th, short, labels, process_group=dist.group.WORLD)
+    except ValueError as error:  # the ranks that checked fine add the failed rank's number
+        results["bad"] = str(error)
+    for name, (dtype, split, options) in PARALLEL_CASES.items():
+        leaves, labels = make_pair((3, 7), dtype)
+        start, end = _slice_bounds(world, split)[rank : rank + 2]
+        local = [
+            t if i in (0, 3) else t.detach()[start:end].requires_grad_()
+            for i, t in enumerate(leaves)
+        ]
+        upstream = _upstream(
+            labels, options.get("reduction", "batchmean"), options.get("shift", False)
+        )
+        results[name] = run(
+            _ours, local, labels, upstream, process_group=dist.group.WORLD, **options
+        )
+    return results
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_vocab_parallel_matches_trl(world):
+    ranks = run_ranks(_parallel_worker, world)
+    for results in ranks:
+        message = results.get("bad", "no error")
+        assert message.startswith("teacher_weight: expected the student's vocabulary size V")
+    for name, (dtype, split, options) in PARALLEL_CASES.items():
+        leaves, labels = make_pair((3, 7), dtype)
+        upstream = _upstream(
+            labels, options.get("reduction", "batchmean"), options.get("shift", False)
+        )
+        trl_options = {k: v for k, v in options.items() if k != "shards"}
+        to64 = [t.double().requires_grad_() for t in leaves]
+        exact = run(trl_jsd, to64, labels, upstream, **trl_options)
+        naive = run(trl_jsd, leaves, labels, upstream, **trl_options)
+        bounds = _slice_bounds(world, split)
+        for rank, results in enumerate(ranks):
+            start, end = bounds[rank : rank + 2]
+            # hidden gradients whole (all-reduced), weight and bias gradients of the rank's slice
+            whole = (True, True, False, False, True, False, False)
+            for i, (o, n, e) in enumerate(zip(results[name], naive, exact, strict=True)):
+                n, e = (n, e) if whole[i] else (n[start:end], e[start:end])
+                assert_as_accurate(o, n, e, dtype, f"{name}, result {i}, rank {rank} of {world}")
+
+
+# --- the recipe of docs/usage.md: GKDTrainer's loss on two models, without their logits ---------
+
+
+def gkd_loss(student, teacher, inputs, beta=0.5, num_items_in_batch=None):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    student_hidden = student.get_decoder()(input_ids=ids, attention_mask=mask)
+    teacher.eval()
+    with torch.no_grad():
+        teacher_hidden = teacher.get_decoder()(input_ids=ids, attention_mask=mask)
+    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    return cl.linear_jsd(
+        student_hidden.last_hidden_state,
+        student_head.weight,
+        teacher_hidden.last_hidden_state,
+        teacher_head.weight,
+        inputs["labels"],
+        beta=beta,
+        shift=True,
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def _trainer_loss(student, teacher, inputs, beta, num_items_in_batch):
+    """``GKDTrainer.compute_loss`` itself, on a stand-in for the trainer holding what it reads."""
+    from types import SimpleNamespace
+
+    gkd_trainer = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    trainer = gkd_trainer.GKDTrainer
+    fake = SimpleNamespace(
+        teacher_model=teacher, beta=beta, generalized_jsd_loss=trainer.generalized_jsd_loss
+    )
+    return trainer.compute_loss(fake, student, inputs, num_items_in_batch=num_items_in_batch)
+
+
+def _student_grads(loss_fn, student, teacher, inputs, **kw):
+    student.zero_grad()
+    loss = loss_fn(student, teacher, inputs, **kw)
+    loss.backward()
+    embed = student.get_input_embeddings().weight.grad.clone()
+    return loss.detach(), student.get_output_embeddings().weight.grad.clone(), embed
+
+
+@pytest.mark.parametrize(("beta", "num_items"), [(0.5, None), (0.0, 13), (1.0, None)])
+def test_gkd_recipe_matches_trainer_loss(beta, num_items):
+    from transformers import LlamaForCausalLM  # here: the spawned ranks import this module
+
+    vocab = 211
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(tiny_llama_config(vocab, hidden=32))
+    teacher = LlamaForCausalLM(tiny_llama_config(vocab, layers=3, hidden=48))
+    g = seeded(3)
+    ids = torch.randint(0, vocab, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding, as the GKD collator pads
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    kw = dict(beta=beta, num_items_in_batch=num_items)
+    ours = _student_grads(gkd_loss, student, teacher, inputs, **kw)
+    naive = _student_grads(_trainer_loss, student, teacher, inputs, **kw)
+    exact = _student_grads(_trainer_loss, student.double(), teacher.double(), inputs, **kw)
+    what = f"beta={beta}, num_items_in_batch={num_items}"
+    assert_as_accurate(ours[0], naive[0], exact[0], torch.float32, f"loss {what}")
+    assert_as_accurate(ours[1], naive[1], exact[1], torch.float32, f"lm_head grad {what}")
+    # Upstream of the head both runs go through the same fp32 decoder backward.
+    assert_as_accurate_in_norm(ours[2], naive[2], exact[2], torch.float32, f"embed grad {what}")
