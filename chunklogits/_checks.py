@@ -108,6 +108,22 @@ def check_in_vocab(name: str, tokens: Tensor, vocab: int, ignore_index: int | No
         raise ValueError(f"{name}: expected values in [0, {vocab}){extra}, got {bad}")
 
 
+def check_num_items(num_items) -> None:
+    """``num_items_in_batch``: a positive number or a one-element real tensor (transformers'
+    count of the labels of a whole accumulated batch)."""
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1 or num_items.dtype.is_complex:
+            raise ValueError(
+                "num_items_in_batch: expected a scalar, "
+                f"got a tensor of shape {tuple(num_items.shape)}"
+            )
+        return
+    if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
+        raise ValueError(
+            f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}"
+        )
+
+
 def check_positive_float(name: str, value, *, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None

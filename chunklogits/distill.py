@@ -17,7 +17,6 @@ the vocabulary is sharded as in every other op, so a block's size does not grow 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,8 +38,8 @@ from ._blocks import (
 )
 from ._checks import (
     check_head,
+    check_num_items,
     check_real_in,
-    check_tensor,
     check_token_tensor,
     flat_rows,
     make_transform,
@@ -241,18 +240,7 @@ def _check_num_items(num_items, reduction: str) -> None:
             "num_items_in_batch: divides the summed divergence, so it needs a reduction other "
             "than 'none', got reduction='none'"
         )
-    if isinstance(num_items, Tensor):
-        check_tensor("num_items_in_batch", num_items)
-        if num_items.numel() != 1 or num_items.dtype.is_complex:
-            raise ValueError(
-                "num_items_in_batch: expected a scalar, "
-                f"got a tensor of shape {tuple(num_items.shape)}"
-            )
-        return
-    if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
-        raise ValueError(
-            f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}"
-        )
+    check_num_items(num_items)
 
 
 def _kept_rows(lead, labels, ignore_index, shift, device) -> Tensor | None:

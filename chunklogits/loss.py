@@ -14,6 +14,7 @@ from ._blocks import BlockPlan, RowStats, _check_count, plan_blocks, row_stats
 from ._checks import (
     check_head,
     check_in_vocab,
+    check_num_items,
     check_tensor,
     check_token_tensor,
     flat_rows,
@@ -441,14 +442,4 @@ def _check_num_items(num_items, reduction: str) -> None:
             "num_items_in_batch: only meaningful with reduction='mean', "
             f"got reduction={reduction!r}"
         )
-    if isinstance(num_items, Tensor):
-        if num_items.numel() != 1 or num_items.dtype.is_complex:
-            raise ValueError(
-                "num_items_in_batch: expected a scalar, "
-                f"got a tensor of shape {tuple(num_items.shape)}"
-            )
-        return
-    if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
-        raise ValueError(
-            f"num_items_in_batch: expected a positive number or scalar tensor, got {num_items!r}"
-        )
+    check_num_items(num_items)
