@@ -9,6 +9,7 @@ a transformers ``*ForCausalLM`` (see ``chunklogits.integrations.transformers``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -147,28 +148,21 @@ class ChunkedLMHead(nn.Linear):
 
             F.cross_entropy(transform(head(hidden).float()).flatten(0, -2), labels.flatten(), ...)
         """
-        hidden, weight, bias, process_group, autocast = self._operands(hidden)
-        with autocast:
-            return linear_cross_entropy(
-                hidden,
-                weight,
-                labels,
-                bias=bias,
-                process_group=process_group,
-                shards=self.shards,
-                chunk_size=chunk_size,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                num_items_in_batch=num_items_in_batch,
-                label_smoothing=label_smoothing,
-                z_loss=z_loss,
-                softcap=self.softcap,
-                logit_scale=self.logit_scale,
-                shift=shift,
-                class_weight=class_weight,
-                return_z_loss=return_z_loss,
-                return_token_accuracy=return_token_accuracy,
-            )
+        return self._run(
+            linear_cross_entropy,
+            hidden,
+            labels,
+            chunk_size=chunk_size,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            shift=shift,
+            class_weight=class_weight,
+            return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy,
+        )
 
     def token_accuracy(
         self,
@@ -185,22 +179,15 @@ class ChunkedLMHead(nn.Linear):
         non-ignored labels among the ``top_k`` largest of the head's own logits. Naive
         equivalent: ``reference.token_accuracy`` on ``head(hidden)`` with the transform applied
         in the model dtype."""
-        hidden, weight, bias, process_group, autocast = self._operands(hidden)
-        with autocast:
-            return token_accuracy(
-                hidden,
-                weight,
-                labels,
-                top_k=top_k,
-                ignore_index=ignore_index,
-                shift=shift,
-                bias=bias,
-                softcap=self.softcap,
-                logit_scale=self.logit_scale,
-                shards=self.shards,
-                chunk_size=chunk_size,
-                process_group=process_group,
-            )
+        return self._run(
+            token_accuracy,
+            hidden,
+            labels,
+            top_k=top_k,
+            ignore_index=ignore_index,
+            shift=shift,
+            chunk_size=chunk_size,
+        )
 
     def topk_logprobs(
         self,
@@ -214,20 +201,13 @@ class ChunkedLMHead(nn.Linear):
         softcap=softcap, logit_scale=logit_scale, ...)``: ``TopLogprobs(values, indices)``, both
         ``[..., k]``: the ``k`` largest of the head's own logits and their fp32 log-probs under
         ``softmax(transform(head(hidden).float()) / temperature)``. Not differentiable."""
-        hidden, weight, bias, process_group, autocast = self._operands(hidden)
-        with autocast:
-            return topk_logprobs(
-                hidden,
-                weight,
-                k,
-                temperature=temperature,
-                bias=bias,
-                softcap=self.softcap,
-                logit_scale=self.logit_scale,
-                shards=self.shards,
-                chunk_size=chunk_size,
-                process_group=process_group,
-            )
+        return self._run(
+            topk_logprobs,
+            hidden,
+            k,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
 
     def token_logprobs(
         self,
@@ -246,21 +226,14 @@ class ChunkedLMHead(nn.Linear):
             z = transform(head(hidden).float()) / temperature
             z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
         """
-        hidden, weight, bias, process_group, autocast = self._operands(hidden)
-        with autocast:
-            return token_logprobs(
-                hidden,
-                weight,
-                tokens,
-                temperature=temperature,
-                return_entropy=return_entropy,
-                bias=bias,
-                process_group=process_group,
-                softcap=self.softcap,
-                logit_scale=self.logit_scale,
-                shards=self.shards,
-                chunk_size=chunk_size,
-            )
+        return self._run(
+            token_logprobs,
+            hidden,
+            tokens,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            chunk_size=chunk_size,
+        )
 
     def sample_next(
         self,
@@ -283,47 +256,53 @@ class ChunkedLMHead(nn.Linear):
         their log-probs). Naive equivalent: ``reference.sample_next``, i.e. ``head(hidden_last)
         .float()`` through transformers' logits processors, softmax and ``torch.multinomial``.
         """
-        hidden_last, weight, bias, process_group, autocast = self._operands(hidden_last)
-        with autocast:
-            return sample_next(
-                hidden_last,
+        return self._run(
+            sample_next,
+            hidden_last,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            prev_tokens=prev_tokens,
+            seed=seed,
+            generator=generator,
+            return_logprobs=return_logprobs,
+        )
+
+    def _run(self, op: Callable, hidden: Tensor, *args, **options):
+        """``op(hidden, weight, *args, bias=, softcap=, logit_scale=, shards=, process_group=,
+        **options)`` with this head's settings and this rank's slice of a vocab-parallel head
+        (``local_head``). Under ``torch.autocast`` for hidden's device the operands are cast to
+        the autocast dtype as ``F.linear`` casts them there, and the op runs with autocast off
+        (its blocks are already in that dtype)."""
+        weight, bias, process_group = local_head(self.weight, self.bias)
+        device_type = hidden.device.type
+        context = nullcontext()
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+
+            def cast(tensor: Tensor | None) -> Tensor | None:
+                # Autocast leaves fp64 alone (and non-float tensors, which check_head refuses).
+                if tensor is None or tensor.dtype == torch.float64:
+                    return tensor
+                return tensor.to(dtype)
+
+            hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
+            context = torch.autocast(device_type, enabled=False)
+        with context:
+            return op(
+                hidden,
                 weight,
+                *args,
                 bias=bias,
                 softcap=self.softcap,
                 logit_scale=self.logit_scale,
                 shards=self.shards,
                 process_group=process_group,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                prev_tokens=prev_tokens,
-                seed=seed,
-                generator=generator,
-                return_logprobs=return_logprobs,
+                **options,
             )
-
-    def _operands(self, hidden: Tensor):
-        """``(hidden, weight, bias, process_group, context)`` for a chunked op: this rank's slice
-        of a vocab-parallel head (``local_head``); under ``torch.autocast`` for hidden's device,
-        the operands cast to the autocast dtype as ``F.linear`` casts them there, and a context
-        that turns autocast off for the op (its blocks are already in that dtype)."""
-        weight, bias, process_group = local_head(self.weight, self.bias)
-        device_type = hidden.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return hidden, weight, bias, process_group, nullcontext()
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(tensor: Tensor | None) -> Tensor | None:
-            # Autocast leaves fp64 alone (and non-float tensors, which check_head refuses).
-            if tensor is None or tensor.dtype == torch.float64:
-                return tensor
-            return tensor.to(dtype)
-
-        off = torch.autocast(device_type, enabled=False)
-        return cast(hidden), cast(weight), cast(bias), process_group, off
 
     @classmethod
     def wrap(
