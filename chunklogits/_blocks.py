@@ -180,6 +180,14 @@ def plan_blocks(
     return BlockPlan(rows, chunk_size, bounds, compute_dtype)
 
 
+def plan_head(rows: int, hidden: Tensor, weight: Tensor, **options) -> BlockPlan:
+    """``plan_blocks`` for ``rows`` rows of ``hidden [..., D]`` against ``weight [V, D]``, the
+    vocabulary, dtype, device and hidden size read off the tensors; ``options`` as there."""
+    return plan_blocks(
+        rows, weight.shape[0], hidden.dtype, hidden.device, dim=hidden.shape[-1], **options
+    )
+
+
 def set_cpu_gemm_dtype(mode: str) -> str:
     """Choose the dtype of the block GEMMs for half-precision (fp16/bf16) inputs on CPU; returns
     the previous mode. ``"auto"`` (the default, or the environment variable

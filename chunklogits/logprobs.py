@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import _check_count, plan_blocks, row_stats
+from ._blocks import _check_count, plan_head, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
 from .distributed import checked_on_every_rank
 
@@ -55,14 +55,12 @@ def token_logprobs(
         tokens = check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
         flat_tokens = tokens.reshape(-1)
         transform = make_transform(softcap, logit_scale, temperature)
-        plan = plan_blocks(
+        plan = plan_head(
             flat_tokens.numel(),
-            weight.shape[0],
-            hidden.dtype,
-            hidden.device,
+            hidden,
+            weight,
             shards=shards,
             chunk_size=chunk_size,
-            dim=hidden.shape[-1],
         )
         hidden2d = flat_rows(hidden)
         vocab_slice = ranks.agree(hidden2d, weight, bias, transform, flat_tokens, "tokens")
@@ -110,14 +108,12 @@ def logsumexp(
         check_head(hidden, weight, bias)
         transform = make_transform(softcap, logit_scale, temperature)
         rows = flat_rows(hidden)
-        plan = plan_blocks(
+        plan = plan_head(
             rows.shape[0],
-            weight.shape[0],
-            hidden.dtype,
-            hidden.device,
+            hidden,
+            weight,
             shards=shards,
             chunk_size=chunk_size,
-            dim=hidden.shape[-1],
         )
         vocab_slice = ranks.agree(rows, weight, bias, transform)
     stats = row_stats(
@@ -183,14 +179,12 @@ def topk_logprobs(
         _check_count("k", k, 1)
         transform = make_transform(softcap, logit_scale, temperature)
         rows = flat_rows(hidden)
-        plan = plan_blocks(
+        plan = plan_head(
             rows.shape[0],
-            weight.shape[0],
-            hidden.dtype,
-            hidden.device,
+            hidden,
+            weight,
             shards=shards,
             chunk_size=chunk_size,
-            dim=hidden.shape[-1],
         )
         vocab_slice = ranks.agree(rows.detach(), weight, bias, transform, top_k=("k", k))
         if k > ranks.vocab:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from . import _blocks
-from ._blocks import BlockPlan, RowStats, _check_count, plan_blocks, row_stats
+from ._blocks import BlockPlan, RowStats, _check_count, plan_head, row_stats
 from ._checks import (
     check_head,
     check_in_vocab,
@@ -175,14 +175,12 @@ def linear_cross_entropy(
         # may be as large (D rows): CPU GEMMs of a few dozen rows run at a fraction of their speed.
         summed = weight.requires_grad and weight.dtype not in (torch.float32, torch.float64)
         kept_rows = hidden.shape[-1] if summed else 1
-        plan = plan_blocks(
+        plan = plan_head(
             rows.targets.numel(),
-            weight.shape[0],
-            hidden.dtype,
-            hidden.device,
+            hidden,
+            weight,
             shards=shards,
             chunk_size=chunk_size,
-            dim=hidden.shape[-1],
             kept_vocab=ranks.vocab,
             kept_rows=kept_rows,
         )
@@ -353,14 +351,12 @@ class _Labelled(NamedTuple):
             targets = flat_targets[index]
             if index.numel() == flat_targets.numel():
                 index, targets = None, flat_targets
-        plan = plan_blocks(
+        plan = plan_head(
             targets.numel(),
-            weight.shape[0],
-            hidden.dtype,
-            hidden.device,
+            hidden,
+            weight,
             shards=shards,
             chunk_size=chunk_size,
-            dim=hidden.shape[-1],
         )
         return _Labelled(
             flat_rows(hidden), index, targets, flat_targets, tuple(labels.shape), shift, plan
