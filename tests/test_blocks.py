@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import chunklogits as cl
-from chunklogits._blocks import _BYTES_PER_BLOCK_ELEMENT, plan_blocks
+from chunklogits._blocks import _BYTES_PER_BLOCK_ELEMENT, _SHARD_ALIGN, plan_blocks
 from tests.helpers import assert_as_accurate, check_infinite_bias_mask
 
 CPU = torch.device("cpu")
@@ -20,7 +20,9 @@ def test_default_plan_fits_the_budget(rows, vocab):
     widest = max(v1 - v0 for v0, v1 in plan.shards)
     assert plan.shard_bounds[0] == 0 and plan.shard_bounds[-1] == vocab
     assert sum(v1 - v0 for v0, v1 in plan.shards) == vocab
-    assert max(v1 - v0 for v0, v1 in plan.shards) - min(v1 - v0 for v0, v1 in plan.shards) <= 1
+    # Nearly even shards whose rows start 64 bytes apart in fp32 (CPU GEMMs are faster so).
+    assert widest - min(v1 - v0 for v0, v1 in plan.shards) <= _SHARD_ALIGN
+    assert all(bound % _SHARD_ALIGN == 0 for bound in plan.shard_bounds[:-1])
     assert plan.chunks[-1][1] == rows
     assert min(plan.chunk_size, rows) * widest * _BYTES_PER_BLOCK_ELEMENT <= 32 * 2**20
 

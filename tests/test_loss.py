@@ -517,21 +517,27 @@ def test_grad_in_forward_default_budget_plan():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "weight_grad", "reduction", "expected"),
+    ("dtype", "weight_grad", "reduction", "budget", "expected"),
     [
-        (torch.float32, True, "mean", True),  # the fp32 weight gradient is its own accumulator
-        (torch.bfloat16, False, "sum", True),  # no weight gradient: nothing to accumulate
-        (torch.bfloat16, True, "mean", False),  # would need an fp32 [V, D] sum
-        (torch.float32, True, "none", False),  # no scalar loss
+        (torch.float32, True, "mean", None, True),  # the fp32 weight gradient is its own sum
+        (torch.bfloat16, False, "sum", None, True),  # no weight gradient: nothing to accumulate
+        (torch.bfloat16, True, "mean", None, False),  # would need an fp32 [V, D] sum
+        (torch.float32, True, "none", None, False),  # no scalar loss
+        # The budget holds the whole vocabulary's logits for fewer than 256 of the 300 rows.
+        (torch.float32, True, "mean", 2**17, False),
     ],
 )
-def test_grad_in_forward_default_decides(monkeypatch, dtype, weight_grad, reduction, expected):
+def test_grad_in_forward_default_decides(
+    monkeypatch, dtype, weight_grad, reduction, budget, expected
+):
     from chunklogits import _blocks
 
     calls = []
     fused = _blocks._fused_loss_blocks
     monkeypatch.setattr(_blocks, "_fused_loss_blocks", lambda *a: calls.append(1) or fused(*a))
-    hidden, weight, bias, labels = make_inputs((3, 17), 203, 24, dtype, 0.2, bias=True)
+    if budget is not None:
+        monkeypatch.setitem(_blocks._settings, "block_budget", budget)
+    hidden, weight, bias, labels = make_inputs((3, 100), 203, 24, dtype, 0.2, bias=True)
     weight.requires_grad_(weight_grad)
     results = []
     for fn, cast in [(cl.linear_cross_entropy, dtype), (reference.linear_cross_entropy, dtype),
