@@ -17,6 +17,7 @@ a local directory or ``config.json``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -275,8 +276,12 @@ def _sample_chunklogits(w: Workload, hidden_last: Tensor, prompt: Tensor) -> Ten
 
 @dataclass(frozen=True)
 class Case:
+    """``head_gemms``: how many ``[tokens, D] x [D, V]`` GEMMs its output layer runs (for
+    ``estimate_seconds``; a last-position-only head counts 0)."""
+
     name: str
     run: Callable[..., Tensor]
+    head_gemms: int = 1
 
 
 @dataclass(frozen=True)
@@ -303,8 +308,8 @@ TASKS: dict[str, Task] = {
         (
             Case("transformers 4.40 (fp32 logits)", _prefill_upcast),
             Case("transformers 5.x (half logits)", _prefill_half),
-            Case("transformers 5.x generate (logits_to_keep=1)", _prefill_keep_last),
-            Case("chunklogits", _prefill_chunklogits),
+            Case("transformers 5.x generate (logits_to_keep=1)", _prefill_keep_last, 0),
+            Case("chunklogits", _prefill_chunklogits, 0),
         ),
         compared=False,
     ),
@@ -325,9 +330,9 @@ TASKS: dict[str, Task] = {
         "tokens",
         "loss",
         (
-            Case("transformers 4.40 (fp32 logits + shifted copy)", _loss_upcast),
-            Case("transformers 5.x (ForCausalLMLoss)", _loss_transformers),
-            Case("chunklogits", _loss_chunklogits),
+            Case("transformers 4.40 (fp32 logits + shifted copy)", _loss_upcast, 3),
+            Case("transformers 5.x (ForCausalLMLoss)", _loss_transformers, 3),
+            Case("chunklogits", _loss_chunklogits, 4),  # the recomputing backward's fourth
         ),
         grad=True,
     ),
@@ -489,6 +494,64 @@ def _too_big(measured, size: int, device: torch.device, headroom: float):
             f"(extrapolated from {measured[-1][0]}), {available / 2**20:,.0f} MiB available"
         )
     return None
+
+
+def estimate_seconds(
+    w: Workload,
+    tasks: Iterable[Task],
+    sizes: Sequence[int],
+    batches: Sequence[int],
+    *,
+    batch: int,
+    flops_per_second: float,
+) -> float:
+    """Seconds ``run_task`` would take for ``tasks`` at ``sizes`` (``batches`` for sampling),
+    warm-up and anchor runs included, from a count of the GEMM flops of each run at
+    ``flops_per_second`` (``gemm_flops_per_second``): the output layer's ``head_gemms`` of
+    ``2 T V D`` flops and the decoder's ``2 T x (its weights)`` plus causal attention, three
+    times over for a training step (forward and backward), times ``_OVERHEAD`` for the passes
+    over the logits and the rest that no GEMM counts."""
+    vocab, dim = w.weight.shape
+    layers = w.model.config.num_hidden_layers
+    embedding = w.model.get_input_embeddings().weight.numel()
+    decoder_weights = sum(p.numel() for p in w.base.parameters()) - embedding
+    total = 0.0
+    for task in tasks:
+        runs = (_ANCHORS[0], *_ANCHORS, *(batches if task.name == "sampling" else sizes))
+        for size in runs:
+            if task.name == "sampling":  # the prompts' forward (4 tokens each), then one row each
+                tokens, length, head_tokens = size * 4, 4, size
+            else:
+                tokens, length, head_tokens = size * batch, size, size * batch
+            passes = 3 if task.grad else 1
+            decoder = 2 * tokens * (decoder_weights + length * dim * layers)
+            head = 2 * head_tokens * vocab * dim
+            total += sum(passes * decoder + case.head_gemms * head for case in task.cases)
+    return _OVERHEAD * total / flops_per_second
+
+
+# What ``estimate_seconds`` adds to the GEMMs' time: the passes over full logits of the baselines
+# (log_softmax, the fp32 copy...), allocation, and the decoder's other work. Measured with the
+# built-in preset on an AVX2 CPU (fp32) and checked there to within 15% (docs/benchmarks.md).
+_OVERHEAD = 1.5
+
+
+def gemm_flops_per_second(w: Workload) -> float:
+    """The rate of a ``[512, D] x [D, min(V, 8192)]`` GEMM in the head's dtype on its device,
+    best of three after a warm-up: the speed ``estimate_seconds`` scales by."""
+    dim = w.weight.shape[1]
+    g = torch.Generator(device=w.device).manual_seed(0)
+    new = {"dtype": w.weight.dtype, "device": w.device, "generator": g}
+    a = torch.randn(512, dim, **new)
+    b = torch.randn(min(w.vocab, 8192), dim, **new)
+    best = math.inf
+    for _ in range(4):
+        _synchronize(w.device)
+        start = time.perf_counter()
+        a @ b.T
+        _synchronize(w.device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.shape[0] * b.shape[0] * dim / best
 
 
 def count_steps(tasks: Iterable[Task], sizes: Sequence[int], batches: Sequence[int]) -> int:

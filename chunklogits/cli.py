@@ -21,19 +21,34 @@ from .benchmark import PRESETS, SEED_SIZES, TASKS, Workload
 
 DEFAULT_SIZES = (512, 1024, 2048)
 DEFAULT_BATCHES = (1, 64, 256)
+# The first command's measuring time: with the start-up, it finishes within 5 minutes.
+DEFAULT_MINUTES = 4.0
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(low: int):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}"
+            ) from None
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"expected integers >= {low}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _minutes(text: str) -> float:
     try:
-        values = tuple(int(part) for part in text.split(","))
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 2:
-        raise argparse.ArgumentTypeError(f"expected integers >= 2, got {text!r}")
-    return values
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -77,12 +92,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sizes",
-        type=_int_list,
-        help=f"tokens per sequence, comma-separated (default {','.join(map(str, DEFAULT_SIZES))})",
+        type=_int_list(2),
+        help="tokens per sequence, comma-separated (default "
+        f"{','.join(map(str, DEFAULT_SIZES))}, or halved until the estimate fits --minutes)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=_minutes,
+        default=DEFAULT_MINUTES,
+        help="without --sizes or --full: the measuring time to fit the default sizes in, "
+        "estimated from a GEMM's speed on this machine (default %(default)s)",
     )
     p.add_argument(
         "--batches",
-        type=_int_list,
+        type=_int_list(1),
         default=DEFAULT_BATCHES,
         help="sequences per sampling step, comma-separated (default "
         f"{','.join(map(str, DEFAULT_BATCHES))})",
@@ -122,7 +145,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    sizes = args.sizes or (SEED_SIZES if args.full else DEFAULT_SIZES)
     preset = None if args.model else args.preset or ("llama3-8b" if args.full else "llama3-1b")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     tasks = list(benchmark.iter_tasks(args.tasks))
+    sizes, why = choose_sizes(workload, tasks, args)
+    print(f"sizes {','.join(map(str, sizes))}: {why}", file=sys.stderr)
+    header["sizes"] = f"{','.join(map(str, sizes))} tokens ({why})"
     results = _run(workload, tasks, sizes, args)
     header["load average at end"] = report.load_average()
     header["wall time s"] = round(time.time() - started)
@@ -183,6 +208,35 @@ def choose_dtype(requested: str, device: str) -> tuple[str, str]:
         "auto: this CPU has no native bf16 GEMM (no AVX512-BF16 or AMX), where every bf16 "
         "baseline runs about 100x slower than in fp32; --dtype bfloat16 measures it anyway"
     )
+
+
+def choose_sizes(workload: Workload, tasks, args) -> tuple[tuple[int, ...], str]:
+    """The sequence lengths to measure, and why: ``--sizes``, the seed issue's with ``--full``,
+    else ``DEFAULT_SIZES`` halved until ``benchmark.estimate_seconds`` at this machine's GEMM
+    speed fits ``--minutes`` (the smallest candidate, 1/8 of the defaults, if none does)."""
+    if args.sizes:
+        return args.sizes, "as requested"
+    if args.full:
+        return SEED_SIZES, "the seed issue's (--full)"
+    rate = benchmark.gemm_flops_per_second(workload)
+
+    def minutes(sizes):
+        seconds = benchmark.estimate_seconds(
+            workload, tasks, sizes, args.batches, batch=args.batch, flops_per_second=rate
+        )
+        return seconds / 60
+
+    speed = f"{rate / 1e9:.0f} GFLOP/s in {workload.weight.dtype} GEMMs here"
+    for halvings in range(4):
+        sizes = tuple(max(2, size >> halvings) for size in DEFAULT_SIZES)
+        estimate = minutes(sizes)
+        if estimate <= args.minutes or halvings == 3:
+            break
+    why = f"about {estimate:.1f} min estimated at {speed}"
+    if sizes != DEFAULT_SIZES:
+        default = ",".join(map(str, DEFAULT_SIZES))
+        why += f"; {default} would take about {minutes(DEFAULT_SIZES):.0f} min"
+    return sizes, f"{why} (--minutes {args.minutes:g}; --sizes sets them)"
 
 
 def _run(workload: Workload, tasks, sizes, args) -> list[benchmark.Result]:

@@ -226,6 +226,9 @@ def test_an_undeclared_logit_transform_is_refused():
         (["--tasks", "loss,nope"], "--tasks: expected names from"),
         (["--shards", "0"], "--shards: expected an integer >= 1, got '0'"),
         (["--batch", "-2"], "--batch: expected an integer >= 1, got '-2'"),
+        (["--batches", "0,4"], "--batches: expected integers >= 1, got '0,4'"),
+        (["--minutes", "0"], "--minutes: expected a number of minutes > 0, got '0'"),
+        (["--minutes", "nan"], "--minutes: expected a number of minutes > 0, got 'nan'"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys, tmp_path):
@@ -301,3 +304,50 @@ def test_auto_dtype_follows_the_instruction_set(monkeypatch, native):
     assert ("natively" in why) if native else ("no native bf16 GEMM" in why)
     assert cli.choose_dtype("auto", "cuda") == ("bfloat16", "auto: bf16 is the fast path on cuda")
     assert cli.choose_dtype("float16", "cpu") == ("float16", "as requested")
+
+
+def test_time_estimate_counts_the_gemm_flops_of_every_run(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    w = Workload(model)
+    vocab, dim = w.weight.shape
+    decoder = sum(p.numel() for p in model.model.parameters()) - vocab * dim  # untied embedding
+    layers = model.config.num_hidden_layers
+
+    def flops(tokens, length, head_tokens, passes, head_gemms):
+        # every case runs the decoder (3 loss cases, 2 sampling ones); head_gemms summed over them
+        cases = 3 if passes == 3 else 2
+        decoder_flops = 2 * tokens * (decoder + length * dim * layers) * passes * cases
+        return decoder_flops + 2 * head_tokens * vocab * dim * head_gemms
+
+    runs = (16, 16, 32, 8, 24)  # warm-up, the two anchors, then the sizes
+    loss = sum(flops(2 * n, n, 2 * n, 3, 3 + 3 + 4) for n in runs)
+    sampling = sum(flops(4 * n, 4, n, 1, 1 + 1) for n in (16, 16, 32, 5))
+    seconds = benchmark.estimate_seconds(
+        w, [TASKS["loss"], TASKS["sampling"]], (8, 24), (5,), batch=2, flops_per_second=1e9
+    )
+    assert seconds == pytest.approx(benchmark._OVERHEAD * (loss + sampling) / 1e9, rel=1e-12)
+
+
+@pytest.mark.parametrize("default_seconds, expected", [(20, 1), (45, 2), (1e9, 8)])
+def test_default_sizes_are_halved_until_the_estimate_fits(
+    monkeypatch, checkpoint, default_seconds, expected
+):
+    # The GEMM rate is set so that the default sizes' estimate is default_seconds; half a minute
+    # allowed: the defaults, the defaults halved once (about half of 45 s), the smallest candidate.
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    w, tasks = Workload(model), list(TASKS.values())
+    args = cli.parser().parse_args(["--minutes", "0.5"])
+
+    def seconds(sizes, rate):
+        return benchmark.estimate_seconds(
+            w, tasks, sizes, args.batches, batch=1, flops_per_second=rate
+        )
+
+    rate = seconds(cli.DEFAULT_SIZES, 1.0) / default_seconds
+    monkeypatch.setattr(benchmark, "gemm_flops_per_second", lambda workload: rate)
+    sizes, why = cli.choose_sizes(w, tasks, args)
+    assert sizes == tuple(size // expected for size in cli.DEFAULT_SIZES)
+    assert f"about {seconds(sizes, rate) / 60:.1f} min estimated" in why and "--minutes 0.5" in why
+    if expected == 2:
+        assert seconds(sizes, rate) <= 30 < seconds(cli.DEFAULT_SIZES, rate)
+    assert cli.choose_sizes(w, tasks, cli.parser().parse_args(["--sizes", "9,10"]))[0] == (9, 10)
