@@ -45,6 +45,35 @@ def measure(
     benchmark.extra_info["working_mib"] = round((used.bytes - returned_bytes) / MiB, 1)
 
 
+def measure_once(
+    benchmark,
+    run: Callable[[], object],
+    *,
+    reset: Callable[[], object] = lambda: None,
+    returned_bytes: int = 0,
+    warmup: bool = False,
+) -> None:
+    """``measure`` for a case whose one run takes minutes (a baseline's half-precision GEMMs on
+    a CPU that does not multiply them natively): one timed run that also records the peak
+    (the page faults this adds are negligible beside it), after a warm-up only with ``warmup``
+    (a compiling implementation). ``extra_info["rounds"]`` says so."""
+    if warmup:
+        reset()
+        run()
+    used = []
+
+    def timed():
+        with memory.peak(device()) as peak:
+            run()
+        used.append(peak.bytes)
+
+    benchmark.pedantic(timed, setup=reset, rounds=1, iterations=1, warmup_rounds=0)
+    reset()
+    benchmark.extra_info["rounds"] = 1
+    benchmark.extra_info["peak_mib"] = round(used[0] / MiB, 1)
+    benchmark.extra_info["working_mib"] = round((used[0] - returned_bytes) / MiB, 1)
+
+
 _heads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
