@@ -21,8 +21,9 @@ from .benchmark import PRESETS, SEED_SIZES, TASKS, Workload
 
 DEFAULT_SIZES = (512, 1024, 2048)
 DEFAULT_BATCHES = (1, 64, 256)
-# The first command's measuring time: with the start-up, it finishes within 5 minutes.
-DEFAULT_MINUTES = 4.0
+# The first command's measuring time, estimated: the estimate ran up to 1.25x short on a 2-core
+# AVX2 CPU (docs/benchmarks.md, "The main job"), so with the start-up it finishes within 5 minutes.
+DEFAULT_MINUTES = 3.5
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -123,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="the model's dtype; auto (default): bfloat16 on a GPU or on a CPU that multiplies "
         "bf16 natively (AVX512-BF16, AMX), float32 on other CPUs, where every bf16 GEMM of the "
-        "baselines is about 100x slower than fp32",
+        "baselines is 10 to 100 times slower than fp32",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -206,7 +207,7 @@ def choose_dtype(requested: str, device: str) -> tuple[str, str]:
         return "bfloat16", "auto: this CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
     return "float32", (
         "auto: this CPU has no native bf16 GEMM (no AVX512-BF16 or AMX), where every bf16 "
-        "baseline runs about 100x slower than in fp32; --dtype bfloat16 measures it anyway"
+        "baseline runs 10 to 100 times slower than in fp32; --dtype bfloat16 measures it anyway"
     )
 
 
