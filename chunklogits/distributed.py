@@ -221,9 +221,10 @@ class _Agreement:
         size of the whole vocabulary, which labels must index. ``sampling``: the sampler's
         options (``_sampling_fields``' arguments), which must agree too; ``top_k``: (argument
         name, value), the count of largest logits an op keeps (``token_accuracy``,
-        ``topk_logprobs``), likewise."""
+        ``topk_logprobs``), likewise, and at most the whole vocabulary (ValueError)."""
         self.vocab = weight.shape[0]
         if self.group is None:
+            _check_top_k(top_k, self.vocab)
             return None
         fields = {
             "vocab": weight.shape[0],
@@ -268,6 +269,7 @@ class _Agreement:
         sizes = [int(rank["vocab"]) for rank in ranks]
         rank = dist.get_rank(self.group)
         self.vocab = sum(sizes)
+        _check_top_k(top_k, self.vocab)  # the same on every rank: the values agree
         return VocabSlice(self.group, sum(sizes[:rank]), sizes[rank], self.vocab)
 
     def report(self, error: Exception) -> None:
@@ -309,6 +311,12 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
         return torch.device("cpu")
     accelerator = torch.accelerator.current_accelerator()
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def _check_top_k(top_k: tuple[str, int] | None, vocab: int) -> None:
+    if top_k is not None and top_k[1] > vocab:
+        name, value = top_k
+        raise ValueError(f"{name}: expected an int in [1, V = {vocab}], got {value}")
 
 
 def _raise_first_error(ranks: list[dict]) -> None:

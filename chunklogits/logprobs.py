@@ -187,8 +187,6 @@ def topk_logprobs(
             chunk_size=chunk_size,
         )
         vocab_slice = ranks.agree(rows.detach(), weight, bias, transform, top_k=("k", k))
-        if k > ranks.vocab:
-            raise ValueError(f"k: expected an int in [1, V = {ranks.vocab}], got {k}")
     with torch.no_grad():
         stats = row_stats(
             rows, weight, bias, transform=transform, plan=plan, vocab_parallel=vocab_slice, top_k=k

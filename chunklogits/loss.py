@@ -316,8 +316,6 @@ def token_accuracy(
             "labels",
             top_k=("top_k", top_k),
         )
-        if top_k > ranks.vocab:
-            raise ValueError(f"top_k: expected an int in [1, V = {ranks.vocab}], got {top_k}")
     check_in_vocab("labels", rows.targets, ranks.vocab, ignore_index)
     with torch.no_grad():
         stats = row_stats(
