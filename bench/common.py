@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from chunklogits import memory
 
 MiB = 2**20
+LLAMA3_VOCAB = 128_256
 
 HEAD_SHAPES = {
     # (tokens N, hidden D, vocab V): the CPU shape of issue 3's measurements, and the size of its
@@ -72,6 +73,25 @@ def measure_once(
     benchmark.extra_info["rounds"] = 1
     benchmark.extra_info["peak_mib"] = round(used[0] / MiB, 1)
     benchmark.extra_info["working_mib"] = round((used[0] - returned_bytes) / MiB, 1)
+
+
+def llama3_one_layer(max_positions: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised Llama with Llama-3's untied head (V = 128,256) on a one-layer
+    D = 1024 decoder, seeded, on ``device()``: the model of the wrapped-model suites."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=LLAMA3_VOCAB,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device(), dtype)
 
 
 _heads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -16,12 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import chunklogits as cl
-from bench.common import MiB, device, measure
+from bench.common import LLAMA3_VOCAB, MiB, device, llama3_one_layer, measure
 
-VOCAB = 128_256
 TOKENS = 2048
 VARIANTS = ["peft", "peft-chunklogits-wrap"]
 
@@ -29,18 +27,7 @@ _peaks: dict[str, float] = {}
 
 
 def _model() -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=TOKENS,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device())
+    model = llama3_one_layer(TOKENS)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "lm_head"])
     return get_peft_model(model, lora).train()
 
@@ -51,7 +38,7 @@ def test_lora_head_training_step(benchmark, variant):
     if variant == "peft-chunklogits-wrap":
         cl.ChunkedLMHead.wrap(model)
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(VOCAB, (1, TOKENS), generator=generator).to(device())
+    input_ids = torch.randint(LLAMA3_VOCAB, (1, TOKENS), generator=generator).to(device())
 
     def reset():
         model.zero_grad(set_to_none=True)
@@ -63,7 +50,7 @@ def test_lora_head_training_step(benchmark, variant):
     benchmark.group = f"LoRA on lm_head, training step, {TOKENS} tokens"
     measure(benchmark, step, reset=reset, returned_bytes=trainable, rounds=1)
     peak = benchmark.extra_info["peak_mib"]
-    benchmark.extra_info["logits_mib"] = round(TOKENS * VOCAB * 4 / MiB, 1)
+    benchmark.extra_info["logits_mib"] = round(TOKENS * LLAMA3_VOCAB * 4 / MiB, 1)
     if variant == "peft":
         _peaks["peft"] = peak
     elif "peft" in _peaks:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import chunklogits as cl
-from bench.common import MiB, device, measure
+from bench.common import LLAMA3_VOCAB, MiB, device, llama3_one_layer, measure
 
-VOCAB = 128_256
 SEQUENCE = 2048
 TOKENS = [2048, 8192]  # sequences of SEQUENCE tokens: 1 and 4 of them
 VARIANTS = ["transformers", "chunklogits-wrap"]
@@ -30,25 +28,14 @@ _peaks: dict[int, float] = {}  # tokens -> the unwrapped case's peak_mib in this
 
 @pytest.fixture(scope="module")
 def model():
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=SEQUENCE,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device(), torch.bfloat16).train()
+    return llama3_one_layer(SEQUENCE, torch.bfloat16).train()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_training_step(benchmark, model, tokens, variant):
     generator = torch.Generator().manual_seed(tokens)
-    input_ids = torch.randint(VOCAB, (tokens // SEQUENCE, SEQUENCE), generator=generator)
+    input_ids = torch.randint(LLAMA3_VOCAB, (tokens // SEQUENCE, SEQUENCE), generator=generator)
     input_ids = input_ids.to(device())
 
     def reset():
@@ -67,7 +54,7 @@ def test_training_step(benchmark, model, tokens, variant):
         if variant == "chunklogits-wrap":
             cl.ChunkedLMHead.unwrap(model)
     peak = benchmark.extra_info["peak_mib"]
-    benchmark.extra_info["logits_mib"] = round(tokens * VOCAB * 2 / MiB, 1)
+    benchmark.extra_info["logits_mib"] = round(tokens * LLAMA3_VOCAB * 2 / MiB, 1)
     if variant == "transformers":
         _peaks[tokens] = peak
     elif tokens in _peaks:
