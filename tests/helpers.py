@@ -166,6 +166,31 @@ def tiny_llama_config(vocab: int, layers: int = 2, hidden: int = 32, **overrides
     return LlamaConfig(**{**fields, **overrides})
 
 
+def training_arguments(output_dir, **overrides):
+    """``transformers.TrainingArguments`` for a deterministic tiny CPU run: micro-batches of 2
+    accumulated twice, one SGD step of learning rate 0.5, a log entry per step, no saving or
+    reporting; ``overrides`` replace any field."""
+    import transformers
+
+    fields = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    return transformers.TrainingArguments(**{**fields, **overrides})
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run on one thread: on a shared, oversubscribed machine two OpenMP threads wait

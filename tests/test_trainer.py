@@ -18,6 +18,7 @@ from tests.helpers import (
     one_thread,
     seeded,
     tiny_llama_config,
+    training_arguments,
 )
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -39,26 +40,6 @@ def _rows(seed: int, count: int = 6, length: int = 10) -> list[dict]:
     return [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels, strict=True)]
 
 
-def _arguments(tmp_path, **overrides):
-    fields = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    return transformers.TrainingArguments(**{**fields, **overrides})
-
-
 # run_clm (transformers/examples/pytorch/language-modeling/run_clm.py): argmax of the logits per
 # batch, then accuracy of the shifted predictions over the non-ignored labels.
 def preprocess_logits_for_metrics(logits, labels):
@@ -77,7 +58,7 @@ def compute_metrics(eval_preds):
 def _evaluate(model, tmp_path, **overrides):
     trainer = transformers.Trainer(
         model=model,
-        args=_arguments(tmp_path, **overrides),
+        args=training_arguments(tmp_path, **overrides),
         eval_dataset=_rows(3),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
@@ -119,7 +100,7 @@ def test_logits_free_evaluation_of_the_loss(tmp_path):
 
 def _train(model, tmp_path, **overrides):
     trainer = transformers.Trainer(
-        model=model, args=_arguments(tmp_path, **overrides), train_dataset=_rows(5, count=8)
+        model=model, args=training_arguments(tmp_path, **overrides), train_dataset=_rows(5, count=8)
     )
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], model
@@ -149,7 +130,7 @@ def test_losses_from_logits_outside_the_model_warn(overrides, tmp_path):
     def train(m, path):
         trainer = transformers.Trainer(
             model=m,
-            args=_arguments(path, max_steps=2, **overrides),
+            args=training_arguments(path, max_steps=2, **overrides),
             train_dataset=_rows(5, count=8),
             compute_loss_func=compute_loss_func,
         )

@@ -14,7 +14,13 @@ from transformers import AutoModelForCausalLM
 
 import chunklogits as cl
 from chunklogits import reference
-from tests.helpers import assert_as_accurate, assert_as_accurate_in_norm, one_thread, seeded
+from tests.helpers import (
+    assert_as_accurate,
+    assert_as_accurate_in_norm,
+    one_thread,
+    seeded,
+    training_arguments,
+)
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
@@ -339,21 +345,7 @@ def _train_losses(model, tmp_path) -> tuple[list[float], nn.Module]:
     input_ids, labels = _batch(seed=5, shape=(8, 12))
     labels[1, :9] = -100  # uneven numbers of labels per micro-batch: num_items_in_batch matters
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels, strict=True)]
-    arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        learning_rate=0.5,
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
+    arguments = training_arguments(tmp_path, max_steps=2)
     trainer = transformers.Trainer(model=model, args=arguments, train_dataset=rows)
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], model
