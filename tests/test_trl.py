@@ -170,28 +170,62 @@ def test_sft_trainer_peft_model(base_model, tokenizer, tmp_path, monkeypatch):
     assert logs[0]["grad_norm"] > 0  # the adapters were trained
 
 
-def test_dpo_trainer_same_losses_metrics_and_parameters(
-    base_model, tokenizer, tmp_path, monkeypatch
-):
+PREFERENCES = {
+    "prompt": ["the cat", "a dog", "the big", "a small"],
+    "chosen": [" sat on the mat", " ran under the log", " red cat ran", " blue dog sat"],
+    "rejected": [" mat the on", " log ran", " cat cat", " dog and very"],
+}
+
+
+def _dpo_run(model, tokenizer, tmp_path, monkeypatch, **kw):
+    """``run(ours)`` for ``_assert_same_training``: two DPO steps against a copy of ``model``."""
     from trl import DPOConfig, DPOTrainer
 
-    dataset = datasets.Dataset.from_dict(
-        {
-            "prompt": ["the cat", "a dog", "the big", "a small"],
-            "chosen": [" sat on the mat", " ran under the log", " red cat ran", " blue dog sat"],
-            "rejected": [" mat the on", " log ran", " cat cat", " dog and very"],
-        }
-    )
+    dataset = datasets.Dataset.from_dict(PREFERENCES)
 
     def run(ours):
         return _train(
-            DPOTrainer, DPOConfig, base_model, tokenizer, tmp_path, ours, monkeypatch,
+            DPOTrainer, DPOConfig, model, tokenizer, tmp_path, ours, monkeypatch,
             train_dataset=dataset, max_steps=2, bf16=False, beta=0.1,
-            trainer_options={"ref_model": copy.deepcopy(base_model)},
+            trainer_options={"ref_model": copy.deepcopy(model)}, **kw,
         )  # fmt: skip
 
-    logs = _assert_same_training(run)
+    return run
+
+
+def test_dpo_trainer_same_losses_metrics_and_parameters(
+    base_model, tokenizer, tmp_path, monkeypatch
+):
+    logs = _assert_same_training(_dpo_run(base_model, tokenizer, tmp_path, monkeypatch))
     assert {"loss", "logps/chosen", "logits/chosen", "mean_token_accuracy"} <= logs[0].keys()
+
+
+def test_dpo_trainer_use_weighting(base_model, tokenizer, tmp_path, monkeypatch):
+    """WPO's weights (``use_weighting=True``) read ``log_sum_sq_probs``: the same training."""
+    run = _dpo_run(base_model, tokenizer, tmp_path, monkeypatch, use_weighting=True)
+    logs = _assert_same_training(run)
+    # At the first step the policy is the reference: DPO's loss is log 2 times the weights.
+    assert logs[0]["loss"] != pytest.approx(math.log(2), rel=1e-3)
+
+
+def test_dpo_trainer_moe_aux_loss(tokenizer, tmp_path, monkeypatch):
+    """A tiny Mixtral whose config asks for router logits, ``router_aux_loss_coef = 0.1``: the
+    load-balancing loss TRL's DPO adds (and logs as ``aux_loss``) comes through the fused
+    forward use_chunklogits installs, equal to TRL's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        output_router_logits=True, router_aux_loss_coef=0.1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    logs = _assert_same_training(_dpo_run(model, tokenizer, tmp_path, monkeypatch))
+    # num_experts x sum_i (tokens' share routed to i x mean router probability of i): about
+    # num_experts_per_tok = 2 for the nearly balanced routing of a freshly initialised router.
+    assert [log["aux_loss"] for log in logs[:2]] == pytest.approx([2.0, 2.0], rel=0.05)
 
 
 def _reward_length(completions, **kwargs):
@@ -300,13 +334,15 @@ def _batch(vocab: int, ignored: float = 0.3):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+# Every per-token field TRL 1.16's add_fused_lm_head can be asked for.
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
 def _fused_results(model, batch):
     model.zero_grad()
     out = model(**batch, fused_lm_head=True)
     (out.loss + 0.1 * out.entropy.sum()).backward()
-    fields = {
-        k: getattr(out, k) for k in ("loss", "log_probs", "entropy", "mean_logits", "is_top1")
-    }
+    fields = {k: getattr(out, k) for k in ("loss", *ALL_OUTPUTS)}
     return fields, [p.grad.clone() for p in model.parameters()]
 
 
@@ -315,8 +351,7 @@ def test_fused_forward_fields_and_gradients_match_trl(base_model):
     ignored labels and padding: the same values and gradients as TRL's head (fp32)."""
     model = copy.deepcopy(base_model)
     model.config.final_logit_softcapping = 3.0  # TRL and chunklogits both read it
-    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
-    theirs, ours = _fused_pair(model, temperature=0.7, outputs=outputs)
+    theirs, ours = _fused_pair(model, temperature=0.7, outputs=ALL_OUTPUTS)
     batch = _batch(model.config.vocab_size)
     expected, expected_grads = _fused_results(theirs, batch)
     got, grads = _fused_results(ours, batch)
@@ -324,8 +359,35 @@ def test_fused_forward_fields_and_gradients_match_trl(base_model):
         assert value is not None
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert got["is_top1"].any() or not expected["is_top1"].any()
+    assert not got["log_sum_sq_probs"].requires_grad  # TRL's has no gradient either
     for mine, their in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(mine, their, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_fused_log_sum_sq_probs_as_accurate_as_trl(base_model, dtype, cpu_gemm):
+    """``log_sum_sq_probs`` (DPO's use_weighting) is ``logsumexp(2 z) - 2 logsumexp(z)``, two
+    fp32 log-sum-exps that cancel. On logits of a trained model's size (|z| up to ~40) it meets
+    the accuracy rule against TRL's kernel and the fp64 value of the same hidden states. TRL
+    subtracts the row maximum before its logarithms, so in fp32 its error is the smaller one
+    (here 1.3e-6 against 3.1e-6, both far inside the rule's slack); for a bf16 model TRL rounds
+    the logits to bf16 (3.4e-2), chunklogits with fp32 block GEMMs does not (2.0e-6)."""
+    model = copy.deepcopy(base_model).to(dtype)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(80.0)
+    theirs, ours = _fused_pair(model, temperature=0.7, outputs=("log_probs", "log_sum_sq_probs"))
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        got = ours(**batch, fused_lm_head=True).log_sum_sq_probs
+        expected = theirs(**batch, fused_lm_head=True).log_sum_sq_probs
+        hidden = ours.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = batch["labels"][:, 1:] != -100
+    z = hidden.last_hidden_state[:, :-1][mask].double() @ model.lm_head.weight.detach().double().T
+    z = z / 0.7
+    assert z.abs().max() > 20  # large logits, where the cancellation would show
+    exact = (2 * z).logsumexp(-1) - 2 * z.logsumexp(-1)
+    assert_as_accurate(got[mask], expected[mask], exact, dtype, "log_sum_sq_probs")
+    assert not got[~mask].any() and not expected[~mask].any()
 
 
 def test_fused_forward_without_labelled_tokens_gives_zero_gradients(base_model):
@@ -377,10 +439,6 @@ def test_refuses_what_it_does_not_reproduce(base_model):
     add_fused_lm_head(fused)
     with pytest.raises(ValueError, match=r"shards: expected an int in \[1, 22\], got 0"):
         use_chunklogits(types.SimpleNamespace(model=fused), shards=0)
-    weighted = copy.deepcopy(base_model)
-    add_fused_lm_head(weighted, outputs=("log_probs", "log_sum_sq_probs"))
-    with pytest.raises(ValueError, match=r"\['log_sum_sq_probs'\].*use_weighting"):
-        use_chunklogits(types.SimpleNamespace(model=weighted))
     scaled = copy.deepcopy(base_model)
     scaled.config.output_multiplier = 2.0  # TRL reads it as a logit scale, chunklogits does not
     add_fused_lm_head(scaled)

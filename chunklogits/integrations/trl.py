@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ _TRL_CELLS = (
     "final_logit_softcapping",
     "logit_scale",
 )
-_SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+_SUPPORTED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @dataclass(frozen=True)
@@ -157,14 +157,7 @@ def _install(model: nn.Module, cells: dict, shards: int | None, role: str) -> No
     if unsupported:
         raise ValueError(
             f"{name}: TRL asks its fused LM head for {unsupported}, which chunklogits does not "
-            f"compute (it computes {list(_SUPPORTED_OUTPUTS)}; log_sum_sq_probs is DPO's "
-            "use_weighting)"
-        )
-    text_config = model.config.get_text_config()
-    if getattr(text_config, "output_router_logits", False):
-        raise ValueError(
-            f"{name}: its config requests router logits (a MoE load-balancing loss), which "
-            "chunklogits' fused LM head does not add to the loss"
+            f"compute (it computes {list(_SUPPORTED_OUTPUTS)})"
         )
     head = model.get_output_embeddings()
     if isinstance(head.weight, DTensor):
@@ -236,7 +229,12 @@ def _fused_outputs(model, options, args, kwargs, labels, shift_labels, num_items
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
-    hidden = getattr(model, options.backbone_attr)(*args, **kwargs).last_hidden_state
+    text_config = model.config.get_text_config()
+    # MoE models: router logits when the config asks for them, as the model's own forward does.
+    if getattr(text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    backbone = getattr(model, options.backbone_attr)(*args, **kwargs)
+    hidden = backbone.last_hidden_state
     # Position t predicts labels[t + 1] unless the caller shifted them (context parallelism).
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
@@ -261,7 +259,23 @@ def _fused_outputs(model, options, args, kwargs, labels, shift_labels, num_items
         # so that backward() works and the optimizer sees zero gradients.
         reach = rows.sum() + weight.sum() + (0.0 if bias is None else bias.sum())
         loss = loss + 0.0 * reach
-    return FusedCausalLMOutput(loss=loss, label_mask=mask, **fields)
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        aux_loss = _router_aux_loss(
+            text_config, backbone.router_logits, kwargs.get("attention_mask")
+        )
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **fields)
+
+
+def _router_aux_loss(text_config, router_logits, attention_mask) -> Tensor:
+    """The MoE load-balancing loss of the backbone's router logits, as TRL's fused forward (and
+    every transformers MoE family) computes it: Mixtral's ``load_balancing_loss_func``."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
 
 
 def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> dict[str, Tensor]:
@@ -272,7 +286,7 @@ def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> 
     if rows.shape[0] == 0:
         empty = rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
         fields = {"log_probs": empty, "is_top1": empty.bool()}
-        fields.update({key: empty for key in ("entropy", "mean_logits")})
+        fields.update({key: empty for key in ("entropy", "log_sum_sq_probs", "mean_logits")})
         return {
             key: fields[key]
             for key in _SUPPORTED_OUTPUTS
@@ -295,6 +309,18 @@ def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> 
     fields = {"log_probs": stats.target - stats.lse}
     if stats.entropy is not None:
         fields["entropy"] = stats.entropy
+    if "log_sum_sq_probs" in options.outputs:
+        # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z): a log-sum-exp at half the temperature.
+        # Without gradient, as TRL's (DPO's WPO weights read it under no_grad).
+        with torch.no_grad():
+            doubled = row_stats(
+                rows.detach(),
+                weight.detach(),
+                None if bias is None else bias.detach(),
+                transform=replace(transform, temperature=options.temperature / 2),
+                plan=plan,
+            )
+        fields["log_sum_sq_probs"] = doubled.lse - 2 * stats.lse.detach()
     if stats.mean is not None:
         fields["mean_logits"] = stats.mean.detach()  # TRL's is a metric without gradient
     if "is_top1" in options.outputs:
