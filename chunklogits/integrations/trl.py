@@ -17,6 +17,7 @@ Nothing here is imported by ``import chunklogits``; this module imports TRL when
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from dataclasses import dataclass, replace
 
@@ -26,9 +27,10 @@ from torch.distributed.tensor import DTensor
 
 from .._blocks import _check_count, plan_blocks, row_stats
 from .._checks import check_head, check_in_vocab, make_transform
+from ..distill import linear_jsd
 from ..head import ChunkedLMHead
 from ..sampling import sample_next
-from .transformers import logit_transform
+from .transformers import _peft_layer_kind, logit_transform
 
 # What TRL's fused forward keeps from ``add_fused_lm_head``'s arguments and the model's config
 # (the names of its closure cells in TRL 1.16), and the per-token outputs it may be asked for.
@@ -93,6 +95,7 @@ def use_chunklogits(trainer, *, shards: int | None = None):
     losses, a logit transform that chunklogits reads differently from TRL, a DTensor (FSDP2) or
     DeepSpeed ZeRO-3 sharded head.
     """
+    gkd = _gkd_loss_options(trainer, shards)  # checked before anything is replaced
     found = []
     for role, model in (
         ("model", trainer.model),
@@ -108,6 +111,9 @@ def use_chunklogits(trainer, *, shards: int | None = None):
         if cells is not None:
             _install(target, cells, shards, role)
             found.append(role)
+    if gkd is not None:
+        trainer.compute_loss = types.MethodType(functools.partial(_gkd_compute_loss, gkd), trainer)
+        found.append("compute_loss")
     if not found:
         raise ValueError(
             f"trainer: expected a TRL trainer whose model has TRL's fused LM head "
@@ -337,3 +343,131 @@ def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> 
             )
         fields["is_top1"] = argmax == targets
     return fields
+
+
+# --- GKDTrainer (trl.experimental.gkd): its loss through linear_jsd ---------------------------
+
+
+@dataclass(frozen=True)
+class _GKDOptions:
+    """How the GKD loss is computed: chunklogits' shard count (TRL's beta is read per call)."""
+
+    shards: int | None
+
+
+def _gkd_loss_options(trainer, shards: int | None) -> _GKDOptions | None:
+    """``_GKDOptions`` for a ``GKDTrainer`` whose loss chunklogits can compute, None for another
+    trainer (or one already switched); ``ValueError`` for a GKD setup it does not reproduce."""
+    # A GKDTrainer's module is imported already; importing it here would import trl.experimental.
+    module = sys.modules.get("trl.experimental.gkd.gkd_trainer")
+    if module is None or not isinstance(trainer, module.GKDTrainer):
+        return None
+    if getattr(trainer.compute_loss, "func", None) is _gkd_compute_loss:
+        return None  # already ours (a second call)
+    if type(trainer).compute_loss is not module.GKDTrainer.compute_loss:
+        raise ValueError(
+            f"trainer: {type(trainer).__name__} overrides GKDTrainer.compute_loss; "
+            "chunklogits reproduces GKDTrainer's own loss only"
+        )
+    student = _causal_lm(trainer.accelerator.unwrap_model(trainer.model))
+    teacher = _causal_lm(trainer.accelerator.unwrap_model(trainer.teacher_model))
+    for role, model in (("model", student), ("teacher_model", teacher)):
+        name = f"{role} ({type(model).__name__})"
+        transform = logit_transform(model.config)
+        if transform != {"softcap": None, "logit_scale": None}:
+            raise ValueError(
+                f"{name}: its logits are transformed ({transform}), which chunklogits.linear_jsd "
+                "does not apply"
+            )
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or _peft_layer_kind(head) is not None:
+            raise ValueError(
+                f"{name}: its output layer is a {type(head).__name__}; chunklogits' GKD loss "
+                "reads an nn.Linear's weight and bias (not a PEFT adapter on the head)"
+            )
+        if isinstance(head.weight, DTensor):
+            raise ValueError(
+                f"{name}: its output layer's weight is a DTensor (FSDP2 or tensor parallelism), "
+                "which chunklogits' GKD loss does not gather"
+            )
+    config = getattr(trainer.accelerator.unwrap_model(trainer.model), "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(
+            "model: prompt-learning PEFT adds virtual tokens in PeftModel.forward, which "
+            "chunklogits' GKD loss (run on the backbone) does not"
+        )
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "model: DeepSpeed ZeRO-3 partitions the output layers' weights, which chunklogits' "
+            "GKD loss does not gather"
+        )
+    head = student.get_output_embeddings()
+    if shards is None and isinstance(head, ChunkedLMHead):
+        shards = head.shards
+    _check_count("shards", shards, 1, head.weight.shape[0])
+    return _GKDOptions(shards=shards)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (LoRA layers in place), else ``model``."""
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _gkd_compute_loss(
+    options: _GKDOptions, self, model, inputs, return_outputs=False, num_items_in_batch=None
+):
+    """``GKDTrainer.compute_loss`` with the loss from ``linear_jsd``; with ``return_outputs``
+    (evaluation that wants the logits) GKDTrainer's own, which returns the student's logits."""
+    if return_outputs:
+        return type(self).compute_loss(self, model, inputs, True, num_items_in_batch)
+    from trl.models.utils import _ForwardRedirection
+
+    # Run inside the student wrapper's forward (DDP's gradient synchronisation hooks on it), as
+    # TRL's DistillationTrainer runs its chunked loss.
+    student = self.accelerator.unwrap_model(model)
+    return _ForwardRedirection()(
+        model, student, _gkd_loss, self, student, inputs, num_items_in_batch, options
+    )
+
+
+def _gkd_loss(trainer, student, inputs, num_items_in_batch, options: _GKDOptions) -> Tensor:
+    """GKDTrainer's generalised JSD (its beta, temperature 1, labels shifted by one) of the
+    student's and the teacher's last hidden states through their output layers."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    student = _causal_lm(student)
+    student_hidden = _last_hidden_state(student, ids, mask)
+    trainer.teacher_model.eval()
+    teacher = _causal_lm(trainer.accelerator.unwrap_model(trainer.teacher_model))
+    with torch.no_grad():
+        teacher_hidden = _last_hidden_state(teacher, ids, mask)
+    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    weight = student_head.weight
+    # Outside autocast, both heads in the student weight's dtype (as the fused forward above).
+    with torch.autocast(weight.device.type, enabled=False):
+        cast = functools.partial(_to, device=weight.device, dtype=weight.dtype)
+        return linear_jsd(
+            cast(student_hidden),
+            weight,
+            cast(teacher_hidden),
+            cast(teacher_head.weight),
+            inputs["labels"].to(weight.device),
+            beta=trainer.beta,
+            shift=True,  # position t predicts token t + 1, as GKDTrainer.compute_loss shifts
+            student_bias=student_head.bias,
+            teacher_bias=cast(teacher_head.bias),
+            num_items_in_batch=num_items_in_batch,
+            shards=options.shards,
+        )
+
+
+def _last_hidden_state(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The backbone's last hidden states, ``[B, T, D]`` (TRL's fused head runs the same)."""
+    return model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+
+
+def _to(tensor: Tensor | None, device, dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(device, dtype)
