@@ -11,6 +11,18 @@ is reached there short of patching TRL. ``use_chunklogits(trainer)`` is the one 
 it: it puts a forward with the same contract in place of TRL's, on the same models, with the
 options TRL installed (temperature, requested outputs) read from TRL's forward.
 
+What TRL 1.16's fused head can be asked for (``add_fused_lm_head(outputs=...)``, the fields of
+``trl.trainer.utils.FusedCausalLMOutput``), all reproduced here: ``log_probs`` (always; its
+negative mean is ``loss``), ``entropy`` (differentiable), ``log_sum_sq_probs`` (DPO's
+``use_weighting``, no gradient), ``mean_logits`` (no gradient) and ``is_top1``, with
+``label_mask``; and, for a MoE model called with ``output_router_logits`` (or whose config sets
+it), ``aux_loss``, the router load-balancing loss, added to ``loss`` times the config's
+``router_aux_loss_coef`` (DPO and GRPO add their own ``router_aux_loss_coef * aux_loss``).
+
+TRL's ``GKDTrainer`` (``trl.experimental.gkd``) reads both models' full logits in its
+``compute_loss``; ``use_chunklogits`` replaces that loss with ``chunklogits.linear_jsd`` of the
+student's and the teacher's last hidden states.
+
 Nothing here is imported by ``import chunklogits``; this module imports TRL when it is used.
 """
 
@@ -59,8 +71,9 @@ class _FusedOptions:
 
 
 def use_chunklogits(trainer, *, shards: int | None = None):
-    """Make a TRL trainer compute its per-token log-probs, entropy and metrics with chunklogits,
-    in place; returns ``trainer``. Call it after constructing the trainer, before ``train()``::
+    """Make a TRL trainer compute its per-token log-probs, entropy and metrics (and GKD's loss)
+    with chunklogits, in place; returns ``trainer``. Call it after constructing the trainer,
+    before ``train()``::
 
         trainer = GRPOTrainer(model=model, reward_funcs=..., args=..., train_dataset=...)
         chunklogits.integrations.trl.use_chunklogits(trainer)
@@ -69,31 +82,51 @@ def use_chunklogits(trainer, *, shards: int | None = None):
     For the trainer's model (the base model of a PEFT model) and its ``ref_model``, where TRL
     installed its fused LM head (``trl.trainer.utils.add_fused_lm_head``), the fused forward is
     replaced by one with the same contract: ``model(..., labels=labels, fused_lm_head=True)``
-    returns TRL's ``FusedCausalLMOutput`` (``log_probs``, ``entropy``, ``mean_logits``,
-    ``is_top1`` as TRL was asked for, 0 where the label is -100; ``loss`` the negative
-    log-likelihood summed over the labelled tokens and divided by ``num_items_in_batch`` or their
-    count; ``label_mask``), at TRL's temperature; without ``fused_lm_head`` the forward TRL
-    replaced runs (generation, evaluation). Naive equivalent, per labelled position::
+    returns TRL's ``FusedCausalLMOutput`` (``log_probs``, ``entropy``, ``log_sum_sq_probs``,
+    ``mean_logits``, ``is_top1`` as TRL was asked for, 0 where the label is -100; ``loss`` the
+    negative log-likelihood summed over the labelled tokens and divided by
+    ``num_items_in_batch`` or their count, plus ``router_aux_loss_coef * aux_loss`` for a MoE
+    model asked for its router logits; ``label_mask``; ``aux_loss``), at TRL's temperature;
+    without ``fused_lm_head`` the forward TRL replaced runs (generation, evaluation). Naive
+    equivalent, per labelled position::
 
         z = transform(lm_head(hidden[:, :-1]).float()) / temperature      # [.., V]
         log_probs = z.log_softmax(-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+        log_sum_sq_probs = z.softmax(-1).square().sum(-1).log()
         mean_logits = z.mean(-1);  is_top1 = z.argmax(-1) == labels[:, 1:]
+        aux_loss = load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
 
     computed with ``row_stats`` (one pass over the vocabulary, differentiable ``log_probs`` and
-    ``entropy``) and, for ``is_top1``, a greedy ``sample_next`` pass without gradient. The head
-    runs in its weight's dtype, outside autocast: under ``bf16=True`` with an fp32 model the
-    values are fp32-accurate (TRL's kernel would run the head in bf16).
+    ``entropy``); ``log_sum_sq_probs`` as ``logsumexp(2 z) - 2 logsumexp(z)``, a second
+    ``row_stats`` pass at half the temperature without gradient; ``is_top1`` a greedy
+    ``sample_next`` pass without gradient. The head runs in its weight's dtype, outside
+    autocast: under ``bf16=True`` with an fp32 model the values are fp32-accurate (TRL's kernel
+    would run the head in bf16).
+
+    For TRL's ``GKDTrainer``, ``compute_loss`` becomes GKDTrainer's own loss without either
+    model's logits: the student's and the teacher's backbones run on the batch (the teacher in
+    eval mode, without gradient, inside the student wrapper's forward as TRL's
+    ``DistillationTrainer`` runs its chunked loss), and ``chunklogits.linear_jsd`` of their last
+    hidden states through their output layers, with the trainer's ``beta``, temperature 1 (as
+    ``GKDTrainer.compute_loss``), the labels shifted by one and ``num_items_in_batch``; naive
+    equivalent ``GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1],
+    labels[:, 1:], beta=beta, num_items_in_batch=num_items_in_batch)``. On-policy (``lmbda``)
+    and sequence-level (``seq_kd``) generation stay TRL's ``generate``; ``compute_loss(...,
+    return_outputs=True)`` (evaluation that wants the logits) stays GKDTrainer's own.
 
     Args:
-        trainer: a ``trl`` trainer (SFT, DPO, GRPO, RLOO, KTO) after ``__init__``.
+        trainer: a ``trl`` trainer (SFT, DPO, GRPO, RLOO, KTO, or
+            ``trl.experimental.gkd.GKDTrainer``) after ``__init__``.
         shards: vocabulary shards per pass, as in ``ChunkedLMHead``; None takes the count of a
             ``ChunkedLMHead.wrap``-ped model's head, else picks it from the block budget.
 
     Raises ``ValueError`` naming the model when none has TRL's fused head, or when it asks for
-    something not reproduced here: ``log_sum_sq_probs`` (DPO's ``use_weighting``), MoE router
-    losses, a logit transform that chunklogits reads differently from TRL, a DTensor (FSDP2) or
-    DeepSpeed ZeRO-3 sharded head.
+    something not reproduced here: a logit transform that chunklogits reads differently from
+    TRL, a DTensor (FSDP2) or DeepSpeed ZeRO-3 sharded head; for GKD, a trainer class that
+    overrides ``compute_loss``, a model with a logit transform (softcap, logit scale: not taken
+    by ``linear_jsd``), an output layer that is not a plain ``nn.Linear`` (a PEFT adapter on the
+    head), prompt-learning PEFT, DTensor or ZeRO-3 heads.
     """
     gkd = _gkd_loss_options(trainer, shards)  # checked before anything is replaced
     found = []
