@@ -411,6 +411,8 @@ def test_gkd_compute_loss_equals_trainers_own(chat_tokenizer, tmp_path, beta, nu
         trainer = _gkd_trainer(*_gkd_models(vocab, dtype), chat_tokenizer, tmp_path, beta=beta)
         if ours:
             assert use_chunklogits(trainer) is trainer
+            switched = trainer.compute_loss
+            assert use_chunklogits(trainer).compute_loss == switched  # a second call: no-op
             for model in (trainer.model, trainer.teacher_model):
                 model.get_output_embeddings().forward = None  # no logits are computed
         results[name] = _gkd_loss_and_grads(trainer, batch, num_items)
