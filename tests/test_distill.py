@@ -1,5 +1,6 @@
 """linear_jsd against TRL's own GKD loss (``GKDTrainer.generalized_jsd_loss``) on the full logits,
-the naive oracle (reference.py) and fp64 truth, on one process and vocab-parallel over gloo."""
+the naive oracle (reference.py) and fp64 truth, on one process and vocab-parallel over gloo.
+GKDTrainer itself through ``use_chunklogits``: tests/test_trl.py."""
 
 from __future__ import annotations
 
@@ -14,11 +15,9 @@ import chunklogits as cl
 from chunklogits import reference
 from tests.helpers import (
     assert_as_accurate,
-    assert_as_accurate_in_norm,
     one_thread,
     run_ranks,
     seeded,
-    tiny_llama_config,
 )
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -360,73 +359,3 @@ def test_vocab_parallel_matches_trl(world):
             for i, (o, n, e) in enumerate(zip(results[name], naive, exact, strict=True)):
                 n, e = (n, e) if whole[i] else (n[start:end], e[start:end])
                 assert_as_accurate(o, n, e, dtype, f"{name}, result {i}, rank {rank} of {world}")
-
-
-# --- the recipe of docs/usage.md: GKDTrainer's loss on two models, without their logits ---------
-
-
-def gkd_loss(student, teacher, inputs, beta=0.5, num_items_in_batch=None):
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    student_hidden = student.get_decoder()(input_ids=ids, attention_mask=mask)
-    teacher.eval()
-    with torch.no_grad():
-        teacher_hidden = teacher.get_decoder()(input_ids=ids, attention_mask=mask)
-    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    return cl.linear_jsd(
-        student_hidden.last_hidden_state,
-        student_head.weight,
-        teacher_hidden.last_hidden_state,
-        teacher_head.weight,
-        inputs["labels"],
-        beta=beta,
-        shift=True,
-        student_bias=student_head.bias,
-        teacher_bias=teacher_head.bias,
-        num_items_in_batch=num_items_in_batch,
-    )
-
-
-def _trainer_loss(student, teacher, inputs, beta, num_items_in_batch):
-    """``GKDTrainer.compute_loss`` itself, on a stand-in for the trainer holding what it reads."""
-    from types import SimpleNamespace
-
-    gkd_trainer = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
-    trainer = gkd_trainer.GKDTrainer
-    fake = SimpleNamespace(
-        teacher_model=teacher, beta=beta, generalized_jsd_loss=trainer.generalized_jsd_loss
-    )
-    return trainer.compute_loss(fake, student, inputs, num_items_in_batch=num_items_in_batch)
-
-
-def _student_grads(loss_fn, student, teacher, inputs, **kw):
-    student.zero_grad()
-    loss = loss_fn(student, teacher, inputs, **kw)
-    loss.backward()
-    embed = student.get_input_embeddings().weight.grad.clone()
-    return loss.detach(), student.get_output_embeddings().weight.grad.clone(), embed
-
-
-@pytest.mark.parametrize(("beta", "num_items"), [(0.5, None), (0.0, 13), (1.0, None)])
-def test_gkd_recipe_matches_trainer_loss(beta, num_items):
-    from transformers import LlamaForCausalLM  # here: the spawned ranks import this module
-
-    vocab = 211
-    torch.manual_seed(0)
-    student = LlamaForCausalLM(tiny_llama_config(vocab, hidden=32))
-    teacher = LlamaForCausalLM(tiny_llama_config(vocab, layers=3, hidden=48))
-    g = seeded(3)
-    ids = torch.randint(0, vocab, (2, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0  # right padding, as the GKD collator pads
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :4] = -100  # the prompt
-    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    kw = dict(beta=beta, num_items_in_batch=num_items)
-    ours = _student_grads(gkd_loss, student, teacher, inputs, **kw)
-    naive = _student_grads(_trainer_loss, student, teacher, inputs, **kw)
-    exact = _student_grads(_trainer_loss, student.double(), teacher.double(), inputs, **kw)
-    what = f"beta={beta}, num_items_in_batch={num_items}"
-    assert_as_accurate(ours[0], naive[0], exact[0], torch.float32, f"loss {what}")
-    assert_as_accurate(ours[1], naive[1], exact[1], torch.float32, f"lm_head grad {what}")
-    # Upstream of the head both runs go through the same fp32 decoder backward.
-    assert_as_accurate_in_norm(ours[2], naive[2], exact[2], torch.float32, f"embed grad {what}")
