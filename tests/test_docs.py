@@ -12,6 +12,7 @@ where its content is tested. The blocks run on CPU, whatever the machine has.
 
 from __future__ import annotations
 
+import ast
 import re
 import zlib
 from pathlib import Path
@@ -62,6 +63,19 @@ def blocks(page: str) -> list[tuple[int, str, str | None]]:
         mark = _MARK.search(before)
         found.append((line, match.group(1), mark.group(1) if mark else None))
     return found
+
+
+def definitions(page: str, namespace: dict) -> dict:
+    """The imports, functions and classes that ``page``'s blocks define, as written there (the
+    rest of each block, which runs them, left out), executed into ``namespace``; returns it.
+    Other tests take the pages' recipes from here rather than from a copy."""
+    kinds = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
+    for line, code, mark in blocks(page):
+        if mark is None:
+            tree = ast.parse("\n" * (line - 1) + code)
+            tree.body = [node for node in tree.body if isinstance(node, kinds)]
+            exec(compile(tree, str(ROOT / page), "exec"), namespace)
+    return namespace
 
 
 def _from_pretrained(name, *args, dtype=None, torch_dtype=None, **kwargs):
