@@ -205,6 +205,38 @@ _REPRODUCED = {
     "TopPLogitsWarper": ("top_p", "top_p"),
     "MinPLogitsWarper": ("min_p", "min_p"),
 }
+# The ``generate()`` setting from which ``generate()`` builds each processor (transformers 5.x
+# ``_get_logits_processor``): a refusal names what the user passed, not the class built from it.
+# A class not listed came from a user ``logits_processor``.
+_PROCESSOR_SETTINGS = {
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale",
+    "SequenceBiasLogitsProcessor": "sequence_bias",
+    "EncoderRepetitionPenaltyLogitsProcessor": "encoder_repetition_penalty",
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty",
+    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "EncoderNoRepeatNGramLogitsProcessor": "encoder_no_repeat_ngram_size",
+    "NoBadWordsLogitsProcessor": "bad_words_ids",
+    "MinLengthLogitsProcessor": "min_length",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
+    "PrefixConstrainedLogitsProcessor": "prefix_allowed_tokens_fn",
+    "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
+    "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
+    "InfNanRemoveLogitsProcessor": "remove_invalid_values",
+    "ExponentialDecayLengthPenalty": "exponential_decay_length_penalty",
+    "SuppressTokensLogitsProcessor": "suppress_tokens",
+    "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
+    "TemperatureLogitsWarper": "temperature",
+    "TopHLogitsWarper": "top_h",
+    "TopKLogitsWarper": "top_k",
+    "TopPLogitsWarper": "top_p",
+    "MinPLogitsWarper": "min_p",
+    "TypicalLogitsWarper": "typical_p",
+    "EpsilonLogitsWarper": "epsilon_cutoff",
+    "EtaLogitsWarper": "eta_cutoff",
+    "WatermarkLogitsProcessor": "watermarking_config",
+    "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
+    "LogitNormalization": "renormalize_logits",
+}
 # ``sample_next``'s settings when no processor sets them.
 _NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
 # generation_config settings whose meaning ``decode`` cannot honour.
@@ -276,11 +308,11 @@ def decode(
             if value:
                 raise ValueError(f"{name}: not available with beam search (num_beams > 1)")
         if len(logits_processor):
-            names = sorted(type(processor).__name__ for processor in logits_processor)
+            names = sorted({_setting_of(processor) for processor in logits_processor})
+            built = sorted(type(processor).__name__ for processor in logits_processor)
             raise ValueError(
-                "logits_processor: chunklogits.sample's beam search ranks the model's own "
-                f"log-probs and applies no processor, got {names} (from generation settings such "
-                "as repetition_penalty, or a user processor)"
+                f"{', '.join(names)}: chunklogits.sample's beam search ranks the model's own "
+                f"log-probs and applies no logits processor, got {built} from them"
             )
         return _beam_search(
             model, base, head, input_ids, stopping_criteria, generation_config, model_kwargs
@@ -471,10 +503,18 @@ def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict)
         )
     for processor in logits_processor:
         if type(processor).__name__ not in _REPRODUCED:
+            name = type(processor).__name__
+            reproduced = ", ".join(option for option, _ in _REPRODUCED.values())
             raise ValueError(
-                f"logits_processor: chunklogits.sample reproduces only {sorted(_REPRODUCED)}, "
-                f"got {type(processor).__name__} (from generation settings or a user processor)"
+                f"{_setting_of(processor)}: chunklogits.sample reproduces the logits processors "
+                f"of {reproduced} only, got {name}; use model.generate for it"
             )
+
+
+def _setting_of(processor) -> str:
+    """The ``generate()`` argument that made ``processor``: the setting ``generate()`` builds
+    its class from, else ``logits_processor`` (a user processor)."""
+    return _PROCESSOR_SETTINGS.get(type(processor).__name__, "logits_processor")
 
 
 def _sampling_options(logits_processor, do_sample: bool) -> dict:

@@ -94,7 +94,7 @@ class ChunkedLMHead(nn.Linear):
         self.softcap = transform.softcap
         self.logit_scale = transform.logit_scale
         # With labels, whether a wrapped model also returns the logits (materialising them):
-        # True, False, or None for "when not training" (see ChunkedLMHead.wrap).
+        # True, False, or None for "in eval mode with autograd off" (see ChunkedLMHead.wrap).
         self.return_logits: bool | None = None
         # Set by ``wrap``: what ``unwrap`` restores (see integrations.transformers).
         self._wrapping = None
@@ -320,10 +320,11 @@ class ChunkedLMHead(nn.Linear):
           num_items_in_batch=...)`` on the hidden states the output layer receives, with
           transformers' ``ForCausalLMLoss`` semantics (``ignore_index=-100``, ``shift_labels``,
           ``num_items_in_batch``). ``return_logits`` says whether ``outputs.logits`` is computed
-          too (in full, as the original does): ``None`` (default) when the model is not in
-          training mode (``Trainer.evaluate``/``predict`` and ``compute_metrics`` get the logits
-          of each batch they ask for), ``True`` always, ``False`` never. In training no
-          ``[tokens, vocab]`` tensor is made. With ``return_dict=False`` the tuple keeps the
+          too (in full, as the original does): ``None`` (default) when the call is an
+          evaluation, the model in eval mode with autograd off (``Trainer.evaluate``/``predict``
+          and ``compute_metrics`` get the logits of each batch they ask for), ``True`` always,
+          ``False`` never. With autograd on (a loss to backpropagate, in training or eval mode)
+          no ``[tokens, vocab]`` tensor is made. With ``return_dict=False`` the tuple keeps the
           original's positions: ``(loss, logits, *rest)``, ``logits`` None when not computed;
         * without ``labels``, the outputs are the original forward's (``logits_to_keep``
           positions, model dtype), so ``generate()`` and evaluation code are unaffected. Called

@@ -181,7 +181,11 @@ BAD = [
     (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
     (dict(min_p=2.0), ValueError, "min_p: expected a float in \\[0.0, 1.0\\]"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
-    (dict(no_repeat_ngram_size=2), ValueError, "logits_processor: .*NoRepeatNGramLogitsProcessor"),
+    # a processor generate() builds from a setting: refused by that setting's name
+    (dict(no_repeat_ngram_size=2), ValueError, "no_repeat_ngram_size: .*NoRepeatNGramLogits"),
+    (dict(bad_words_ids=[[5]]), ValueError, "bad_words_ids: .*NoBadWordsLogitsProcessor"),
+    (dict(suppress_tokens=[5]), ValueError, "suppress_tokens: .*SuppressTokensLogitsProcessor"),
+    (dict(do_sample=True, typical_p=0.5), ValueError, "typical_p: .*TypicalLogitsWarper"),
     (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
     (dict(num_beams=2), ValueError, "num_beams"),
 ]

@@ -5,62 +5,42 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-import chunklogits as cl
 from chunklogits.benchmark import selective_log_softmax
 from tests.helpers import one_thread, tiny_llama_config
+from tests.test_docs import definitions
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
-def causal_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None):
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-    head = model.get_output_embeddings()
-    return cl.linear_cross_entropy(
-        hidden.last_hidden_state,
-        head.weight,
-        labels,
-        bias=head.bias,
-        shift=True,
-        num_items_in_batch=num_items_in_batch,
-    )
-
-
-class ChunkedLossTrainer(Trainer):
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_loss(
-            model,
-            inputs["input_ids"],
-            inputs["labels"],
-            inputs.get("attention_mask"),
-            num_items_in_batch=num_items_in_batch,
-        )
-        return (loss, None) if return_outputs else loss
-
-
-def completion_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=1.0):
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = hidden.last_hidden_state[:, -logits_to_keep - 1 : -1]
-    head = model.get_output_embeddings()
-    return cl.token_logprobs(
-        hidden,
-        head.weight,
-        input_ids[:, -logits_to_keep:],
-        bias=head.bias,
-        temperature=temperature,
-        return_entropy=True,
-    )
+# The recipes as docs/usage.md writes them.
+RECIPES = definitions("docs/usage.md", {})
+causal_lm_loss = RECIPES["causal_lm_loss"]
+ChunkedLossTrainer = RECIPES["ChunkedLossTrainer"]
+completion_logprobs = RECIPES["completion_logprobs"]
 
 
 VOCAB = 211
 
 
-def tiny_model(seed: int = 0):
+# Families whose forward transforms the logits, with transforms that change random-init logits
+# (O(0.1)) visibly: what causal_lm_loss must reproduce through logit_transform.
+TRANSFORMED = {
+    "gemma2": ("Gemma2Config", {"head_dim": 12, "final_logit_softcapping": 0.2}),
+    "cohere": ("CohereConfig", {"logit_scale": 5.0}),
+    "granite": ("GraniteConfig", {"logits_scaling": 0.2}),
+}
+
+
+def tiny_model(seed: int = 0, family: str = "llama"):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(
-        tiny_llama_config(VOCAB, hidden=48), dtype=torch.float32
-    )
+    config = tiny_llama_config(VOCAB, hidden=48)
+    if family != "llama":
+        name, fields = TRANSFORMED[family]
+        config = getattr(transformers, name)(**{**config.to_diff_dict(), **fields})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def padded_batch(seed: int = 0):
@@ -75,8 +55,9 @@ def padded_batch(seed: int = 0):
     return ids, mask, labels
 
 
-def test_causal_lm_loss_and_gradients_equal_transformers():
-    model = tiny_model()
+@pytest.mark.parametrize("family", ["llama", *TRANSFORMED])
+def test_causal_lm_loss_and_gradients_equal_transformers(family):
+    model = tiny_model(family=family)
     ids, mask, labels = padded_batch()
     expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     expected.backward()
@@ -136,3 +117,28 @@ def test_completion_logprobs_equal_trl_on_the_logits():
     logp = logits.log_softmax(-1)
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
     assert logprobs.requires_grad and entropy.requires_grad
+
+
+def test_trainer_override_evaluates_and_predicts_like_the_stock_trainer(tmp_path):
+    """evaluate/predict call compute_loss(return_outputs=True) and read outputs[1:]: the
+    recipe's outputs give the stock eval loss, with and without prediction_loss_only."""
+    model = tiny_model(seed=5, family="gemma2")
+    ids, mask, labels = padded_batch(seed=6)
+    rows = [
+        {"input_ids": i, "attention_mask": m, "labels": y}
+        for i, m, y in zip(ids, mask, labels, strict=True)
+    ]
+    for loss_only in (False, True):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_eval_batch_size=2,
+            prediction_loss_only=loss_only,
+            report_to=[],
+            use_cpu=True,
+        )
+        stock = Trainer(model=model, args=args, eval_dataset=rows)
+        ours = ChunkedLossTrainer(model=model, args=args, eval_dataset=rows)
+        expected = stock.evaluate()["eval_loss"]
+        assert ours.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+        predicted = ours.predict(rows)
+        assert predicted.metrics["test_loss"] == pytest.approx(expected, rel=1e-5)

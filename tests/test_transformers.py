@@ -201,16 +201,21 @@ def test_greedy_generate_unchanged(family):
 
 
 def test_logits_with_labels_in_evaluation_only_unless_asked():
-    """With labels: no logits in training mode; the original's logits in eval mode (what
-    Trainer.evaluate hands to compute_metrics); return_logits=True / False: always / never."""
+    """With labels: the original's logits in an evaluation, eval mode with autograd off (what
+    Trainer.evaluate hands to compute_metrics); none in training mode, nor with autograd on in
+    eval mode (from_pretrained's mode: a loss to backpropagate); return_logits=True / False:
+    always / never."""
     model = _model("gemma2").eval()
     wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     input_ids, labels = _batch()
     theirs = model(input_ids, labels=labels)
-    for mode, expect_logits in (("train", False), ("eval", True)):
+    cases = [("train", False, False), ("train", True, False), ("eval", True, False)]
+    for mode, grad, expect_logits in [*cases, ("eval", False, True)]:
         getattr(wrapped, mode)()
-        ours = wrapped(input_ids, labels=labels)
+        with torch.set_grad_enabled(grad):
+            ours = wrapped(input_ids, labels=labels)
         torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=0)
+        assert ours.loss.requires_grad == grad
         if expect_logits:
             assert torch.equal(ours.logits, theirs.logits)
         else:
@@ -234,7 +239,8 @@ def test_tuple_outputs_keep_the_positions_of_the_original():
     theirs = model(input_ids, labels=labels, return_dict=False)
     for mode, logits in (("eval", theirs[1]), ("train", None)):
         getattr(wrapped, mode)()
-        ours = wrapped(input_ids, labels=labels, return_dict=False)
+        with torch.no_grad():
+            ours = wrapped(input_ids, labels=labels, return_dict=False)
         assert isinstance(ours, tuple) and len(ours) == len(theirs) == 3
         torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=0)
         assert ours[1] is None if logits is None else torch.equal(ours[1], logits)

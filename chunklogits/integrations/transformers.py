@@ -430,7 +430,10 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
         return_dict = getattr(model.config, "return_dict", True)
     keep_logits = head.return_logits
     if keep_logits is None:
-        keep_logits = not model.training
+        # An evaluation (eval mode, autograd off: Trainer.evaluate/predict, a no_grad loop) may
+        # read the logits; a loss that will be backpropagated never needs them, in either mode
+        # (from_pretrained returns a model in eval mode).
+        keep_logits = not model.training and not torch.is_grad_enabled()
     outputs, recorded = _forward_recording(model, head, kwargs, keep_logits=keep_logits)
     if getattr(outputs, "aux_loss", None) is not None:
         raise ValueError(
