@@ -278,7 +278,9 @@ def decode(
     _refuse_unsupported(generation_config, logits_processor, model_kwargs)
     base = _base_model(model)
     weight, bias, softcap, logit_scale = _head_of(model)
-    check_head_reproduced(model, base, softcap, logit_scale, "chunklogits.sample")
+    check_head_reproduced(
+        model, base, softcap=softcap, logit_scale=logit_scale, caller="chunklogits.sample"
+    )
     vocab = weight.shape[0]  # the whole vocabulary, also of a DTensor sharded on it
     # An lm_head parallelised with ColwiseParallel: this rank's slice, drawn from with the others.
     weight, bias, process_group = local_head(weight, bias)

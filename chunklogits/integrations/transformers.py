@@ -700,8 +700,10 @@ def _probe_head(
         )
     if base is None:
         return eps
-    last = base(**inputs).last_hidden_state
     base_name = type(base).__name__
+    last = getattr(base(**inputs), "last_hidden_state", None)
+    if last is None:
+        raise ValueError(f"its base model {base_name} returns no last_hidden_state")
     if len(fed) != 1 or fed[0].shape != last.shape:
         raise ValueError(
             f"the output layer is called {len(fed)} time(s) on shape "
@@ -739,7 +741,7 @@ _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_head_reproduced(
-    model: nn.Module, base: nn.Module, softcap, logit_scale, caller: str
+    model: nn.Module, base: nn.Module, *, softcap, logit_scale, caller: str
 ) -> None:
     """Refuse, with a ``ValueError`` naming ``caller`` and the model's class, a causal LM whose
     logits are not its output layer's applied to ``base(...).last_hidden_state`` under the
