@@ -144,8 +144,9 @@ def sample(
     config = generate_kwargs.get("generation_config") or model.generation_config
     if do_sample is not None and not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool or None, got {do_sample!r}")
-    drawn = bool(config.do_sample) if do_sample is None else do_sample
-    check_sampling_options(do_sample=drawn, **sampling)
+    # generate()'s decision: do_sample when given, else the generation config's (default False).
+    will_sample = bool(config.do_sample) if do_sample is None else do_sample
+    check_sampling_options(do_sample=will_sample, **sampling)
     _add_stop_strings(config, stop_strings, tokenizer, generate_kwargs)
     return model.generate(
         input_ids,
