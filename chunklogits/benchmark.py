@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import memory, reference
-from .integrations.transformers import logit_transform
+from .integrations.transformers import check_head_reproduced, logit_transform
 from .logprobs import token_logprobs
 from .loss import linear_cross_entropy
 from .sampling import sample_next
@@ -119,20 +119,11 @@ class Workload:
         return reference.logits(hidden, self.weight, bias=self.bias, **self.transform)
 
     def check_head(self) -> None:
-        """Refuse a model whose logits are not ``logits(hidden)`` up to the rounding of applying
-        the transform in its own dtype (a forward hook, a transform its config does not
-        declare): the chunklogits cases would compute something else."""
-        ids = self.tokens(1, 8, seed=1)
-        with torch.no_grad():
-            expected = self.model(ids, use_cache=False).logits.float()
-            got = self.logits(self.hidden(ids, use_cache=False))
-        difference = (expected - got).abs().max().item()
-        if difference > 4 * torch.finfo(self.weight.dtype).eps * expected.abs().max().item():
-            raise ValueError(
-                f"model: {type(self.model).__name__}'s logits are not its output layer applied to "
-                f"its decoder's hidden states with the transform its config declares "
-                f"({self.transform}): they differ by up to {difference:.3g}"
-            )
+        """Refuse a model whose logits are not ``logits(hidden)`` (a forward hook, a transform
+        its config does not declare, an output layer fed something else than the decoder's
+        last hidden state): the chunklogits cases would compute something else. The check is
+        ``cl.sample``'s (``integrations.transformers.check_head_reproduced``)."""
+        check_head_reproduced(self.model, self.base, caller="chunklogits bench", **self.transform)
 
     def tokens(self, batch: int, length: int, seed: int = 0) -> Tensor:
         g = torch.Generator().manual_seed(seed)

@@ -22,10 +22,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._blocks import _check_count
 from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
 from .distributed import local_head
 from .head import ChunkedLMHead
-from .integrations.transformers import logit_transform
+from .integrations.transformers import check_head_reproduced, logit_transform
 from .sampling import beam_candidates, randomness, sample_next
 
 
@@ -46,7 +47,7 @@ def sample(
     attention_mask: Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
-    do_sample: bool = True,
+    do_sample: bool | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -75,21 +76,28 @@ def sample(
 
     Greedy decoding and beam search (``num_beams > 1, do_sample=False``) give the same tokens;
     sampling the same distribution at every step (not the same random stream: the noise is keyed
-    by ``seed``/``generator``, row and vocabulary index, see ``sampling``). Arguments left to None
-    take ``model.generation_config``'s value, then ``generate()``'s default (``top_k=50``,
-    ``top_p=1.0``, ``temperature=1.0``, ``repetition_penalty=1.0``, ``min_p`` off,
-    ``max_length=20``, ``num_beams=1``, ``length_penalty=1.0``, ``early_stopping=False``).
+    by ``seed``/``generator``, row and vocabulary index, see ``sampling``). Arguments left to None,
+    ``do_sample`` included, take ``model.generation_config``'s value, then ``generate()``'s
+    default (``do_sample=False``: greedy decoding, or beam search with ``num_beams > 1``;
+    ``top_k=50``, ``top_p=1.0``, ``temperature=1.0``, ``repetition_penalty=1.0``, ``min_p`` off,
+    ``max_length=20``, ``num_beams=1``, ``length_penalty=1.0``, ``early_stopping=False``): pass
+    ``do_sample=True`` to sample from a model whose generation config does not.
 
-    Beam search keeps, per beam and step, the ``2 * num_beams`` (more with several eos ids)
-    largest log-probs and the row's log-sum-exp, where ``generate()`` builds the
-    ``[B * num_beams, V]`` fp32 log-probs; ranks are taken on the logits the model's head returns.
-    Of continuations tied in score, the one of lowest (beam, token) index is ranked first, where
-    ``generate()`` follows ``torch.topk``'s unspecified order.
+    Beam search keeps, per beam and step, the ``2 * num_beams`` (more with several eos ids; the
+    whole vocabulary if smaller) largest log-probs and the row's log-sum-exp, where
+    ``generate()`` builds the ``[B * num_beams, V]`` fp32 log-probs; ranks are taken on the
+    logits the model's head returns. Of continuations tied in score, the one of lowest (beam,
+    token) index is ranked first, where ``generate()`` follows ``torch.topk``'s unspecified
+    order.
 
     Args:
         model: a transformers causal LM (``GenerationMixin``) with a base model
-            (``model.base_model``) whose last hidden state feeds a linear ``lm_head``; possibly
-            wrapped by ``ChunkedLMHead.wrap``, or parallelised on the vocabulary dimension
+            (``model.base_model``, else ``model.model``) whose last hidden state feeds a
+            linear ``lm_head``, its logits transformed as ``ChunkedLMHead.wrap`` reads from the
+            config; checked once per model with ``wrap``'s probe (a model whose output layer is
+            fed something else, such as BERT's prediction head, or whose logits are transformed
+            otherwise, is refused by name); possibly wrapped by ``ChunkedLMHead.wrap``, or
+            parallelised on the vocabulary dimension
             (``ColwiseParallel``: every rank of its mesh runs ``sample`` with the same inputs and
             gets the same tokens, see ``chunklogits.distributed``).
         input_ids: ``[B, L]`` prompts, left-padded when of different lengths.
@@ -133,13 +141,17 @@ def sample(
             raise ValueError(f"{name}: chunklogits.sample does not support {message}")
     given = generate_options(locals())
     sampling = {name: value for name, value in given.items() if name in _SAMPLING_OPTIONS}
-    check_sampling_options(do_sample=do_sample, **sampling)
-    _add_stop_strings(model, stop_strings, tokenizer, generate_kwargs)
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample: expected a bool or None, got {do_sample!r}")
+    # generate()'s decision: do_sample when given, else the generation config's (default False).
+    will_sample = bool(config.do_sample) if do_sample is None else do_sample
+    check_sampling_options(do_sample=will_sample, **sampling)
+    _add_stop_strings(config, stop_strings, tokenizer, generate_kwargs)
     return model.generate(
         input_ids,
         attention_mask=attention_mask,
         custom_generate=decode,
-        do_sample=do_sample,
         seed=seed,
         generator=generator,
         return_logprobs=return_logprobs,
@@ -152,7 +164,13 @@ def sample(
 
 # ``generate()`` arguments that ``sample`` names, passed on when not None.
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-_GENERATE_OPTIONS = ("max_new_tokens", *_SAMPLING_OPTIONS, "eos_token_id", "pad_token_id")
+_GENERATE_OPTIONS = (
+    "max_new_tokens",
+    "do_sample",
+    *_SAMPLING_OPTIONS,
+    "eos_token_id",
+    "pad_token_id",
+)
 # ``generate()`` arguments that it does not pass on to a ``custom_generate`` loop, or that select
 # what ``decode`` replaces: refused when given (not None or False).
 _REFUSED_ARGUMENTS = {
@@ -173,11 +191,11 @@ def generate_options(arguments: dict) -> dict:
     return {name: arguments[name] for name in _GENERATE_OPTIONS if arguments[name] is not None}
 
 
-def _add_stop_strings(model: nn.Module, stop_strings, tokenizer, generate_kwargs: dict) -> None:
-    """Turn ``stop_strings`` (given, or from the generation config) into a ``StopStringCriteria``
-    among ``generate_kwargs["stopping_criteria"]``, as ``generate()`` does: it would look for the
-    tokenizer, which it does not hand to a ``custom_generate`` loop, and fail."""
-    config = generate_kwargs.get("generation_config") or model.generation_config
+def _add_stop_strings(config, stop_strings, tokenizer, generate_kwargs: dict) -> None:
+    """Turn ``stop_strings`` (given, or from the generation ``config``) into a
+    ``StopStringCriteria`` among ``generate_kwargs["stopping_criteria"]``, as ``generate()`` does:
+    it would look for the tokenizer, which it does not hand to a ``custom_generate`` loop, and
+    fail."""
     if stop_strings is None:
         stop_strings = getattr(config, "stop_strings", None)
     if stop_strings is None:
@@ -293,6 +311,10 @@ def decode(
     _refuse_unsupported(generation_config, logits_processor, model_kwargs)
     base = _base_model(model)
     weight, bias, softcap, logit_scale = _head_of(model)
+    check_head_reproduced(
+        model, base, softcap=softcap, logit_scale=logit_scale, caller="chunklogits.sample"
+    )
+    vocab = weight.shape[0]  # the whole vocabulary, also of a DTensor sharded on it
     # An lm_head parallelised with ColwiseParallel: this rank's slice, drawn from with the others.
     weight, bias, process_group = local_head(weight, bias)
     head = dict(
@@ -315,7 +337,7 @@ def decode(
                 f"log-probs and applies no logits processor, got {built} from them"
             )
         return _beam_search(
-            model, base, head, input_ids, stopping_criteria, generation_config, model_kwargs
+            model, base, head, vocab, input_ids, stopping_criteria, generation_config, model_kwargs
         )
     options = _sampling_options(logits_processor, bool(generation_config.do_sample))
     generator = randomness(seed, generator, input_ids.device)
@@ -378,14 +400,16 @@ def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool
     return outputs.last_hidden_state[:, -1], model_kwargs
 
 
-def _beam_search(model, base, head: dict, input_ids, stopping_criteria, config, model_kwargs):
+def _beam_search(
+    model, base, head: dict, vocab: int, input_ids, stopping_criteria, config, model_kwargs
+):
     """``GenerationMixin._beam_search`` (greedy, no processors) on ``beam_candidates``.
 
     Each step, ``generate()`` ranks all ``num_beams * V`` continuations of a prompt by beam score
     plus log-prob and keeps the best ``keep = max(2, 1 + #eos) * num_beams``; those lie among the
-    ``keep`` best tokens of each beam, which is all this loop computes. The bookkeeping after that
-    ranking (running and finished beams, length penalty, early stopping) is ``generate()``'s own
-    helpers, called on the same small tensors.
+    ``min(keep, V)`` best tokens of each beam, which is all this loop computes. The bookkeeping
+    after that ranking (running and finished beams, length penalty, early stopping) is
+    ``generate()``'s own helpers, called on the same small tensors.
     """
     from transformers.generation.utils import ALL_CACHE_NAMES
 
@@ -394,6 +418,8 @@ def _beam_search(model, base, head: dict, input_ids, stopping_criteria, config, 
     batch, device = rows // beams, input_ids.device
     pad, eos = config._pad_token_tensor, config._eos_token_tensor
     keep = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
+    # Each beam's candidates: all of a vocabulary smaller than ``keep``.
+    per_beam = min(keep, vocab)
     top_beams = torch.arange(keep, device=device) < beams
     # generate()'s filler after a sequence's end: the pad id unless it is None or 0, else eos.
     fill = -1 if eos is None else int(pad) if pad is not None and bool(pad != 0) else int(eos[0])
@@ -415,15 +441,15 @@ def _beam_search(model, base, head: dict, input_ids, stopping_criteria, config, 
     while True:
         flat = running[:, :, :length].reshape(rows, length)
         hidden_last, model_kwargs = _next_hidden(model, base, flat, model_kwargs, length == prompt)
-        logprobs, tokens = beam_candidates(hidden_last, count=keep, **head)
+        logprobs, tokens = beam_candidates(hidden_last, count=per_beam, **head)
         # The best ``keep`` of all beams' candidates, ties to the lowest (beam, token) index:
         # each beam's candidates in token order, beams in turn, then a stable sort by score.
         tokens, order = tokens.sort(1)
-        total = logprobs.gather(1, order).view(batch, beams, keep) + running_scores[:, :, None]
+        total = logprobs.gather(1, order).view(batch, beams, per_beam) + running_scores[:, :, None]
         best, chosen = total.flatten(1).sort(dim=1, descending=True, stable=True)
         best, chosen = best[:, :keep], chosen[:, :keep]
-        source = chosen // keep
-        token = tokens.view(batch, beams * keep).gather(1, chosen)
+        source = chosen // per_beam
+        token = tokens.view(batch, beams * per_beam).gather(1, chosen)
         candidates = model._gather_beams(running, source)
         candidates[:, :, length] = token
         candidate_origins = model._gather_beams(running_origins, source)
@@ -480,6 +506,8 @@ def _beam_search(model, base, head: dict, input_ids, stopping_criteria, config, 
 
 
 def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict) -> None:
+    # generate() refuses num_beams=0 but hands it on to a custom_generate loop unchecked.
+    _check_count("num_beams", generation_config.num_beams, 1)
     mode = generation_config.get_generation_mode()
     mode = getattr(mode, "value", mode)
     if mode not in _DECODED:
@@ -573,13 +601,16 @@ def _penalised_prompt(input_ids: Tensor, model_kwargs: dict) -> Tensor:
 
 
 def _base_model(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model:
-        raise TypeError(
-            f"model: expected a transformers causal LM with a base model (model.base_model), "
-            f"got {type(model).__name__}"
-        )
-    return base
+    """``model.base_model``, else ``model.model`` (where Llama4ForCausalLM and MllamaForCausalLM
+    keep their decoder: their ``base_model_prefix`` names no submodule). ``decode`` checks that
+    its last hidden state is what the output layer is fed."""
+    for base in (getattr(model, "base_model", None), getattr(model, "model", None)):
+        if isinstance(base, nn.Module) and base is not model:
+            return base
+    raise TypeError(
+        "model: expected a transformers causal LM with a base model (model.base_model or "
+        f"model.model), got {type(model).__name__}"
+    )
 
 
 def _head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float | None]:

@@ -319,7 +319,7 @@ def sample(
     attention_mask: Tensor | None = None,
     *,
     max_new_tokens: int | None = None,
-    do_sample: bool = True,
+    do_sample: bool | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -347,7 +347,6 @@ def sample(
     out = model.generate(
         input_ids,
         attention_mask=attention_mask,
-        do_sample=do_sample,
         return_dict_in_generate=return_logprobs,
         output_scores=return_logprobs,
         output_logits=return_logprobs,

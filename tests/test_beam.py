@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 from chunklogits import reference
 from chunklogits.generate import decode, sample
 from chunklogits.sampling import beam_candidates
-from tests.helpers import assert_as_accurate, one_thread, run_ranks, seeded
+from tests.helpers import assert_as_accurate, one_thread, run_ranks, seeded, tiny_llama_config
 from tests.test_generate import FAMILIES, PAD, VOCAB, _model, _prompts
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -97,6 +97,25 @@ def test_beam_search_is_generate_fp32(
 def test_beam_search_is_generate_bf16(ties_by_index, cpu_gemm, family):
     options = dict(num_beams=3, length_penalty=0.5, early_stopping=True, num_return_sequences=2)
     _check_beams(_model(family).to(torch.bfloat16), options, with_eos=True)
+
+
+@pytest.mark.parametrize(("beams", "eos"), [(3, None), (3, [2]), (4, [2, 3])])
+def test_beam_search_over_a_vocabulary_smaller_than_its_candidates(beams, eos):
+    # generate() keeps max(2, 1 + #eos) * num_beams continuations of each prompt (6 to 12 here),
+    # more than the 5 tokens of the vocabulary: each beam's candidates are then all of it.
+    from transformers import LlamaForCausalLM
+
+    seeded(0)
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    model = LlamaForCausalLM(tiny_llama_config(5, **special)).eval()
+    ids = torch.randint(0, 5, (3, 4), generator=seeded(1))
+    options = dict(num_beams=beams, do_sample=False, max_new_tokens=6, num_return_sequences=2)
+    if eos is not None:
+        options["eos_token_id"] = eos
+    with torch.no_grad():
+        expected = model.generate(ids, **options)
+        ours = sample(model, ids, shards=2, **options)
+    assert torch.equal(ours, expected), (ours, expected)
 
 
 _PARALLEL_BEAMS = dict(num_beams=3, do_sample=False, max_new_tokens=6, num_return_sequences=2)

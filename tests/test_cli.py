@@ -213,7 +213,17 @@ def test_an_undeclared_logit_transform_is_refused():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_llama(), dtype=torch.float32).eval()
     model.lm_head.register_forward_hook(lambda module, inputs, output: 2 * output)
-    with pytest.raises(ValueError, match=r"model: LlamaForCausalLM's logits are not its output"):
+    refused = r"model: chunklogits bench refuses LlamaForCausalLM, .* unknown logit transform"
+    with pytest.raises(ValueError, match=refused):
+        Workload(model).check_head()
+
+
+def test_a_head_fed_other_than_the_decoders_hidden_states_is_refused():
+    from tests.test_generate import _bert_decoder
+
+    model = _bert_decoder()  # dense -> GELU -> LayerNorm between its decoder and output layer
+    refused = r"chunklogits bench refuses BertLMHeadModel, .* not fed BertModel's last hidden"
+    with pytest.raises(ValueError, match=refused):
         Workload(model).check_head()
 
 

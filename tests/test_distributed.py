@@ -761,7 +761,9 @@ def _llama(parallel_world: int | None = None, tied: bool = False):
     return model
 
 
-_GENERATE = dict(max_new_tokens=6, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5)
+_GENERATE = dict(
+    max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5
+)
 
 
 def _generated(model) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from chunklogits import reference
+from chunklogits import reference, sequence_logprobs
 from chunklogits.generate import decode, sample
 from tests.helpers import chi_square_pvalue, one_thread, seeded
 
@@ -105,10 +105,34 @@ def test_generation_config_is_honoured():
     with torch.no_grad():
         greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
         # top_k = 1 leaves the most probable token only: sampling reproduces greedy decoding.
+        model.generation_config.do_sample = True
         model.generation_config.top_k = 1
         model.generation_config.max_new_tokens = 6
         drawn = sample(model, ids, mask, seed=0)
     assert torch.equal(drawn, greedy)
+
+
+def test_do_sample_left_unset_follows_the_generation_config_as_in_generate():
+    model = _model("llama")
+    ids, mask = _prompts()
+    options = dict(max_new_tokens=6, pad_token_id=PAD)
+    assert not model.generation_config.do_sample  # generate() decodes greedily
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=mask, **options)
+        assert torch.equal(sample(model, ids, mask, seed=0, **options), greedy)
+        assert torch.equal(
+            greedy, model.generate(ids, attention_mask=mask, do_sample=False, **options)
+        )
+        # num_beams alone: generate()'s beam search, not beam sampling
+        beams = model.generate(ids, attention_mask=mask, num_beams=3, **options)
+        assert torch.equal(sample(model, ids, mask, num_beams=3, **options), beams)
+        model.generation_config.do_sample = True
+        drawn = sample(model, ids, mask, seed=0, **options)
+        explicit = sample(model, ids, mask, do_sample=True, seed=0, **options)
+        # and do_sample=False overrides the config, as in generate()
+        assert torch.equal(sample(model, ids, mask, do_sample=False, **options), greedy)
+    assert torch.equal(drawn, explicit)
+    assert not torch.equal(drawn, greedy)  # a random model's tokens: drawn, not the argmax
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,7 +143,9 @@ def test_first_step_distribution_matches_generate(family):
     options = dict(temperature=0.3, top_k=0, top_p=0.9, repetition_penalty=1.3)
     with torch.no_grad():
         raw = model(ids).logits[:, -1].float()
-        drawn = sample(model, ids.expand(rows, -1), max_new_tokens=1, seed=5, **options)
+        drawn = sample(
+            model, ids.expand(rows, -1), max_new_tokens=1, do_sample=True, seed=5, **options
+        )
     probs = reference.next_token_scores(raw, prev_tokens=ids, **options).softmax(-1)[0]
     counts = torch.bincount(drawn[:, -1], minlength=VOCAB)
     assert counts[probs == 0].sum() == 0
@@ -131,7 +157,16 @@ def test_sampled_logprobs_match_teacher_forced_hf_scores():
     ids, mask = _prompts()
     options = dict(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2)
     with torch.no_grad():
-        out = sample(model, ids, mask, max_new_tokens=6, seed=3, return_logprobs=True, **options)
+        out = sample(
+            model,
+            ids,
+            mask,
+            max_new_tokens=6,
+            do_sample=True,
+            seed=3,
+            return_logprobs=True,
+            **options,
+        )
         full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], 1)
         positions = (full_mask.cumsum(1) - 1).clamp(min=0)
         logits = model(out.sequences, attention_mask=full_mask, position_ids=positions).logits
@@ -152,8 +187,9 @@ def test_seed_reproduces_whatever_the_shards():
     model = _model("llama")
     ids, mask = _prompts()
     with torch.no_grad():
-        runs = [sample(model, ids, mask, max_new_tokens=8, seed=7, shards=s) for s in (1, 4, 16)]
-        other = sample(model, ids, mask, max_new_tokens=8, seed=8)
+        options = dict(max_new_tokens=8, do_sample=True)
+        runs = [sample(model, ids, mask, seed=7, shards=s, **options) for s in (1, 4, 16)]
+        other = sample(model, ids, mask, seed=8, **options)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     assert not torch.equal(runs[0], other)
 
@@ -178,7 +214,8 @@ BAD = [
     (dict(top_p=0.0), ValueError, "top_p: expected a float in \\(0.0, 1.0\\]"),
     (dict(top_p=1.2), ValueError, "top_p"),
     (dict(top_k=-2), ValueError, "top_k: expected an int >= 0"),
-    (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
+    (dict(temperature=0.0, do_sample=True), ValueError, "temperature: expected a finite float > 0"),
+    (dict(do_sample=1), TypeError, "do_sample: expected a bool or None, got 1"),
     (dict(min_p=2.0), ValueError, "min_p: expected a float in \\[0.0, 1.0\\]"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
     # a processor generate() builds from a setting: refused by that setting's name
@@ -187,7 +224,8 @@ BAD = [
     (dict(suppress_tokens=[5]), ValueError, "suppress_tokens: .*SuppressTokensLogitsProcessor"),
     (dict(do_sample=True, typical_p=0.5), ValueError, "typical_p: .*TypicalLogitsWarper"),
     (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
-    (dict(num_beams=2), ValueError, "num_beams"),
+    (dict(num_beams=0), ValueError, "num_beams: expected an int >= 1, got 0"),
+    (dict(num_beams=-1, do_sample=False), ValueError, "num_beams: expected an int >= 1, got -1"),
 ]
 
 
@@ -207,6 +245,133 @@ def test_a_cache_holding_a_prefix_is_refused():
         cache = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True).cache
         with pytest.raises(ValueError, match=r"cache: chunklogits\.sample starts from an empty"):
             sample(model, ids, mask, max_new_tokens=2, cache=cache)
+
+
+def _bert_decoder():
+    from transformers import BertConfig, BertLMHeadModel
+
+    seeded(0)
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    config = BertConfig(**small, num_attention_heads=4, is_decoder=True, pad_token_id=PAD)
+    return BertLMHeadModel(config).eval()
+
+
+def _recurrent_gemma():
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    seeded(0)
+    config = RecurrentGemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        lru_width=32,
+        attention_window_size=8,
+        block_types=["recurrent", "attention"],
+        pad_token_id=PAD,
+    )
+    return RecurrentGemmaForCausalLM(config).eval()
+
+
+def test_a_model_whose_head_is_fed_a_transformed_hidden_state_is_refused():
+    # BERT's prediction head runs dense -> GELU -> LayerNorm before its decoder: the base
+    # model's last hidden state is not what the output layer sees, and decoding from it gives
+    # other tokens than generate() on every row.
+    model = _bert_decoder()
+    ids, mask = _prompts()
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **options)
+        message = (
+            r"model: chunklogits\.sample refuses BertLMHeadModel, .* not fed BertModel's last "
+            r"hidden state .* prediction head's dense layer and LayerNorm"
+        )
+        with pytest.raises(ValueError, match=message):
+            sample(model, ids, mask, **options)
+        with pytest.raises(ValueError, match=message):  # generate()'s route alike
+            model.generate(ids, attention_mask=mask, custom_generate=decode, **options)
+        # sequence_logprobs records what the output layer is fed: it reproduces BERT's head.
+        ours = sequence_logprobs(model, ids, mask)
+        naive = reference.sequence_logprobs(model, ids, mask)
+    torch.testing.assert_close(ours, naive, rtol=0, atol=2e-5)
+    assert model.generate(ids, attention_mask=mask, **options).equal(expected)  # left intact
+
+
+def test_a_model_with_a_logit_transform_it_does_not_read_is_refused():
+    # RecurrentGemma caps its logits (config.logits_soft_cap), an attribute the table of
+    # transforms does not hold: greedy tokens would agree (the cap is monotone), beams and
+    # sampling would not.
+    model = _recurrent_gemma()
+    ids, mask = _prompts()
+    transform = r"maps a raw logit .* unknown logit transform"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="refuses RecurrentGemmaForCausalLM, .*" + transform):
+            sample(model, ids, mask, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="refusing RecurrentGemmaForCausalLM .*" + transform):
+            sequence_logprobs(model, ids, mask)
+        # the reason is the cap: capped as in the config, the model's logits differ from its head's
+        hidden = model.model(ids, attention_mask=mask).last_hidden_state
+        raw = model.lm_head(hidden)
+        cap = model.config.logits_soft_cap
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits, cap * torch.tanh(raw / cap)
+        )
+
+
+def test_the_probe_runs_once_per_model_and_head(monkeypatch):
+    from chunklogits.head import ChunkedLMHead
+    from chunklogits.integrations import transformers as hf
+
+    calls = []
+    probe = hf._probe_head
+    monkeypatch.setattr(hf, "_probe_head", lambda *a, **k: calls.append(1) or probe(*a, **k))
+    model = _model("gemma2")
+    ids, mask = _prompts()
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, **options)
+        runs = [sample(model, ids, mask, **options) for _ in range(3)]
+        assert len(calls) == 1
+        ChunkedLMHead.wrap(model)  # another output layer: probed by wrap, then by sample again
+        assert len(calls) == 2
+        runs.append(sample(model, ids, mask, **options))
+        assert len(calls) == 3
+    for run in runs:
+        assert torch.equal(run, expected)
+
+
+@pytest.mark.parametrize("family", ["llama4", "mllama"])
+def test_causal_lms_keeping_their_decoder_as_model_dot_model(family):
+    # Their base_model_prefix ("language_model") names no submodule: base_model is the model
+    # itself, the decoder is model.model.
+    from transformers import (
+        Llama4ForCausalLM,
+        Llama4TextConfig,
+        MllamaForCausalLM,
+        MllamaTextConfig,
+    )
+
+    seeded(0)
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, **special)
+    if family == "llama4":
+        config = Llama4TextConfig(
+            **small, **heads, head_dim=8, intermediate_size_mlp=64, num_local_experts=2
+        )
+        model = Llama4ForCausalLM(config).eval()
+    else:
+        model = MllamaForCausalLM(MllamaTextConfig(**small, **heads, cross_attention_layers=[1]))
+        model.eval()
+    assert model.base_model is model
+    ids, mask = _prompts()
+    for options in (dict(do_sample=False), dict(num_beams=3, num_return_sequences=2)):
+        options |= dict(max_new_tokens=6, pad_token_id=PAD)
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=mask, **options)
+            assert torch.equal(sample(model, ids, mask, **options), expected)
 
 
 def test_a_head_it_does_not_know_is_refused():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -646,37 +647,12 @@ def _probe_inputs(model: nn.Module, layer: nn.Linear) -> tuple[dict[str, Tensor]
 
 def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected) -> None:
     """The wrapped forward against the original's outputs ``expected`` on the probe inputs: the
-    same transform of large raw logits, the same loss, the same logits without labels. Under
-    autocast (the caller's ``torch.autocast``, or accelerate's around a prepared model's
-    forward) the original's logits are rounded to the autocast dtype: the tolerances are then
-    that dtype's, which tells its rounding (1e-2 relative in bf16) from a term added to the loss
-    or a transform missing from the table (changes of order 1)."""
-    dtype = head.weight.dtype
-    # Random-weight (or small) logits hardly show a softcap: feed the forward's transform raw
-    # logits far from 0 and compare with the transform read from the config.
-    generator = torch.Generator().manual_seed(1)
-    shape = (*inputs["input_ids"].shape, head.out_features)
-    raw = (torch.randn(shape, generator=generator) * _PROBE_LOGIT_STD).to(head.weight.device, dtype)
-    autocast_dtypes = []
-
-    def raw_logits(hidden: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(hidden.device.type):
-            autocast_dtypes.append(torch.get_autocast_dtype(hidden.device.type))
-        return raw.clone()
-
-    with _intercepted(model.get_output_embeddings(), raw_logits):
-        theirs = model(**inputs).logits
-    eps = torch.finfo(autocast_dtypes[0] if autocast_dtypes else dtype).eps
-    stat_dtype = torch.promote_types(dtype, torch.float32)
-    ours = make_transform(head.softcap, head.logit_scale).apply_(raw.to(stat_dtype, copy=True))
-    excess = (theirs.to(stat_dtype) - ours).abs() - 4 * eps * (1.0 + ours.abs())
-    if excess.max().item() > 0:
-        worst = int(excess.argmax())
-        raise ValueError(
-            f"the forward maps a raw logit {raw.flatten()[worst].item():.6g} to "
-            f"{theirs.flatten()[worst].item():.6g}, the transform read from the config gives "
-            f"{ours.flatten()[worst].item():.6g} (is an unknown logit transform applied?)"
-        )
+    same transform of large raw logits (``_probe_head``), the same loss, the same logits without
+    labels. Under autocast (the caller's ``torch.autocast``, or accelerate's around a prepared
+    model's forward) the original's logits are rounded to the autocast dtype: the tolerances are
+    then that dtype's, which tells its rounding (1e-2 relative in bf16) from a term added to the
+    loss or a transform missing from the table (changes of order 1)."""
+    eps = _probe_head(model, head.weight, head.softcap, head.logit_scale, inputs)
     got = model(**inputs, labels=labels)
     scale = 1.0 + expected.logits.abs().max().item()
     if not abs(got.loss.item() - expected.loss.item()) <= 8 * eps * scale:
@@ -686,3 +662,110 @@ def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected)
         )
     if not torch.equal(model(**inputs).logits, expected.logits):
         raise ValueError("logits without labels differ from the original forward's")
+
+
+def _probe_head(
+    model: nn.Module, weight: Tensor, softcap, logit_scale, inputs: dict, base=None
+) -> float:
+    """Run ``model(**inputs)`` with its output layer (``weight`` ``[V, D]``) handing back large
+    raw logits, and check that the model's logits are those under the transform ``softcap`` /
+    ``logit_scale`` (random-weight or small logits hardly show a softcap: raw logits far from 0
+    do); with ``base``, also that the output layer was fed ``base(**inputs).last_hidden_state``
+    (as code that runs the base model and the head itself assumes). Returns the eps of the
+    precision the layer ran in (the autocast dtype, else the weight's): the tolerance unit. The
+    hooks of a layer parallelised on the vocabulary (a DTensor weight) only lay out its input
+    and output, which the plain raw logits stand in for: they are not run."""
+    dtype = weight.dtype
+    generator = torch.Generator().manual_seed(1)
+    shape = (*inputs["input_ids"].shape, weight.shape[0])
+    raw = (torch.randn(shape, generator=generator) * _PROBE_LOGIT_STD).to(weight.device, dtype)
+    autocast_dtypes, fed = [], []
+
+    def raw_logits(hidden: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(hidden.device.type):
+            autocast_dtypes.append(torch.get_autocast_dtype(hidden.device.type))
+        fed.append(hidden)
+        return raw.clone()
+
+    outer = model.get_output_embeddings()
+    with _intercepted(outer, raw_logits), _layout_hooks_skipped(outer, weight):
+        theirs = model(**inputs).logits
+    eps = torch.finfo(autocast_dtypes[0] if autocast_dtypes else dtype).eps
+    stat_dtype = torch.promote_types(dtype, torch.float32)
+    ours = make_transform(softcap, logit_scale).apply_(raw.to(stat_dtype, copy=True))
+    excess = (theirs.to(stat_dtype) - ours).abs() - 4 * eps * (1.0 + ours.abs())
+    if excess.max().item() > 0:
+        worst = int(excess.argmax())
+        raise ValueError(
+            f"the forward maps a raw logit {raw.flatten()[worst].item():.6g} to "
+            f"{theirs.flatten()[worst].item():.6g}, the transform read from the config gives "
+            f"{ours.flatten()[worst].item():.6g} (is an unknown logit transform applied?)"
+        )
+    if base is None:
+        return eps
+    base_name = type(base).__name__
+    last = getattr(base(**inputs), "last_hidden_state", None)
+    if last is None:
+        raise ValueError(f"its base model {base_name} returns no last_hidden_state")
+    if len(fed) != 1 or fed[0].shape != last.shape:
+        raise ValueError(
+            f"the output layer is called {len(fed)} time(s) on shape "
+            f"{[tuple(x.shape) for x in fed]}, not once on {base_name}'s last hidden state "
+            f"{tuple(last.shape)}"
+        )
+    gap = (fed[0].to(stat_dtype) - last.to(stat_dtype)).abs()
+    if (gap - 4 * eps * (1.0 + last.to(stat_dtype).abs())).max().item() > 0:
+        raise ValueError(
+            f"its output layer is not fed {base_name}'s last hidden state (they differ by up to "
+            f"{gap.max().item():.3g}): what the model computes between them (such as a "
+            "prediction head's dense layer and LayerNorm, or a scaling) is not reproduced"
+        )
+    return eps
+
+
+@contextmanager
+def _layout_hooks_skipped(layer: nn.Module, weight: Tensor) -> Iterator[None]:
+    """Within the block, the forward hooks of ``layer`` are off when ``weight`` is a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(weight, DTensor):
+        yield
+        return
+    saved = layer._forward_pre_hooks, layer._forward_hooks
+    layer._forward_pre_hooks, layer._forward_hooks = type(saved[0])(), type(saved[1])()
+    try:
+        yield
+    finally:
+        layer._forward_pre_hooks, layer._forward_hooks = saved
+
+
+# check_head_reproduced's verdicts: per model, the parts it was given and the error (or None).
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_head_reproduced(
+    model: nn.Module, base: nn.Module, *, softcap, logit_scale, caller: str
+) -> None:
+    """Refuse, with a ``ValueError`` naming ``caller`` and the model's class, a causal LM whose
+    logits are not its output layer's applied to ``base(...).last_hidden_state`` under the
+    transform ``softcap`` / ``logit_scale``, as code that runs the base model and computes the
+    head from its weights (``cl.sample``) assumes: ``wrap``'s probe with the output layer's
+    input checked as well (``_probe_head``, two forwards of 12 tokens). The verdict is kept per
+    model and rechecked only when its output layer, base model or transform is another."""
+    outer = model.get_output_embeddings()
+    parts = (weakref.ref(outer), weakref.ref(base), softcap, logit_scale)
+    verdict = _VERDICTS.get(model)
+    if verdict is None or verdict[0] != parts:
+        with _evaluating(model):
+            inputs, _ = _probe_inputs(model, outer)
+            try:
+                _probe_head(model, outer.weight, softcap, logit_scale, inputs, base=base)
+                error = None
+            except ValueError as failure:
+                error = str(failure)
+        verdict = _VERDICTS[model] = (parts, error)
+    if verdict[1] is not None:
+        raise ValueError(
+            f"model: {caller} refuses {type(model).__name__}, whose head it does not reproduce: "
+            f"{verdict[1]}"
+        )
