@@ -123,11 +123,16 @@ class BlockPlan:
         ]
 
 
-def _check_count(name: str, value, low: int, high: int | None = None) -> None:
-    if value is None:
+def _check_count(
+    name: str, value, low: int, high: int | None = None, *, optional: bool = True
+) -> None:
+    """``value``: an int in ``[low, high]`` (``>= low`` without ``high``), or None when
+    ``optional`` (a count the blocking chooses, such as ``shards``)."""
+    if value is None and optional:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
+        expected = "an int or None" if optional else "an int"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name}: expected an int {bound}, got {value}")

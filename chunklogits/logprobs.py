@@ -176,7 +176,7 @@ def topk_logprobs(
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
-        _check_count("k", k, 1)
+        _check_count("k", k, 1, optional=False)
         transform = make_transform(softcap, logit_scale, temperature)
         rows = flat_rows(hidden)
         plan = plan_head(

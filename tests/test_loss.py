@@ -450,12 +450,22 @@ def test_head_methods_match_oracle():
         ),
         (lambda h, w, y: cl.token_accuracy(h, w, y, top_k=1.0), TypeError, ["top_k", "int"]),
         (
+            lambda h, w, y: cl.token_accuracy(h, w, y, top_k=None),
+            TypeError,
+            ["top_k: expected an int, got NoneType"],
+        ),
+        (
             lambda h, w, y: cl.token_accuracy(h, w, y[:, :-1]),
             ValueError,
             ["labels", "(2, 5)", "(2, 4)"],
         ),
         (lambda h, w, y: cl.topk_logprobs(h, w, 0), ValueError, ["k", ">= 1", "0"]),
         (lambda h, w, y: cl.topk_logprobs(h, w, 41), ValueError, ["k", "[1, V = 40]", "41"]),
+        (
+            lambda h, w, y: cl.topk_logprobs(h, w, None),
+            TypeError,
+            ["k: expected an int, got NoneType"],
+        ),
         (
             lambda h, w, y: cl.topk_logprobs(h, w, 3, temperature=0.0),
             ValueError,
