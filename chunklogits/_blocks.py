@@ -123,11 +123,16 @@ class BlockPlan:
         ]
 
 
-def _check_count(name: str, value, low: int, high: int | None = None) -> None:
-    if value is None:
+def _check_count(
+    name: str, value, low: int, high: int | None = None, *, optional: bool = True
+) -> None:
+    """``value``: an int in ``[low, high]`` (``>= low`` without ``high``), or None when
+    ``optional`` (a count the blocking chooses, such as ``shards``)."""
+    if value is None and optional:
         return
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
+        expected = "an int or None" if optional else "an int"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name}: expected an int {bound}, got {value}")
@@ -267,7 +272,9 @@ class TopLogits(NamedTuple):
     fp32, descending; for fp32/fp64 inputs simply ``z``), not differentiable. ``index``: their
     vocabulary indices ``[N, k]`` (equal decisions by ascending index); ``value``:
     ``z`` at them, at fp32 accuracy; ``target_decision``: the target's decision logit ``[N]``
-    (None without targets). Rows with fewer than ``k`` entries are padded with ``-inf``."""
+    (None without targets). Rows with fewer than ``k`` entries are padded with ``-inf``. A NaN
+    decision ranks as ``-inf`` (among equal ones by ascending index) and is stored as ``-inf``;
+    ``value`` keeps its NaN."""
 
     decision: Tensor
     index: Tensor
@@ -480,24 +487,30 @@ def _forward_stats(
                 z, decision = _block_logits_and_decisions(
                     h, w, b, transform, work, running.dtype, hidden2d.dtype
                 )
-                # Read before the fold overwrites z (``decision`` may be z itself).
-                top.merge(r0, r1, v0, z, decision, None if targets is None else targets[r0:r1])
+                # Read before z is divided by the temperature and folded (``decision`` may be z).
+                chunk_targets = None if targets is None else targets[r0:r1]
+                top.merge(r0, r1, v0, z, decision, chunk_targets, work, transform.temperature)
+                if transform.temperature != 1.0:
+                    z.div_(transform.temperature)
             running.fold(z, r0, r1, v0, v1, work, keep=False)
     stats = running.stats(weight.shape[0])
     return stats if top is None else stats._replace(top=top.result())
 
 
 def _block_logits_and_decisions(h, w, b, transform, work, stat_dtype, model_dtype):
-    """``(z, decision)`` of one block, from one GEMM: ``z = transform(h @ w.T + b)`` in
-    ``stat_dtype`` as ``_block_logits`` gives it (the values), and the logits the model's own
-    head returns in ``model_dtype`` (``_model_rounded_``, without the temperature, which keeps
-    the order: the decisions). The same tensor when ``model_dtype`` is ``stat_dtype``."""
+    """``(z, decision)`` of one block, from one GEMM, both without the temperature: ``z``, the
+    transform's scale and softcap applied to ``h @ w.T + b`` in ``stat_dtype`` as
+    ``_block_logits`` does (the values, once divided by the temperature), and the logits the
+    model's own head returns in ``model_dtype`` (``_model_rounded_``: the decisions). The same
+    tensor when ``model_dtype`` is ``stat_dtype``. The division by the temperature keeps the
+    order in exact arithmetic only: a temperature beyond fp32's range ties every logit at 0."""
+    untempered = replace(transform, temperature=1.0)
     if model_dtype == stat_dtype:
-        z = _block_logits(h, w, b, transform, work, stat_dtype)
+        z = _block_logits(h, w, b, untempered, work, stat_dtype)
         return z, z
     raw = _block_logits(h, w, b, LogitTransform(), work, stat_dtype)
     decision = _model_rounded_(raw, transform, work, model_dtype)
-    return transform.apply_(raw), decision
+    return untempered.apply_(raw), decision
 
 
 _NO_INDEX = 2**62  # exact in float64 (the ranks' exchange), above any vocabulary index
@@ -539,17 +552,29 @@ class _RunningTop:
         if with_target:
             self.target = torch.full((n,), -math.inf, device=device, dtype=dtype)
 
-    def merge(self, r0: int, r1: int, v0: int, z: Tensor, decision: Tensor, targets) -> None:
-        """Fold in the block of rows ``[r0, r1)``, columns ``[v0, v0 + width)`` (read before the
-        caller changes ``z`` in place). Among equal decisions the smaller index is kept."""
-        cols = _top_columns(decision, min(self.k, decision.shape[1]))
-        block_top = decision.gather(1, cols).to(self.decision.dtype)
+    def merge(self, r0, r1, v0, z, decision, targets, work: _Workspace, temperature) -> None:
+        """Fold in the block of rows ``[r0, r1)``, columns ``[v0, v0 + width)``: ``z`` and
+        ``decision`` as ``_block_logits_and_decisions`` gives them, without the temperature
+        (read before the caller changes ``z`` in place); the kept values are ``z / temperature``,
+        rounded as the caller's division of the block. Among equal decisions the smaller index
+        is kept. A NaN
+        decision ranks as -inf: it is never greater than another logit, as in the naive
+        ``(decision > own).sum()`` of the token accuracy (``torch.topk`` would rank it first
+        and break the selection's count)."""
+        ranked = work.get("ranked", *decision.shape, decision.dtype)
+        nan_to_num = {"nan": -math.inf, "posinf": math.inf, "neginf": -math.inf}
+        torch.nan_to_num(decision, **nan_to_num, out=ranked)
+        cols = _top_columns(ranked, min(self.k, decision.shape[1]))
+        block_top = ranked.gather(1, cols).to(self.decision.dtype)
         index = torch.cat([self.index[r0:r1], cols + v0], 1)
         joined = torch.cat([self.decision[r0:r1], block_top], 1)
         pos = _by_value_then_index(joined, index)[:, : self.k]
         self.decision[r0:r1] = joined.gather(1, pos)
         self.index[r0:r1] = index.gather(1, pos)
-        self.value[r0:r1] = torch.cat([self.value[r0:r1], z.gather(1, cols)], 1).gather(1, pos)
+        value = z.gather(1, cols)
+        if temperature != 1.0:
+            value.div_(temperature)
+        self.value[r0:r1] = torch.cat([self.value[r0:r1], value], 1).gather(1, pos)
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v0 + decision.shape[1])
             picked = decision.gather(1, column[:, None]).squeeze(1).to(self.target.dtype)

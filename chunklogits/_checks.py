@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 from ._blocks import LogitTransform
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def check_tensor(name: str, value) -> Tensor:
@@ -145,6 +146,11 @@ def make_transform(softcap, logit_scale, temperature=1.0) -> LogitTransform:
             raise ValueError(f"logit_scale: expected a finite non-zero float, got {logit_scale!r}")
         logit_scale = float(logit_scale)
     temperature = check_positive_float("temperature", temperature, allow_none=False)
+    if temperature < _FP32_TINY:
+        raise ValueError(
+            f"temperature: expected a float >= {_FP32_TINY} (the smallest normal fp32 number: "
+            f"the logits are divided by it in fp32 and overflow below it), got {temperature!r}"
+        )
     return LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
 
 

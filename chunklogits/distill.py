@@ -48,8 +48,9 @@ from .distributed import checked_on_every_rank
 
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # Transient bytes one block element costs: both heads' fp32 logits, the two softmaxes, the
-# mixture and q / m (6 x 4), and the half-precision GEMM outputs of both heads (2 x 2).
-_BYTES_PER_BLOCK_ELEMENT = 28
+# mixture and q / m (6 x 4), the half-precision GEMM outputs of both heads (2 x 2) and the masks
+# of zero probabilities of both heads (2 x 1).
+_BYTES_PER_BLOCK_ELEMENT = 30
 
 
 def linear_jsd(
@@ -102,7 +103,8 @@ def linear_jsd(
             are computed. None: every position counts.
         beta: in ``[0, 1]``: 0 is the forward KL ``KL(teacher || student)``, 1 the reverse
             ``KL(student || teacher)``, in between the generalised JSD through the mixture
-            ``m = beta * teacher + (1 - beta) * student`` (TRL's convention).
+            ``m = beta * teacher + (1 - beta) * student`` (TRL's convention). Accurate to fp32
+            relative precision however small ``beta`` or ``1 - beta`` (``_log_ratios``).
         temperature: divides both heads' logits before the softmaxes.
         ignore_index: the label value of positions to leave out.
         reduction: ``"batchmean"`` (TRL's default: the sum over positions and vocabulary divided
@@ -119,6 +121,11 @@ def linear_jsd(
         shards, chunk_size, process_group: as in ``linear_cross_entropy``; both heads are cut
             into the same blocks, and with a process group every rank holds the same vocabulary
             slice of both heads (and the same hidden states of both).
+
+    A token masked by a ``-inf`` logit (bias) in either head contributes ``0 log 0 = 0`` where
+    its probability weighs the term (``reference.linear_jsd``; TRL's ``F.kl_div`` gives NaN), so
+    the divergence and its gradients stay finite; a token one head keeps and the other masks
+    makes ``KL(x || y)`` infinite where ``y`` is the masked one (beta 0 or 1), as it is.
 
     Returns:
         fp32 (fp64 for fp64 inputs) scalar, or per position for ``reduction="none"``;
@@ -321,6 +328,32 @@ def _mixture(p: Tensor, q: Tensor, beta: float, work: _Workspace) -> Tensor:
     return m.add_(p, alpha=1.0 - beta)
 
 
+def _log_ratios(logs: tuple[Tensor, Tensor], beta: float, work: _Workspace):
+    """``(log(p / m), log(q / m))`` of a block, in place of its log-probabilities ``logs = (log p,
+    log q)``, with ``m = beta * q + (1 - beta) * p``, and 0 where ``p`` (``q``) is 0 (a ``-inf``
+    logit: 0 log 0 = 0). In terms of ``u = log q - log p + log(beta / (1 - beta))``:
+
+        log(p / m) = -log1p(-beta) - softplus(u),   log(q / m) = -log(beta) - softplus(-u)
+
+    with ``softplus(±u) = log1p(exp(-|u|)) + max(±u, 0)``: no ``exp`` and ``log`` round trip of
+    the probabilities, whose rounding (1e-7 relative) would swamp a divergence of order ``beta``
+    when ``beta`` (or ``1 - beta``) is small. Uses ``work``'s ``ratio`` and ``mixture``."""
+    zero = [log == -math.inf for log in logs]
+    u = torch.sub(logs[1], logs[0], out=work.get("ratio", *logs[0].shape, logs[0].dtype))
+    u.add_(math.log(beta) - math.log1p(-beta))
+    shared = torch.abs(u, out=work.get("mixture", *u.shape, u.dtype)).neg_().exp_().log1p_()
+    log_p = torch.clamp(u, min=0.0, out=logs[0]).add_(shared).add_(math.log1p(-beta)).neg_()
+    log_q = torch.clamp(u, max=0.0, out=logs[1]).sub_(shared).sub_(math.log(beta))
+    return log_p.masked_fill_(zero[0], 0.0), log_q.masked_fill_(zero[1], 0.0)
+
+
+def _log_ratio(logs: tuple[Tensor, Tensor], x: int, y: int) -> Tensor:
+    """``log x - log y`` of a block, in place of ``logs[x]``, 0 where ``x`` is 0 (0 log 0 = 0;
+    where only ``y`` is 0 it is ``+inf``, as the divergence)."""
+    zero = logs[x] == -math.inf
+    return logs[x].sub_(logs[y]).masked_fill_(zero, 0.0)
+
+
 def _kl_order(beta: float) -> tuple[int, int]:
     """For ``beta`` 0 or 1, the divergence is ``KL(x || y)``: (index of x, index of y) among
     (student, teacher)."""
@@ -344,16 +377,16 @@ def _divergence_sums(heads, index, lses, options) -> Tensor:
                 m = _mixture(p, q, beta, work)
                 ratio = torch.div(q, m, out=work.get("ratio", *m.shape, m.dtype))
                 sums[4, r0:r1] += torch.linalg.vecdot(p, ratio)
-                log_m = m.log_()
-                for k, (prob, log) in enumerate(zip((p, q), block.logs, strict=True)):
-                    sums[k, r0:r1] += torch.linalg.vecdot(prob, log.sub_(log_m))
+                log_ratios = _log_ratios(block.logs, beta, work)
+                for k, (prob, log_ratio) in enumerate(zip((p, q), log_ratios, strict=True)):
+                    sums[k, r0:r1] += torch.linalg.vecdot(prob, log_ratio)
                     sums[2 + k, r0:r1] += prob.sum(1)
             else:
                 x, y = _kl_order(beta)
                 prob_x = _probs(block.logs[x], work, "p")
                 sums[1, r0:r1] += prob_x.sum(1)
                 sums[2, r0:r1] += _probs(block.logs[y], work, "q").sum(1)
-                sums[0, r0:r1] += torch.linalg.vecdot(prob_x, block.logs[x].sub_(block.logs[y]))
+                sums[0, r0:r1] += torch.linalg.vecdot(prob_x, _log_ratio(block.logs, x, y))
     return sums
 
 
@@ -426,17 +459,17 @@ def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
             grads = [None, None]
             if general:
                 probs = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
-                log_m = _mixture(*probs, beta, work).log_()
+                log_ratios = _log_ratios(block.logs, beta, work)
                 for i, weight in ((0, 1.0 - beta), (1, beta)):
                     if sinks[i] is not None:
-                        grads[i] = block.logs[i].sub_(log_m).sub_(kl[i]).mul_(probs[i])
+                        grads[i] = log_ratios[i].sub_(kl[i]).mul_(probs[i])
                         grads[i].mul_(upstream * weight)
             else:
                 x, y = _kl_order(beta)
                 prob_x = _probs(block.logs[x], work, "p")
                 prob_y = _probs(block.logs[y], work, "q") if sinks[y] is not None else None
                 if sinks[x] is not None:
-                    log_ratio = block.logs[x].sub_(block.logs[y])
+                    log_ratio = _log_ratio(block.logs, x, y)
                     grads[x] = log_ratio.sub_(kl[0]).mul_(prob_x).mul_(upstream)
                 if sinks[y] is not None:
                     grads[y] = torch.sub(prob_y, prob_x, out=block.logs[y]).mul_(upstream)

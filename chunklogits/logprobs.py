@@ -123,8 +123,8 @@ def logsumexp(
 
 
 class TopLogprobs(NamedTuple):
-    """``topk_logprobs``' result: ``values`` ``[..., k]`` fp32 log-probs, descending, and their
-    vocabulary ``indices`` ``[..., k]`` (int64)."""
+    """``topk_logprobs``' result: ``values`` ``[..., k]`` fp32 log-probs and their vocabulary
+    ``indices`` ``[..., k]`` (int64), in descending order of the model's logits."""
 
     values: Tensor
     indices: Tensor
@@ -156,10 +156,23 @@ def topk_logprobs(
 
     The tokens are chosen on the logits the model's own head returns (the product rounded to
     the model dtype, the transform applied in that dtype, as ``generate()`` sees them), whatever
-    dtype the block GEMMs run in, in descending order, equal logits by the smaller token id
-    (as ``log_softmax(...).topk(k)`` with ties broken by the smaller token id, so the chosen
-    tokens and their order are deterministic). Their log-probs are computed at fp32 accuracy
-    from the same pass.
+    dtype the block GEMMs run in and whatever the temperature, in descending order, equal logits
+    by the smaller token id (as ``log_softmax(...).topk(k)`` with ties broken by the smaller
+    token id). Their log-probs are computed at fp32 accuracy from the same pass.
+
+    Order guarantee: the indices are the ``k`` largest of the logits *as this op's block GEMMs
+    compute them*, sorted as above, each token once. A GEMM of one vocabulary block and one of
+    the whole matrix can differ in the last bit (a CPU BLAS picks its kernel by the shapes; a
+    half-precision product rounds that sum to either neighbour), so against the naive code, or
+    between blockings, tokens whose logits lie within that rounding of each other (a few fp32
+    ulps, or one unit in the last place of a half-precision model dtype) may be chosen or
+    ordered differently. Where the logits lie further apart, the tokens and their order are the
+    naive code's. Within one tie group the values need not be descending (they are fp32, the
+    order is the model dtype's).
+
+    A NaN logit ranks as ``-inf`` (below every number, among equal ones by the smaller id:
+    never before a number, whereas the naive ``sort`` puts NaN first). A row with a NaN logit
+    (NaN in hidden, weight or bias) has NaN values at every index, as the naive log-softmax.
 
     Args:
         hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]`` or None (hidden's dtype).
@@ -176,7 +189,7 @@ def topk_logprobs(
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
-        _check_count("k", k, 1)
+        _check_count("k", k, 1, optional=False)
         transform = make_transform(softcap, logit_scale, temperature)
         rows = flat_rows(hidden)
         plan = plan_head(

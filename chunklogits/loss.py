@@ -304,7 +304,7 @@ def token_accuracy(
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
         labels = _check_labels(labels, hidden, ignore_index, shift)
-        _check_count("top_k", top_k, 1)
+        _check_count("top_k", top_k, 1, optional=False)
         transform = make_transform(softcap, logit_scale)
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
         vocab_slice = ranks.agree(

@@ -5,6 +5,8 @@ accepted and ignored."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -407,6 +409,11 @@ def beam_candidates(
     return values[:, :count], tokens[:, :count]
 
 
+def _softplus(x: Tensor) -> Tensor:
+    """``log(1 + exp(x))`` to full precision (``F.softplus`` returns ``x`` itself above 20)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
 def linear_jsd(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -427,25 +434,36 @@ def linear_jsd(
 ) -> Tensor:
     """TRL's ``GKDTrainer.generalized_jsd_loss`` on both heads' full fp32 logits, with the mask
     ``labels != ignore_index``; ``reduction="none"``: its elementwise result summed over the
-    vocabulary, per position (0 at ignored ones)."""
+    vocabulary, per position (0 at ignored ones).
+
+    Its terms ``x * log(x / y)`` follow the convention ``0 log 0 = 0`` where a ``-inf`` logit
+    makes ``x = 0`` (TRL's ``F.kl_div`` gives NaN there), with finite gradients; and the
+    mixture's log-ratios are computed without cancellation for small ``beta`` or ``1 - beta``:
+    with ``u = log q - log p + log(beta / (1 - beta))``, ``log(p / m) = -log1p(-beta) -
+    softplus(u)`` and ``log(q / m) = -log(beta) - softplus(-u)`` (TRL's ``logsumexp`` of the two
+    weighted log-probs, less ``log p``, cancels to an error of ``eps * |log p|`` against a
+    divergence of order ``beta``). Elsewhere the same numbers as TRL's formula."""
     s = logits(student_hidden, student_weight, bias=student_bias, temperature=temperature)
     t = logits(teacher_hidden, teacher_weight, bias=teacher_bias, temperature=temperature)
     if shift:
         s, t = s[..., :-1, :], t[..., :-1, :]
         labels = None if labels is None else labels[..., 1:]
     logp, logq = s.log_softmax(-1), t.log_softmax(-1)
-    if beta == 0:
-        jsd = F.kl_div(logp, logq, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(logq, logp, reduction="none", log_target=True)
+    # Masked entries get finite stand-ins, so that the branches torch.where drops stay finite
+    # and pass zero gradients.
+    zero_p, zero_q = logp == -torch.inf, logq == -torch.inf
+    if beta in (0, 1):  # KL(x || y): x the teacher for beta 0, the student for beta 1
+        (log_x, zero_x), log_y = ((logq, zero_q), logp) if beta == 0 else ((logp, zero_p), logq)
+        log_x, log_y = log_x.masked_fill(zero_x, 0.0), log_y.masked_fill(zero_x, 0.0)
+        jsd = torch.where(zero_x, 0.0, log_x.exp() * (log_x - log_y))
     else:
-        beta_t = torch.tensor(beta, dtype=logp.dtype, device=logp.device)
-        log_m = torch.logsumexp(
-            torch.stack([logp + torch.log1p(-beta_t), logq + torch.log(beta_t)]), dim=0
-        )
-        kl_teacher = F.kl_div(log_m, logq, reduction="none", log_target=True)
-        kl_student = F.kl_div(log_m, logp, reduction="none", log_target=True)
-        jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+        safe_p, safe_q = logp.masked_fill(zero_p, 0.0), logq.masked_fill(zero_q, 0.0)
+        u = safe_q - safe_p + (math.log(beta) - math.log1p(-beta))
+        log_p_m = torch.where(zero_q, 0.0, -_softplus(u)) - math.log1p(-beta)
+        log_q_m = torch.where(zero_p, 0.0, -_softplus(-u)) - math.log(beta)
+        kl_teacher = torch.where(zero_q, 0.0, safe_q.exp() * log_q_m)
+        kl_student = torch.where(zero_p, 0.0, safe_p.exp() * log_p_m)
+        jsd = beta * kl_teacher + (1 - beta) * kl_student
     if reduction == "none":
         per_position = jsd.sum(-1)
         return per_position if labels is None else per_position * (labels != ignore_index)

@@ -68,6 +68,80 @@ def assert_as_accurate_in_norm(
         )
 
 
+# How far apart two computations of the same logits may lie from the GEMM's rounding alone,
+# relative to the row's largest magnitude: a BLAS picks its kernel by the matrix shapes, so a GEMM
+# of one vocabulary block and one of the whole matrix differ in the last bits (a few ulps; 1e-5
+# is ~80 fp32 ulps). A half-precision product is rounded from such an fp32 sum, to either
+# neighbour: one unit in that dtype's last place.
+_GEMM_ROUNDING = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def gemm_rounding(decision: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[..., 1]``: per row of the logits ``decision [..., V]`` (fp32 values of logits computed
+    in ``dtype``), the distance below which two logits may be ordered differently by two
+    computations that differ only in the GEMM's rounding."""
+    relative = _GEMM_ROUNDING.get(dtype, torch.finfo(dtype).eps)
+    magnitude = decision.nan_to_num(0.0, 0.0, 0.0).abs().amax(-1, keepdim=True)
+    return relative * magnitude
+
+
+def assert_top_k_within_rounding(
+    indices: Tensor, decision: Tensor, dtype: torch.dtype, what: str = ""
+) -> None:
+    """``indices [..., k]`` are the ``k`` largest of the naive logits ``decision [..., V]`` in
+    descending order, each token once, up to the GEMM's rounding: the naive logit at the j-th
+    index is within ``gemm_rounding`` of the j-th largest naive logit. Where neighbouring naive
+    logits lie further apart the tokens and their order are exactly the naive ones; among
+    nearer ones (a near-tie) any order passes. Exact ties are tested on exact data."""
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), f"{what}: a token chosen twice"
+    largest = decision.sort(-1, descending=True).values[..., : indices.shape[-1]]
+    chosen = decision.gather(-1, indices)
+    off = (chosen - largest).abs().masked_fill(chosen == largest, 0.0)
+    wrong = ~(off <= gemm_rounding(decision, dtype))
+    if wrong.any():
+        where = tuple(wrong.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: at {where} the chosen token's logit {chosen[where].item():.9g} is not the "
+            f"one of rank {where[-1]} (0: the largest), {largest[where].item():.9g}, within the "
+            "GEMM's rounding"
+        )
+
+
+def accuracy_bounds(
+    decision: Tensor, labels: Tensor, top_k: int, dtype: torch.dtype, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """Whether each label of ``labels [...]`` is accurate under the naive logits ``decision
+    [..., V]`` (fewer than ``top_k`` logits strictly greater than its own; NaN is never greater)
+    if every near-tie (``gemm_rounding``) went against it, and if every one went for it: bool
+    tensors of ``labels``' shape, False at ignored positions. Logits that differ from the naive
+    ones by the GEMM's rounding alone give an accuracy between the two."""
+    kept = labels != ignore_index
+    labels = labels.clamp(min=0)[..., None]
+    own = decision.gather(-1, labels)
+    tol = gemm_rounding(decision, dtype)
+    other = torch.ones_like(decision, dtype=torch.bool).scatter_(-1, labels, False)
+    at_worst = ((decision > own - tol) & other).sum(-1) < top_k
+    at_best = (decision > own + tol).sum(-1) < top_k
+    return at_worst & kept, at_best & kept
+
+
+def assert_accuracy_within_rounding(
+    ours: Tensor, decision: Tensor, labels: Tensor, top_k: int, dtype: torch.dtype, **reduce
+) -> None:
+    """``ours`` (``token_accuracy``'s, or ``linear_cross_entropy``'s with ``reduce``'s
+    ``reduction``: "mean", "sum" or "none") between the naive accuracies of ``accuracy_bounds``
+    (equal to the naive accuracy when no label is near a tie)."""
+    low, high = (b.float() for b in accuracy_bounds(decision, labels, top_k, dtype))
+    reduction = reduce.get("reduction", "mean")
+    if reduction != "none":
+        kept = (labels != -100).sum()
+        low, high = low.sum(), high.sum()
+        if reduction == "mean":
+            low, high = low / kept, high / kept
+    assert ours.dtype == torch.float32
+    assert ((low <= ours) & (ours <= high)).all(), f"accuracy {ours} outside [{low}, {high}]"
+
+
 def _error(result: Tensor, exact: Tensor) -> Tensor:
     """``|result - exact|`` elementwise, infinite where ``result`` is NaN but ``exact`` is not (a
     NaN would otherwise pass every comparison), 0 where both are NaN or the same infinity."""

@@ -220,6 +220,59 @@ def test_reference_is_trls_function():
                 torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6, msg=str(kw))
 
 
+# Tokens masked by a -inf bias: (student's, teacher's, beta). The divergence takes 0 log 0 = 0: a
+# finite value where TRL's F.kl_div gives NaN (or -inf), and finite gradients.
+MASKED_CASES = {
+    "student-jsd": ([4], [], 0.5),
+    "student-reverse-kl": ([4, 100], [], 1.0),
+    "teacher-forward-kl": ([], [9], 0.0),
+    "teacher-jsd": ([], [9, 300], 0.2),
+    "both-jsd": ([4], [4], 0.3),
+    "both-forward-kl": ([4, 7], [4, 7], 0.0),
+    "both-reverse-kl": ([4], [4], 1.0),
+}
+
+
+@pytest.mark.parametrize("case", MASKED_CASES)
+def test_infinite_logits_mask_tokens(case):
+    student_masked, teacher_masked, beta = MASKED_CASES[case]
+    leaves, labels = make_pair((3, 11), torch.float32)
+    with torch.no_grad():
+        leaves[2][student_masked] = -torch.inf
+        leaves[5][teacher_masked] = -torch.inf
+    upstream, kw = _upstream(labels, "none"), dict(beta=beta, reduction="none")
+    to64 = [t.double().requires_grad_() for t in leaves]
+    exact = run(_reference, to64, labels, upstream, **kw)
+    naive = run(_reference, leaves, labels, upstream, **kw)
+    ours = run(_ours, leaves, labels, upstream, shards=3, chunk_size=8, **kw)
+    for name, o, n, e in zip(("loss", *_LEAF_NAMES), ours, naive, exact, strict=True):
+        assert o.isfinite().all() and e.isfinite().all(), f"{case}: {name}"
+        assert_as_accurate(o, n, e, torch.float32, f"{case}: {name}")
+    assert (ours[0] >= 0).all()
+    if student_masked == teacher_masked:  # the tokens drop out: TRL's loss over the others
+        kept = [v for v in range(_VOCAB) if v not in student_masked]
+        rest = [t.detach() if i in (0, 3) else t.detach()[kept] for i, t in enumerate(leaves)]
+        torch.testing.assert_close(ours[0], trl_jsd(*rest, labels, **kw), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", (1e-12, 1e-6, 1 - 1e-6, 1 - 1e-12))
+@pytest.mark.parametrize("temperature", (1.0, 0.3))
+def test_small_beta_or_one_minus_beta(temperature, beta):
+    # A divergence of order beta (or 1 - beta): at least as accurate as TRL's own fp32 loss
+    # against the fp64 truth (the reference's cancellation-free log-ratios: TRL's formula in fp64
+    # errs by 1e-16 absolute, 1e-4 of the value at beta = 1e-12). The exp / log round trip of
+    # the probabilities erred by 3e-8 at temperature 0.3 and beta 1e-12, against 1.5e-11.
+    leaves, labels = make_pair((3, 11), torch.float32)
+    upstream = _upstream(labels, "none")
+    kw = dict(beta=beta, reduction="none", temperature=temperature)
+    to64 = [t.double().requires_grad_() for t in leaves]
+    exact = run(_reference, to64, labels, upstream, **kw)
+    naive = run(trl_jsd, leaves, labels, upstream, **kw)
+    ours = run(_ours, leaves, labels, upstream, shards=3, chunk_size=8, **kw)
+    for name, o, n, e in zip(("loss", *_LEAF_NAMES), ours, naive, exact, strict=True):
+        assert_as_accurate(o, n, e, torch.float32, f"beta={beta}: {name}")
+
+
 def test_every_position_ignored():
     """TRL's batchmean divides by at least 1: 0 and zero gradients; mean is 0 / 0."""
     leaves, labels = make_pair((2, 5), torch.float32, ignored=1.0)

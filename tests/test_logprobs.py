@@ -7,7 +7,12 @@ import torch
 
 import chunklogits as cl
 from chunklogits import reference
-from tests.helpers import assert_as_accurate, seeded
+from tests.helpers import (
+    assert_accuracy_within_rounding,
+    assert_as_accurate,
+    assert_top_k_within_rounding,
+    seeded,
+)
 from tests.test_loss import make_inputs
 
 
@@ -104,12 +109,11 @@ def test_entropy_alone_backpropagates():
 
 def check_topk(hidden, weight, bias, k, dtype, blockings, **options):
     """``topk_logprobs`` against the naive twin: the indices pick the ``k`` largest of the model's
-    own logits, in descending order, tied tokens by the smaller id: exactly the naive twin's
-    indices (a stable sort); the values are as accurate as the naive log-softmax at those
-    indices, against fp64."""
+    own logits, in descending order, each once: the naive twin's up to the GEMM's rounding
+    (``assert_top_k_within_rounding``); the values are as accurate as the naive log-softmax at
+    those indices, against fp64."""
     transform = {key: options[key] for key in ("softcap", "logit_scale") if key in options}
     decision = reference.model_logits(hidden, weight, bias=bias, **transform).float()
-    naive_indices = reference.topk_logprobs(hidden, weight, k, bias=bias, **options).indices
     naive_logp = reference.logits(hidden, weight, bias=bias, **options).log_softmax(-1)
     f64 = [t.double() for t in (hidden, weight, bias)]
     exact_logp = reference.logits(*f64[:2], bias=f64[2], **options).log_softmax(-1)
@@ -120,13 +124,8 @@ def check_topk(hidden, weight, bias, k, dtype, blockings, **options):
         assert values.shape == indices.shape == (*hidden.shape[:-1], k)
         assert values.dtype == torch.float32 and indices.dtype == torch.long
         assert not values.requires_grad
-        # The k largest model logits, in descending order, ties by the smaller id, each once.
-        assert torch.equal(indices, naive_indices), (shards, chunk_size, options)
-        torch.testing.assert_close(
-            decision.gather(-1, indices), decision.gather(-1, naive_indices), rtol=0, atol=0
-        )
-        assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
         where = f"shards={shards}, chunk_size={chunk_size}, {options}"
+        assert_top_k_within_rounding(indices, decision, dtype, where)
         assert_as_accurate(
             values, naive_logp.gather(-1, indices), exact_logp.gather(-1, indices), dtype, where
         )
@@ -200,11 +199,86 @@ def test_head_topk_logprobs_match_oracle():
     head = cl.ChunkedLMHead(weight, bias, shards=4, softcap=3.0, logit_scale=0.8)
     ours = head.topk_logprobs(hidden, 6, temperature=0.9)
     transform = dict(bias=bias, softcap=3.0, logit_scale=0.8)
-    naive = reference.topk_logprobs(hidden, weight, 6, temperature=0.9, **transform)
-    assert torch.equal(ours.indices, naive.indices)  # fp32 logits of random data: no ties
+    decision = reference.model_logits(hidden, weight, **transform)
+    assert_top_k_within_rounding(ours.indices, decision, torch.float32, "head top-k")
+    naive = reference.logits(hidden, weight, temperature=0.9, **transform).log_softmax(-1)
     exact = reference.logits(
         hidden.double(), weight.double(), temperature=0.9, **{**transform, "bias": bias.double()}
     ).log_softmax(-1)
     assert_as_accurate(
-        ours.values, naive.values, exact.gather(-1, ours.indices), torch.float32, "head top-k"
+        ours.values,
+        naive.gather(-1, ours.indices),
+        exact.gather(-1, ours.indices),
+        torch.float32,
+        "head top-k",
     )
+
+
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+def test_nan_logits_give_nan_values_and_rank_last(where):
+    # A NaN hidden row (every logit of that position NaN) or a NaN weight row (token 7 NaN at
+    # every position): NaN log-probs wherever the naive log-softmax has them, tokens chosen among
+    # the other logits (a NaN ranks as -inf), and the accuracies the naive comparisons give.
+    g = seeded(7)
+    hidden, weight = torch.randn(12, 16, generator=g), torch.randn(60, 16, generator=g)
+    labels = torch.randint(0, 60, (12,), generator=g)
+    if where == "hidden":
+        hidden[3] = float("nan")
+    else:
+        weight[7] = float("nan")
+    decision = reference.model_logits(hidden, weight)
+    ranked = decision.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    naive_logp = reference.logits(hidden, weight, temperature=0.8).log_softmax(-1)
+    exact_logp = reference.logits(hidden.double(), weight.double(), temperature=0.8)
+    exact_logp = exact_logp.log_softmax(-1)
+    for shards, chunk_size in [(1, None), (7, 5)]:
+        blocking = dict(shards=shards, chunk_size=chunk_size)
+        values, indices = cl.topk_logprobs(hidden, weight, 5, temperature=0.8, **blocking)
+        assert_top_k_within_rounding(indices, ranked, torch.float32, f"{where} {blocking}")
+        if where == "hidden":  # every logit NaN: all tied at -inf, the smallest ids
+            assert indices[3].tolist() == [0, 1, 2, 3, 4]
+        assert values.isnan().any()
+        naive, exact = naive_logp.gather(-1, indices), exact_logp.gather(-1, indices)
+        assert_as_accurate(values, naive, exact, torch.float32, f"{where} {blocking}")
+        for top_k in (1, 3):
+            ours = cl.token_accuracy(hidden, weight, labels, top_k=top_k, **blocking)
+            assert_accuracy_within_rounding(ours, decision, labels, top_k, torch.float32)
+        out = cl.linear_cross_entropy(
+            hidden, weight, labels, return_token_accuracy=True, **blocking
+        )
+        assert out.loss.isnan() and reference.linear_cross_entropy(hidden, weight, labels).isnan()
+        assert_accuracy_within_rounding(out.token_accuracy, decision, labels, 1, torch.float32)
+
+
+def test_temperatures_beyond_fp32():
+    # Below the smallest normal fp32 every logit overflows once divided (NaN log-probs, as the
+    # naive code's): refused. Above fp32's largest the logits divide to 0: a uniform distribution,
+    # which the values are, and the tokens are still the largest logits, not the smallest ids.
+    hidden, weight, bias, _ = make_inputs((3, 5), 97, 16, torch.float32, bias=True)
+    hidden, weight, bias = (t.detach() for t in (hidden, weight, bias))
+    tokens = torch.randint(0, 97, (3, 5), generator=seeded(8))
+    calls = {
+        "token_logprobs": lambda **kw: cl.token_logprobs(hidden, weight, tokens, bias=bias, **kw),
+        "logsumexp": lambda **kw: cl.logsumexp(hidden, weight, bias=bias, **kw),
+        "topk_logprobs": lambda **kw: cl.topk_logprobs(hidden, weight, 4, bias=bias, **kw).values,
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"^temperature: expected a float >= 1\.17.*got 1e-40"):
+            call(temperature=1e-40, shards=3)
+    f64 = dict(bias=bias.double(), temperature=1e39)
+    exact = reference.logits(hidden.double(), weight.double(), **f64)
+    naive = reference.logits(hidden, weight, bias=bias, temperature=1e39)
+    indices = cl.topk_logprobs(hidden, weight, 4, bias=bias, temperature=1e39, shards=3).indices
+    decision = reference.model_logits(hidden, weight, bias=bias)
+    assert_top_k_within_rounding(indices, decision, torch.float32, "temperature 1e39")
+    assert (indices[..., 0] != 0).any()  # the case tells the lowest ids from the largest logits
+    expected = {
+        "token_logprobs": [
+            t.log_softmax(-1).gather(-1, tokens[..., None])[..., 0] for t in (naive, exact)
+        ],
+        "logsumexp": [t.logsumexp(-1) for t in (naive, exact)],
+        "topk_logprobs": [t.log_softmax(-1).gather(-1, indices) for t in (naive, exact)],
+    }
+    for name, call in calls.items():
+        ours = call(temperature=1e39, shards=3)
+        assert_as_accurate(ours, *expected[name], torch.float32, f"{name} at temperature 1e39")
