@@ -153,13 +153,17 @@ def flat_rows(hidden: Tensor) -> Tensor:
     return hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
 
 
-def check_real_in(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
-    """A real number in ``[low, high]`` (``(low, high]`` with ``low_open``), returned as a float."""
+def check_real_in(
+    name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """A real number in ``[low, high]`` (``(low`` with ``low_open``, ``high)`` with
+    ``high_open``), returned as a float."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a float, got {value!r}")
     above_low = value > low if low_open else value >= low
-    if not (above_low and value <= high):
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
+    below_high = value < high if high_open else value <= high
+    if not (above_low and below_high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name}: expected a float in {interval}, got {value!r}")
     return float(value)
 
