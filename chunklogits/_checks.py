@@ -169,11 +169,20 @@ def check_real_in(
 
 
 def check_sampling_options(
-    *, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0
+    *,
+    do_sample,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=None,
+    repetition_penalty=1.0,
+    epsilon_cutoff=None,
+    eta_cutoff=None,
 ) -> None:
     """HF's sampling settings: ``top_k`` an int >= 0 (0: off), ``top_p`` in (0, 1] (1: off),
-    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling.
-    Those not given take their neutral value."""
+    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling,
+    ``epsilon_cutoff`` and ``eta_cutoff`` None or in (0, 1). Those not given take their neutral
+    value."""
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool):
@@ -183,6 +192,9 @@ def check_sampling_options(
     check_real_in("top_p", top_p, 0.0, 1.0, low_open=True)
     if min_p is not None:
         check_real_in("min_p", min_p, 0.0, 1.0)
+    for name, cutoff in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if cutoff is not None:
+            check_real_in(name, cutoff, 0.0, 1.0, low_open=True, high_open=True)
     check_positive_float("repetition_penalty", repetition_penalty, allow_none=False)
     if do_sample:
         check_positive_float("temperature", temperature, allow_none=False)

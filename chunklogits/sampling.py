@@ -55,7 +55,6 @@ from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, _Works
 from ._checks import (
     check_head,
     check_integer_tensor,
-    check_real_in,
     check_sampling_options,
     check_tensor,
     make_transform,
@@ -170,7 +169,8 @@ def sample_next(
         process_group: vocabulary parallelism (``chunklogits.distributed``): ``weight`` and
             ``bias`` are this rank's slice of the head, the slices of the group's ranks following
             one another in rank order; ``hidden_last``, ``prev_tokens`` and every option are the
-            same on every rank (checked), and so are the tokens returned: the same tokens, for
+            same on every rank (checked; ``logit_bias``'s tensors must be, unchecked), and so are
+            the tokens returned: the same tokens, for
             the same seed, as one process holding the whole head draws. ``shards`` counts this
             rank's slice. With a ``generator`` (or neither), group rank 0's key is used.
 
@@ -195,10 +195,12 @@ def sample_next(
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
+            epsilon_cutoff=epsilon_cutoff,
+            eta_cutoff=eta_cutoff,
         )
         check_sampling_options(temperature=temperature, **options)
         cutoffs = {
-            name: check_real_in(name, value, 0.0, 1.0, low_open=True, high_open=True)
+            name: float(value)
             for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff))
             if value is not None
         }

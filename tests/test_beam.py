@@ -289,7 +289,7 @@ REFUSED = [
     (
         dict(num_beams=2, do_sample=False, repetition_penalty=1.3),
         ValueError,
-        "logits_processor: .*RepetitionPenaltyLogitsProcessor",
+        "repetition_penalty: chunklogits.sample's beam search applies only the processors",
     ),
     (dict(stop_strings=["ka"]), ValueError, "tokenizer: stop_strings=\\['ka'\\] need"),
     (dict(output_logits=True, return_dict_in_generate=True), ValueError, "output_logits"),

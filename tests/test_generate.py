@@ -181,7 +181,9 @@ BAD = [
     (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
     (dict(min_p=2.0), ValueError, "min_p: expected a float in \\[0.0, 1.0\\]"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
-    (dict(no_repeat_ngram_size=2), ValueError, "logits_processor: .*NoRepeatNGramLogitsProcessor"),
+    (dict(typical_p=0.9), ValueError, "typical_p: chunklogits.sample does not support it"),
+    (dict(epsilon_cutoff=0.1, top_h=0.5), ValueError, "top_h: chunklogits.sample does not"),
+    (dict(renormalize_logits=True), ValueError, "renormalize_logits: chunklogits.sample does"),
     (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
     (dict(num_beams=2), ValueError, "num_beams"),
 ]
