@@ -107,8 +107,12 @@ def sample(
             the strings (the tokenizer is needed to find them).
         generate_kwargs: further ``generate()`` arguments (``max_length``, ``use_cache``,
             ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
-            ``stopping_criteria``, ...). Options that would need the full logits, another
-            processor or another decoding method (``output_scores``, ``no_repeat_ngram_size``,
+            ``stopping_criteria``, the processors that mask or bias a few tokens:
+            ``min_length``, ``min_new_tokens``, ``bad_words_ids``, ``no_repeat_ngram_size``,
+            ``suppress_tokens``, ``begin_suppress_tokens``, ``sequence_bias``,
+            ``forced_bos_token_id``, ``forced_eos_token_id``, also with beams; the cut-offs
+            ``epsilon_cutoff``, ``eta_cutoff``, ...). Options that would need the full logits,
+            another processor or another decoding method (``output_scores``, ``typical_p``,
             ``assistant_model``, beam sampling, ...) are refused with an error that names them.
 
     Returns:
