@@ -313,6 +313,7 @@ def decode(
         shards=shards,
         process_group=process_group,
     )
+    token_bias = _TokenBias(logits_processor, vocab, input_ids.device)
     if (generation_config.num_beams or 1) > 1:
         for name, value in (("return_logprobs", return_logprobs), ("streamer", token_streamer)):
             if value:
@@ -323,7 +324,6 @@ def decode(
                 "that mask or bias a few tokens, got repetition_penalty="
                 f"{generation_config.repetition_penalty}"
             )
-        token_bias = _TokenBias(logits_processor, vocab, input_ids.device)
         return _beam_search(
             model,
             base,
@@ -335,7 +335,6 @@ def decode(
             model_kwargs,
         )
     options = _sampling_options(logits_processor, bool(generation_config.do_sample))
-    token_bias = _TokenBias(logits_processor, vocab, input_ids.device)
     generator = randomness(seed, generator, input_ids.device)
 
     batch = input_ids.shape[0]
@@ -605,11 +604,10 @@ class _TokenBias:
             name = type(processor).__name__
             if sequences is not None:
                 for prefixes, last, bias in sequences:
-                    width = 0 if prefixes is None else prefixes.shape[1]
-                    if width == 0:
+                    if prefixes is None:
                         add(last, bias)
-                    elif width <= length:
-                        match = (ids[:, None, -width:] == prefixes).all(-1)
+                    elif prefixes.shape[1] <= length:  # the row ends with the prefix
+                        match = (ids[:, None, -prefixes.shape[1] :] == prefixes).all(-1)
                         add(last, torch.where(match, bias, 0.0))
             elif name == "NoRepeatNGramLogitsProcessor":
                 size = processor.ngram_size

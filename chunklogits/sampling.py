@@ -985,11 +985,13 @@ def beam_candidates(
         logit_bias_only=logit_bias_only,
     )
     # Candidates beyond ``count`` hold the tokens tied at the count-th value; more are collected
-    # in the rare case that they do not (the smallest candidate still equals that value).
+    # in the rare case that they do not (the smallest candidate still equals that value), unless
+    # that value is -inf (tokens a bias masks: generate() returns any of them).
     size = min(vocab, count + _TOPK_MARGIN)
     while True:
         s = _scan(problem, candidates=size, raw_lse=True, checked=True)
-        if size == vocab or bool((s.cand_vals[:, -1] < s.cand_vals[:, count - 1]).all()):
+        last = s.cand_vals[:, count - 1]
+        if size == vocab or bool(((s.cand_vals[:, -1] < last) | (last == -math.inf)).all()):
             break
         size = min(vocab, 4 * size)
     # Ranked on the logits (a shift by the log-sum-exp keeps their order); with a bias, on

@@ -177,6 +177,18 @@ def test_beam_candidates_with_a_logit_bias(cpu_gemm, dtype, only):
         assert_as_accurate(logprobs[finite], naive[finite], exact[finite], dtype, "biased")
 
 
+def test_beam_candidates_of_forced_tokens():
+    # Fewer listed tokens than `count` (a forced eos with beams): the rest are -inf, any tokens.
+    hidden, weight = torch.randn(3, 16, generator=seeded(5)), torch.randn(900, 16)
+    forced = (torch.tensor([[40, 7, 7]]).expand(3, -1), torch.tensor([[0.0, 0.0, -0.5]]))
+    logprobs, tokens = beam_candidates(
+        hidden, weight, 4, logit_bias=(forced[0], forced[1].expand(3, -1)), logit_bias_only=True
+    )
+    assert torch.equal(tokens[:, :2], torch.tensor([[40, 7]] * 3))
+    assert torch.equal(logprobs[:, :2], torch.tensor([[0.0, -0.5]] * 3))
+    assert (logprobs[:, 2:] == -float("inf")).all()
+
+
 class _Recorder(BaseStreamer):
     """What a streamer is given: each ``put``'s tokens, then ``end``."""
 

@@ -182,6 +182,11 @@ BAD = [
     (dict(min_p=2.0), ValueError, "min_p: expected a float in \\[0.0, 1.0\\]"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
     (dict(typical_p=0.9), ValueError, "typical_p: chunklogits.sample does not support it"),
+    (
+        dict(sequence_bias={(7, VOCAB + 3): 1.0}),
+        ValueError,
+        "sequence_bias: expected token ids below the vocabulary size 500, got \\[503\\]",
+    ),
     (dict(epsilon_cutoff=0.1, top_h=0.5), ValueError, "top_h: chunklogits.sample does not"),
     (dict(renormalize_logits=True), ValueError, "renormalize_logits: chunklogits.sample does"),
     (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
