@@ -1,9 +1,9 @@
 """Next-token selection from a linear head's last hidden states without the ``[B, V]`` logits.
 
 HF's sampling step is ``scores = lm_head(h).float()``, then its processors in this order:
-repetition penalty, temperature, top-k, top-p, min-p; then ``softmax`` and ``multinomial``
-(greedy decoding applies only the repetition penalty, then ``argmax``). Each filter keeps the
-tokens whose processed logit ``y`` reaches a per-row threshold:
+repetition penalty, temperature, top-k, top-p, min-p, epsilon, eta; then ``softmax`` and
+``multinomial`` (greedy decoding applies only the repetition penalty, then ``argmax``). Each
+filter keeps the tokens whose processed logit ``y`` reaches a per-row threshold:
 
 * top-k keeps ``y >= y_(k)``, the k-th largest value (ties with it are kept);
 * top-p keeps the most probable tokens up to and including the one at which the descending
@@ -12,7 +12,15 @@ tokens whose processed logit ``y`` reaches a per-row threshold:
   ``torch.sort``'s unstable order; we keep as many, those of smallest vocabulary index, so the
   threshold is a pair: ``y > y_cross``, or ``y == y_cross`` up to an index;
 * min-p keeps ``p >= min_p * p_max``, i.e. ``y >= max(y) + log(min_p)`` (top-k and top-p never
-  drop the most probable token, so the maximum is the global one).
+  drop the most probable token, so the maximum is the global one);
+* epsilon_cutoff and eta_cutoff (after min-p) keep ``p >= epsilon``, ``p >= min(eta, sqrt(eta) *
+  exp(-H))``, with ``p`` and ``H`` the probabilities and entropy of what the filters before left:
+  ``y >= lse + log(epsilon)`` (and the maximum), from a pass that sums that set's mass and
+  entropy per row.
+
+Processors that mask or bias a known few tokens per row (generate()'s sequence_bias,
+bad_words_ids, no_repeat_ngram_size, min_new_tokens, suppress_tokens, forced eos, ...) arrive as
+``logit_bias``, ``[B, K]`` (token, value) pairs added to each block as it is computed.
 
 So the sampled distribution is ``softmax(y)`` restricted to ``y >= tau`` for one threshold ``tau``
 per row, and a draw from it is ``argmax_{y_v >= tau} (y_v + g_v)`` with standard Gumbel noise
