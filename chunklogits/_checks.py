@@ -159,23 +159,36 @@ def flat_rows(hidden: Tensor) -> Tensor:
     return hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
 
 
-def check_real_in(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
-    """A real number in ``[low, high]`` (``(low, high]`` with ``low_open``), returned as a float."""
+def check_real_in(
+    name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """A real number in ``[low, high]`` (``(low`` with ``low_open``, ``high)`` with
+    ``high_open``), returned as a float."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a float, got {value!r}")
     above_low = value > low if low_open else value >= low
-    if not (above_low and value <= high):
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
+    below_high = value < high if high_open else value <= high
+    if not (above_low and below_high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name}: expected a float in {interval}, got {value!r}")
     return float(value)
 
 
 def check_sampling_options(
-    *, do_sample, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0
+    *,
+    do_sample,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=None,
+    repetition_penalty=1.0,
+    epsilon_cutoff=None,
+    eta_cutoff=None,
 ) -> None:
     """HF's sampling settings: ``top_k`` an int >= 0 (0: off), ``top_p`` in (0, 1] (1: off),
-    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling.
-    Those not given take their neutral value."""
+    ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling,
+    ``epsilon_cutoff`` and ``eta_cutoff`` None or in (0, 1). Those not given take their neutral
+    value."""
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool):
@@ -185,6 +198,9 @@ def check_sampling_options(
     check_real_in("top_p", top_p, 0.0, 1.0, low_open=True)
     if min_p is not None:
         check_real_in("min_p", min_p, 0.0, 1.0)
+    for name, cutoff in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if cutoff is not None:
+            check_real_in(name, cutoff, 0.0, 1.0, low_open=True, high_open=True)
     check_positive_float("repetition_penalty", repetition_penalty, allow_none=False)
     if do_sample:
         check_positive_float("temperature", temperature, allow_none=False)

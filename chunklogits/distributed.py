@@ -152,6 +152,8 @@ _SAMPLING_FIELDS = (
     "top_k",
     "top_p",
     "min_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
     "repetition_penalty",
     "return_logprobs",
     "randomness",
@@ -347,10 +349,20 @@ _RANDOMNESS = ("torch's default generator", "a seed", "a generator")
 
 
 def _sampling_fields(
-    *, do_sample, top_k, top_p, min_p, repetition_penalty, return_logprobs, seed, generator
+    *,
+    do_sample,
+    top_k,
+    top_p,
+    min_p,
+    epsilon_cutoff,
+    eta_cutoff,
+    repetition_penalty,
+    return_logprobs,
+    seed,
+    generator,
 ) -> dict:
-    """``_SAMPLING_FIELDS`` of already checked options, as numbers (min_p None: -1; the seed in
-    two 32-bit halves, which float64 holds exactly)."""
+    """``_SAMPLING_FIELDS`` of already checked options, as numbers (min_p and the cutoffs None:
+    -1; the seed in two 32-bit halves, which float64 holds exactly)."""
     source = 1 if seed is not None else 2 if generator is not None else 0
     seed = seed or 0
     return {
@@ -358,6 +370,8 @@ def _sampling_fields(
         "top_k": top_k,
         "top_p": top_p,
         "min_p": -1.0 if min_p is None else min_p,
+        "epsilon_cutoff": -1.0 if epsilon_cutoff is None else epsilon_cutoff,
+        "eta_cutoff": -1.0 if eta_cutoff is None else eta_cutoff,
         "repetition_penalty": repetition_penalty,
         "return_logprobs": return_logprobs,
         "randomness": source,
@@ -371,7 +385,8 @@ def _check_sampling(ranks: list[dict]) -> None:
         _same(ranks, name, name, "value", show=bool)
     for name in ("top_k", "top_p", "repetition_penalty"):
         _same(ranks, name, name, "value")
-    _same(ranks, "min_p", "min_p", "value", show=lambda v: None if v == -1 else _number(v))
+    for name in ("min_p", "epsilon_cutoff", "eta_cutoff"):
+        _same(ranks, name, name, "value", show=lambda v: None if v == -1 else _number(v))
     _same(
         ranks,
         "randomness",

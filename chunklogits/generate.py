@@ -115,8 +115,12 @@ def sample(
             the strings (the tokenizer is needed to find them).
         generate_kwargs: further ``generate()`` arguments (``max_length``, ``use_cache``,
             ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
-            ``stopping_criteria``, ...). Options that would need the full logits, another
-            processor or another decoding method (``output_scores``, ``no_repeat_ngram_size``,
+            ``stopping_criteria``, the processors that mask or bias a few tokens:
+            ``min_length``, ``min_new_tokens``, ``bad_words_ids``, ``no_repeat_ngram_size``,
+            ``suppress_tokens``, ``begin_suppress_tokens``, ``sequence_bias``,
+            ``forced_bos_token_id``, ``forced_eos_token_id``, also with beams; the cut-offs
+            ``epsilon_cutoff``, ``eta_cutoff``, ...). Options that would need the full logits,
+            another processor or another decoding method (``output_scores``, ``typical_p``,
             ``assistant_model``, beam sampling, ...) are refused with an error that names them.
 
     Returns:
@@ -215,13 +219,26 @@ def _add_stop_strings(config, stop_strings, tokenizer, generate_kwargs: dict) ->
 
 # The processors ``decode`` reproduces inside ``sample_next``, in the order ``generate()`` builds
 # them and ``sample_next`` applies them: the ``sample_next`` option each sets, and the processor's
-# attribute that holds it. Anything else is refused.
+# attribute that holds it; None for those that mask or bias a few tokens (``_TokenBias``, through
+# ``logit_bias``, which ``sample_next`` adds before the repetition penalty: only sequence_bias's
+# finite biases need that place, and the others' -inf masks hold in any). Anything else is refused.
 _REPRODUCED = {
+    "SequenceBiasLogitsProcessor": None,
     "RepetitionPenaltyLogitsProcessor": ("repetition_penalty", "penalty"),
+    "NoRepeatNGramLogitsProcessor": None,
+    "NoBadWordsLogitsProcessor": None,
+    "MinLengthLogitsProcessor": None,
+    "MinNewTokensLengthLogitsProcessor": None,
+    "ForcedBOSTokenLogitsProcessor": None,
+    "ForcedEOSTokenLogitsProcessor": None,
+    "SuppressTokensLogitsProcessor": None,
+    "SuppressTokensAtBeginLogitsProcessor": None,
     "TemperatureLogitsWarper": ("temperature", "temperature"),
     "TopKLogitsWarper": ("top_k", "top_k"),
     "TopPLogitsWarper": ("top_p", "top_p"),
     "MinPLogitsWarper": ("min_p", "min_p"),
+    "EpsilonLogitsWarper": ("epsilon_cutoff", "epsilon"),
+    "EtaLogitsWarper": ("eta_cutoff", "epsilon"),
 }
 # The ``generate()`` setting from which ``generate()`` builds each processor (transformers 5.x
 # ``_get_logits_processor``): a refusal names what the user passed, not the class built from it.
@@ -256,7 +273,33 @@ _PROCESSOR_SETTINGS = {
     "LogitNormalization": "renormalize_logits",
 }
 # ``sample_next``'s settings when no processor sets them.
-_NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
+_NEUTRAL = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": None,
+    "repetition_penalty": 1.0,
+    "epsilon_cutoff": None,
+    "eta_cutoff": None,
+}
+# The processors ``generate()`` builds from settings whose processing needs each step's whole
+# row of logits (typical_p keeps the tokens whose log-prob lies closest to minus the entropy: a
+# set that no threshold on the logits cuts out): refused by the setting's name.
+_FULL_ROW = frozenset(
+    {
+        "TypicalLogitsWarper",
+        "EncoderRepetitionPenaltyLogitsProcessor",
+        "EncoderNoRepeatNGramLogitsProcessor",
+        "PrefixConstrainedLogitsProcessor",
+        "InfNanRemoveLogitsProcessor",
+        "ExponentialDecayLengthPenalty",
+        "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+        "TopHLogitsWarper",
+        "LogitNormalization",
+        "SynthIDTextWatermarkLogitsProcessor",
+        "WatermarkLogitsProcessor",
+    }
+)
 # generation_config settings whose meaning ``decode`` cannot honour.
 _REFUSED = {
     "output_scores": bool,
@@ -325,19 +368,27 @@ def decode(
         shards=shards,
         process_group=process_group,
     )
+    token_bias = _TokenBias(logits_processor, vocab, input_ids.device)
     if (generation_config.num_beams or 1) > 1:
         for name, value in (("return_logprobs", return_logprobs), ("streamer", token_streamer)):
             if value:
                 raise ValueError(f"{name}: not available with beam search (num_beams > 1)")
-        if len(logits_processor):
-            names = sorted({_setting_of(processor) for processor in logits_processor})
-            built = sorted(type(processor).__name__ for processor in logits_processor)
+        if _sampling_options(logits_processor, False)["repetition_penalty"] != 1.0:
             raise ValueError(
-                f"{', '.join(names)}: chunklogits.sample's beam search ranks the model's own "
-                f"log-probs and applies no logits processor, got {built} from them"
+                "repetition_penalty: chunklogits.sample's beam search applies only the processors "
+                "that mask or bias a few tokens, got repetition_penalty="
+                f"{generation_config.repetition_penalty}"
             )
         return _beam_search(
-            model, base, head, vocab, input_ids, stopping_criteria, generation_config, model_kwargs
+            model,
+            base,
+            head,
+            vocab,
+            token_bias,
+            input_ids,
+            stopping_criteria,
+            generation_config,
+            model_kwargs,
         )
     options = _sampling_options(logits_processor, bool(generation_config.do_sample))
     generator = randomness(seed, generator, input_ids.device)
@@ -360,6 +411,7 @@ def decode(
             generator=generator,
             prev_tokens=penalised,
             return_logprobs=return_logprobs,
+            **token_bias(input_ids),
             **head,
             **options,
         )
@@ -401,9 +453,18 @@ def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool
 
 
 def _beam_search(
-    model, base, head: dict, vocab: int, input_ids, stopping_criteria, config, model_kwargs
+    model,
+    base,
+    head: dict,
+    vocab: int,
+    token_bias,
+    input_ids,
+    stopping_criteria,
+    config,
+    model_kwargs,
 ):
-    """``GenerationMixin._beam_search`` (greedy, no processors) on ``beam_candidates``.
+    """``GenerationMixin._beam_search`` (greedy) on ``beam_candidates``, with the processors that
+    mask or bias a few tokens (``token_bias``) applied to each beam's log-probs as there.
 
     Each step, ``generate()`` ranks all ``num_beams * V`` continuations of a prompt by beam score
     plus log-prob and keeps the best ``keep = max(2, 1 + #eos) * num_beams``; those lie among the
@@ -441,7 +502,7 @@ def _beam_search(
     while True:
         flat = running[:, :, :length].reshape(rows, length)
         hidden_last, model_kwargs = _next_hidden(model, base, flat, model_kwargs, length == prompt)
-        logprobs, tokens = beam_candidates(hidden_last, count=per_beam, **head)
+        logprobs, tokens = beam_candidates(hidden_last, count=per_beam, **token_bias(flat), **head)
         # The best ``keep`` of all beams' candidates, ties to the lowest (beam, token) index:
         # each beam's candidates in token order, beams in turn, then a stable sort by score.
         tokens, order = tokens.sort(1)
@@ -530,9 +591,14 @@ def _refuse_unsupported(generation_config, logits_processor, model_kwargs: dict)
             f"{cache.get_seq_length()} positions; pass the whole sequence instead"
         )
     for processor in logits_processor:
-        if type(processor).__name__ not in _REPRODUCED:
-            name = type(processor).__name__
-            reproduced = ", ".join(option for option, _ in _REPRODUCED.values())
+        name = type(processor).__name__
+        if name in _FULL_ROW:
+            raise ValueError(
+                f"{_setting_of(processor)}: chunklogits.sample does not support it (its processing "
+                "needs each step's whole row of logits); use model.generate for it"
+            )
+        if name not in _REPRODUCED:
+            reproduced = ", ".join(_PROCESSOR_SETTINGS[known] for known in _REPRODUCED)
             raise ValueError(
                 f"{_setting_of(processor)}: chunklogits.sample reproduces the logits processors "
                 f"of {reproduced} only, got {name}; use model.generate for it"
@@ -569,10 +635,120 @@ def _sampling_options(logits_processor, do_sample: bool) -> dict:
                 f"logits_processor: chunklogits.sample reproduces {name} with "
                 f"min_tokens_to_keep=1 and filter_value=-inf, got {kept} and {filler}"
             )
-        option, attribute = _REPRODUCED[name]
-        options[option] = getattr(processor, attribute)
+        if _REPRODUCED[name] is not None:
+            option, attribute = _REPRODUCED[name]
+            value = getattr(processor, attribute)  # EtaLogitsWarper holds a tensor
+            options[option] = float(value) if isinstance(value, Tensor) else value
     check_sampling_options(**options)
     return options
+
+
+class _TokenBias:
+    """``generate()``'s processors that mask or bias a few tokens, as ``sample_next``'s
+    ``logit_bias``: called with the sequences so far ``[rows, L]`` (what ``generate()`` hands its
+    processors), the keyword arguments ``logit_bias=(tokens, values)`` ``[rows, K]`` and
+    ``logit_bias_only`` of this step; none when no processor acts.
+
+    Each processor's ``__call__`` is reproduced on the tokens it lists: sequence_bias and
+    bad_words_ids (``SequenceBiasLogitsProcessor``: single tokens always, longer sequences where
+    the row ends with their prefix), no_repeat_ngram_size (the last token of every window whose
+    other tokens are the row's last n - 1), min_length / min_new_tokens (eos while too short),
+    suppress_tokens, begin_suppress_tokens (at its step). forced_bos_token_id (at length 1) and
+    forced_eos_token_id (at max_length - 1) replace the row: the processors before them are
+    dropped, the forced tokens get 0 and every other token -inf (``logit_bias_only``), and the
+    suppressions after them still mask. Biases of one token add up in ``generate()``'s order."""
+
+    def __init__(self, processors, vocab: int, device: torch.device):
+        self.processors = [
+            (processor, _sequence_biases(processor, vocab, device))
+            for processor in processors
+            if _REPRODUCED.get(type(processor).__name__, ()) is None
+        ]
+
+    def __call__(self, ids: Tensor) -> dict:
+        rows, length = ids.shape
+        tokens, values, only = [], [], False
+
+        def add(listed: Tensor, value) -> None:
+            listed = listed.to(ids.device).long().expand(rows, -1)
+            tokens.append(listed)
+            values.append(torch.as_tensor(value, dtype=torch.float32, device=ids.device))
+            values[-1] = values[-1].expand(listed.shape)
+
+        for processor, sequences in self.processors:
+            name = type(processor).__name__
+            if sequences is not None:
+                for prefixes, last, bias in sequences:
+                    if prefixes is None:
+                        add(last, bias)
+                    elif prefixes.shape[1] <= length:  # the row ends with the prefix
+                        match = (ids[:, None, -prefixes.shape[1] :] == prefixes).all(-1)
+                        add(last, torch.where(match, bias, 0.0))
+            elif name == "NoRepeatNGramLogitsProcessor":
+                size = processor.ngram_size
+                if length >= size:
+                    windows = ids.unfold(1, size, 1)
+                    matches = (windows[..., :-1] == ids[:, None, length + 1 - size :]).all(-1)
+                    add(windows[..., -1].where(matches, -1), -math.inf)
+            elif name == "MinLengthLogitsProcessor":
+                if length < processor.min_length:
+                    add(processor.eos_token_id.flatten(), -math.inf)
+            elif name == "MinNewTokensLengthLogitsProcessor":
+                if length - processor.prompt_length_to_skip < processor.min_new_tokens:
+                    add(processor.eos_token_id.flatten(), -math.inf)
+            elif name == "ForcedBOSTokenLogitsProcessor":
+                if length == 1:
+                    tokens, values, only = [], [], True
+                    add(torch.tensor([processor.bos_token_id]), 0.0)
+            elif name == "ForcedEOSTokenLogitsProcessor":
+                if length == processor.max_length - 1:
+                    tokens, values, only = [], [], True
+                    add(processor.eos_token_id.flatten(), 0.0)
+            elif name == "SuppressTokensLogitsProcessor":
+                add(processor.suppress_tokens, -math.inf)
+            elif length == processor.begin_index:  # SuppressTokensAtBeginLogitsProcessor
+                add(processor.begin_suppress_tokens, -math.inf)
+        if not tokens:
+            return {}
+        return {"logit_bias": (torch.cat(tokens, 1), torch.cat(values, 1)), "logit_bias_only": only}
+
+
+# The processors that bias token sequences, and the generate() setting that builds each.
+_SEQUENCE_BIAS = {
+    "SequenceBiasLogitsProcessor": "sequence_bias",
+    "NoBadWordsLogitsProcessor": "bad_words_ids",
+}
+
+
+def _sequence_biases(processor, vocab: int, device: torch.device) -> list | None:
+    """A ``SequenceBiasLogitsProcessor``'s biases as ``(prefixes [G, P], last tokens [G],
+    biases [G])`` groups (``prefixes`` None for the single tokens), in the order it adds them
+    (``_prepare_bias_variables``); None for other processors. Token ids beyond the vocabulary are
+    refused, as the processor refuses them."""
+    name = type(processor).__name__
+    if name not in _SEQUENCE_BIAS:
+        return None
+    biases = processor.sequence_bias  # {tuple of tokens: bias} once the processor is built
+    outside = sorted({token for sequence in biases for token in sequence if token >= vocab})
+    if outside:
+        raise ValueError(
+            f"{_SEQUENCE_BIAS[name]}: expected token ids below the vocabulary size {vocab}, "
+            f"got {outside}"
+        )
+    groups = {0: []}
+    for sequence, bias in biases.items():
+        groups.setdefault(len(sequence) - 1, []).append((sequence, bias))
+    return [
+        (
+            torch.tensor([sequence[:-1] for sequence, _ in group], device=device)
+            if width
+            else None,
+            torch.tensor([sequence[-1] for sequence, _ in group], device=device),
+            torch.tensor([bias for _, bias in group], dtype=torch.float32, device=device),
+        )
+        for width, group in groups.items()
+        if group
+    ]
 
 
 def _reorder_cache(model, model_kwargs: dict, name: str, origins: Tensor) -> None:

@@ -229,13 +229,20 @@ def next_token_scores(
     top_k: int = 50,
     top_p: float = 1.0,
     min_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     repetition_penalty: float = 1.0,
     prev_tokens: Tensor | None = None,
+    logit_bias: tuple[Tensor, Tensor] | None = None,
+    logit_bias_only: bool = False,
 ) -> Tensor:
     """HF's own processors, in ``generate()``'s order, on fp32 ``raw_scores`` ``[B, V]``: the
     processed scores (``-inf`` where filtered). ``prev_tokens`` entries outside ``[0, V)`` are
-    ignored (HF ignores ids beyond the head's vocabulary)."""
+    ignored (HF ignores ids beyond the head's vocabulary). ``logit_bias`` is first made dense
+    (``dense_bias``) and added, where ``generate()`` applies ``sequence_bias``."""
     from transformers.generation.logits_process import (
+        EpsilonLogitsWarper,
+        EtaLogitsWarper,
         LogitsProcessorList,
         MinPLogitsWarper,
         RepetitionPenaltyLogitsProcessor,
@@ -245,6 +252,9 @@ def next_token_scores(
     )
 
     vocab = raw_scores.shape[-1]
+    if logit_bias is not None:
+        dense = dense_bias(logit_bias, vocab, logit_bias_only)
+        raw_scores = dense if logit_bias_only else raw_scores + dense
     processors = LogitsProcessorList()
     ids = torch.zeros(raw_scores.shape[0], 0, dtype=torch.long, device=raw_scores.device)
     if repetition_penalty != 1.0:
@@ -259,7 +269,26 @@ def next_token_scores(
             processors.append(TopPLogitsWarper(top_p))
         if min_p is not None:
             processors.append(MinPLogitsWarper(min_p))
+        if epsilon_cutoff is not None:
+            processors.append(EpsilonLogitsWarper(epsilon_cutoff))
+        if eta_cutoff is not None:
+            processors.append(EtaLogitsWarper(eta_cutoff))
     return processors(ids, raw_scores.clone())
+
+
+def dense_bias(logit_bias: tuple[Tensor, Tensor], vocab: int, only: bool = False) -> Tensor:
+    """``sample_next``'s ``logit_bias = (tokens, values)`` ``[B, K]`` as the ``[B, V]`` fp32
+    tensor ``generate()``'s processors add: values summed per token, entries outside
+    ``[0, V)`` dropped; with ``only``, -inf at the tokens not listed."""
+    tokens, values = logit_bias
+    inside = (tokens >= 0) & (tokens < vocab)
+    column = tokens.long().where(inside, vocab)
+    shape = (tokens.shape[0], vocab + 1)
+    dense = torch.zeros(shape, device=tokens.device).scatter_add_(1, column, values.float())
+    if only:
+        listed = torch.zeros(shape, dtype=torch.bool, device=tokens.device)
+        dense.masked_fill_(~listed.scatter_(1, column, True), -math.inf)
+    return dense[:, :vocab]
 
 
 def sample_next(
@@ -276,8 +305,12 @@ def sample_next(
     top_k: int = 50,
     top_p: float = 1.0,
     min_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     repetition_penalty: float = 1.0,
     prev_tokens: Tensor | None = None,
+    logit_bias: tuple[Tensor, Tensor] | None = None,
+    logit_bias_only: bool = False,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
@@ -296,8 +329,12 @@ def sample_next(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
+        epsilon_cutoff=epsilon_cutoff,
+        eta_cutoff=eta_cutoff,
         repetition_penalty=repetition_penalty,
         prev_tokens=prev_tokens,
+        logit_bias=logit_bias,
+        logit_bias_only=logit_bias_only,
     )
     if not do_sample:
         tokens = scores.argmax(-1)
@@ -398,14 +435,20 @@ def beam_candidates(
     softcap: float | None = None,
     logit_scale: float | None = None,
     shards: int | None = None,
+    logit_bias: tuple[Tensor, Tensor] | None = None,
+    logit_bias_only: bool = False,
     process_group=None,
 ) -> tuple[Tensor, Tensor]:
     """The ``count`` largest log-probs per row and their tokens, from the full ``[B, V]``
     log-softmax of the model's logits (``model_logits``) in fp32, as ``generate()``'s beam search
-    computes them; tokens tied in value in index order (a stable sort)."""
+    computes them, plus ``dense_bias(logit_bias)`` (or only it); tokens tied in value in index
+    order (a stable sort)."""
     z = model_logits(hidden_last, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    values, tokens = z.log_softmax(-1).sort(dim=-1, descending=True, stable=True)
+    z = z.to(torch.promote_types(z.dtype, torch.float32)).log_softmax(-1)
+    if logit_bias is not None:
+        dense = dense_bias(logit_bias, z.shape[-1], logit_bias_only)
+        z = dense if logit_bias_only else z + dense
+    values, tokens = z.sort(dim=-1, descending=True, stable=True)
     return values[:, :count], tokens[:, :count]
 
 

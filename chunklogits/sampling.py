@@ -1,9 +1,9 @@
 """Next-token selection from a linear head's last hidden states without the ``[B, V]`` logits.
 
 HF's sampling step is ``scores = lm_head(h).float()``, then its processors in this order:
-repetition penalty, temperature, top-k, top-p, min-p; then ``softmax`` and ``multinomial``
-(greedy decoding applies only the repetition penalty, then ``argmax``). Each filter keeps the
-tokens whose processed logit ``y`` reaches a per-row threshold:
+repetition penalty, temperature, top-k, top-p, min-p, epsilon, eta; then ``softmax`` and
+``multinomial`` (greedy decoding applies only the repetition penalty, then ``argmax``). Each
+filter keeps the tokens whose processed logit ``y`` reaches a per-row threshold:
 
 * top-k keeps ``y >= y_(k)``, the k-th largest value (ties with it are kept);
 * top-p keeps the most probable tokens up to and including the one at which the descending
@@ -12,7 +12,15 @@ tokens whose processed logit ``y`` reaches a per-row threshold:
   ``torch.sort``'s unstable order; we keep as many, those of smallest vocabulary index, so the
   threshold is a pair: ``y > y_cross``, or ``y == y_cross`` up to an index;
 * min-p keeps ``p >= min_p * p_max``, i.e. ``y >= max(y) + log(min_p)`` (top-k and top-p never
-  drop the most probable token, so the maximum is the global one).
+  drop the most probable token, so the maximum is the global one);
+* epsilon_cutoff and eta_cutoff (after min-p) keep ``p >= epsilon``, ``p >= min(eta, sqrt(eta) *
+  exp(-H))``, with ``p`` and ``H`` the probabilities and entropy of what the filters before left:
+  ``y >= lse + log(epsilon)`` (and the maximum), from a pass that sums that set's mass and
+  entropy per row.
+
+Processors that mask or bias a known few tokens per row (generate()'s sequence_bias,
+bad_words_ids, no_repeat_ngram_size, min_new_tokens, suppress_tokens, forced eos, ...) arrive as
+``logit_bias``, ``[B, K]`` (token, value) pairs added to each block as it is computed.
 
 So the sampled distribution is ``softmax(y)`` restricted to ``y >= tau`` for one threshold ``tau``
 per row, and a draw from it is ``argmax_{y_v >= tau} (y_v + g_v)`` with standard Gumbel noise
@@ -52,7 +60,13 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, _Workspace, plan_blocks
-from ._checks import check_head, check_integer_tensor, check_sampling_options, make_transform
+from ._checks import (
+    check_head,
+    check_integer_tensor,
+    check_sampling_options,
+    check_tensor,
+    make_transform,
+)
 from .distributed import VocabSlice, checked_on_every_rank
 
 # Candidates kept beyond top_k, so that ties with the k-th value (frequent with half-precision
@@ -99,8 +113,12 @@ def sample_next(
     top_k: int = 50,
     top_p: float = 1.0,
     min_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     repetition_penalty: float = 1.0,
     prev_tokens: Tensor | None = None,
+    logit_bias: tuple[Tensor, Tensor] | None = None,
+    logit_bias_only: bool = False,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
@@ -111,10 +129,12 @@ def sample_next(
     Naive equivalent (``reference.sample_next``; what ``generate()`` does per step)::
 
         scores = softcap(F.linear(hidden_last, weight, bias).float() * logit_scale)
+        scores = scores + dense(logit_bias)      # [B, V]: the listed tokens' values, 0 elsewhere
         for processor in (RepetitionPenaltyLogitsProcessor(repetition_penalty),
                           TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
-                          TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)):   # those switched on
-            scores = processor(prev_tokens, scores)
+                          TopPLogitsWarper(top_p), MinPLogitsWarper(min_p),
+                          EpsilonLogitsWarper(epsilon_cutoff), EtaLogitsWarper(eta_cutoff)):
+            scores = processor(prev_tokens, scores)   # those switched on
         tokens = torch.multinomial(scores.softmax(-1), 1).squeeze(1)   # or scores.argmax(-1)
 
     Same distribution (same processor order, same tie rules: top-k keeps ties with the k-th
@@ -133,11 +153,23 @@ def sample_next(
         top_k: keep the ``top_k`` most probable tokens and ties with the last; 0 turns it off.
         top_p: in (0, 1]; keep the smallest most-probable set whose mass reaches ``top_p``; 1 off.
         min_p: in [0, 1] or None (off); keep tokens with ``p >= min_p * max(p)``.
+        epsilon_cutoff: in (0, 1) or None (off); keep tokens with ``p >= epsilon_cutoff`` and
+            the most probable, ``p`` the distribution left by the filters above (one more pass).
+        eta_cutoff: in (0, 1) or None (off); keep tokens with ``p >= min(eta, sqrt(eta) *
+            exp(-H))``, ``H`` the entropy of the distribution left by the filters above (one more
+            pass); the probability comparisons are those of HF's fp32 softmax up to rounding.
         repetition_penalty: > 0; 1 is off. Logits of tokens in ``prev_tokens`` are divided by it
             when positive and multiplied by it when negative (HF's rule).
         prev_tokens: ``[B, L]`` integer tokens already in each sequence (prompt and generated);
             entries outside ``[0, V)`` (e.g. -1 for padding) are ignored. Needed when
             ``repetition_penalty != 1``.
+        logit_bias: ``(tokens, values)``, ``[B, K]`` integer and ``[B, K]`` float: each row's
+            ``values`` are added to its ``tokens``' logits before the repetition penalty (the
+            place of generate()'s ``sequence_bias``; -inf masks a token, as ``bad_words_ids``,
+            ``no_repeat_ngram_size``, ``min_new_tokens``, ``suppress_tokens`` do); a token listed
+            twice in a row gets the sum; entries outside ``[0, V)`` (e.g. -1) are ignored.
+        logit_bias_only: the listed tokens' logits are their (summed) values and every other
+            token's -inf (``forced_bos_token_id``, ``forced_eos_token_id``), instead of adding.
         seed / generator: the randomness (at most one): an int, or a ``torch.Generator`` from
             which one 64-bit key is drawn per call; neither draws the key from torch's default
             generator (so ``torch.manual_seed`` makes it reproducible).
@@ -145,7 +177,8 @@ def sample_next(
         process_group: vocabulary parallelism (``chunklogits.distributed``): ``weight`` and
             ``bias`` are this rank's slice of the head, the slices of the group's ranks following
             one another in rank order; ``hidden_last``, ``prev_tokens`` and every option are the
-            same on every rank (checked), and so are the tokens returned: the same tokens, for
+            same on every rank (checked; ``logit_bias``'s tensors must be, unchecked), and so are
+            the tokens returned: the same tokens, for
             the same seed, as one process holding the whole head draws. ``shards`` counts this
             rank's slice. With a ``generator`` (or neither), group rank 0's key is used.
 
@@ -170,8 +203,16 @@ def sample_next(
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
+            epsilon_cutoff=epsilon_cutoff,
+            eta_cutoff=eta_cutoff,
         )
         check_sampling_options(temperature=temperature, **options)
+        cutoffs = {
+            name: float(value)
+            for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff))
+            if value is not None
+        }
+        token_bias = _token_bias(logit_bias, logit_bias_only, hidden_last)
         if not isinstance(return_logprobs, bool):
             raise TypeError(f"return_logprobs: expected a bool, got {return_logprobs!r}")
         penalty = float(repetition_penalty)
@@ -212,9 +253,11 @@ def sample_next(
         chunk_size=chunk_size,
         want_raw=return_logprobs,
         vocab_slice=vocab_slice,
+        logit_bias=token_bias,
+        logit_bias_only=logit_bias_only,
     )
-    if do_sample and (top_k > 0 or top_p < 1.0 or min_p is not None):
-        pick = _sample_filtered(problem, top_k, float(top_p), min_p)
+    if do_sample and (top_k > 0 or top_p < 1.0 or min_p is not None or cutoffs):
+        pick = _sample_filtered(problem, top_k, float(top_p), min_p, cutoffs)
     else:
         pick = _scan(
             problem,
@@ -231,8 +274,9 @@ def sample_next(
 
 @dataclass(frozen=True)
 class _Problem:
-    """One call's inputs. ``y = penalise(transform(hidden @ weight.T + bias)) / temperature`` are
-    the processed logits; ``x = transform(...)`` the raw ones, carried when ``want_raw``."""
+    """One call's inputs. ``y = penalise(transform(hidden @ weight.T + bias) + logit_bias) /
+    temperature`` are the processed logits; ``x = transform(...)`` the raw ones, carried when
+    ``want_raw``."""
 
     hidden: Tensor
     weight: Tensor
@@ -246,6 +290,8 @@ class _Problem:
     chunk_size: int | None
     want_raw: bool
     vocab_slice: VocabSlice | None = None
+    logit_bias: tuple[Tensor, Tensor] | None = None  # [B, K] tokens, [B, K] values
+    logit_bias_only: bool = False
 
     @property
     def vocab(self) -> int:
@@ -324,6 +370,50 @@ def _gumbel(key: Tensor, rows: Tensor, vocab: Tensor) -> Tensor:
     return u.neg_().log1p_().neg_().log_().neg_()
 
 
+def _token_bias(logit_bias, only, hidden: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``logit_bias`` checked: ``(tokens int64, values in the statistics' dtype)``, or None."""
+    if not isinstance(only, bool):
+        raise TypeError(f"logit_bias_only: expected a bool, got {only!r}")
+    if logit_bias is None:
+        if only:
+            raise ValueError("logit_bias: logit_bias_only=True needs the tokens to keep, got None")
+        return None
+    if not isinstance(logit_bias, tuple) or len(logit_bias) != 2:
+        raise TypeError(f"logit_bias: expected a (tokens, values) pair, got {logit_bias!r}")
+    tokens, values = logit_bias
+    check_integer_tensor("logit_bias", tokens)
+    check_tensor("logit_bias", values)
+    rows = hidden.shape[0]
+    if tokens.dim() != 2 or tokens.shape[0] != rows or values.shape != tokens.shape:
+        raise ValueError(
+            f"logit_bias: expected tokens and values of one shape [B, K] with B = "
+            f"hidden_last.shape[0] = {rows}, got {tuple(tokens.shape)} and {tuple(values.shape)}"
+        )
+    if not values.dtype.is_floating_point:
+        raise TypeError(f"logit_bias: expected floating-point values, got dtype {values.dtype}")
+    for tensor in logit_bias:
+        if tensor.device != hidden.device:
+            raise ValueError(
+                f"logit_bias: expected hidden_last's device {hidden.device}, got {tensor.device}"
+            )
+    return tokens.long(), values.to(torch.promote_types(hidden.dtype, torch.float32))
+
+
+def _bias_block(y: Tensor, bias: tuple[Tensor, Tensor], v0: int, only: bool) -> Tensor:
+    """``logit_bias`` on the block ``y`` (columns ``v0 + j``): the listed values added (summed
+    where a token is listed twice), or, when ``only``, in place of the logits, -inf elsewhere."""
+    tokens, values = bias
+    width = y.shape[1]
+    local = tokens - v0
+    local = local.where((local >= 0) & (local < width), width)
+    add = torch.zeros(y.shape[0], width + 1, dtype=y.dtype, device=y.device)
+    add = add.scatter_add_(1, local, values)[:, :width]
+    if not only:
+        return y + add
+    hit = torch.zeros(y.shape[0], width + 1, dtype=torch.bool, device=y.device)
+    return add.masked_fill_(~hit.scatter_(1, local, True)[:, :width], -math.inf)
+
+
 def _penalise(y: Tensor, prev: Tensor, v0: int, penalty: float) -> Tensor:
     """HF's repetition penalty on the block ``y`` (columns ``v0 + j``) for the tokens ``prev``."""
     width = y.shape[1]
@@ -362,6 +452,9 @@ def _blocks(problem: _Problem, tempered: bool):
                 h, w, b, problem.transform, work, problem.stat_dtype, rounded_to=hidden.dtype
             )
             y = x.clone() if problem.keep_raw else x
+            if problem.logit_bias is not None:
+                rows = [part[r0:r1] for part in problem.logit_bias]
+                y = _bias_block(y, rows, start + v0, problem.logit_bias_only)
             if prev is not None:
                 y = _penalise(y, prev[r0:r1], start + v0, problem.penalty)
             if tempered and problem.temperature != 1.0:
@@ -387,6 +480,8 @@ class _Scan:
     tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
     tied_count: Tensor | None = None  # [n] number of tokens with y == value
     row_max: Tensor | None = None  # [n] max of y over the vocabulary (NaN if any y is NaN)
+    moment_mass: Tensor | None = None  # [n] sum of exp(y - ref) over the selected tokens
+    moment_sum: Tensor | None = None  # [n] sum of exp(y - ref) * (y - ref) over them
 
 
 def _scan(
@@ -401,6 +496,7 @@ def _scan(
     levels: Tensor | None = None,
     ref: Tensor | None = None,
     nth_tied: tuple[Tensor, Tensor] | None = None,
+    moments: bool = False,
     lse: bool = False,
     raw_lse: bool = False,
     checked: bool = False,
@@ -415,6 +511,7 @@ def _scan(
     Gumbel noise when ``noisy``. ``levels``: ``[n, G]`` increasing thresholds per row; ``ref``:
     ``[n]`` offsets for the masses (the row maxima). ``nth_tied``: ``(value, keep)``, find the
     index of the ``keep``-th token (in index order) with ``y == value`` (``V - 1`` if fewer).
+    ``moments``: the selected tokens' masses and mass-weighted logits, offset by ``ref``.
     ``checked``: refuse rows whose processed logits have no finite maximum (``_check_rows``).
     """
     hidden = problem.hidden
@@ -434,6 +531,9 @@ def _scan(
         s.win_raw = torch.full((count,), -math.inf, **new) if raw else None
     if lse:
         s.lse = torch.full((count,), -math.inf, **new)
+    if moments:
+        s.moment_mass = torch.zeros(count, **new)
+        s.moment_sum = torch.zeros(count, **new)
     if raw_lse:
         s.raw_lse = torch.full((count,), -math.inf, **new)
     if checked:
@@ -448,7 +548,8 @@ def _scan(
 
     # A pass that only keeps candidates divides just them by the temperature: division by T > 0
     # keeps the order, and gives the values dividing the whole block would.
-    tempered = winner or lse or any(o is not None for o in (floor, ceiling, levels, nth_tied))
+    tempered = winner or lse or moments
+    tempered |= any(o is not None for o in (floor, ceiling, levels, nth_tied))
     divisor = 1.0 if tempered else problem.temperature
     for r0, r1, v0, x, y in _blocks(problem, tempered):
         if checked:  # torch.maximum and amax propagate NaN
@@ -477,6 +578,12 @@ def _scan(
             y = y.masked_fill(y >= ceiling[r0:r1, None], -math.inf)
         if lse:
             s.lse[r0:r1] = torch.logaddexp(s.lse[r0:r1], y.logsumexp(1))
+        if moments:
+            shifted = y - ref[r0:r1, None]
+            mass = shifted.exp()
+            s.moment_mass[r0:r1] += mass.sum(1)
+            # exp(-inf) * -inf is NaN: the excluded tokens weigh 0.
+            s.moment_sum[r0:r1] += torch.where(mass > 0, mass * shifted, 0.0).sum(1)
         if candidates:
             _merge_candidates(s, r0, r1, v0, x, y, raw, divisor)
         if winner:
@@ -556,7 +663,7 @@ def _merge_ranks(vocab_slice: VocabSlice, s: _Scan, win_key: Tensor | None) -> N
     for name in ("lse", "raw_lse"):
         if name in every:
             setattr(s, name, every[name].logsumexp(0))
-    for name in ("level_mass", "level_count"):
+    for name in ("level_mass", "level_count", "moment_mass", "moment_sum"):
         if name in every:
             setattr(s, name, every[name].sum(0))
     if "row_max" in every:
@@ -576,6 +683,8 @@ _MERGED = (
     "level_mass",
     "level_count",
     "row_max",
+    "moment_mass",
+    "moment_sum",
 )
 
 
@@ -595,8 +704,11 @@ def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, div
         )
 
 
-def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float | None) -> _Scan:
-    """Draw with at least one of top-k, top-p, min-p on: thresholds, then a Gumbel-max draw."""
+def _sample_filtered(
+    problem: _Problem, top_k: int, top_p: float, min_p: float | None, cutoffs: dict
+) -> _Scan:
+    """Draw with at least one of top-k, top-p, min-p, the cutoffs on: thresholds, then a
+    Gumbel-max draw."""
     vocab = problem.vocab
     size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
     first = _scan(
@@ -619,6 +731,18 @@ def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float |
         min_p_tau = row_max + (math.log(min_p) if min_p > 0 else -math.inf)
         tau_index = torch.where(min_p_tau > tau, every_tie, tau_index)
         tau = torch.maximum(tau, min_p_tau)
+    for name, cutoff in cutoffs.items():  # epsilon before eta, as generate() orders them
+        # The kept tokens' log-sum-exp and entropy: a pass, offset by the row maximum.
+        s = _scan(problem, floor=tau, floor_index=tau_index, moments=True, ref=row_max)
+        log_mass = s.moment_mass.log()
+        level = torch.full_like(row_max, math.log(cutoff))
+        if name == "eta_cutoff":
+            entropy = log_mass - s.moment_sum / s.moment_mass
+            level = torch.minimum(level, 0.5 * math.log(cutoff) - entropy)
+        # Keep p = exp(y - lse) >= cutoff, and the most probable token whatever its p.
+        level = torch.minimum(row_max + log_mass + level, row_max)
+        tau_index = torch.where(level > tau, every_tie, tau_index)
+        tau = torch.maximum(tau, level)
     return _draw(problem, first, tau, tau_index)
 
 
@@ -808,17 +932,21 @@ def beam_candidates(
     softcap: float | None = None,
     logit_scale: float | None = None,
     shards: int | None = None,
+    logit_bias: tuple[Tensor, Tensor] | None = None,
+    logit_bias_only: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per row, the ``count`` largest log-probs of the model's next-token distribution and their
     tokens: what one step of beam search needs of each beam, from one pass over the vocabulary.
+    With ``logit_bias``, the largest biased log-probs, as ``generate()``'s processors bias them.
 
     Naive equivalent (``reference.beam_candidates``; what ``generate(num_beams=...)`` computes
     per beam before ranking the beams' continuations)::
 
         logits = reference.model_logits(hidden_last, weight, bias=bias, softcap=softcap,
                                         logit_scale=logit_scale).float()
-        logits.log_softmax(-1).topk(count)
+        scores = logits.log_softmax(-1) + dense(logit_bias)  # or dense(logit_bias) only
+        scores.topk(count)
 
     Tokens tied in value are ordered by vocabulary index (``torch.topk`` leaves their order
     unspecified), also at the ``count``-th place: of tokens tied there, those of smallest index
@@ -828,7 +956,9 @@ def beam_candidates(
         hidden_last: ``[B, D]`` last hidden state of each sequence (model dtype).
         weight: ``[V, D]`` output embedding; bias: ``[V]`` or None.
         count: how many tokens per row, ``1 <= count <= V``.
-        softcap, logit_scale, shards, process_group: as in ``sample_next``.
+        softcap, logit_scale, shards, logit_bias, logit_bias_only, process_group: as in
+            ``sample_next`` (the bias is added to the log-probs, after ``log_softmax``, as beam
+            search applies ``generate()``'s processors).
 
     Returns:
         ``(logprobs, tokens)``, ``[B, count]`` fp32 in descending order and int64.
@@ -845,6 +975,7 @@ def beam_candidates(
         vocab = ranks.vocab
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= vocab:
             raise ValueError(f"count: expected an int in [1, {vocab}], got {count!r}")
+        token_bias = _token_bias(logit_bias, logit_bias_only, hidden_last)
     problem = _Problem(
         hidden=hidden_last,
         weight=weight,
@@ -856,18 +987,37 @@ def beam_candidates(
         key=None,
         shards=shards,
         chunk_size=None,
-        want_raw=False,
+        want_raw=token_bias is not None,
         vocab_slice=vocab_slice,
+        logit_bias=token_bias,
+        logit_bias_only=logit_bias_only,
     )
     # Candidates beyond ``count`` hold the tokens tied at the count-th value; more are collected
-    # in the rare case that they do not (the smallest candidate still equals that value).
+    # in the rare case that they do not (the smallest candidate still equals that value), unless
+    # that value is -inf (tokens a bias masks: generate() returns any of them).
     size = min(vocab, count + _TOPK_MARGIN)
     while True:
-        s = _scan(problem, candidates=size, lse=True, checked=True)
-        if size == vocab or bool((s.cand_vals[:, -1] < s.cand_vals[:, count - 1]).all()):
+        s = _scan(problem, candidates=size, raw_lse=True, checked=True)
+        last = s.cand_vals[:, count - 1]
+        if size == vocab or bool(((s.cand_vals[:, -1] < last) | (last == -math.inf)).all()):
             break
         size = min(vocab, 4 * size)
+    # Ranked on the logits (a shift by the log-sum-exp keeps their order); with a bias, on
+    # generate()'s rounding: log_softmax, then the bias.
+    scores, shift = s.cand_vals, s.raw_lse[:, None]
+    if token_bias is not None:
+        scores, shift = _listed_bias(token_bias, s.cand_idx, logit_bias_only), 0.0
+        if not logit_bias_only:
+            scores = (s.cand_raw - s.raw_lse[:, None]) + scores
     by_index, order = s.cand_idx.sort(1)
-    vals, order = s.cand_vals.gather(1, order).sort(dim=1, descending=True, stable=True)
-    tokens = by_index.gather(1, order[:, :count])
-    return vals[:, :count] - s.lse[:, None], tokens
+    scores, order = scores.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return scores[:, :count] - shift, by_index.gather(1, order[:, :count])
+
+
+def _listed_bias(bias: tuple[Tensor, Tensor], tokens: Tensor, only: bool) -> Tensor:
+    """``[n, C]``: the (summed) bias of each of ``tokens`` ``[n, C]``; 0 for the tokens not
+    listed, -inf when ``only`` (``_bias_block``'s rule)."""
+    listed, values = bias
+    match = tokens[:, :, None] == listed[:, None, :]  # [n, C, K]
+    summed = torch.where(match, values[:, None, :], 0.0).sum(2)
+    return summed.masked_fill(~match.any(2), -math.inf) if only else summed

@@ -168,6 +168,46 @@ def test_beam_candidates_are_the_largest_log_probs(cpu_gemm, dtype, shards, soft
     assert_as_accurate(logprobs, naive, exact, dtype, "beam candidate log-probs")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("only", [False, True], ids=["added", "only"])
+def test_beam_candidates_with_a_logit_bias(cpu_gemm, dtype, only):
+    # generate()'s beam search adds its processors' biases to the log-probs; forced tokens
+    # (logit_bias_only) replace them: 0 for the listed tokens, -inf for the others.
+    g = seeded(4)
+    rows, vocab, dim, count = 5, 507, 64, 6
+    hidden = torch.randn(rows, dim, generator=g).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=g) / 4).to(dtype)
+    raw = reference.model_logits(hidden, weight).float()
+    listed = torch.cat([raw.topk(3).indices, torch.randint(-1, vocab, (rows, 9), generator=g)], 1)
+    values = torch.randn(listed.shape, generator=g) * 3
+    values[:, 0] = -float("inf")  # each row's best token masked
+    head = dict(logit_bias=(listed, values), logit_bias_only=only)
+    logprobs, tokens = beam_candidates(hidden, weight, count, shards=4, **head)
+    naive, naive_tokens = reference.beam_candidates(hidden, weight, count, **head)
+    assert torch.equal(tokens, naive_tokens)
+    assert not torch.equal(tokens[:, 0], raw.argmax(-1))
+    finite = naive.isfinite()
+    assert torch.equal(logprobs.isfinite(), finite)
+    if only:  # the listed tokens' values themselves
+        assert torch.equal(logprobs[finite], naive[finite])
+    else:
+        exact = reference.model_logits(hidden, weight).double().log_softmax(-1)
+        exact = (exact + reference.dense_bias(head["logit_bias"], vocab)).gather(1, tokens)
+        assert_as_accurate(logprobs[finite], naive[finite], exact[finite], dtype, "biased")
+
+
+def test_beam_candidates_of_forced_tokens():
+    # Fewer listed tokens than `count` (a forced eos with beams): the rest are -inf, any tokens.
+    hidden, weight = torch.randn(3, 16, generator=seeded(5)), torch.randn(900, 16)
+    forced = (torch.tensor([[40, 7, 7]]).expand(3, -1), torch.tensor([[0.0, 0.0, -0.5]]))
+    logprobs, tokens = beam_candidates(
+        hidden, weight, 4, logit_bias=(forced[0], forced[1].expand(3, -1)), logit_bias_only=True
+    )
+    assert torch.equal(tokens[:, :2], torch.tensor([[40, 7]] * 3))
+    assert torch.equal(logprobs[:, :2], torch.tensor([[0.0, -0.5]] * 3))
+    assert (logprobs[:, 2:] == -float("inf")).all()
+
+
 class _Recorder(BaseStreamer):
     """What a streamer is given: each ``put``'s tokens, then ``end``."""
 
@@ -308,7 +348,7 @@ REFUSED = [
     (
         dict(num_beams=2, do_sample=False, repetition_penalty=1.3),
         ValueError,
-        "repetition_penalty: .*RepetitionPenaltyLogitsProcessor",
+        "repetition_penalty: chunklogits.sample's beam search applies only the processors",
     ),
     (dict(stop_strings=["ka"]), ValueError, "tokenizer: stop_strings=\\['ka'\\] need"),
     (dict(output_logits=True, return_dict_in_generate=True), ValueError, "output_logits"),

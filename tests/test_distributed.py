@@ -245,6 +245,11 @@ SAMPLE_CASES = {
         "flat", dict(top_k=0, top_p=0.95, temperature=3.0, return_logprobs=True)
     ),
     "min_p_masked_pass": SampleCase("flat", dict(top_k=0, min_p=0.3, temperature=2.0)),
+    # The cut-offs' mass and entropy summed over the ranks.
+    "cutoffs_masked_pass": SampleCase(
+        "flat",
+        dict(top_k=0, epsilon_cutoff=4e-4, eta_cutoff=0.2, temperature=2.0, return_logprobs=True),
+    ),
     # Ties at top-p's crossing value beyond the candidates: the tied tokens are counted per rank.
     "ties_at_the_crossing": SampleCase("tied", dict(top_k=0, top_p=0.5)),
     "generator": SampleCase("peaked", dict(top_k=50, temperature=1.2), calls=3),
@@ -464,6 +469,8 @@ BAD_INPUTS = {
             "top_k": dict(top_k=7),
             "top_p": dict(top_p=0.5),
             "min_p": dict(min_p=0.1),
+            "epsilon_cutoff": dict(epsilon_cutoff=0.01),
+            "eta_cutoff": dict(eta_cutoff=0.01),
             "temperature": dict(temperature=0.5),
             "repetition_penalty": dict(repetition_penalty=1.5),
             "do_sample": dict(do_sample=False),

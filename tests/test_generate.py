@@ -218,11 +218,22 @@ BAD = [
     (dict(do_sample=1), TypeError, "do_sample: expected a bool or None, got 1"),
     (dict(min_p=2.0), ValueError, "min_p: expected a float in \\[0.0, 1.0\\]"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed, generator"),
-    # a processor generate() builds from a setting: refused by that setting's name
-    (dict(no_repeat_ngram_size=2), ValueError, "no_repeat_ngram_size: .*NoRepeatNGramLogits"),
-    (dict(bad_words_ids=[[5]]), ValueError, "bad_words_ids: .*NoBadWordsLogitsProcessor"),
-    (dict(suppress_tokens=[5]), ValueError, "suppress_tokens: .*SuppressTokensLogitsProcessor"),
-    (dict(do_sample=True, typical_p=0.5), ValueError, "typical_p: .*TypicalLogitsWarper"),
+    (
+        dict(do_sample=True, typical_p=0.9),
+        ValueError,
+        "typical_p: chunklogits.sample does not support it",
+    ),
+    (
+        dict(sequence_bias={(7, VOCAB + 3): 1.0}),
+        ValueError,
+        "sequence_bias: expected token ids below the vocabulary size 500, got \\[503\\]",
+    ),
+    (
+        dict(do_sample=True, epsilon_cutoff=0.1, top_h=0.5),
+        ValueError,
+        "top_h: chunklogits.sample does not",
+    ),
+    (dict(renormalize_logits=True), ValueError, "renormalize_logits: chunklogits.sample does"),
     (dict(output_scores=True, return_dict_in_generate=True), ValueError, "output_scores"),
     (dict(num_beams=0), ValueError, "num_beams: expected an int >= 1, got 0"),
     (dict(num_beams=-1, do_sample=False), ValueError, "num_beams: expected an int >= 1, got -1"),
@@ -438,3 +449,148 @@ def test_direct_route_takes_the_settings_of_user_processors():
                     logits_processor=LogitsProcessorList([processor]),
                     custom_generate=decode,
                 )
+
+
+def _token_options(new, eos: list[int]) -> dict:
+    """Options of generate()'s processors that mask or bias a few tokens, each chosen from the
+    plain greedy continuation ``new`` ``[3, n]`` (eos ids ``eos`` end rows 1 and 2 early) so that
+    it changes what greedy decoding produces."""
+    first, second = int(new[0, 0]), int(new[1, 0])
+    return {
+        "min_new_tokens": dict(min_new_tokens=7),
+        "min_length": dict(min_length=14),
+        # The bias would repeat `first` at every step: the ban lets the bigram occur once.
+        "no_repeat_ngram_size": dict(no_repeat_ngram_size=2, sequence_bias={(first,): 30.0}),
+        "bad_words_ids": dict(bad_words_ids=[[first], [second, int(new[1, 1])], [eos[0]]]),
+        "suppress_tokens": dict(suppress_tokens=[int(new[0, 1]), int(new[2, 0])]),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=[first, second]),
+        "sequence_bias": dict(
+            sequence_bias={(first,): -4.0, (second, int(new[1, 1])): -3.5, (17,): 2.5}
+        ),
+        "forced_eos_token_id": dict(forced_eos_token_id=eos[1], max_new_tokens=5),
+        "together": dict(
+            no_repeat_ngram_size=1,
+            suppress_tokens=[first],
+            min_new_tokens=3,
+            sequence_bias={(second,): 1.5},
+        ),
+    }
+
+
+TOKEN_CASES = list(_token_options(torch.zeros(3, 2, dtype=torch.long), [0, 0]))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("case", TOKEN_CASES)
+def test_token_processors_are_generate_greedy_and_beams(case, beams):
+    _check_token_processors(_model("llama"), case, beams)
+
+
+@pytest.mark.parametrize("case", ["sequence_bias", "together", "forced_eos_token_id"])
+def test_token_processors_are_generate_greedy_bf16(cpu_gemm, case):
+    _check_token_processors(_model("llama").to(torch.bfloat16), case, beams=1)
+
+
+def _check_token_processors(model, case: str, beams: int):
+    ids, mask = _prompts()
+    base = dict(max_new_tokens=10, do_sample=False, pad_token_id=PAD, num_beams=beams)
+    eos = _eos_that_stops_early(model, ids, mask, steps=10)
+    with torch.no_grad():
+        free = model.generate(ids, attention_mask=mask, eos_token_id=eos, **base)
+        options = base | dict(eos_token_id=eos) | _token_options(free[:, ids.shape[1] :], eos)[case]
+        expected = model.generate(ids, attention_mask=mask, **options)
+        ours = sample(model, ids, mask, shards=3, **options)
+        routed = model.generate(ids, attention_mask=mask, custom_generate=decode, **options)
+    assert torch.equal(ours, expected), (ours, expected)
+    assert torch.equal(routed, expected)
+    # The processor changed the continuation: the comparison says something.
+    assert ours.shape != free.shape or not torch.equal(ours, free)
+
+
+def test_forced_bos_token_on_a_one_token_prompt():
+    # ForcedBOSTokenLogitsProcessor acts when the sequence holds one token.
+    model = _model("llama")
+    ids = torch.tensor([[5], [9]])
+    options = dict(max_new_tokens=4, do_sample=False, forced_bos_token_id=77, pad_token_id=PAD)
+    with torch.no_grad():
+        expected = model.generate(ids, **options)
+        assert (expected[:, 1] == 77).all()
+        assert torch.equal(sample(model, ids, shards=2, **options), expected)
+        beams = model.generate(ids, num_beams=2, **options)
+        assert torch.equal(sample(model, ids, num_beams=2, **options), beams)
+        drawn = sample(model, ids, max_new_tokens=4, do_sample=True, forced_bos_token_id=77, seed=0)
+    assert (drawn[:, 1] == 77).all()
+
+
+def test_token_processors_and_cutoffs_sampled_as_their_hf_processors():
+    """Several steps of sampling with every supported processor: each drawn token is kept by
+    HF's own processors applied to the step's full logits, with the log-prob they give it."""
+    from transformers.generation.logits_process import (
+        EpsilonLogitsWarper,
+        EtaLogitsWarper,
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
+
+    model = _model("llama")
+    ids, mask = _prompts(rows=4)
+    eos, steps, prompt = [2, 40], 6, ids.shape[1]
+    bias = {(11,): 3.0, (12, 13): -2.0, (40,): 1.0}
+    options = dict(
+        temperature=0.8,
+        top_k=60,
+        epsilon_cutoff=0.004,
+        eta_cutoff=0.02,
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=2,
+        bad_words_ids=[[14], [15, 16]],
+        min_new_tokens=3,
+        suppress_tokens=[17, 18],
+        sequence_bias=bias,
+    )
+    with torch.no_grad():
+        out = sample(
+            model,
+            ids,
+            mask,
+            max_new_tokens=steps,
+            do_sample=True,
+            seed=3,
+            return_logprobs=True,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            **options,
+        )
+        full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, prompt:])], 1)
+        positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(out.sequences, attention_mask=full_mask, position_ids=positions).logits
+    processors = LogitsProcessorList(
+        [
+            SequenceBiasLogitsProcessor(bias),
+            RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=(mask == 0).sum(1)),
+            NoRepeatNGramLogitsProcessor(2),
+            NoBadWordsLogitsProcessor([[14], [15, 16]], eos),
+            MinNewTokensLengthLogitsProcessor(prompt, 3, eos),
+            SuppressTokensLogitsProcessor([17, 18]),
+            TemperatureLogitsWarper(0.8),
+            TopKLogitsWarper(60),
+            EpsilonLogitsWarper(0.004),
+            EtaLogitsWarper(0.02),
+        ]
+    )
+    live = torch.ones(4, dtype=torch.bool)
+    for step in range(steps):
+        at = prompt + step
+        scores = processors(out.sequences[:, :at], logits[:, at - 1].float())
+        token = out.sequences[:, at, None]
+        expected = scores.log_softmax(-1).gather(1, token).squeeze(1)
+        assert torch.isfinite(expected[live]).all()  # HF's processors keep every drawn token
+        torch.testing.assert_close(out.logprobs[live, step], expected[live], rtol=0, atol=1e-4)
+        live &= ~torch.isin(token.squeeze(1), torch.tensor(eos))

@@ -42,6 +42,11 @@ CASES = {
     "repetition_penalty": dict(top_k=0, repetition_penalty=1.8),
     "top_k_then_top_p": dict(top_k=20, top_p=0.6, temperature=1.5),
     "all": dict(top_k=30, top_p=0.9, min_p=0.02, temperature=0.8, repetition_penalty=1.3),
+    "epsilon_cutoff": dict(top_k=0, epsilon_cutoff=0.01),
+    "eta_cutoff": dict(top_k=0, eta_cutoff=0.2, temperature=1.5),
+    "filters_then_cutoffs": dict(
+        top_k=40, top_p=0.95, temperature=0.7, epsilon_cutoff=0.01, eta_cutoff=0.1
+    ),
 }
 PREV = torch.tensor([[3, 7, 7, 11, 19, 42, 57, 60, -1]])  # -1: padding, not penalised
 
@@ -61,6 +66,8 @@ FLAT_CASES = {
     "nucleus_beyond_candidates": dict(top_k=0, top_p=0.9),
     "min_p_beyond_candidates": dict(top_k=0, min_p=0.3),
     "both": dict(top_k=0, top_p=0.8, min_p=0.4, temperature=0.9),
+    "epsilon_beyond_candidates": dict(top_k=0, epsilon_cutoff=4e-4),
+    "eta_beyond_candidates": dict(top_k=0, eta_cutoff=0.3),
 }
 
 
@@ -71,6 +78,80 @@ def test_distribution_beyond_the_candidates(options):
     assert (probs > 0).sum() > 300
     tokens = sample_next(hidden.expand(SAMPLES, -1), weight, seed=1, **options)
     _assert_same_distribution(tokens, probs)
+
+
+def test_cutoffs_filter_what_hf_filters():
+    # The cutoff cases above remove tokens (otherwise their comparison would be plain sampling).
+    hidden, weight = _head(vocab=96, dim=16, scale=0.6)
+    for name in ("epsilon_cutoff", "eta_cutoff", "filters_then_cutoffs"):
+        before = dict(CASES[name], epsilon_cutoff=None, eta_cutoff=None)
+        kept = (_hf_probs(hidden, weight, **CASES[name]) > 0).sum()
+        assert 1 < kept < (_hf_probs(hidden, weight, **before) > 0).sum(), name
+
+
+# Biases of a few tokens per row (as generate()'s sequence_bias, bad_words_ids, ... give them):
+# raised, lowered, masked, one token listed twice (the biases add up), one entry outside.
+BIAS_TOKENS = torch.tensor([[5, 9, 9, 30, 44, 60, 7, -1]])
+BIAS_VALUES = torch.tensor([[3.0, 1.0, 1.5, -2.0, -float("inf"), 2.0, -float("inf"), 9.0]])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(top_k=0, repetition_penalty=1.8), dict(top_k=20, epsilon_cutoff=0.02)],
+    ids=["penalty", "top_k_epsilon"],
+)
+def test_logit_bias_distribution_matches_hf(options):
+    # Added before the repetition penalty: PREV holds 7, 60 (penalised after their bias).
+    hidden, weight = _head(vocab=96, dim=16, scale=0.6)
+    bias = (BIAS_TOKENS, BIAS_VALUES)
+    probs = _hf_probs(hidden, weight, prev=PREV, logit_bias=bias, **options)
+    assert probs[44] == 0 and probs[7] == 0
+    rows = [t.expand(SAMPLES, -1) for t in (hidden, PREV, *bias)]
+    tokens = sample_next(
+        rows[0], weight, prev_tokens=rows[1], logit_bias=tuple(rows[2:]), seed=2, **options
+    )
+    _assert_same_distribution(tokens, probs)
+
+
+def test_logit_bias_only_draws_among_the_listed_tokens():
+    # forced_eos_token_id with several eos ids: those tokens at 0, every other -inf.
+    hidden, weight = _head(vocab=96, dim=16, scale=0.6)
+    bias = (torch.tensor([[3, 50, 71, 71]]), torch.tensor([[0.0, 0.0, 0.0, -float("inf")]]))
+    probs = _hf_probs(hidden, weight, logit_bias=bias, logit_bias_only=True, top_p=0.9)
+    assert torch.equal(probs.nonzero().squeeze(1), torch.tensor([3, 50]))
+    tokens = sample_next(
+        hidden.expand(SAMPLES, -1),
+        weight,
+        logit_bias=tuple(t.expand(SAMPLES, -1) for t in bias),
+        logit_bias_only=True,
+        top_p=0.9,
+        seed=4,
+    )
+    _assert_same_distribution(tokens, probs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_with_logit_bias_is_hf_argmax(cpu_gemm, dtype):
+    hidden, weight, bias, prev = _batch(vocab=300)
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    g = seeded(9)
+    tokens = torch.randint(-1, 300, (hidden.shape[0], 10), generator=g)
+    values = torch.randn(tokens.shape, generator=g) * 2
+    values[:, ::3] = -float("inf")
+    raw = reference.model_logits(hidden, weight, bias=bias).float()
+    tokens[:, 0] = raw.argmax(-1)  # each row's own argmax is masked
+    for only in (False, True):
+        options = dict(
+            bias=bias,
+            prev_tokens=prev,
+            do_sample=False,
+            repetition_penalty=1.3,
+            logit_bias=(tokens, values),
+            logit_bias_only=only,
+        )
+        expected = reference.sample_next(hidden, weight, **options)
+        assert torch.equal(sample_next(hidden, weight, shards=7, **options), expected)
+    assert not torch.equal(expected, raw.argmax(-1))
 
 
 def _tied_head(vocab: int, tied: int, above: int):
@@ -150,6 +231,7 @@ INVARIANCE_CASES = {
     "top_k_top_p_min_p": dict(top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.2),
     "nucleus_search": dict(top_k=0, top_p=0.95, temperature=3.0),
     "min_p_masked_pass": dict(top_k=0, min_p=0.2, temperature=3.0),
+    "cutoffs_masked_pass": dict(top_k=0, epsilon_cutoff=5e-4, eta_cutoff=0.05, temperature=3.0),
 }
 
 
@@ -216,6 +298,16 @@ LOGPROB_CASES = {
     "plain": dict(top_k=0, temperature=0.7),
     "filtered": dict(top_k=20, top_p=0.9, min_p=0.01, temperature=0.7, repetition_penalty=1.2),
     "nucleus_search": dict(top_k=0, top_p=0.95, temperature=2.0),
+    "cutoffs": dict(top_k=0, epsilon_cutoff=0.002, eta_cutoff=0.01, temperature=2.0),
+    "filters_then_cutoffs": dict(top_k=100, top_p=0.9, epsilon_cutoff=0.003, eta_cutoff=0.02),
+    "logit_bias": dict(
+        top_k=50,
+        repetition_penalty=1.2,
+        logit_bias=(
+            torch.tensor([[3, 7, 7, -1]]).expand(12, -1),
+            torch.tensor([[4.0, -1.0, -1.0, 2.0]]).expand(12, -1),
+        ),
+    ),
 }
 
 
@@ -285,6 +377,20 @@ BAD = [
     (dict(seed=2**70), ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
     (dict(generator=5), TypeError, "generator: expected a torch.Generator"),
     (dict(do_sample=1), TypeError, "do_sample: expected a bool"),
+    (dict(epsilon_cutoff=1.0), ValueError, "epsilon_cutoff: expected a float in \\(0.0, 1.0\\)"),
+    (dict(eta_cutoff=0.0), ValueError, "eta_cutoff: expected a float in \\(0.0, 1.0\\)"),
+    (dict(logit_bias_only=True), ValueError, "logit_bias: logit_bias_only=True needs the tokens"),
+    (dict(logit_bias=torch.zeros(2, 3)), TypeError, "logit_bias: expected a \\(tokens, values\\)"),
+    (
+        dict(logit_bias=(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4))),
+        ValueError,
+        "logit_bias: expected tokens and values of one shape \\[B, K\\]",
+    ),
+    (
+        dict(logit_bias=(torch.zeros(2, 3), torch.zeros(2, 3))),
+        TypeError,
+        "logit_bias: expected an integer tensor",
+    ),
 ]
 
 
