@@ -19,8 +19,8 @@ shard's weight gradient is finished before the next shard starts and needs no ``
 accumulator. A scalar loss can instead have its gradients computed in the forward pass
 (``row_stats(row_loss=...)``, ``_fused_loss_blocks``): row chunks outer, each chunk's logits kept
 for the whole vocabulary, 3 GEMMs per block instead of 4, the weight gradient summed in fp32.
-These gradients are saved for backward, which returns them scaled into new tensors each time it
-is called (``retain_graph=True`` walks the graph again with the same result).
+These gradients are saved for backward, which returns them scaled (in place, unless the graph
+is retained for another backward, which then returns the same gradients).
 """
 
 from __future__ import annotations
@@ -866,16 +866,13 @@ class _RowStatsFunction(torch.autograd.Function):
         recompute = any(g is not None for g in grads)  # the statistics themselves reach the result
         grad_rows = grad_weight = grad_bias = grad_row_weight = None
         if ctx.row_loss is not None and grad_loss is not None:
-            # The forward pass computed the gradients for a loss gradient of 1. They are scaled
-            # into new tensors, so that they serve another backward as they are (retain_graph),
-            # rounded once to the parameters' dtypes (or left in fp32 for the recomputing pass
-            # to add to).
-            dtypes = (None, weight.dtype, None if bias is None else bias.dtype, None)
-            if recompute:
-                dtypes = (None,) * 4
+            # The forward pass computed the gradients for a loss gradient of 1. A backward that
+            # frees the graph scales them in place and returns them (no copy); one that keeps
+            # it (retain_graph=True) scales them into new tensors, so that the next backward
+            # finds them as they were and returns the same gradients, as any autograd op does.
+            kept = _graph_kept()
             grad_rows, grad_weight, grad_bias, grad_row_weight = (
-                None if g is None else _scaled(g, grad_loss, g.dtype if d is None else d)
-                for g, d in zip(fused, dtypes, strict=True)
+                None if g is None else g * grad_loss if kept else g.mul_(grad_loss) for g in fused
             )
         if recompute:
             stats = RowStats(lse, None, None, entropy)
@@ -903,9 +900,12 @@ class _RowStatsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, *(None,) * 9, grad_row_weight
 
 
-def _scaled(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``grad * scale`` rounded once to ``dtype``, in a new tensor: ``grad`` is left as it was."""
-    return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+def _graph_kept() -> bool:
+    """Whether the backward pass running now keeps the graph (``retain_graph=True``), so that
+    the saved tensors are read again: torch's autograd engine says so through a private function
+    (which AOT autograd reads for the same purpose); True where it is missing."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else keep_graph()
 
 
 def row_stats(
@@ -946,11 +946,11 @@ def row_stats(
     ``row_weight`` (None when it is None) to a per-row loss, made of differentiable torch ops.
     Then ``(stats, loss)`` is returned, ``loss = row_loss(stats, row_weight).sum()``, and the
     gradients of ``loss`` are computed during the forward pass (``_fused_loss_blocks``, which
-    needs a plan from ``plan_blocks(kept_vocab=...)``) and saved; each backward pass returns them
-    scaled by the loss's gradient, into new tensors, so that the graph can be walked again
-    (``retain_graph=True``) with the same result, as any autograd op's. Until the graph is freed
-    they are held beside the gradients the backward returns (an fp32 ``[V, D]`` sum of the
-    weight's). Gradients that reach ``stats`` too are added by a recomputing pass.
+    needs a plan from ``plan_blocks(kept_vocab=...)``) and saved; the backward pass returns them
+    scaled by the loss's gradient: in place when it frees the graph, into new tensors when it
+    keeps it (``retain_graph=True``: a copy of each, an fp32 ``[V, D]`` for the weight's), so
+    that the next backward returns the same gradients, as any autograd op's. Gradients that
+    reach ``stats`` too are added by a recomputing pass.
 
     row_weight: None, or ``[N]`` per-row numbers ``row_loss`` takes (the class weights of the
     targets), differentiable.

@@ -138,15 +138,16 @@ def linear_cross_entropy(
     and a chunk's fp32 logits (``chunk x V``) are kept from its log-sum-exp to its gradient, so
     each block is computed once (6 ``N V D``, Liger-Kernel's strategy). The gradients then exist
     from the forward pass on: hidden's as an fp32 ``[N, D]`` buffer, weight's as an fp32
-    ``[V, D]`` sum over the chunks, saved with the graph (freed with it, after a backward that
-    does not retain it). Each backward returns them times the loss's gradient in new tensors,
-    so that during the backward call the weight's gradient exists twice (the saved sum and the
-    returned one). For an fp32 weight that sum is the size of the gradient and the kept logits
-    fit the block budget. For a half-precision weight the sum is memory beyond the
-    gradient (4 bytes per weight entry), the kept logits may then be as large (chunks of up to
-    ``D`` rows: GEMMs of few rows are slow on CPUs), and where the CPU's GEMMs run in fp32 for
-    half-precision inputs (``set_cpu_gemm_dtype``) an fp32 copy of the weight is made once
-    (another 4 bytes per entry). The PyTorch block loop serves this path on every device.
+    ``[V, D]`` sum over the chunks, saved with the graph. The backward pass scales them by the
+    loss's gradient in place and returns them, or, when it retains the graph
+    (``retain_graph=True``), returns scaled copies (another fp32 ``[V, D]`` while the graph
+    lives) so that a later backward gets the same gradients. For an fp32 weight that sum is the
+    gradient itself and the kept logits fit the block budget. For a half-precision weight the
+    sum is memory beyond the gradient (4 bytes per weight entry), the kept logits may then be
+    as large (chunks of up to ``D`` rows: GEMMs of few rows are slow on CPUs), and where the
+    CPU's GEMMs run in fp32 for half-precision inputs (``set_cpu_gemm_dtype``) an fp32 copy of
+    the weight is made once (another 4 bytes per entry). The PyTorch block loop serves this path
+    on every device.
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)

@@ -695,7 +695,11 @@ def test_grad_in_forward_with_the_new_options(monkeypatch, grad_in_forward, opti
 
 
 def counting_fused_calls(monkeypatch) -> list:
-    """Patch ``_fused_loss_blocks`` to record each call's ``_FusedGrads``; returns the record."""
+    """Patch ``_fused_loss_blocks`` to record each call's ``_FusedGrads`` as weak references
+    (None where absent), so as not to keep them alive, with the address of the weight's
+    (``data_ptr``); returns the record, a ``(references, address)`` pair per call."""
+    import weakref
+
     from chunklogits import _blocks
 
     calls = []
@@ -703,7 +707,9 @@ def counting_fused_calls(monkeypatch) -> list:
 
     def recorded(*args):
         result = fused(*args)
-        calls.append(result[2])
+        grads = result[2]
+        references = [None if g is None else weakref.ref(g) for g in grads]
+        calls.append((references, None if grads.weight is None else grads.weight.data_ptr()))
         return result
 
     monkeypatch.setattr(_blocks, "_fused_loss_blocks", recorded)
@@ -757,28 +763,33 @@ def test_default_backward_twice_doubles_the_gradients(monkeypatch, dtype, option
         assert_as_accurate(ours, naive, exact, dtype, f"first backward {options}")
 
 
-def test_fused_gradients_are_freed_with_the_graph(monkeypatch):
-    # The fused gradients live with the graph: a backward that retains it keeps them (for the
-    # next one), a backward that does not frees them although the loss (and its grad_fn) lives.
+def test_fused_gradients_are_returned_or_copied(monkeypatch):
+    # The fused gradients live with the graph. A backward that frees it returns the weight's
+    # (fp32) as the gradient itself, no copy; one that retains it returns copies and keeps them
+    # for the next, which returns the same values.
     import gc
-    import weakref
 
     calls = counting_fused_calls(monkeypatch)
     hidden, weight, bias, labels = make_inputs((2, 30), 211, 16, torch.float32, 0.2, bias=True)
-    loss = cl.linear_cross_entropy(hidden, weight, labels, bias=bias)
-    held = [weakref.ref(g) for g in calls[0][:3]]
-    calls.clear()
-    loss.backward(retain_graph=True)
-    gc.collect()
-    assert all(ref() is not None for ref in held)
-    loss.backward()
-    gc.collect()
-    assert loss.grad_fn is not None and all(ref() is None for ref in held)
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    expected = reference.linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2])
-    (2 * expected).backward()
+    reference.linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2]).backward()
+    loss = cl.linear_cross_entropy(hidden, weight, labels, bias=bias)
+    loss.backward()
+    assert weight.grad.data_ptr() == calls[0][1]
     for ours, exact in zip((hidden, weight, bias), leaves, strict=True):
         torch.testing.assert_close(ours.grad.double(), exact.grad, rtol=1e-5, atol=1e-6)
+        ours.grad = None
+    loss = cl.linear_cross_entropy(hidden, weight, labels, bias=bias)
+    saved = calls[1][0][1]
+    loss.backward(retain_graph=True)
+    assert saved() is not None and weight.grad.data_ptr() != calls[1][1]
+    once = weight.grad.clone()
+    loss.backward()
+    del loss
+    gc.collect()
+    assert saved() is None  # freed with the graph
+    torch.testing.assert_close(weight.grad, 2 * once, rtol=0, atol=0)
+    torch.testing.assert_close(once.double(), leaves[1].grad, rtol=1e-5, atol=1e-6)
 
 
 _GRADCHECK_OPTIONS = [
