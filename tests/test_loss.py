@@ -530,8 +530,11 @@ def test_grad_in_forward_default_budget_plan():
     ],
 )
 def test_grad_in_forward_default_decides(
-    monkeypatch, dtype, weight_grad, reduction, budget, expected
+    monkeypatch, cpu_gemm, dtype, weight_grad, reduction, budget, expected
 ):
+    # The rule reads dtypes and the budget only: a bf16 weight keeps the recomputing path
+    # whether the CPU's GEMMs run in bf16 (where fusing is slower) or in fp32 (where it would
+    # hold an fp32 copy of the weight).
     from chunklogits import _blocks
 
     calls = []
