@@ -19,6 +19,8 @@ shard's weight gradient is finished before the next shard starts and needs no ``
 accumulator. A scalar loss can instead have its gradients computed in the forward pass
 (``row_stats(row_loss=...)``, ``_fused_loss_blocks``): row chunks outer, each chunk's logits kept
 for the whole vocabulary, 3 GEMMs per block instead of 4, the weight gradient summed in fp32.
+These gradients are saved for backward, which returns them scaled (in place, unless the graph
+is retained for another backward, which then returns the same gradients).
 """
 
 from __future__ import annotations
@@ -686,34 +688,40 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transfor
     return grad_hidden, grad_weight, grad_bias
 
 
-def _loss_and_grads(row_loss, stats: RowStats) -> tuple[Tensor, RowStats]:
-    """``row_loss(stats).sum()`` and its gradients with respect to the statistics (the per-row
-    coefficients of a gradient pass), by autograd on ``O(rows)`` numbers: the caller's one
-    formula of its loss serves both the value and the gradient."""
+def _loss_and_grads(row_loss, stats: RowStats, row_weight) -> tuple[Tensor, RowStats, Tensor]:
+    """``row_loss(stats, row_weight).sum()`` and its gradients with respect to the statistics
+    (the per-row coefficients of a gradient pass) and to ``row_weight`` (None when it is None),
+    by autograd on ``O(rows)`` numbers: the caller's one formula of its loss serves both the
+    value and the gradient."""
     with torch.enable_grad():
         leaves = RowStats(*(None if s is None else s.detach().requires_grad_() for s in stats))
-        total = row_loss(leaves).sum()
-        present = [s for s in leaves if s is not None]
+        weight_leaf = None if row_weight is None else row_weight.detach().requires_grad_()
+        total = row_loss(leaves, weight_leaf).sum()
+        present = [s for s in (*leaves, weight_leaf) if s is not None]
         grads = iter(torch.autograd.grad(total, present, allow_unused=True))
-    return total.detach(), RowStats(*(None if s is None else next(grads) for s in leaves))
+    stat_grads = RowStats(*(None if s is None else next(grads) for s in leaves))
+    return total.detach(), stat_grads, next(grads, None)
 
 
 class _FusedGrads(NamedTuple):
     """The gradients ``_fused_loss_blocks`` accumulates, in fp32 (fp64 for fp64 inputs), for a
     loss gradient of 1: of the selected rows of hidden ``[N, D]``, of weight ``[V, D]``, of
-    bias ``[V]``; ``None`` where not needed."""
+    bias ``[V]``, of the per-row weights ``[N]``; ``None`` where not needed."""
 
     rows: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
+    row_weight: Tensor | None
 
 
 def _fused_loss_blocks(
     hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, row_loss,
-    needs, vocab_parallel,
+    row_weight, needs, vocab_parallel,
 ):  # fmt: skip
     """``(stats, loss, grads)``: the ``RowStats`` of ``_forward_stats``, the scalar
-    ``row_loss(stats).sum()`` and its gradients (``_FusedGrads``), in one pass.
+    ``row_loss(stats, row_weight).sum()`` and its gradients (``_FusedGrads``), in one pass;
+    ``row_loss`` is called chunk by chunk, with the chunk's rows of ``row_weight`` ``[N]`` (or
+    None). ``needs``: which of (hidden, weight, bias, row_weight) want a gradient.
 
     Row chunks outer, vocabulary inner: a chunk's blocks are computed once, folded into its
     statistics, kept (fp32, ``chunk x V``, one workspace buffer per shard) until its log-sum-exp
@@ -723,7 +731,7 @@ def _fused_loss_blocks(
     is summed over the chunks in an fp32 ``[V, D]`` buffer (the result itself for an fp32
     weight), and a half-precision weight is converted once to the GEMMs' dtype where that
     differs (another ``[V, D]``), instead of once per chunk."""
-    need_hidden, need_weight, need_bias = needs
+    need_hidden, need_weight, need_bias, need_row_weight = needs
     running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d)
     stat_dtype, device = running.dtype, hidden2d.device
     vocab = weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
@@ -735,6 +743,7 @@ def _fused_loss_blocks(
         torch.zeros(plan.rows, hidden2d.shape[1], **new) if need_hidden else None,
         torch.zeros(weight.shape, **new) if need_weight else None,
         torch.zeros(weight.shape[0], **new) if need_bias else None,
+        torch.zeros(plan.rows, **new) if need_row_weight else None,
     )
     loss, chunk_stats = torch.zeros((), **new), []
     for r0, r1, h in rows:
@@ -747,8 +756,11 @@ def _fused_loss_blocks(
         if vocab_parallel is not None:
             stats = vocab_parallel.combine(stats)
         chunk_stats.append(stats)
-        chunk_loss, stat_grads = _loss_and_grads(row_loss, stats)
+        chunk_weight = None if row_weight is None else row_weight[r0:r1]
+        chunk_loss, stat_grads, row_weight_grad = _loss_and_grads(row_loss, stats, chunk_weight)
         loss += chunk_loss
+        if grads.row_weight is not None:
+            grads.row_weight[r0:r1] = row_weight_grad
         coef = _coefficients(stats, stat_grads, vocab)
         chunk_targets = None if targets is None else targets[r0:r1]
         for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
@@ -812,8 +824,9 @@ class _RowStatsFunction(torch.autograd.Function):
         vocab_parallel,
         top_k,
         row_loss,
+        row_weight,
     ):
-        ctx.fused = None
+        fused = _FusedGrads(None, None, None, None)
         if row_loss is None:
             forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
             extra = {}
@@ -836,11 +849,16 @@ class _RowStatsFunction(torch.autograd.Function):
                     f"got top_k={top_k}"
                 )
             ctx.backward_blocks = _backward_blocks
-            stats, loss, ctx.fused = _fused_loss_blocks(
+            needs = (*ctx.needs_input_grad[:3], ctx.needs_input_grad[12])
+            stats, loss, fused = _fused_loss_blocks(
                 hidden2d, weight, bias, index, targets, transform, plan, want_mean,
-                want_entropy, row_loss, ctx.needs_input_grad[:3], vocab_parallel,
+                want_entropy, row_loss, row_weight, needs, vocab_parallel,
             )  # fmt: skip
-        ctx.save_for_backward(hidden2d, weight, bias, index, targets, stats.lse, stats.entropy)
+        # The fused gradients are saved tensors, not attributes: the engine frees them with the
+        # graph after a backward that does not retain it, and keeps them for one that does.
+        ctx.save_for_backward(
+            hidden2d, weight, bias, index, targets, stats.lse, stats.entropy, *fused
+        )
         ctx.transform, ctx.plan, ctx.vocab_parallel = transform, plan, vocab_parallel
         ctx.row_loss = row_loss
         # Statistics that do not reach the loss get ``None`` gradients instead of zeros, so their
@@ -863,26 +881,25 @@ class _RowStatsFunction(torch.autograd.Function):
                 "for the graph of their gradient (e.g. a gradient penalty); compute that term "
                 "with chunklogits.reference on the materialised logits instead"
             )
-        hidden2d, weight, bias, index, targets, lse, entropy = ctx.saved_tensors
+        hidden2d, weight, bias, index, targets, lse, entropy, *saved = ctx.saved_tensors
+        fused = _FusedGrads(*saved)
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
         grad_loss = next(present, None)
         parallel = ctx.vocab_parallel
         needs = ctx.needs_input_grad[:3]
-        grad_rows = grad_weight = grad_bias = None
+        recompute = any(g is not None for g in grads)  # the statistics themselves reach the result
+        grad_rows = grad_weight = grad_bias = grad_row_weight = None
         if ctx.row_loss is not None and grad_loss is not None:
-            # The forward pass computed the gradients for a loss gradient of 1: scale them.
-            if ctx.fused is None:
-                raise RuntimeError(
-                    "linear_cross_entropy(grad_in_forward=True): backward through the same loss "
-                    "twice; its gradients were computed in the forward pass and are consumed by "
-                    "the first backward"
-                )
-            fused, ctx.fused = ctx.fused, None
-            grad_rows, grad_weight, grad_bias = (
-                None if g is None else g.mul_(grad_loss) for g in fused
+            # The forward pass computed the gradients for a loss gradient of 1. A backward that
+            # frees the graph scales them in place and returns them (no copy); one that keeps
+            # it (retain_graph=True) scales them into new tensors, so that the next backward
+            # finds them as they were and returns the same gradients, as any autograd op does.
+            kept = _graph_kept()
+            grad_rows, grad_weight, grad_bias, grad_row_weight = (
+                None if g is None else g * grad_loss if kept else g.mul_(grad_loss) for g in fused
             )
-        if any(g is not None for g in grads):  # the statistics themselves reach the result
+        if recompute:
             stats = RowStats(lse, None, None, entropy)
             vocab = weight.shape[0] if parallel is None else parallel.vocab
             coef = _coefficients(stats, grads, vocab)
@@ -905,7 +922,15 @@ class _RowStatsFunction(torch.autograd.Function):
             grad_bias = grad_bias.to(bias.dtype)
         if parallel is not None and grad_hidden is not None:
             grad_hidden = parallel.reduce_grad(grad_hidden)
-        return grad_hidden, grad_weight, grad_bias, *(None,) * 9
+        return grad_hidden, grad_weight, grad_bias, *(None,) * 9, grad_row_weight
+
+
+def _graph_kept() -> bool:
+    """Whether the backward pass running now keeps the graph (``retain_graph=True``), so that
+    the saved tensors are read again: torch's autograd engine says so through a private function
+    (which AOT autograd reads for the same purpose); True where it is missing."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else keep_graph()
 
 
 def row_stats(
@@ -922,6 +947,7 @@ def row_stats(
     vocab_parallel=None,
     top_k: int = 0,
     row_loss=None,
+    row_weight: Tensor | None = None,
 ) -> RowStats | tuple[RowStats, Tensor]:
     """Differentiable ``RowStats`` of ``z = transform(hidden2d[index] @ weight.T + bias)``.
 
@@ -941,11 +967,18 @@ def row_stats(
     top_k: > 0 for ``RowStats.top``, the ``top_k`` largest logits of each row (``TopLogits``,
     not differentiable; whole-vocabulary indices under ``vocab_parallel``), from the same pass.
 
-    row_loss: None, or a function of ``RowStats`` (each ``[rows]``) to a per-row loss, made of
-    differentiable torch ops. Then ``(stats, loss)`` is returned, ``loss = row_loss(stats).sum()``,
-    and the gradients of ``loss`` are computed during the forward pass (``_fused_loss_blocks``,
-    which needs a plan from ``plan_blocks(kept_vocab=...)``); the backward pass only scales them.
-    Gradients that reach ``stats`` too are added by a recomputing pass.
+    row_loss: None, or a function of ``RowStats`` (each ``[rows]``) and of the same rows of
+    ``row_weight`` (None when it is None) to a per-row loss, made of differentiable torch ops.
+    Then ``(stats, loss)`` is returned, ``loss = row_loss(stats, row_weight).sum()``, and the
+    gradients of ``loss`` are computed during the forward pass (``_fused_loss_blocks``, which
+    needs a plan from ``plan_blocks(kept_vocab=...)``) and saved; the backward pass returns them
+    scaled by the loss's gradient: in place when it frees the graph, into new tensors when it
+    keeps it (``retain_graph=True``: a copy of each, an fp32 ``[V, D]`` for the weight's), so
+    that the next backward returns the same gradients, as any autograd op's. Gradients that
+    reach ``stats`` too are added by a recomputing pass.
+
+    row_weight: None, or ``[N]`` per-row numbers ``row_loss`` takes (the class weights of the
+    targets), differentiable.
     """
     if vocab_parallel is not None and targets is not None:
         targets = targets - vocab_parallel.start
@@ -963,6 +996,7 @@ def row_stats(
             vocab_parallel,
             top_k,
             row_loss,
+            row_weight,
         )
     )
     present = (True, targets is not None, want_mean, want_entropy)

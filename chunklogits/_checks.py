@@ -110,14 +110,18 @@ def check_in_vocab(name: str, tokens: Tensor, vocab: int, ignore_index: int | No
 
 
 def check_num_items(num_items) -> None:
-    """``num_items_in_batch``: a positive number or a one-element real tensor (transformers'
-    count of the labels of a whole accumulated batch)."""
+    """``num_items_in_batch``: a positive number or a one-element real tensor holding one
+    (transformers' count of the labels of a whole accumulated batch). A count of 0 (every label
+    of the batch ignored) is refused: the loss would divide by it (+-inf or NaN gradients)."""
     if isinstance(num_items, Tensor):
         if num_items.numel() != 1 or num_items.dtype.is_complex:
             raise ValueError(
                 "num_items_in_batch: expected a scalar, "
                 f"got a tensor of shape {tuple(num_items.shape)}"
             )
+        # One host read per call, as the labels' range check makes; meta tensors have no value.
+        if not num_items.is_meta and not num_items.item() > 0:
+            raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items!r}")
         return
     if not isinstance(num_items, numbers.Real) or isinstance(num_items, bool) or num_items <= 0:
         raise ValueError(

@@ -280,7 +280,8 @@ class ChunkedLMHead(nn.Linear):
         weight, bias, process_group = local_head(self.weight, self.bias)
         device_type = hidden.device.type
         context = nullcontext()
-        if torch.is_autocast_enabled(device_type):
+        # Devices autocast does not know (meta: shapes only) are never under it.
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
 
             def cast(tensor: Tensor | None) -> Tensor | None:

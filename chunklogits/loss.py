@@ -101,18 +101,27 @@ def linear_cross_entropy(
             whole vocabulary's loss on every rank; ``shards`` counts this rank's slice. Every rank
             must call ``backward``: each gets its slice's weight and bias gradients and the full
             (all-reduced) gradient of hidden.
-        grad_in_forward: compute the gradients of hidden, weight and bias during the forward
-            pass, so that ``backward`` only scales them (see "Memory and time"). Needs a scalar
-            loss (``reduction`` "mean" or "sum"). ``True`` forces it, ``False`` forbids it,
-            ``None`` (default) uses it when gradients are needed, it costs no memory beyond
-            the block budget (an fp32 or fp64 weight, or one that needs no gradient, on a
-            device the Triton kernels do not serve) and the budget holds the logits of at least
-            ``_FUSED_MIN_ROWS`` rows (256) for the whole vocabulary: with fewer rows per GEMM the
-            fused pass ran slower than the recomputing one (AVX2 CPU, fp32: 1.77x at N = 1,024,
-            D = 256, V = 128,256 with its 60-row chunks). The fused pass computes no top-k
-            statistic: with ``return_token_accuracy``, ``None`` uses the recomputing path and
-            ``True`` is refused (ValueError). ``class_weight`` and ``return_z_loss`` are served
-            by both.
+        grad_in_forward: compute the gradients of hidden, weight and bias (and of a
+            ``class_weight`` that requires grad) during the forward pass, so that ``backward``
+            only scales them (see "Memory and time"). Needs a scalar loss (``reduction``
+            "mean" or "sum"). ``True`` forces it, ``False`` forbids it, ``None`` (default) uses
+            it when gradients of hidden, weight or bias are needed, the weight is fp32 or fp64,
+            the device is one the Triton kernels do not serve, and the budget holds the logits
+            of at least ``_FUSED_MIN_ROWS`` rows (256) for the whole vocabulary. Why: the fused
+            pass saves one of the four ``2 N V D`` GEMMs and adds eager passes over each kept
+            block, so it is faster only where the GEMMs dominate, i.e. where they run in fp32
+            (AVX2 CPU, fp32: 1.24x the 3-GEMM floor against the recomputing path's 1.66x), and
+            slower where they are cheap (a Xeon with AVX512-BF16 and AMX, bf16 GEMMs: 2.2x
+            against 1.84x) or have few rows (AVX2, fp32: 1.77x at N = 1,024, D = 256,
+            V = 128,256 with its 60-row chunks). A half-precision weight, trainable or frozen,
+            keeps the recomputing path: on a CPU that multiplies it natively the fused pass is
+            the slower one, on one that does not (``set_cpu_gemm_dtype``) it would hold an fp32
+            copy of the whole weight (and of a trainable one's gradient sum) beyond the block
+            budget. The rule reads dtypes and the budget, never a timing. The fused pass
+            computes no top-k statistic: with ``return_token_accuracy``, ``None`` uses the
+            recomputing path and ``True`` is refused (ValueError). ``class_weight`` and
+            ``return_z_loss`` are served by both. Either way the loss behaves as an autograd
+            op: ``backward(retain_graph=True)`` may be called again, with the same gradients.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
@@ -129,12 +138,16 @@ def linear_cross_entropy(
     and a chunk's fp32 logits (``chunk x V``) are kept from its log-sum-exp to its gradient, so
     each block is computed once (6 ``N V D``, Liger-Kernel's strategy). The gradients then exist
     from the forward pass on: hidden's as an fp32 ``[N, D]`` buffer, weight's as an fp32
-    ``[V, D]`` sum over the chunks. For an fp32 weight that sum is the gradient itself and the
-    kept logits fit the block budget. For a half-precision weight the sum is memory beyond the
-    gradient (4 bytes per weight entry), the kept logits may then be as large (chunks of up to
-    ``D`` rows: GEMMs of few rows are slow on CPUs), and where the CPU's GEMMs run in fp32 for
-    half-precision inputs (``set_cpu_gemm_dtype``) an fp32 copy of the weight is made once
-    (another 4 bytes per entry). The PyTorch block loop serves this path on every device.
+    ``[V, D]`` sum over the chunks, saved with the graph. The backward pass scales them by the
+    loss's gradient in place and returns them, or, when it retains the graph
+    (``retain_graph=True``), returns scaled copies (another fp32 ``[V, D]`` while the graph
+    lives) so that a later backward gets the same gradients. For an fp32 weight that sum is the
+    gradient itself and the kept logits fit the block budget. For a half-precision weight the
+    sum is memory beyond the gradient (4 bytes per weight entry), the kept logits may then be
+    as large (chunks of up to ``D`` rows: GEMMs of few rows are slow on CPUs), and where the
+    CPU's GEMMs run in fp32 for half-precision inputs (``set_cpu_gemm_dtype``) an fp32 copy of
+    the weight is made once (another 4 bytes per entry). The PyTorch block loop serves this path
+    on every device.
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
@@ -205,7 +218,7 @@ def linear_cross_entropy(
         stat_dtype = torch.promote_types(hidden.dtype, torch.float32)
         row_weight = class_weight.to(stat_dtype)[rows.targets]
 
-    def row_loss_of(stats: RowStats) -> Tensor:
+    def row_loss_of(stats: RowStats, row_weight: Tensor | None) -> Tensor:
         row_loss = stats.lse - stats.target
         if label_smoothing > 0:
             smoothed = stats.lse - (1.0 - label_smoothing) * stats.target
@@ -228,11 +241,12 @@ def linear_cross_entropy(
         vocab_parallel=vocab_slice,
         top_k=1 if return_token_accuracy else 0,
         row_loss=row_loss_of if fused else None,
+        row_weight=row_weight if fused else None,
     )
     if fused:
         (stats, total), row_loss = result, None
     else:
-        stats, row_loss = result, row_loss_of(result)
+        stats, row_loss = result, row_loss_of(result, row_weight)
         total = row_loss.sum()
     loss = rows.reduce(row_loss, reduction, num_items_in_batch, row_weight, total=total)
     if not (return_z_loss or return_token_accuracy):
@@ -425,9 +439,10 @@ def _grads_needed(*tensors: Tensor | None) -> bool:
 
 def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
     """Whether ``grad_in_forward`` needs no memory beyond the block budget and the gradients
-    themselves: the weight gradient is its own fp32 sum (an fp32/fp64 weight, or none is
-    needed), and the PyTorch loop is what would run anyway (no Triton kernels)."""
-    wide = weight.dtype in (torch.float32, torch.float64) or not weight.requires_grad
+    and is not the slower path (see ``linear_cross_entropy``): an fp32/fp64 weight (its fp32
+    gradient is its own sum, the GEMMs run in fp32 and dominate the time, no converted copy of
+    the weight), and the PyTorch loop is what would run anyway (no Triton kernels)."""
+    wide = weight.dtype in (torch.float32, torch.float64)
     return wide and _blocks._block_functions(hidden2d)[0] is _blocks._forward_stats
 
 

@@ -87,10 +87,13 @@ def linear_cross_entropy(
         z, decision, labels = z[..., :-1, :], decision[..., :-1, :], labels[..., 1:]
     z, flat_labels = z.reshape(-1, z.shape[-1]), labels.reshape(-1)
     kept = flat_labels != ignore_index
+    # Without smoothing, F.cross_entropy(weight=)'s loss is the unweighted one times the label's
+    # class weight; so written, it is differentiable in the class weights too.
+    weighted = class_weight is not None and label_smoothing == 0
     per_label = F.cross_entropy(
         z,
         flat_labels,
-        weight=None if class_weight is None else class_weight.to(z.dtype),
+        weight=None if class_weight is None or weighted else class_weight.to(z.dtype),
         ignore_index=ignore_index,
         reduction="none",
         label_smoothing=label_smoothing,
@@ -98,6 +101,8 @@ def linear_cross_entropy(
     label_weight = kept.to(z.dtype)
     if class_weight is not None:
         label_weight = label_weight * class_weight.to(z.dtype)[flat_labels.clamp(min=0)]
+    if weighted:
+        per_label = per_label * label_weight
     z_term = z_loss * z.logsumexp(-1).square() * label_weight if z_loss or return_z_loss else None
     if z_loss:
         per_label = per_label + z_term
