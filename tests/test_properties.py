@@ -636,7 +636,7 @@ def test_linear_jsd(data):
             full = [None, None, student.weight, None, teacher.weight, student.bias, teacher.bias]
             out[i] = expand(out[i], full[i]) if full[i] is not None else out[i]
         results.append(out)
-    if reduction == "mean" and masked:  # jsd.mean() divides by the whole vocabulary
+    if reduction == "mean" and student.masked:  # jsd.mean() divides by the whole vocabulary
         for out in results:
             out[:] = [x * kept.numel() / vocab if x is not None else None for x in out]
     names = [
