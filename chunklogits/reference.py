@@ -103,7 +103,13 @@ def linear_cross_entropy(
         label_weight = label_weight * class_weight.to(z.dtype)[flat_labels.clamp(min=0)]
     if weighted:
         per_label = per_label * label_weight
-    z_term = z_loss * z.logsumexp(-1).square() * label_weight if z_loss or return_z_loss else None
+    z_term = None
+    if z_loss or return_z_loss:
+        # Filled, not only multiplied, with 0 where a label counts nothing: "mean" over no
+        # counted label is 0 / 0, whose backward would send inf * 0 = NaN to those rows.
+        z_term = (z_loss * z.logsumexp(-1).square() * label_weight).masked_fill(
+            label_weight == 0, 0
+        )
     if z_loss:
         per_label = per_label + z_term
 
