@@ -7,9 +7,10 @@ fp32 and folded into fp32 per-row running statistics with the online log-sum-exp
     m' = max(m, max_v z_v),   s' = s * exp(m - m') + sum_v exp(z_v - m')
 
 so that only ``O(N)`` numbers outlive a block. Everything that consumes logits is built from four
-statistics per row (``RowStats``): the log-sum-exp, the target logit, the mean logit and the
-entropy of the softmax. ``row_stats`` returns them as a differentiable function of ``hidden``,
-``weight`` and ``bias``: its backward pass recomputes each block, forms
+statistics per row (``RowStats``): the log-sum-exp centred on the row maximum, the target's
+log-probability, the mean logit and the entropy of the softmax. ``row_stats`` returns them as a
+differentiable function of ``hidden``, ``weight`` and ``bias`` (with the row maximum, a constant
+offset): its backward pass recomputes each block, forms
 ``dL/dz = p * (a + b * log p) + c * onehot(target) + d`` from per-row coefficients and multiplies
 it back through the two GEMMs, so the loss, log-prob and entropy ops never write their own
 backward.
@@ -256,16 +257,41 @@ def _cpu_multiplies_natively(dtype: torch.dtype) -> bool:
 class RowStats(NamedTuple):
     """Per-row statistics of ``z = transform(hidden @ weight.T + bias)`` over the vocabulary.
 
-    ``lse``: ``logsumexp(z)``; ``target``: ``z[target]``; ``mean``: ``z.mean()``;
+    ``max``: the row maximum ``m`` (``-inf`` for a row of ``-inf`` logits; the Triton kernels may
+    give another constant offset), not differentiable; ``log_sum``: ``log(sum(exp(z - m)))``,
+    so that ``lse = m + log_sum`` (``d log_sum / dz = softmax(z)``: ``m`` is a constant offset);
+    ``logprob``: ``log_softmax(z)[target]``, formed as ``(z[target] - m) - log_sum`` (exact for
+    the top token, where ``z[target] - lse`` would lose ``eps * |lse|``); ``mean``: ``z.mean()``;
     ``entropy``: ``-(softmax(z) * log_softmax(z)).sum()``; ``top``: the ``TopLogits`` (the
     ``top_k`` largest logits, chosen on the model's own logits). Unrequested ones are ``None``.
+    ``target``: the raw target logit ``z[target]``, which the engine's passes (and
+    ``VocabSlice.combine``) carry until ``finished`` turns it into ``logprob``.
     """
 
-    lse: Tensor
-    target: Tensor | None
+    log_sum: Tensor
+    logprob: Tensor | None
     mean: Tensor | None
     entropy: Tensor | None
     top: TopLogits | None = None
+    max: Tensor | None = None
+    target: Tensor | None = None
+
+    @property
+    def lse(self) -> Tensor:
+        """``logsumexp(z)``: ``max + log_sum``."""
+        return self.max + self.log_sum
+
+    def log_softmax_at(self, logits: Tensor) -> Tensor:
+        """``logits - lse`` for logits ``[N, ...]`` of these rows, formed as
+        ``(logits - max) - log_sum``: no cancellation of ``lse`` against a logit near it."""
+        shape = (-1,) + (1,) * (logits.dim() - 1)
+        return (logits - self.max.view(shape)) - self.log_sum.view(shape)
+
+    def finished(self) -> RowStats:
+        """These statistics with the raw target logit turned into ``logprob``."""
+        if self.target is None:
+            return self
+        return self._replace(logprob=self.log_softmax_at(self.target), target=None)
 
 
 class TopLogits(NamedTuple):
@@ -461,13 +487,12 @@ class _RunningStats:
     def stats(self, vocab: int, rows: slice = slice(None)) -> RowStats:
         """The statistics of ``rows`` over a vocabulary of ``vocab`` entries, all folded."""
         log_sum = self.sum_exp[rows].log()
-        lse = self.max[rows] + log_sum
         target = None if self.target is None else self.target[rows]
         mean = None if self.total is None else self.total[rows] / vocab
         entropy = (
             None if self.weighted is None else log_sum - self.weighted[rows] / self.sum_exp[rows]
         )
-        return RowStats(lse, target, mean, entropy)
+        return RowStats(log_sum, None, mean, entropy, max=self.max[rows], target=target)
 
 
 def _forward_stats(
@@ -588,28 +613,44 @@ class _RunningTop:
 
 class _GradCoefficients(NamedTuple):
     """``dL/dz[i, v] = p[i, v] * (p_coef[i] + plogp_coef[i] * log p[i, v])
-    + target_coef[i] * [v == t_i] + uniform[i]``; ``None`` terms are zero."""
+    + target_coef[i] * [v == t_i] + uniform[i] + p_delta[i] * p[i, v]``; ``None`` terms are
+    zero. ``p_delta`` is added after the target's term: with ``p_coef = -target_coef``, the
+    block's ``target_coef * (onehot - p)`` is exact where ``p ~ 1``, and a small ``p_delta``
+    (a z-loss's ``2 * z_loss * lse``) is not lost in the rounding of ``p_coef + p_delta``."""
 
     p_coef: Tensor | None
     plogp_coef: Tensor | None
     target_coef: Tensor | None
     uniform: Tensor | None
+    p_delta: Tensor | None = None
 
     def rows(self, r0: int, r1: int) -> _GradCoefficients:
         return _GradCoefficients(*(None if c is None else c[r0:r1] for c in self))
 
+    def folded(self) -> _GradCoefficients:
+        """``p_delta`` merged into ``p_coef``, for the kernels that have no separate term."""
+        if self.p_delta is None:
+            return self
+        return self._replace(p_coef=self.p_coef + self.p_delta, p_delta=None)
+
 
 def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoefficients:
-    # d lse / dz = p;  d z_t / dz = onehot(t);  d mean / dz = 1 / V;
+    # d log_sum / dz = p;  d logprob / dz = onehot(t) - p;  d mean / dz = 1 / V;
     # d entropy / dz_v = -p_v * (log p_v + entropy)   (in log p, not z: no cancellation).
-    p_coef = grads.lse
-    plogp_coef = None
+    terms = []
+    if grads.logprob is not None:
+        terms.append(-grads.logprob)
+    plogp_coef = p_delta = None
     if grads.entropy is not None:
-        shift = -grads.entropy * stats.entropy
-        p_coef = shift if p_coef is None else p_coef + shift
+        terms.append(-grads.entropy * stats.entropy)
         plogp_coef = -grads.entropy
+    if grads.log_sum is not None and grads.logprob is not None and plogp_coef is None:
+        p_delta = grads.log_sum  # kept apart from -logprob's coefficient: see _GradCoefficients
+    elif grads.log_sum is not None:
+        terms.append(grads.log_sum)
+    p_coef = sum(terms[1:], terms[0]) if terms else None
     uniform = None if grads.mean is None else grads.mean / vocab
-    return _GradCoefficients(p_coef, plogp_coef, grads.target, uniform)
+    return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta)
 
 
 def _block_grad(z, lse, coef: _GradCoefficients, targets, v0, v1, transform, work) -> Tensor:
@@ -626,11 +667,15 @@ def _block_grad(z, lse, coef: _GradCoefficients, targets, v0, v1, transform, wor
     if coef.plogp_coef is not None:
         grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
         grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
+    elif coef.p_delta is not None:  # p is kept in logp for the term added last
+        grad = torch.mul(logp.exp_(), p_coef, out=work.get("grad", *shape, dtype))
     else:
         grad = logp.exp_().mul_(p_coef)
     if coef.target_coef is not None:
         inside, column = _target_in_shard(targets, v0, v1)
         grad.scatter_add_(1, column[:, None], (coef.target_coef * inside)[:, None])
+    if coef.p_delta is not None:
+        grad.add_(logp.mul_(coef.p_delta[:, None]))
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
     return transform.chain_(grad, z)
@@ -694,12 +739,13 @@ def _loss_and_grads(row_loss, stats: RowStats, row_weight) -> tuple[Tensor, RowS
     by autograd on ``O(rows)`` numbers: the caller's one formula of its loss serves both the
     value and the gradient."""
     with torch.enable_grad():
-        leaves = RowStats(*(None if s is None else s.detach().requires_grad_() for s in stats))
+        differentiable = [None if s is None else s.detach().requires_grad_() for s in stats[:4]]
+        leaves = stats._replace(**dict(zip(RowStats._fields, differentiable, strict=False)))
         weight_leaf = None if row_weight is None else row_weight.detach().requires_grad_()
         total = row_loss(leaves, weight_leaf).sum()
-        present = [s for s in (*leaves, weight_leaf) if s is not None]
+        present = [s for s in (*differentiable, weight_leaf) if s is not None]
         grads = iter(torch.autograd.grad(total, present, allow_unused=True))
-    stat_grads = RowStats(*(None if s is None else next(grads) for s in leaves))
+    stat_grads = RowStats(*(None if s is None else next(grads) for s in differentiable))
     return total.detach(), stat_grads, next(grads, None)
 
 
@@ -755,6 +801,7 @@ def _fused_loss_blocks(
         stats = running.stats(weight.shape[0], slice(r0, r1))
         if vocab_parallel is not None:
             stats = vocab_parallel.combine(stats)
+        stats = stats.finished()
         chunk_stats.append(stats)
         chunk_weight = None if row_weight is None else row_weight[r0:r1]
         chunk_loss, stat_grads, row_weight_grad = _loss_and_grads(row_loss, stats, chunk_weight)
@@ -781,7 +828,7 @@ def _fused_loss_blocks(
                 else:
                     grads.weight[v0:v1] += grad.T @ h
     if not chunk_stats:  # no row
-        return running.stats(weight.shape[0]), loss, grads
+        return running.stats(weight.shape[0]).finished(), loss, grads
     stats = RowStats(
         *(None if s[0] is None else torch.cat(s) for s in zip(*chunk_stats, strict=True))
     )
@@ -842,6 +889,7 @@ class _RowStatsFunction(torch.autograd.Function):
                 stats.entropy.masked_fill_(stats.lse == -math.inf, math.nan)
             if vocab_parallel is not None:
                 stats = vocab_parallel.combine(stats)
+            stats = stats.finished()
         else:
             if top_k:
                 raise ValueError(
@@ -866,10 +914,11 @@ class _RowStatsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         differentiable = stats[:4]
         ctx.layout = tuple(s is not None for s in differentiable)
-        # The top logits are decisions (and values at indices chosen without a gradient).
+        # The row maximum is a constant offset (log_sum's gradient rule is lse's); the top
+        # logits are decisions (and values at indices chosen without a gradient).
         top = () if stats.top is None else tuple(t for t in stats.top if t is not None)
-        ctx.mark_non_differentiable(*top)
-        outputs = tuple(s for s in differentiable if s is not None) + top
+        ctx.mark_non_differentiable(stats.max, *top)
+        outputs = (*(s for s in differentiable if s is not None), stats.max, *top)
         return outputs if row_loss is None else (*outputs, loss)
 
     @staticmethod
@@ -885,7 +934,7 @@ class _RowStatsFunction(torch.autograd.Function):
         fused = _FusedGrads(*saved)
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
-        grad_loss = next(present, None)
+        grad_loss = grad_outputs[-1] if ctx.row_loss is not None else None
         parallel = ctx.vocab_parallel
         needs = ctx.needs_input_grad[:3]
         recompute = any(g is not None for g in grads)  # the statistics themselves reach the result
@@ -900,7 +949,7 @@ class _RowStatsFunction(torch.autograd.Function):
                 None if g is None else g * grad_loss if kept else g.mul_(grad_loss) for g in fused
             )
         if recompute:
-            stats = RowStats(lse, None, None, entropy)
+            stats = RowStats(None, None, None, entropy)
             vocab = weight.shape[0] if parallel is None else parallel.vocab
             coef = _coefficients(stats, grads, vocab)
             recomputed = ctx.backward_blocks(
@@ -955,7 +1004,8 @@ def row_stats(
     ``hidden2d`` to use (None: all ``M``); targets: ``[N]`` in ``[0, V)`` or None. Statistics are
     ``[N]`` in fp32 (fp64 for fp64 inputs). Inputs are assumed validated by the public op.
     Naive equivalent: ``z = transform(F.linear(hidden2d[index], weight, bias).float())``, then
-    ``z.logsumexp(-1)``, ``z.gather(-1, targets)``, ``z.mean(-1)``,
+    ``max = z.amax(-1)``, ``log_sum = (z - max[:, None]).logsumexp(-1)``,
+    ``logprob = z.log_softmax(-1).gather(-1, targets)``, ``z.mean(-1)``,
     ``-(z.softmax(-1) * z.log_softmax(-1)).sum(-1)``.
 
     vocab_parallel: None, or the hook of ``distributed.VocabSlice``: ``weight`` and ``bias`` are
@@ -1001,10 +1051,11 @@ def row_stats(
     )
     present = (True, targets is not None, want_mean, want_entropy)
     stats = [next(out) if kept else None for kept in present]
+    row_max = next(out)
     top = None
     if top_k:
         top = TopLogits(next(out), next(out), next(out), next(out) if targets is not None else None)
-    stats = RowStats(*stats, top)
+    stats = RowStats(*stats, top, row_max)
     return stats if row_loss is None else (stats, next(out))
 
 

@@ -507,13 +507,12 @@ def forward_stats(hidden2d, weight, bias, index, targets, transform, plan, want_
     step = (range_max - running_max).clamp(min=torch.finfo(range_max.dtype).min)
     rescale = step.exp()
     sum_exp = (range_sum * rescale).sum(0)
-    lse = running_max + sum_exp.log()
     target = range_target.sum(0) if targets is not None else None
     mean = range_total.sum(0) / vocab if want_mean else None
     entropy = None
     if want_entropy:
         entropy = sum_exp.log() - ((range_weighted + step * range_sum) * rescale).sum(0) / sum_exp
-    return RowStats(lse, target, mean, entropy)
+    return RowStats(sum_exp.log(), None, mean, entropy, max=running_max, target=target)
 
 
 def _shard_groups(plan, element_bytes: int) -> list[tuple[int, int]]:
@@ -565,6 +564,7 @@ class _Rows:
 
 def backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
     """``_blocks._backward_blocks`` with fused kernels (see the module docstring)."""
+    coef = coef.folded()  # the kernel has no separate p_delta term
     need_hidden, need_weight, need_bias = needs
     device, dtype, dim = hidden2d.device, hidden2d.dtype, hidden2d.shape[1]
     config = _config(hidden2d)

@@ -7,10 +7,10 @@ states and labels, runs the block engine over its own slice only, and the per-ro
 combined with two all-reduces of ``O(rows)`` fp32 numbers, as Megatron-LM's vocab-parallel
 cross-entropy does::
 
-    m = all_reduce_max(lse_r)                       # lse_r: log-sum-exp over the slice
-    w_r = exp(lse_r - m)                            # the slice's softmax mass, times e^-m
-    s = all_reduce_sum(w_r);  lse = m + log(s)
-    entropy = log(s) + all_reduce_sum(w_r * (entropy_r + (m - lse_r))) / s
+    m = all_reduce_max(m_r)                         # m_r: the slice's largest logit
+    w_r = exp((m_r - m) + log_sum_r)                # log_sum_r = lse_r - m_r: the slice's
+    s = all_reduce_sum(w_r);  lse = m + log(s)      #   softmax mass is w_r * e^m
+    entropy = log(s) + all_reduce_sum(w_r * (entropy_r + ((m - m_r) - log_sum_r))) / s
     target = all_reduce_sum(target_r)               # 0 on the ranks that do not hold the target
     mean = all_reduce_sum(V_r * mean_r) / V
 
@@ -69,18 +69,19 @@ class VocabSlice:
 
     def combine(self, stats: RowStats) -> RowStats:
         """The whole vocabulary's statistics from every rank's (see the module doc)."""
-        top = stats.lse.clone()
+        top = stats.max.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        # Rows masked on every rank (lse -inf everywhere) are centred on 0: their share is 0,
-        # their lse log(0) = -inf and their entropy NaN, as in one process.
-        top.masked_fill_(top == -math.inf, 0.0)
-        share = (stats.lse - top).exp_()
+        # Rows masked on every rank (max -inf everywhere) are centred on 0: their share is 0,
+        # their log_sum log(0) = -inf and their entropy NaN, as in one process.
+        centre = top.masked_fill(top == -math.inf, 0.0)
+        below = stats.max - centre  # how far the slice's maximum lies below the row's
+        share = (below + stats.log_sum).exp_()
         parts = [share]
         if stats.entropy is not None:
-            # top - lse first: it is exact for close values, where (entropy + top) would round
-            # the entropy to top's resolution. A slice whose tokens a -inf bias masks has lse
-            # -inf and share 0: it adds 0, not 0 * inf.
-            weighted = share * (stats.entropy + (top - stats.lse))
+            # The offsets first: they are exact for close values, where (entropy + top) would
+            # round the entropy to top's resolution. A slice whose tokens a -inf bias masks
+            # has share 0: it adds 0, not 0 * inf.
+            weighted = share * (stats.entropy - (below + stats.log_sum))
             parts.append(weighted.masked_fill(share == 0, 0.0))
         if stats.target is not None:
             parts.append(stats.target)
@@ -94,7 +95,7 @@ class VocabSlice:
         target = None if stats.target is None else next(summed)
         mean = None if stats.mean is None else next(summed) / self.vocab
         largest = None if stats.top is None else self._combine_top(stats.top)
-        return RowStats(top + total.log(), target, mean, entropy, largest)
+        return RowStats(total.log(), None, mean, entropy, largest, top, target)
 
     def _combine_top(self, top: TopLogits) -> TopLogits:
         """The whole vocabulary's ``TopLogits`` from every rank's (one ``all_gather``): the

@@ -75,7 +75,7 @@ def token_logprobs(
         want_entropy=return_entropy,
         vocab_parallel=vocab_slice,
     )
-    logprobs = (stats.target - stats.lse).reshape(tokens.shape)
+    logprobs = stats.logprob.reshape(tokens.shape)
     if not return_entropy:
         return logprobs
     return logprobs, stats.entropy.reshape(tokens.shape)
@@ -205,5 +205,5 @@ def topk_logprobs(
             rows, weight, bias, transform=transform, plan=plan, vocab_parallel=vocab_slice, top_k=k
         )
     shape = (*hidden.shape[:-1], k)
-    values = stats.top.value - stats.lse[:, None]
+    values = stats.log_softmax_at(stats.top.value)
     return TopLogprobs(values.reshape(shape), stats.top.index.reshape(shape))

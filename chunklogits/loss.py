@@ -219,10 +219,13 @@ def linear_cross_entropy(
         row_weight = class_weight.to(stat_dtype)[rows.targets]
 
     def row_loss_of(stats: RowStats, row_weight: Tensor | None) -> Tensor:
-        row_loss = stats.lse - stats.target
+        # -log p_target, formed from the centred statistics (``RowStats.logprob``), not as
+        # lse - z_target: exact for a confident token, whose loss is far below eps * |lse|.
+        row_loss = -stats.logprob
         if label_smoothing > 0:
-            smoothed = stats.lse - (1.0 - label_smoothing) * stats.target
-            row_loss = smoothed - label_smoothing * stats.mean
+            # lse - (1 - eps) z_t - eps * mean(z) = -(1 - eps) log p_t + eps * (lse - mean(z))
+            spread = stats.log_sum - (stats.mean - stats.max)
+            row_loss = (1.0 - label_smoothing) * row_loss + label_smoothing * spread
         if z_loss > 0:
             row_loss = row_loss + z_loss * stats.lse.square()
         if row_weight is not None:

@@ -602,7 +602,7 @@ def test_grad_in_forward_with_the_statistics_in_the_result():
                                chunk_size=9, kept_vocab=150)  # fmt: skip
     stats, total = _blocks.row_stats(
         hidden.reshape(-1, 16), weight, bias, index=index, targets=flat[index], plan=plan,
-        row_loss=lambda s, _: s.lse - s.target,
+        row_loss=lambda s, _: -s.logprob,
     )  # fmt: skip
     (0.5 * total + stats.lse.square().sum()).backward()
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]

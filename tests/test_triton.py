@@ -43,7 +43,9 @@ if not CUDA and type(_triton._stats_kernel).__name__ != "InterpretedFunction":
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
 
 N, V, D = 67, 507, 123
+# The kernels' raw statistics (forward_stats), and row_stats' differentiable ones.
 STATS = ("lse", "target", "mean", "entropy")
+GRAD_STATS = ("lse", "logprob", "mean", "entropy")
 
 
 @pytest.fixture
@@ -71,14 +73,21 @@ def make_head(dtype, *, bias=False, peaked=0.0, seed=0):
 
 
 def naive_stats(hidden, weight, bias, index, targets, transform):
-    """The four statistics from the materialised logits (fp64 for fp64 inputs, else fp32)."""
+    """The statistics from the materialised logits (fp64 for fp64 inputs, else fp32), by name
+    (``STATS`` and ``GRAD_STATS``)."""
     rows = hidden if index is None else hidden[index]
     z = reference.logits(
         rows, weight, bias=bias, softcap=transform.softcap, logit_scale=transform.logit_scale,
         temperature=transform.temperature,
     )  # fmt: skip
-    target = z.gather(1, targets[:, None]).squeeze(1) if targets is not None else None
-    return (z.logsumexp(1), target, z.mean(1), -(z.softmax(1) * z.log_softmax(1)).sum(1))
+    pick = (lambda t: t.gather(1, targets[:, None]).squeeze(1)) if targets is not None else None
+    return {
+        "lse": z.logsumexp(1),
+        "target": None if pick is None else pick(z),
+        "logprob": None if pick is None else pick(z.log_softmax(1)),
+        "mean": z.mean(1),
+        "entropy": -(z.softmax(1) * z.log_softmax(1)).sum(1),
+    }
 
 
 TRANSFORMS = {
@@ -108,7 +117,8 @@ def test_forward_stats(dtype, transform):
     naive = naive_stats(hidden, weight, bias, index, targets, transform)
     exact = naive_stats(hidden.double(), weight.double(), bias.double(), index, targets, transform)
     assert ours.top is None  # the running top-k is a statistic of the PyTorch loop only
-    for name, o, n, e in zip(STATS, ours[: len(STATS)], naive, exact, strict=True):
+    for name in STATS:
+        o, n, e = getattr(ours, name), naive[name], exact[name]
         assert o.dtype == torch.float32 and o.shape == e.shape, name
         assert_as_accurate(o, n, e, dtype, f"{name} {transform}")
 
@@ -129,12 +139,12 @@ def _stats_and_grads(stats_fn, hidden, weight, bias, upstream):
 BACKWARD_CASES = {
     # every statistic, ignored rows, bias, softcap: one shard, one chunk
     "all-stats-index-softcap": dict(
-        want=STATS, with_index=True, bias=True, shards=1, chunk_size=None,
+        want=GRAD_STATS, with_index=True, bias=True, shards=1, chunk_size=None,
         transform=LogitTransform(logit_scale=0.7, softcap=3.0),
     ),
     # several row chunks and vocabulary shards: the compensated sums over blocks
-    "lse-target-many-blocks": dict(
-        want=("lse", "target"), with_index=False, bias=False, shards=12, chunk_size=34,
+    "lse-logprob-many-blocks": dict(
+        want=("lse", "logprob"), with_index=False, bias=False, shards=12, chunk_size=34,
         transform=LogitTransform(temperature=1.3),
     ),
     # entropy without target, negative scale, shards and index
@@ -153,7 +163,7 @@ def test_row_stats_gradients(kernels, dtype, case):
     want, transform = case["want"], case["transform"]
     hidden, weight, bias = make_head(dtype, bias=case["bias"])
     index, targets = _index_and_targets(case["with_index"])
-    targets = targets if "target" in want else None
+    targets = targets if "logprob" in want else None
     rows = N if index is None else index.numel()
     g = seeded(5)
     upstream = [torch.randn(rows, generator=g).to(DEVICE) for _ in want]
@@ -167,7 +177,7 @@ def test_row_stats_gradients(kernels, dtype, case):
         return [getattr(stats, name) for name in want]
 
     def naive(h, w, b):
-        stats = dict(zip(STATS, naive_stats(h, w, b, index, targets, transform), strict=True))
+        stats = naive_stats(h, w, b, index, targets, transform)
         return [stats[name] for name in want]
 
     to64 = [t.double() if t is not None else None for t in (hidden, weight, bias)]
@@ -294,7 +304,7 @@ def test_gradient_filter_drops_exactly_the_skipped_tiles(kernels):
 
     leaves = _leaves(hidden, weight, bias)
     stats = row_stats(*leaves, targets=targets, transform=transform, plan=plan)
-    (stats.lse - stats.target).sum().backward()
+    (-stats.logprob).sum().backward()
     for name, leaf, e in zip(("hidden", "weight", "bias"), leaves, expected, strict=True):
         # No naive counterpart: the allowance is the fp32 slack of the accuracy rule alone.
         assert_as_accurate(leaf.grad, e, e, torch.float32, f"filtered grad {name}")
@@ -314,7 +324,7 @@ def test_every_gradient_element_is_written(kernels, monkeypatch, grad_filter):
     def gradients():
         leaves = _leaves(hidden, weight, bias)
         stats = row_stats(*leaves, index=index, targets=targets, plan=plan)
-        (stats.lse - stats.target).sum().backward()
+        (-stats.logprob).sum().backward()
         return [leaf.grad for leaf in leaves]
 
     clean = gradients()

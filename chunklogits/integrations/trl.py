@@ -345,7 +345,7 @@ def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> 
         want_mean="mean_logits" in options.outputs,
         want_entropy="entropy" in options.outputs,
     )
-    fields = {"log_probs": stats.target - stats.lse}
+    fields = {"log_probs": stats.logprob}
     if stats.entropy is not None:
         fields["entropy"] = stats.entropy
     if "log_sum_sq_probs" in options.outputs:
@@ -359,7 +359,9 @@ def _per_token(rows: Tensor, weight: Tensor, bias, targets: Tensor, options) -> 
                 transform=replace(transform, temperature=options.temperature / 2),
                 plan=plan,
             )
-        fields["log_sum_sq_probs"] = doubled.lse - 2 * stats.lse.detach()
+        # The maxima first (2 m up to rounding): no cancellation of the two lse near 0.
+        offset = doubled.max - 2 * stats.max
+        fields["log_sum_sq_probs"] = offset + (doubled.log_sum - 2 * stats.log_sum.detach())
     if stats.mean is not None:
         fields["mean_logits"] = stats.mean.detach()  # TRL's is a metric without gradient
     if "is_top1" in options.outputs:
