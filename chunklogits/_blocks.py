@@ -612,17 +612,23 @@ class _RunningTop:
 
 
 class _GradCoefficients(NamedTuple):
-    """``dL/dz[i, v] = p[i, v] * (p_coef[i] + plogp_coef[i] * log p[i, v])
-    + target_coef[i] * [v == t_i] + uniform[i] + p_delta[i] * p[i, v]``; ``None`` terms are
-    zero. ``p_delta`` is added after the target's term: with ``p_coef = -target_coef``, the
-    block's ``target_coef * (onehot - p)`` is exact where ``p ~ 1``, and a small ``p_delta``
-    (a z-loss's ``2 * z_loss * lse``) is not lost in the rounding of ``p_coef + p_delta``."""
+    """``dL/dz[i, v] = p[i, v] * (p_coef[i] + p_delta[i] + plogp_coef[i] * log p[i, v])
+    + target_coef[i] * [v == t_i] + uniform[i]``; ``None`` terms are zero. ``p_delta`` (None
+    unless there is a target term) keeps the other terms apart from the target's
+    ``p_coef = -target_coef``: the block's ``target_coef * (onehot - p)`` is exact where
+    ``p ~ 1``, and ``p * (p_delta + plogp_coef * log p)`` is added to it, so that small terms
+    (a z-loss's ``2 * z_loss * lse``, an entropy's gradient) are not lost in the rounding of
+    ``p_coef + p_delta`` near 1. ``target_value``: with ``target_coef``, the target's entry
+    of ``target_coef * (onehot - p)``, ``-target_coef * expm1(log p_t)`` from the row's
+    log-probability: accurate where ``p_t ~ 1`` (``1 - p_t`` of a ``p_t`` rounded near 1 is
+    not); the blocks write it in place of ``p_t * p_coef + target_coef``."""
 
     p_coef: Tensor | None
     plogp_coef: Tensor | None
     target_coef: Tensor | None
     uniform: Tensor | None
     p_delta: Tensor | None = None
+    target_value: Tensor | None = None
 
     def rows(self, r0: int, r1: int) -> _GradCoefficients:
         return _GradCoefficients(*(None if c is None else c[r0:r1] for c in self))
@@ -637,45 +643,52 @@ class _GradCoefficients(NamedTuple):
 def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoefficients:
     # d log_sum / dz = p;  d logprob / dz = onehot(t) - p;  d mean / dz = 1 / V;
     # d entropy / dz_v = -p_v * (log p_v + entropy)   (in log p, not z: no cancellation).
-    terms = []
-    if grads.logprob is not None:
-        terms.append(-grads.logprob)
-    plogp_coef = p_delta = None
+    plogp_coef = None
+    others = [] if grads.log_sum is None else [grads.log_sum]
     if grads.entropy is not None:
-        terms.append(-grads.entropy * stats.entropy)
+        others.append(-grads.entropy * stats.entropy)
         plogp_coef = -grads.entropy
-    if grads.log_sum is not None and grads.logprob is not None and plogp_coef is None:
-        p_delta = grads.log_sum  # kept apart from -logprob's coefficient: see _GradCoefficients
-    elif grads.log_sum is not None:
-        terms.append(grads.log_sum)
-    p_coef = sum(terms[1:], terms[0]) if terms else None
+    p_coef = p_delta = sum(others[1:], others[0]) if others else None
+    if grads.logprob is None:
+        p_delta = None
+    else:  # kept apart from the target's coefficient (see _GradCoefficients)
+        p_coef = -grads.logprob
+    target_value = None if grads.logprob is None else p_coef * torch.expm1(stats.logprob)
     uniform = None if grads.mean is None else grads.mean / vocab
-    return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta)
+    return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta, target_value)
 
 
-def _block_grad(z, lse, coef: _GradCoefficients, targets, v0, v1, transform, work) -> Tensor:
-    """``dL/dx`` of the raw block under ``z`` (rows of ``lse``, ``coef`` and ``targets``,
-    vocabulary ``[v0, v1)``) in ``z``'s dtype, in the workspace; ``z`` is overwritten unless
-    the softcap's derivative needs it."""
+def _block_grad(z, centre, coef: _GradCoefficients, targets, v0, v1, transform, work) -> Tensor:
+    """``dL/dx`` of the raw block under ``z`` (rows of ``centre = (max, log_sum)``, ``coef``
+    and ``targets``, vocabulary ``[v0, v1)``) in ``z``'s dtype, in the workspace; ``z`` is
+    overwritten unless the softcap's derivative needs it. ``log p = (z - max) - log_sum``, as
+    the naive log_softmax: exact for the top token, where ``z - lse`` loses ``eps * |lse|``."""
     shape, dtype = z.shape, z.dtype
+    row_max, log_sum = centre
     if transform.softcap is not None:  # the softcap's derivative is read off z
-        logp = torch.sub(z, lse[:, None], out=work.get("logp", *shape, dtype))
+        logp = torch.sub(z, row_max[:, None], out=work.get("logp", *shape, dtype))
     else:
-        logp = z.sub_(lse[:, None])
-    _floor_(logp)
+        logp = z.sub_(row_max[:, None])
+    _floor_(logp.sub_(log_sum[:, None]))
     p_coef = coef.p_coef[:, None] if coef.p_coef is not None else 0.0
-    if coef.plogp_coef is not None:
+    if coef.p_delta is not None:  # -t * (p - onehot), then the rest added (_GradCoefficients)
+        grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
+        if coef.plogp_coef is None:
+            rest = torch.mul(grad, coef.p_delta[:, None], out=logp)
+        else:
+            rest = logp.mul_(coef.plogp_coef[:, None]).add_(coef.p_delta[:, None]).mul_(grad)
+        grad.mul_(p_coef)
+    elif coef.plogp_coef is not None:
         grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
         grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
-    elif coef.p_delta is not None:  # p is kept in logp for the term added last
-        grad = torch.mul(logp.exp_(), p_coef, out=work.get("grad", *shape, dtype))
     else:
         grad = logp.exp_().mul_(p_coef)
-    if coef.target_coef is not None:
+    if coef.target_coef is not None:  # p_coef = -target_coef: the entry is target_value
         inside, column = _target_in_shard(targets, v0, v1)
-        grad.scatter_add_(1, column[:, None], (coef.target_coef * inside)[:, None])
+        kept = grad.gather(1, column[:, None]).squeeze(1)
+        grad.scatter_(1, column[:, None], torch.where(inside, coef.target_value, kept)[:, None])
     if coef.p_delta is not None:
-        grad.add_(logp.mul_(coef.p_delta[:, None]))
+        grad.add_(rest)
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
     return transform.chain_(grad, z)
@@ -691,27 +704,29 @@ def _hidden_grad(grad_rows: Tensor, hidden2d: Tensor, index: Tensor | None) -> T
     return grad_hidden
 
 
-def _backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
-    stat_dtype = lse.dtype
+def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, transform, plan, needs):
+    """The gradients ``(hidden2d, weight, bias)`` (None where ``needs`` says so) of the blocks'
+    ``dL/dz`` (``_block_grad``), from the rows' ``centre = (max, log_sum)`` ``[N]`` each."""
+    row_max, log_sum = centre
+    stat_dtype, device = log_sum.dtype, log_sum.device
     need_hidden, need_weight, need_bias = needs
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
     single_chunk = len(plan.chunks) == 1
-    grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
+    grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=device)
     grad_rows = grad_rows if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = (
-        torch.zeros(weight.shape[0], dtype=stat_dtype, device=lse.device) if need_bias else None
-    )
+    grad_bias = torch.zeros(weight.shape[0], dtype=stat_dtype, device=device) if need_bias else None
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
         grad_w = None
         if need_weight and not single_chunk:
-            grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=lse.device)
+            grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=device)
         for r0, r1, h in rows:
             z = _block_logits(h, w, b, transform, work, stat_dtype)
             chunk_targets = None if targets is None else targets[r0:r1]
+            rows_centre = (row_max[r0:r1], log_sum[r0:r1])
             grad = _block_grad(
-                z, lse[r0:r1], coef.rows(r0, r1), chunk_targets, v0, v1, transform, work
+                z, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, transform, work
             )
             if grad_bias is not None:
                 grad_bias[v0:v1] += grad.sum(0)
@@ -811,7 +826,8 @@ def _fused_loss_blocks(
         coef = _coefficients(stats, stat_grads, vocab)
         chunk_targets = None if targets is None else targets[r0:r1]
         for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
-            grad = _block_grad(z, stats.lse, coef, chunk_targets, v0, v1, transform, work)
+            centre = (stats.max, stats.log_sum)
+            grad = _block_grad(z, centre, coef, chunk_targets, v0, v1, transform, work)
             if grads.bias is not None:
                 grads.bias[v0:v1] += grad.sum(0)
             if plan.compute_dtype != stat_dtype:
@@ -904,8 +920,9 @@ class _RowStatsFunction(torch.autograd.Function):
             )  # fmt: skip
         # The fused gradients are saved tensors, not attributes: the engine frees them with the
         # graph after a backward that does not retain it, and keeps them for one that does.
+        centre = (stats.max, stats.log_sum)
         ctx.save_for_backward(
-            hidden2d, weight, bias, index, targets, stats.lse, stats.entropy, *fused
+            hidden2d, weight, bias, index, targets, *centre, stats.logprob, stats.entropy, *fused
         )
         ctx.transform, ctx.plan, ctx.vocab_parallel = transform, plan, vocab_parallel
         ctx.row_loss = row_loss
@@ -930,7 +947,9 @@ class _RowStatsFunction(torch.autograd.Function):
                 "for the graph of their gradient (e.g. a gradient penalty); compute that term "
                 "with chunklogits.reference on the materialised logits instead"
             )
-        hidden2d, weight, bias, index, targets, lse, entropy, *saved = ctx.saved_tensors
+        hidden2d, weight, bias, index, targets, row_max, log_sum, logprob, entropy, *saved = (
+            ctx.saved_tensors
+        )
         fused = _FusedGrads(*saved)
         present = iter(grad_outputs)
         grads = RowStats(*(next(present) if kept else None for kept in ctx.layout))
@@ -949,11 +968,12 @@ class _RowStatsFunction(torch.autograd.Function):
                 None if g is None else g * grad_loss if kept else g.mul_(grad_loss) for g in fused
             )
         if recompute:
-            stats = RowStats(None, None, None, entropy)
+            stats = RowStats(None, logprob, None, entropy)
             vocab = weight.shape[0] if parallel is None else parallel.vocab
             coef = _coefficients(stats, grads, vocab)
+            centre = (row_max, log_sum)
             recomputed = ctx.backward_blocks(
-                hidden2d, weight, bias, index, targets, lse, coef, ctx.transform, ctx.plan, needs
+                hidden2d, weight, bias, index, targets, centre, coef, ctx.transform, ctx.plan, needs
             )
             grad_hidden, grad_weight, grad_bias = (
                 r if f is None else f.add_(r)

@@ -562,9 +562,11 @@ class _Rows:
         return (t, self.ids) if self.ids is not None else (t[self.start : self.stop], None)
 
 
-def backward_blocks(hidden2d, weight, bias, index, targets, lse, coef, transform, plan, needs):
-    """``_blocks._backward_blocks`` with fused kernels (see the module docstring)."""
-    coef = coef.folded()  # the kernel has no separate p_delta term
+def backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, transform, plan, needs):
+    """``_blocks._backward_blocks`` with fused kernels (see the module docstring). The kernel
+    forms ``log p = z - lse`` and has no separate ``p_delta`` term (fp32 rounding of both)."""
+    lse = centre[0] + centre[1]
+    coef = coef.folded()
     need_hidden, need_weight, need_bias = needs
     device, dtype, dim = hidden2d.device, hidden2d.dtype, hidden2d.shape[1]
     config = _config(hidden2d)

@@ -25,6 +25,21 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def confident_head(case: str, dtype: torch.dtype):
+    """``(hidden, weight, bias, tokens)`` whose most probable token's log-probability lies
+    below ``eps * |lse|``, asked in every row. ``"gap-15"``: one row, V = 2, D = 1, logits 5.9
+    and -9.1 (lse ~ 5.9, log p ~ -3.1e-7 ~ 0.6 ulp of 5.9). ``"gap-20"``: 6 rows, V = 50,
+    D = 8, token 7's logit ~ 20 above the others' (lse ~ 20, log p ~ -1e-7)."""
+    if case == "gap-15":
+        hidden, weight = torch.tensor([[1.0]]), torch.tensor([[5.9], [-9.1]])
+        return hidden.to(dtype), weight.to(dtype), None, torch.tensor([0])
+    g = seeded(11)
+    hidden, weight = torch.randn(6, 8, generator=g), 0.05 * torch.randn(50, 8, generator=g)
+    bias = torch.zeros(50)
+    bias[7] = 20.0  # |hidden @ weight.T| < 0.5
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype), torch.full((6,), 7)
+
+
 def assert_as_accurate(
     ours: Tensor,
     naive: Tensor,

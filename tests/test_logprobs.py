@@ -11,24 +11,25 @@ from tests.helpers import (
     assert_accuracy_within_rounding,
     assert_as_accurate,
     assert_top_k_within_rounding,
+    confident_head,
     seeded,
 )
 from tests.test_loss import make_inputs
 
 
-def outputs_and_grads(fn, hidden, weight, bias, tokens, **kw):
-    """``(logprobs, entropy, grads...)`` of a random linear combination of both outputs."""
+def outputs_and_grads(fn, hidden, weight, bias, tokens, entropy=True, **kw):
+    """``(logprobs, entropy, grads...)`` of a random linear combination of both outputs
+    (``entropy=False``: ``(logprobs, grads...)`` of the log-probs')."""
     leaves = [
         t.detach().clone().requires_grad_() if t is not None else None
         for t in (hidden, weight, bias)
     ]
-    logprobs, entropy = fn(leaves[0], leaves[1], tokens, bias=leaves[2], return_entropy=True, **kw)
+    out = fn(leaves[0], leaves[1], tokens, bias=leaves[2], return_entropy=entropy, **kw)
+    outs = out if entropy else (out,)
     g = seeded(3)
-    up_lp, up_ent = torch.randn(tokens.shape, generator=g), torch.randn(tokens.shape, generator=g)
-    (
-        (logprobs * up_lp.to(logprobs.dtype)).sum() + (entropy * up_ent.to(entropy.dtype)).sum()
-    ).backward()
-    return [logprobs.detach(), entropy.detach()] + [t.grad for t in leaves if t is not None]
+    upstream = [torch.randn(tokens.shape, generator=g) for _ in range(2)]
+    sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, upstream, strict=False)).backward()
+    return [o.detach() for o in outs] + [t.grad for t in leaves if t is not None]
 
 
 @pytest.mark.parametrize(
@@ -282,3 +283,48 @@ def test_temperatures_beyond_fp32():
     for name, call in calls.items():
         ours = call(temperature=1e39, shards=3)
         assert_as_accurate(ours, *expected[name], torch.float32, f"{name} at temperature 1e39")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "case"),
+    [(torch.float32, "gap-15"), (torch.float64, "gap-15"), (torch.float32, "gap-20")],
+    ids=str,
+)
+def test_confident_token_logprobs(dtype, case):
+    """log p of a confident token is formed as (z_t - max) - log(sum exp(z - max)), as the
+    naive log_softmax does, not as z_t - lse, which loses eps * |lse| (RL's exp(logp - old_logp)
+    ratios read these numbers): token_logprobs and topk_logprobs, in fp32 with the gradients.
+    Not the entropy's: fp32 rounds sum exp(z - max) = 1 + 1e-7 to a multiple of 1.2e-7, which
+    both computations share, and 1 - p_t in the entropy's gradient is then as wrong in either,
+    each by its own rounding. In fp64 the values alone: there the naive computation is the
+    exact one, and gradients such as 1 - p_t are nobody's to the last bit."""
+    hidden, weight, bias, tokens = confident_head(case, dtype)
+    f64 = [None if t is None else t.double() for t in (hidden, weight, bias)]
+    if dtype == torch.float32:
+        exact, naive, ours = (
+            outputs_and_grads(fn, *inputs, tokens, entropy=False)
+            for fn, inputs in [
+                (reference.token_logprobs, f64),
+                (reference.token_logprobs, (hidden, weight, bias)),
+                (cl.token_logprobs, (hidden, weight, bias)),
+            ]
+        )
+        names = ["logprobs", "grad hidden", "grad weight", "grad bias"]
+    else:
+        exact, naive, ours = (
+            [fn(*inputs, tokens)]
+            for fn, inputs in [
+                (reference.token_logprobs, f64[:2]),
+                (reference.token_logprobs, (hidden, weight)),
+                (cl.token_logprobs, (hidden, weight)),
+            ]
+        )
+        names = ["logprobs"]
+    for name, o, n, e in zip(names, ours, naive, exact, strict=False):  # bias: None or not
+        assert_as_accurate(o, n, e, dtype, f"{case} {name}")
+    for k in (1, 2):
+        exact = reference.topk_logprobs(*f64[:2], k, bias=f64[2])
+        naive = reference.topk_logprobs(hidden, weight, k, bias=bias)
+        top = cl.topk_logprobs(hidden, weight, k, bias=bias)
+        assert torch.equal(top.indices, exact.indices)
+        assert_as_accurate(top.values, naive.values, exact.values, dtype, f"{case} top-{k}")

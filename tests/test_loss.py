@@ -13,6 +13,7 @@ from chunklogits import reference
 from tests.helpers import (
     assert_accuracy_within_rounding,
     assert_as_accurate,
+    confident_head,
     run_ranks,
     seeded,
 )
@@ -934,3 +935,41 @@ def test_head_on_meta_weight_gives_shapes():
     assert hidden.grad.shape == hidden.shape and head.weight.grad.shape == weight.shape
     logprobs = head.token_logprobs(hidden, labels)
     assert logprobs.is_meta and logprobs.shape == labels.shape
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, True, False])
+@pytest.mark.parametrize(
+    ("dtype", "case"),
+    [(torch.float32, "gap-15"), (torch.float64, "gap-15"), (torch.float32, "gap-20")],
+    ids=str,
+)
+def test_confident_token_loss(dtype, case, grad_in_forward):
+    # The loss of a confident token, -log p ~ 3e-7 (V = 2, logits 5.9 and -9.1) or ~ 1e-7
+    # (token 7's logit 20 above the others'), is formed as log(sum exp(z - max)) - (z_t - max)
+    # as the naive log_softmax forms it, not as lse - z_t, which loses eps * |lse|. In fp64 the
+    # loss alone: there the naive computation is the exact one, and gradients such as 1 - p of
+    # the top token (~1e-7, from a p rounded near 1) are nobody's to the last bit.
+    hidden, weight, bias, labels = confident_head(case, dtype)
+    ours_fn = functools.partial(cl.linear_cross_entropy, grad_in_forward=grad_in_forward)
+    if dtype == torch.float32:
+        check_against_oracle(hidden, weight, bias, labels, dtype, ours_fn=ours_fn)
+    else:
+        exact = reference.linear_cross_entropy(hidden, weight, labels)
+        assert_as_accurate(ours_fn(hidden, weight, labels), exact, exact, dtype, case)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad_in_forward", [None, True, False])
+def test_z_loss_gradient_of_a_one_hot_softmax(grad_in_forward, reduction):
+    # One token (p = 1): the gradient is z_loss's 2 * z_loss * lse * p alone (~1e-6), which
+    # p * (1 + 2 * z_loss * lse) - onehot rounded away to 1.6% (the coefficient rounded to fp32
+    # near 1). It is kept apart from the cross-entropy's p - onehot on every path.
+    if grad_in_forward and reduction == "none":
+        pytest.skip("grad_in_forward=True needs a scalar loss")
+    hidden, weight = torch.tensor([[0.0015]]), torch.tensor([[-0.2934]])
+    upstream = torch.tensor([0.7]) if reduction == "none" else None
+    ours_fn = functools.partial(cl.linear_cross_entropy, grad_in_forward=grad_in_forward)
+    check_against_oracle(
+        hidden, weight, None, torch.tensor([0]), torch.float32, upstream, ours_fn=ours_fn,
+        z_loss=1e-3, reduction=reduction,
+    )  # fmt: skip

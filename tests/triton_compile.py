@@ -53,12 +53,12 @@ def record_launches() -> list[tuple[object, tuple, dict]]:
         needs = (True, True, True)
         every_term = _GradCoefficients(ones, ones, ones, ones)
         _triton.backward_blocks(
-            hidden, weight, bias, index, targets, ones, every_term, transform, plan, needs
+            hidden, weight, bias, index, targets, (ones, ones), every_term, transform, plan, needs
         )
         previous = _triton.set_gradient_filter("auto")
         loss_terms = _GradCoefficients(ones, None, ones, None)
         _triton.backward_blocks(
-            hidden, weight, bias, None, targets, ones, loss_terms, transform, plan, needs
+            hidden, weight, bias, None, targets, (ones, ones), loss_terms, transform, plan, needs
         )
         _triton.set_gradient_filter(previous)
     finally:
