@@ -284,7 +284,7 @@ class RowStats(NamedTuple):
     def log_softmax_at(self, logits: Tensor) -> Tensor:
         """``logits - lse`` for logits ``[N, ...]`` of these rows, formed as
         ``(logits - max) - log_sum``: no cancellation of ``lse`` against a logit near it."""
-        shape = (-1,) + (1,) * (logits.dim() - 1)
+        shape = (*self.max.shape, *(1,) * (logits.dim() - self.max.dim()))
         return (logits - self.max.view(shape)) - self.log_sum.view(shape)
 
     def finished(self) -> RowStats:
