@@ -69,17 +69,17 @@ class VocabSlice:
 
     def combine(self, stats: RowStats) -> RowStats:
         """The whole vocabulary's statistics from every rank's (see the module doc)."""
-        top = stats.max.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        row_max = stats.max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
         # Rows masked on every rank (max -inf everywhere) are centred on 0: their share is 0,
         # their log_sum log(0) = -inf and their entropy NaN, as in one process.
-        centre = top.masked_fill(top == -math.inf, 0.0)
+        centre = row_max.masked_fill(row_max == -math.inf, 0.0)
         below = stats.max - centre  # how far the slice's maximum lies below the row's
         share = (below + stats.log_sum).exp_()
         parts = [share]
         if stats.entropy is not None:
-            # The offsets first: they are exact for close values, where (entropy + top) would
-            # round the entropy to top's resolution. A slice whose tokens a -inf bias masks
+            # The offsets first: they are exact for close values, where (entropy + max) would
+            # round the entropy to the maximum's resolution. A slice whose tokens a -inf bias masks
             # has share 0: it adds 0, not 0 * inf.
             weighted = share * (stats.entropy - (below + stats.log_sum))
             parts.append(weighted.masked_fill(share == 0, 0.0))
@@ -95,7 +95,7 @@ class VocabSlice:
         target = None if stats.target is None else next(summed)
         mean = None if stats.mean is None else next(summed) / self.vocab
         largest = None if stats.top is None else self._combine_top(stats.top)
-        return RowStats(total.log(), None, mean, entropy, largest, top, target)
+        return RowStats(total.log(), None, mean, entropy, largest, row_max, target)
 
     def _combine_top(self, top: TopLogits) -> TopLogits:
         """The whole vocabulary's ``TopLogits`` from every rank's (one ``all_gather``): the
