@@ -669,8 +669,14 @@ def _block_grad(z, centre, coef: _GradCoefficients, targets, v0, v1, transform, 
         logp = torch.sub(z, row_max[:, None], out=work.get("logp", *shape, dtype))
     else:
         logp = z.sub_(row_max[:, None])
-    _floor_(logp.sub_(log_sum[:, None]))
     p_coef = coef.p_coef[:, None] if coef.p_coef is not None else 0.0
+    if coef.p_delta is None and coef.plogp_coef is None:
+        # p = exp(z - max) / sum_exp: the division folded into the row's coefficient, so that
+        # log p itself is never formed (the floor raised by log_sum keeps p a normal number).
+        logp.clamp_(min=(log_sum + log_floor(dtype))[:, None])
+        grad = logp.exp_().mul_(p_coef * torch.exp(-log_sum)[:, None])
+    else:
+        _floor_(logp.sub_(log_sum[:, None]))
     if coef.p_delta is not None:  # -t * (p - onehot), then the rest added (_GradCoefficients)
         grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
         if coef.plogp_coef is None:
@@ -681,8 +687,6 @@ def _block_grad(z, centre, coef: _GradCoefficients, targets, v0, v1, transform, 
     elif coef.plogp_coef is not None:
         grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
         grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
-    else:
-        grad = logp.exp_().mul_(p_coef)
     if coef.target_coef is not None:  # p_coef = -target_coef: the entry is target_value
         inside, column = _target_in_shard(targets, v0, v1)
         kept = grad.gather(1, column[:, None]).squeeze(1)
