@@ -255,9 +255,7 @@ def linear_cross_entropy(
     if return_z_loss:
         row_z = z_loss * stats.lse.square()
         if row_weight is not None:
-            # A label whose class weight is 0 counts for nothing, also where its lse is not
-            # finite (0 * inf would be NaN), as in the reference.
-            row_z = (row_z * row_weight).masked_fill(row_weight == 0, 0.0)
+            row_z = row_z * row_weight
         out = out._replace(z_loss=rows.reduce(row_z, reduction, num_items_in_batch, row_weight))
     if return_token_accuracy:
         correct = (stats.top.above_target() == 0).to(stats.lse.dtype)
