@@ -145,6 +145,8 @@ def sample(
         return_logprobs=return_logprobs,
         shards=shards,
         token_streamer=streamer,
+        # generate() would hand a custom_generate loop no assistant: decode takes it itself.
+        assistant=generate_kwargs.pop("assistant_model", None),
         **given,
         **generate_kwargs,
     )
@@ -156,8 +158,10 @@ _GENERATE_OPTIONS = ("max_new_tokens", *_SAMPLING_OPTIONS, "eos_token_id", "pad_
 # ``generate()`` arguments that it does not pass on to a ``custom_generate`` loop, or that select
 # what ``decode`` replaces: refused when given (not None or False).
 _REFUSED_ARGUMENTS = {
-    "assistant_model": "assisted decoding (assistant_model=); use model.generate for it",
-    "assistant_tokenizer": "assisted decoding (assistant_tokenizer=); use model.generate for it",
+    "assistant_tokenizer": (
+        "an assistant with another tokenizer (universal assisted decoding, "
+        "assistant_tokenizer=); use model.generate for it"
+    ),
     "synced_gpus": "synced_gpus=True (ZeRO-3 / FSDP lockstep decoding)",
     "logits_processor": (
         "a user logits_processor: its settings would not reach the sharded sampler; "
@@ -218,16 +222,12 @@ _REFUSED = {
 }
 # The decoding methods of ``generate()`` that ``decode`` replaces; the others, by the settings
 # that select them (``GenerationConfig.get_generation_mode``).
-_DECODED = ("greedy_search", "sample", "beam_search")
+_DECODED = ("greedy_search", "sample", "beam_search", "assisted_generation")
 _MODE_SETTINGS = {
     "beam_sample": ("num_beams, do_sample", "beam sampling (num_beams > 1 with do_sample=True)"),
     "group_beam_search": ("num_beam_groups", "group beam search"),
     "constrained_beam_search": ("constraints, force_words_ids", "constrained beam search"),
     "contrastive_search": ("penalty_alpha", "contrastive search"),
-    "assisted_generation": (
-        "prompt_lookup_num_tokens, assistant_early_exit, use_mtp",
-        "assisted decoding",
-    ),
     "dola_generation": ("dola_layers", "DoLa decoding"),
 }
 
@@ -244,6 +244,7 @@ def decode(
     return_logprobs: bool = False,
     shards: int | None = None,
     token_streamer=None,
+    assistant: nn.Module | None = None,
     **model_kwargs,
 ) -> Tensor | SampleOutput:
     """``custom_generate`` decoding loop for ``model.generate``: ``GenerationMixin._sample`` with
@@ -271,6 +272,26 @@ def decode(
         shards=shards,
         process_group=process_group,
     )
+    mode = generation_config.get_generation_mode(assistant)
+    if getattr(mode, "value", mode) == "assisted_generation":
+        from .assisted import assisted_decode
+
+        return assisted_decode(
+            model,
+            base,
+            head,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            model_kwargs,
+            assistant=assistant,
+            seed=seed,
+            generator=generator,
+            return_logprobs=return_logprobs,
+            shards=shards,
+            token_streamer=token_streamer,
+        )
     if (generation_config.num_beams or 1) > 1:
         for name, value in (("return_logprobs", return_logprobs), ("streamer", token_streamer)):
             if value:

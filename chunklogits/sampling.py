@@ -597,6 +597,15 @@ def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, div
 
 def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float | None) -> _Scan:
     """Draw with at least one of top-k, top-p, min-p on: thresholds, then a Gumbel-max draw."""
+    return _draw(problem, *_thresholds(problem, top_k, top_p, min_p))
+
+
+def _thresholds(
+    problem: _Problem, top_k: int, top_p: float, min_p: float | None
+) -> tuple[_Scan, Tensor, Tensor]:
+    """The first pass (candidates) and each row's kept set with at least one of top-k, top-p,
+    min-p on: ``(first, tau, tau_index)``: keep ``y > tau``, and ``y == tau`` up to index
+    ``tau_index``."""
     vocab = problem.vocab
     size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
     first = _scan(
@@ -619,7 +628,7 @@ def _sample_filtered(problem: _Problem, top_k: int, top_p: float, min_p: float |
         min_p_tau = row_max + (math.log(min_p) if min_p > 0 else -math.inf)
         tau_index = torch.where(min_p_tau > tau, every_tie, tau_index)
         tau = torch.maximum(tau, min_p_tau)
-    return _draw(problem, first, tau, tau_index)
+    return first, tau, tau_index
 
 
 def _nucleus_threshold(
