@@ -107,9 +107,13 @@ def sample(
             the strings (the tokenizer is needed to find them).
         generate_kwargs: further ``generate()`` arguments (``max_length``, ``use_cache``,
             ``num_return_sequences``, ``num_beams``, ``length_penalty``, ``early_stopping``,
-            ``stopping_criteria``, ...). Options that would need the full logits, another
-            processor or another decoding method (``output_scores``, ``no_repeat_ngram_size``,
-            ``assistant_model``, beam sampling, ...) are refused with an error that names them.
+            ``stopping_criteria``, ...). ``assistant_model=draft`` (a causal LM over the same
+            vocabulary) or ``prompt_lookup_num_tokens=n``: assisted decoding of one sequence
+            (``chunklogits.assisted``): greedy gives ``generate()``'s tokens; sampling is
+            speculative sampling, exact in distribution. Options that would need the full
+            logits, another processor or another decoding method (``output_scores``,
+            ``no_repeat_ngram_size``, ``assistant_tokenizer``, beam sampling, ...) are refused
+            with an error that names them.
 
     Returns:
         ``[B * num_return_sequences, L + n]`` token ids (prompt, then generated tokens, padding
@@ -257,7 +261,9 @@ def decode(
     ``generation_config``, and ``model_kwargs`` (attention mask, position ids, cache); the
     sampling and beam settings are read from ``generation_config``. ``token_streamer``: a
     ``generate()`` streamer, given the prompt, each step's tokens, then ``end()`` (``generate()``
-    keeps its own ``streamer=`` from a ``custom_generate`` loop).
+    keeps its own ``streamer=`` from a ``custom_generate`` loop). ``assistant``: the draft model
+    of assisted decoding (``generate()`` keeps its ``assistant_model=`` from the loop too); with
+    it or ``prompt_lookup_num_tokens``, ``chunklogits.assisted.assisted_decode`` decodes.
     """
     _refuse_unsupported(generation_config, logits_processor, model_kwargs)
     base = _base_model(model)

@@ -253,6 +253,9 @@ BAD = [
     (dict(return_logprobs=True), "return_logprobs: not available with assisted decoding"),
     (dict(assistant_tokenizer=object()), "assistant_tokenizer: .*universal assisted decoding"),
     (dict(no_repeat_ngram_size=2), "logits_processor: .*NoRepeatNGramLogitsProcessor"),
+    (dict(assistant_early_exit=1), "assistant_early_exit: .* early layer"),
+    (dict(assistant_ensemble_weight=0.5), "assistant_ensemble_weight: .*ensemble verification"),
+    (dict(use_cache=False), "use_cache: assisted decoding needs the model's KV cache"),
 ]
 
 
