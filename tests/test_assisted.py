@@ -72,6 +72,7 @@ GREEDY = [
     ("llama", "perturbed", 1.5),
     ("gemma2", "perturbed", 1.0),
     ("gpt2", "perturbed", 1.5),
+    ("llama-bf16", "perturbed", 1.0),
 ]
 
 
@@ -80,7 +81,9 @@ GREEDY = [
 def test_greedy_assisted_decoding_is_token_identical_to_generate(
     family, kind, penalty, wrapped, monkeypatch
 ):
-    target = _model(family)
+    target = _model(family.removesuffix("-bf16"))
+    if family.endswith("-bf16"):
+        target = target.to(torch.bfloat16)
     draft = _draft(target, kind)
     ids = _prompt()
     rounds = _Rounds(monkeypatch, assisted._AssistantDrafts)
@@ -174,14 +177,21 @@ def _exact_first_two(target, ids, options) -> tuple[torch.Tensor, torch.Tensor]:
     return first, first @ second
 
 
+# (dtype, warpers, CPU block GEMM dtype: the model's or fp32, both paths set_cpu_gemm_dtype picks)
 SPECULATIVE = [
-    (torch.float32, dict(temperature=0.9, top_k=0, top_p=0.95, repetition_penalty=1.2)),
-    (torch.bfloat16, dict(temperature=1.3, top_k=12, min_p=0.02)),
+    (torch.float32, dict(temperature=0.9, top_k=0, top_p=0.95, repetition_penalty=1.2), "model"),
+    (torch.bfloat16, dict(temperature=1.3, top_k=12, min_p=0.02), "model"),
+    (torch.bfloat16, dict(temperature=1.3, top_k=12, min_p=0.02), "fp32"),
 ]
 
 
-@pytest.mark.parametrize(("dtype", "options"), SPECULATIVE, ids=["fp32-top_p", "bf16-top_k-min_p"])
-def test_speculative_sampling_draws_the_targets_distribution(dtype, options, monkeypatch):
+@pytest.mark.parametrize(
+    ("dtype", "options", "cpu_gemm"),
+    SPECULATIVE,
+    ids=["fp32-top_p", "bf16-top_k-min_p-model-gemm", "bf16-top_k-min_p-fp32-gemm"],
+    indirect=["cpu_gemm"],
+)
+def test_speculative_sampling_draws_the_targets_distribution(dtype, options, cpu_gemm, monkeypatch):
     target, draft = _speculative_pair(dtype)
     ids = torch.randint(3, 64, (1, 5), generator=seeded(1))
     races = []
