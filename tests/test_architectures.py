@@ -2,7 +2,7 @@
 config, either passes every check against the unwrapped model or is refused by name:
 
 * ``ChunkedLMHead.wrap``: the training loss and the output and input embeddings' gradients equal
-  the unwrapped model's (fp32 rounding tolerances), ``generate`` greedy unchanged;
+  the unwrapped model's (accuracy rule against the fp64 model), ``generate`` greedy unchanged;
 * ``cl.sequence_logprobs`` equals the log-softmax of the unwrapped model's logits;
 * ``cl.sample`` greedy gives ``generate``'s greedy tokens.
 
@@ -27,7 +27,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import chunklogits as cl
-from tests.helpers import one_thread
+from tests.helpers import assert_as_accurate, one_thread
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
@@ -47,6 +47,7 @@ _TINY = {
             "decoder_layers",
             "encoder_layers",
             "num_encoder_layers",
+            "num_decoder_layers",
         ),
         _LAYERS,
     ),
@@ -155,18 +156,134 @@ def _shrunk(config_class, defaults=None):
     return config_class(**{**(defaults or {}), **arguments})
 
 
-# Per-class arguments that the generic shrinking cannot derive.
-_OVERRIDES: dict[str, dict] = {}
+# Per-class arguments that the generic shrinking cannot derive (layer patterns, head counts tied
+# to other sizes).
+_OVERRIDES: dict[str, dict] = {
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_offset": 1},
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "xmod": {"default_language": "en_XX"},
+    # The defaults have no attention layer, which transformers' masks then fail on.
+    "bamba": {"mamba_n_heads": 4, "mamba_d_head": 16, "attn_layer_indices": [1]},
+    "granitemoehybrid": {
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "layer_types": ["mamba", "attention"],
+    },
+    "mamba2": {"head_dim": 16},
+}
 
-# Entries whose tiny model cannot be built here, and why (none of it chunklogits').
-CANNOT_BUILD: dict[str, str] = {}
+# Entries whose tiny model cannot be built here, and why (none of it chunklogits'): a missing
+# optional dependency, or a config the generic shrinking does not (yet) make valid.
+_NO_TINY_CONFIG = "the generic shrinking derives no valid tiny config: "
+CANNOT_BUILD: dict[str, str] = {
+    "gemma3n": "its vision tower (TimmWrapperModel) needs the timm library, not installed",
+    **{
+        model_type: _NO_TINY_CONFIG + reason
+        for model_type, reason in {
+            "blt": "its sub-configs (patcher, local encoder/decoder) lack num_hidden_layers",
+            "cohere_compass_text": "KeyError 'full_attention' from its layer-type table",
+            "dbrx": "DbrxAttentionConfig has no rope_theta once shrunk",
+            "dots1": "TypeError in torch.empty from a size left None",
+            "dots3_note": "per_layer_config keys beyond 2 layers",
+            "dots3_note_text": "num_key_value_heads must match num_attention_heads",
+            "gemma3n_text": "its cache-sharing layer types do not survive 2 layers",
+            "gemma4": "per_layer_config keys beyond 2 layers",
+            "gemma4_assistant": "its defaults fail validation (hidden_size_per_layer_input)",
+            "gemma4_unified": "per_layer_config keys beyond 2 layers",
+            "gemma4_unified_assistant": "per_layer_config keys beyond 2 layers",
+            "hunyuan_v1_dense": "a RoPE parameter left None",
+            "hunyuan_v1_moe": "a RoPE parameter left None",
+            "inkling2_loop_text": "an embedding index out of range (n-gram sizes)",
+            "inkling2_text": "an embedding index out of range (n-gram sizes)",
+            "kolibri1_1": "NVFP4 key/value rounding needs head_dim a multiple of 16",
+            "lfm2_moe": "a per-layer list left None",
+            "mamba2": "repeat_interleave size from n_groups",
+            "ministral": "a RoPE parameter left None",
+            "musicgen": "text encoder and decoder configs, no single text config",
+            "musicgen_melody": "text encoder and decoder configs, no single text config",
+            "nemotron": "a head size left None",
+            "prophetnet": "its n-gram stream shapes",
+            "qwen4_exp": "its n-gram embedding sizes",
+            "qwen4_exp_text": "its n-gram embedding sizes",
+            "reformer": "ReformerModelWithLMHead needs is_decoder=True and axial position shapes",
+            "xlstm": "its own forward fails on 7 tokens (matC_old has wrong shape)",
+            "zamba": "tie_weights_keys of its shared transformer with one hybrid layer",
+            "zaya": "supports num_experts_per_tok=1 only",
+        }.items()
+    },
+}
 
 # What each refused entry is refused by: {model_type: {"wrap" / "sample": fragment of the reason}}
 # ("wrap" covers the loss, generate after wrapping and sequence_logprobs, which wraps).
-REFUSED: dict[str, dict[str, str]] = {}
+REFUSED: dict[str, dict[str, str]] = {
+    # Output layers that are not a plain nn.Linear.
+    "dory": {"wrap": "DoryLMHead, expected a plain", "sample": "got DoryLMHead"},
+    "ergo": {
+        "wrap": "ErgoLinearWithFP32Output, expected a plain",
+        "sample": "got ErgoLinearWithFP32Output",
+    },
+    # Its forward computes no loss from token ids and labels alone (an image-token offset).
+    "git": {"wrap": "refusing GitForCausalLM, whose forward fails on token ids and labels"},
+    # cl.sample: the output layer is fed more than the base model's last hidden state (BERT-style
+    # prediction heads: dense + LayerNorm; Electra's and RemBERT's projections; MiniCPM3's and
+    # Inkling's scaling). wrap and sequence_logprobs take the layer's input from the forward.
+    **{
+        model_type: {
+            "sample": f"refuses {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}, whose head it "
+            "does not reproduce"
+        }
+        for model_type in (
+            "bert",
+            "big_bird",
+            "camembert",
+            "data2vec-text",
+            "electra",
+            "ernie",
+            "inkling_text",
+            "megatron-bert",
+            "minicpm3",
+            "modernbert-decoder",
+            "rembert",
+            "roberta",
+            "roberta-prelayernorm",
+            "roc_bert",
+            "roformer",
+            "xlm-roberta",
+            "xlm-roberta-xl",
+            "xmod",
+        )
+    },
+}
 
 ALL = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-FAST: list[str] = []
+# The default subset: plain, tied, biased and MoE heads, every transform of the table (Gemma-2's
+# and RecurrentGemma's caps, Cohere's, Granite's and HyperCLOVAX's scales, MiniCPM3's pre-head
+# scaling), the unshifted loss (BART, TrOCR, XLM, XLNet, CPM-Ant), hybrid and recurrent models,
+# and each kind of refusal. Falcon-H1 (lm_head_multiplier, 15 s) runs in the full sweep only.
+FAST = [
+    "bart",
+    "bert",
+    "cohere",
+    "cpmant",
+    "dory",
+    "gemma2",
+    "git",
+    "gpt2",
+    "granite",
+    "hyperclovax",
+    "jamba",
+    "llama",
+    "minicpm3",
+    "mixtral",
+    "phi",
+    "qwen3_5_text",
+    "recurrent_gemma",
+    "rwkv",
+    "trocr",
+    "xlm",
+    "xlnet",
+]
 ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
 
 
@@ -174,7 +291,11 @@ def build(model_type: str):
     """The tiny fp32 model of ``model_type``'s causal LM class, in training mode (dropout 0)."""
     class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     torch.manual_seed(0)
-    model = getattr(transformers, class_name)(tiny_config(model_type))
+    model_class = getattr(transformers, class_name)
+    config = tiny_config(model_type)
+    if not isinstance(config, model_class.config_class):  # a composite config's text model
+        config = config.get_text_config()
+    model = model_class(config)
     return model.float().train()
 
 
@@ -194,24 +315,32 @@ def _refusal(run) -> str | None:
 
 def _check_wrap(model):
     """Training loss and gradients, generate and sequence_logprobs against the unwrapped model
-    (HF's own code, fp32; the head's blocks differ from its one GEMM in the order of summation:
-    fp32 rounding tolerances)."""
+    (HF's own code). The loss and gradients by the accuracy rule against the fp64 model where
+    the model runs in fp64 (the fp32 backward of some, RWKV's, is itself 1e-4 off); else
+    (grouped-GEMM experts, fp32-only kernels) within fp32 rounding of the unwrapped model's: the
+    head's blocks differ from its one GEMM in the order of summation."""
     input_ids = _ids(1)
     ours = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     results = {}
-    for name, each in (("ours", ours), ("naive", model)):
+    for name, each in (("ours", ours), ("naive", model), ("exact", copy.deepcopy(model).double())):
         torch.manual_seed(0)
-        loss = each(input_ids=input_ids, labels=input_ids).loss
+        try:
+            loss = each(input_ids=input_ids, labels=input_ids).loss
+        except RuntimeError:
+            if name != "exact":
+                raise
+            break  # no fp64 run of this model
         loss.backward()
         results[name] = {
             "loss": loss.detach(),
             "output embedding grad": each.get_output_embeddings().weight.grad,
             "input embedding grad": each.get_input_embeddings().weight.grad,
         }
-    for key, expected in results["naive"].items():
-        torch.testing.assert_close(
-            results["ours"][key], expected, msg=lambda m, key=key: f"{key}: {m}"
-        )
+    for key in results["naive"]:
+        if "exact" in results:
+            assert_as_accurate(*(r[key] for r in results.values()), torch.float32, key)
+        else:
+            torch.testing.assert_close(results["ours"][key], results["naive"][key], msg=key)
 
     model.eval(), ours.eval()
     with torch.no_grad():
@@ -243,11 +372,19 @@ def outcome(model_type: str) -> dict[str, str]:
     return refusals
 
 
+# cl.sample's refusal of a logits processor that the model's generation config turns on (BART's
+# forced_eos_token_id, Whisper's begin_suppress_tokens, ...), named by its setting: accepted for
+# any entry, since which processors cl.sample reproduces grows independently of the model.
+_PROCESSOR_REFUSAL = "chunklogits.sample reproduces the logits processors of"
+
+
 @pytest.mark.parametrize("model_type", ENTRIES)
 def test_passes_or_is_refused_by_name(model_type):
     if model_type in CANNOT_BUILD:
         pytest.skip(f"cannot build {model_type}: {CANNOT_BUILD[model_type]}")
     refusals = outcome(model_type)
+    if _PROCESSOR_REFUSAL in refusals.get("sample", ""):
+        del refusals["sample"]
     expected = REFUSED.get(model_type, {})
     assert sorted(refusals) == sorted(expected), refusals
     for what, fragment in expected.items():

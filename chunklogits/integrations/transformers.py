@@ -2,7 +2,8 @@
 
 A transformers causal LM's forward runs the base model, slices the last hidden states to
 ``logits_to_keep``, calls its output layer, applies a family-specific transform to the logits
-(Gemma's softcap, Cohere's scale, ...) and, given labels, calls ``ForCausalLMLoss``. Rather than
+(Gemma's softcap, Cohere's scale, ...) and, given labels, calls ``ForCausalLMLoss`` (a few take
+the unshifted cross-entropy instead, ``_Wrapping.shifted``). Rather than
 re-implementing that forward once per family, the wrapped forward runs the *original* one without
 the labels while the ``ChunkedLMHead`` records the hidden states it is called with and hands back
 an empty ``[..., 0]`` stand-in for the logits. The loss is then the chunked cross-entropy of those
