@@ -186,7 +186,6 @@ CANNOT_BUILD: dict[str, str] = {
             "dbrx": "DbrxAttentionConfig has no rope_theta once shrunk",
             "dots1": "TypeError in torch.empty from a size left None",
             "dots3_note": "per_layer_config keys beyond 2 layers",
-            "dots3_note_text": "num_key_value_heads must match num_attention_heads",
             "gemma3n_text": "its cache-sharing layer types do not survive 2 layers",
             "gemma4": "per_layer_config keys beyond 2 layers",
             "gemma4_assistant": "its defaults fail validation (hidden_size_per_layer_input)",
