@@ -86,7 +86,8 @@ class LogitTransform:
             x.mul_(self.logit_scale)
         if self.softcap is not None:
             x.div_(self.softcap).tanh_().mul_(self.softcap)
-        if self.temperature != 1.0:
+        # Compiled, the division is fused (and exact at 1): one graph for every temperature.
+        if torch.compiler.is_compiling() or self.temperature != 1.0:
             x.div_(self.temperature)
         return x
 
@@ -101,7 +102,7 @@ class LogitTransform:
             # tanh(u / c) = z * temperature / c, and d/du c * tanh(u / c) = 1 - tanh(u / c)^2.
             tanh = z * (self.temperature / self.softcap)
             grad.mul_(tanh.square_().neg_().add_(1.0))
-        if self.linear_factor != 1.0:
+        if torch.compiler.is_compiling() or self.linear_factor != 1.0:  # as in apply_
             grad.mul_(self.linear_factor)
         return grad
 
@@ -372,10 +373,11 @@ class _Fresh:
 
 
 @cache
-def _compiled(function, **static):
-    """``function`` with the keyword arguments ``static`` bound, ``torch.compile``d once per
-    process and options; ``dynamic=True``: one graph serves every block shape."""
-    return torch.compile(partial(function, **static), dynamic=True)
+def _compiled(function):
+    """``torch.compile(function, dynamic=True)``, made once per process. Its graphs, compiled on
+    first use, serve every block shape and every value of the float options (the transform's);
+    another dtype or structure of the options (a softcap or none) compiles another."""
+    return torch.compile(function, dynamic=True)
 
 
 def _shard_params(weight, bias, v0, v1, plan):
@@ -524,7 +526,7 @@ class _RunningStats:
         if compile_with is not None:
             # One compiled fold serves every op: the statistics not requested are computed too,
             # a few flops per logit instead of a compile per combination (tens of seconds).
-            self.compiled = _compiled(_fold_raw, transform=compile_with)
+            self.compiled = partial(_compiled(_fold_raw), transform=compile_with)
             if targets is None:  # no row's target is in any shard
                 targets = torch.full((n,), -1, device=like.device)
             want_mean = want_entropy = True
@@ -741,7 +743,7 @@ class _BlockGrads:
         self.need_bias = need_bias
         self.compiled = None
         if _settings["compile"]:
-            self.compiled = _compiled(_grad_raw, transform=transform, bias=need_bias)
+            self.compiled = partial(_compiled(_grad_raw), transform=transform, bias=need_bias)
 
     def logits(self, h: Tensor, w: Tensor, b, work) -> Tensor:
         """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work``."""
