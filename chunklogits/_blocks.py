@@ -110,12 +110,15 @@ class LogitTransform:
 @dataclass(frozen=True)
 class BlockPlan:
     """How ``[rows, vocab]`` is cut: ``chunk_size`` rows per block, vocabulary shard ``i`` is
-    ``[shard_bounds[i], shard_bounds[i + 1])``, GEMMs run in ``compute_dtype``."""
+    ``[shard_bounds[i], shard_bounds[i + 1])``, GEMMs run in ``compute_dtype``; ``compiled``:
+    the per-block passes of ``row_stats`` (forward and backward) run compiled
+    (``set_block_compile`` when the op planned its blocks)."""
 
     rows: int
     chunk_size: int
     shard_bounds: tuple[int, ...]
     compute_dtype: torch.dtype
+    compiled: bool = False
 
     @property
     def shards(self) -> list[tuple[int, int]]:
@@ -189,7 +192,7 @@ def plan_blocks(
         if vocab / shards >= 2 * _SHARD_ALIGN:  # aligning the bounds widens a shard by <= 16
             shards = math.ceil(vocab / (width - _SHARD_ALIGN))
         bounds = _even_bounds(vocab, shards)
-    return BlockPlan(rows, chunk_size, bounds, compute_dtype)
+    return BlockPlan(rows, chunk_size, bounds, compute_dtype, _settings["compile"])
 
 
 def _even_bounds(vocab: int, shards: int) -> tuple[int, ...]:
@@ -232,20 +235,26 @@ def set_cpu_gemm_dtype(mode: str) -> str:
 def set_block_compile(flag: bool) -> bool:
     """Run the per-block elementwise passes as ``torch.compile``d functions (``True``) or as
     eager in-place passes (``False``, the default, or the environment variable
-    ``CHUNKLOGITS_COMPILE=1`` at import); returns the previous setting.
+    ``CHUNKLOGITS_COMPILE=1`` at import); returns the previous setting. An op follows the
+    setting in force when it is called, its backward pass included.
 
-    Compiled, the forward fold (the running max, sum of exponentials, target logit, logit sum
-    and entropy sum of ``row_stats``) and the backward block gradient (``dL/dx`` in the GEMMs'
-    dtype, from the raw GEMM output) each read the raw GEMM output once, in one fused loop,
-    instead of an fp32 copy and a pass per operation; the results equal the eager passes' within
-    fp32 rounding. The top-k statistic and the samplers, which take decisions, stay eager.
+    Compiled, the forward fold (the running maximum, sum of exponentials, target logit, logit
+    sum and entropy sum of ``row_stats``) and the backward block gradient (``dL/dx`` in the
+    GEMMs' dtype, ready for the two gradient GEMMs) each read the raw GEMM output once, in one
+    fused loop, instead of converting it to an fp32 block and passing over that once per
+    operation. Results equal the eager passes' within fp32 rounding (they share one formula,
+    which stays the oracle). The top-k statistic and the samplers, which take decisions, stay
+    eager. Worth it where the eager passes cost as much as the GEMMs: CPUs that multiply the
+    inputs' dtype natively.
 
-    Cost: each function is compiled by inductor on its first call in a process, once per
-    transform (``logit_scale``, ``softcap``, ``temperature``), GEMM dtype and direction, for
-    all shapes (``dynamic=True``; a block of one row or one column compiles once more); a
-    compile took ~XXs here (one busy core), and a later process reusing inductor's on-disk cache
-    ~YYs. Worth it for long runs on CPUs that multiply the inputs' dtype natively, where the
-    eager passes cost as much as the GEMMs."""
+    Cost: inductor compiles each function on its first call in a process, for all shapes
+    (``dynamic=True``) and all values of ``logit_scale``, ``softcap`` and ``temperature``; a
+    new GEMM dtype, a softcap or logit scale present or not, a bias or not, or a block of a
+    single row or column compiles once more (at most 8 graphs per function; beyond that torch
+    runs it uncompiled). Measured on 2 shared cores under a load of ~8 (torch 2.13): the first
+    call 44 s with an empty inductor cache (its one-time set-up included), each further graph
+    7-10 s; a later process finds the graphs in inductor's on-disk cache
+    (``TORCHINDUCTOR_CACHE_DIR``) and its first call takes 12 s, each further graph under 1 s."""
     if not isinstance(flag, bool):
         raise TypeError(f"flag: expected a bool, got {type(flag).__name__}")
     previous = _settings["compile"]
@@ -578,7 +587,7 @@ class _RunningStats:
 def _forward_stats(
     hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, top_k=0
 ):
-    compile_with = transform if _settings["compile"] and not top_k else None
+    compile_with = transform if plan.compiled and not top_k else None
     running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
     top = None
@@ -716,7 +725,12 @@ def _block_grad(z, lse, coef: _GradCoefficients, inside, column, transform, work
         grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
     else:
         grad = logp.exp_().mul_(p_coef)
-    if coef.target_coef is not None:
+    if coef.target_coef is not None and torch.compiler.is_compiling():
+        # The same sum, as a comparison that fuses into the loop: a scatter would make inductor
+        # write the whole fp32 block first and pass over it again.
+        onehot = (torch.arange(shape[1], device=z.device) == column[:, None]) & inside[:, None]
+        grad.add_(torch.where(onehot, coef.target_coef[:, None], 0.0))
+    elif coef.target_coef is not None:
         grad.scatter_add_(1, column[:, None], (coef.target_coef * inside)[:, None])
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
@@ -742,7 +756,7 @@ class _BlockGrads:
         self.transform, self.plan, self.stat_dtype = transform, plan, stat_dtype
         self.need_bias = need_bias
         self.compiled = None
-        if _settings["compile"]:
+        if plan.compiled:
             self.compiled = partial(_compiled(_grad_raw), transform=transform, bias=need_bias)
 
     def logits(self, h: Tensor, w: Tensor, b, work) -> Tensor:
@@ -862,7 +876,7 @@ def _fused_loss_blocks(
     weight), and a half-precision weight is converted once to the GEMMs' dtype where that
     differs (another ``[V, D]``), instead of once per chunk."""
     need_hidden, need_weight, need_bias = needs
-    compile_with = transform if _settings["compile"] else None
+    compile_with = transform if plan.compiled else None
     running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     stat_dtype, device = running.dtype, hidden2d.device
     vocab = weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
