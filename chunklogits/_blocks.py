@@ -249,11 +249,11 @@ def set_block_compile(flag: bool) -> bool:
 
     Cost: inductor compiles each function on its first call in a process, for all shapes
     (``dynamic=True``) and all values of ``logit_scale``, ``softcap`` and ``temperature``; a
-    new GEMM dtype, a softcap or logit scale present or not, a bias or not, or a block of a
-    single row or column compiles once more (at most 8 graphs per function; beyond that torch
-    runs it uncompiled). Measured on 2 shared cores under a load of ~8 (torch 2.13): the first
-    call 44 s with an empty inductor cache (its one-time set-up included), each further graph
-    7-10 s; a later process finds the graphs in inductor's on-disk cache
+    new GEMM dtype, a softcap or logit scale present or not, or a bias or not compiles once more
+    (at most 8 graphs per function; beyond that torch runs it uncompiled). Blocks of a single
+    row or column take the eager passes. Measured on 2 shared cores under a load of ~8 (torch
+    2.13): the first call 44 s with an empty inductor cache (its one-time set-up included), each
+    further graph 7-10 s; a later process finds the graphs in inductor's on-disk cache
     (``TORCHINDUCTOR_CACHE_DIR``) and its first call takes 12 s, each further graph under 1 s."""
     if not isinstance(flag, bool):
         raise TypeError(f"flag: expected a bool, got {type(flag).__name__}")
@@ -424,11 +424,18 @@ def _block_logits(
     return z
 
 
+def _compilable(rows: int, cols: int) -> bool:
+    """Whether a block of this shape takes the compiled passes where they are on. A block of one
+    row or column would compile a graph of its own (torch specialises sizes 0 and 1), and its
+    passes cost nothing beside its GEMM: it takes the eager ones."""
+    return rows > 1 and cols > 1
+
+
 def _block_input(h, w, b, transform: LogitTransform, work, stat_dtype, compiled: bool) -> Tensor:
     """The block the per-block passes take: eager, ``z`` (``_block_logits``); compiled, the raw
     GEMM output ``h @ w.T + b`` in the GEMMs' dtype (the workspace's ``z``), which they convert
     and transform themselves."""
-    if compiled:
+    if compiled and _compilable(h.shape[0], w.shape[0]):
         return _block_logits(h, w, b, LogitTransform(), work, h.dtype)
     return _block_logits(h, w, b, transform, work, stat_dtype)
 
@@ -560,7 +567,7 @@ class _RunningStats:
         inside = column = None
         if self.targets is not None:
             inside, column = _target_in_shard(self.targets[rows], v0, v1)
-        if self.compiled is None:
+        if self.compiled is None or not _compilable(*block.shape):
             folded = _fold_block(block, state, inside, column, work, keep)
         else:
             # Fresh [rows] inputs: views and tensors of their own would compile separately.
@@ -771,7 +778,7 @@ class _BlockGrads:
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v1)
         compute_dtype = self.plan.compute_dtype
-        if self.compiled is None:
+        if self.compiled is None or not _compilable(*block.shape):
             grad = _block_grad(block, lse, coef, inside, column, self.transform, work)
             column_sums = grad.sum(0) if self.need_bias else None
             if compute_dtype != grad.dtype:

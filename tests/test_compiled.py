@@ -7,6 +7,10 @@ case below, four in all."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,11 +88,13 @@ def run_ops(lib, hidden, weight, bias, labels, options=(), loss_options=()) -> d
     return results
 
 
-def chunklogits_ops(hidden, weight, bias, labels, compile_blocks: bool, grad_in_forward: bool):
+def chunklogits_ops(
+    hidden, weight, bias, labels, compile_blocks: bool, grad_in_forward: bool, blocks=BLOCKS
+):
     previous = cl.set_block_compile(compile_blocks)
     try:
         loss_options = {"grad_in_forward": grad_in_forward}
-        return run_ops(cl, hidden, weight, bias, labels, BLOCKS, loss_options)
+        return run_ops(cl, hidden, weight, bias, labels, blocks, loss_options)
     finally:
         cl.set_block_compile(previous)
 
@@ -99,9 +105,19 @@ def test_compiled_as_accurate_as_eager(cpu_gemm, dtype, grad_in_forward):
     # The loss by the recomputing backward or by the fused pass (grad_in_forward), the log-probs
     # and entropy, the log-sum-exp, and their gradients: compiled, as accurate as the eager path
     # and the naive computation, against fp64.
+    check_compiled_ops(dtype, grad_in_forward, BLOCKS)
+
+
+def test_compiled_with_a_block_of_one_row():
+    # Row chunks of 41 and 1 rows: the one-row blocks take the eager passes (a graph of their
+    # own otherwise) on the compiled pass's statistics.
+    check_compiled_ops(torch.float32, True, {"shards": 3, "chunk_size": 41})
+
+
+def check_compiled_ops(dtype, grad_in_forward, blocks):
     hidden, weight, bias, labels = head(dtype)
-    ours = chunklogits_ops(hidden, weight, bias, labels, True, grad_in_forward)
-    eager = chunklogits_ops(hidden, weight, bias, labels, False, grad_in_forward)
+    ours = chunklogits_ops(hidden, weight, bias, labels, True, grad_in_forward, blocks)
+    eager = chunklogits_ops(hidden, weight, bias, labels, False, grad_in_forward, blocks)
     naive = run_ops(reference, hidden, weight, bias, labels)
     exact = run_ops(reference, hidden.double(), weight.double(), bias.double(), labels)
     assert ours.keys() == exact.keys()
@@ -142,3 +158,18 @@ def test_compiled_masked_by_an_infinite_bias(compiled, masked):
     # Without a softcap a -inf bias masks tokens: rows whose running maximum is -inf (the first
     # two of 7 shards masked), logits far below the maximum at temperature 0.1 (the floor).
     check_infinite_bias_mask(masked, torch.device("cpu"))
+
+
+def test_compile_setting_is_validated():
+    with pytest.raises(TypeError, match="flag: expected a bool, got str"):
+        cl.set_block_compile("yes")
+    env = {**os.environ, "CHUNKLOGITS_COMPILE": "yes"}
+    run = subprocess.run(
+        [sys.executable, "-c", "import chunklogits"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode != 0
+    assert "CHUNKLOGITS_COMPILE: expected '0' or '1', got 'yes'" in run.stderr
+    env["CHUNKLOGITS_COMPILE"] = "1"
+    code = "import chunklogits as cl; print(cl.set_block_compile(False))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "True", run.stderr
