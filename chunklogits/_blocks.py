@@ -339,8 +339,8 @@ class _Rows:
 
 
 class _Workspace:
-    """Flat buffers, one per role, reused by every block of a pass: blocks allocate nothing, so
-    a pass costs no allocator traffic or page faults beyond its first block."""
+    """Flat buffers, one per role and dtype, reused by every block of a pass: blocks allocate
+    nothing, so a pass costs no allocator traffic or page faults beyond its first block."""
 
     def __init__(self, plan: BlockPlan, device: torch.device):
         widest = max(v1 - v0 for v0, v1 in plan.shards)
@@ -351,9 +351,12 @@ class _Workspace:
         )
 
     def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-        buffer = self._buffers.get(role)
+        # The compiled passes' blocks (set_block_compile) take role z in the GEMMs' dtype, and
+        # their blocks of one row take it in fp32 (_compilable).
+        buffer = self._buffers.get((role, dtype))
         if buffer is None:
-            buffer = self._buffers[role] = torch.empty(self.numel, dtype=dtype, device=self.device)
+            buffer = torch.empty(self.numel, dtype=dtype, device=self.device)
+            self._buffers[role, dtype] = buffer
         return buffer[: rows * cols].view(rows, cols)
 
     def kept(self, shard: int) -> _KeptBlock:
@@ -476,8 +479,9 @@ def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]
 
 class _FoldState(NamedTuple):
     """Running statistics of some rows, ``[rows]`` each, ``None`` where not kept: the maximum
-    ``m``, ``sum_v exp(z_v - m)``, the target logit, ``sum_v z_v`` and (for the entropy)
-    ``sum_v exp(z_v - m) * (z_v - m)``."""
+    ``m``, ``sum_v exp(z_v - m)``, the target logit, ``sum_v z_v`` and ``weighted =
+    sum_v exp(z_v - m) * (z_v - m)``: the entropy is ``log(sum_exp) - weighted / sum_exp``, with
+    no cancellation of the (possibly large) max between lse and the expected logit."""
 
     max: Tensor
     sum_exp: Tensor

@@ -108,10 +108,11 @@ def test_compiled_as_accurate_as_eager(cpu_gemm, dtype, grad_in_forward):
     check_compiled_ops(dtype, grad_in_forward, BLOCKS)
 
 
-def test_compiled_with_a_block_of_one_row():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_with_a_block_of_one_row(cpu_gemm, dtype):
     # Row chunks of 41 and 1 rows: the one-row blocks take the eager passes (a graph of their
-    # own otherwise) on the compiled pass's statistics.
-    check_compiled_ops(torch.float32, True, {"shards": 3, "chunk_size": 41})
+    # own otherwise), in fp32, on the compiled pass's statistics and workspace.
+    check_compiled_ops(dtype, True, {"shards": 3, "chunk_size": 41})
 
 
 def check_compiled_ops(dtype, grad_in_forward, blocks):
