@@ -251,10 +251,11 @@ def set_block_compile(flag: bool) -> bool:
     (``dynamic=True``) and all values of ``logit_scale``, ``softcap`` and ``temperature``; a
     new GEMM dtype, a softcap or logit scale present or not, or a bias or not compiles once more
     (at most 8 graphs per function; beyond that torch runs it uncompiled). Blocks of a single
-    row or column take the eager passes. Measured on 2 shared cores under a load of ~8 (torch
-    2.13): the first call 44 s with an empty inductor cache (its one-time set-up included), each
-    further graph 7-10 s; a later process finds the graphs in inductor's on-disk cache
-    (``TORCHINDUCTOR_CACHE_DIR``) and its first call takes 12 s, each further graph under 1 s."""
+    row or column take the eager passes. Measured on 2 shared cores (torch 2.13, the ranges are
+    the machine's load, 3 to 8 busy processes): the first call 13-44 s with an empty inductor
+    cache (its one-time set-up included), each further graph 3-10 s; a later process finds the
+    graphs in inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) and its first call takes
+    7-12 s (tracing, which is not cached), each further graph under 1 s."""
     if not isinstance(flag, bool):
         raise TypeError(f"flag: expected a bool, got {type(flag).__name__}")
     previous = _settings["compile"]
