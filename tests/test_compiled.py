@@ -1,9 +1,9 @@
 """The compiled per-block passes (``set_block_compile``) against the eager ones and fp64 truth.
 
-Every compile costs seconds to tens of seconds, so all cases share one transform structure (a
+Every compile costs seconds to tens of seconds, so the cases share one transform structure (a
 softcap and a logit scale; the temperature's value is not part of a graph) and a bias: one
 graph per direction (fold, gradient) and GEMM dtype (fp32, bf16) serves every op, shape and
-case below, four in all."""
+case, four in all, and the infinite-bias test, which needs no softcap, adds two (fp32)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from tests.helpers import assert_as_accurate, check_infinite_bias_mask, seeded
 
 TRANSFORM = {"softcap": 6.0, "logit_scale": 1.5}
 TEMPERATURE = 0.7
-# Shards [0, 96), [96, 208), [208, 301); row chunks of 16, 16 and 10 rows (never 1: a block of
-# one row compiles once more).
+# Shards [0, 96), [96, 208), [208, 301); row chunks of 16, 16 and 10 rows.
 BLOCKS = {"shards": 3, "chunk_size": 16}
 VOCAB, FIRST_SHARD = 301, 96
 
