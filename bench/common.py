@@ -19,6 +19,9 @@ HEAD_SHAPES = {
     # working-memory target (working memory <= 10% of hidden + weight + grads).
     "llama3-head-1k-x-256": (1024, 256, 128256),
     "llama3-head-2k-x-1024": (2048, 1024, 128256),
+    # A shape whose three GEMMs (the floor) take about as long as the 1k x 256 x 128k one's with
+    # 4x the hidden size and a quarter of the vocabulary: chunks hold ~4x the rows there.
+    "head-1k-x-1024-x-32k": (1024, 1024, 32768),
 }
 
 
