@@ -15,10 +15,13 @@ MiB = 2**20
 LLAMA3_VOCAB = 128_256
 
 HEAD_SHAPES = {
-    # (tokens N, hidden D, vocab V): the CPU shape of issue 3's measurements, and the size of its
-    # memory target (working memory <= 10% of hidden + weight + grads).
+    # (tokens N, hidden D, vocab V): the first CPU measurements' shape, and the shape of the
+    # working-memory target (working memory <= 10% of hidden + weight + grads).
     "llama3-head-1k-x-256": (1024, 256, 128256),
     "llama3-head-2k-x-1024": (2048, 1024, 128256),
+    # A shape whose three GEMMs (the floor) take about as long as the 1k x 256 x 128k one's with
+    # 4x the hidden size and a quarter of the vocabulary: chunks hold ~4x the rows there.
+    "head-1k-x-1024-x-32k": (1024, 1024, 32768),
 }
 
 

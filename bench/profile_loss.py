@@ -2,11 +2,12 @@
 ``chunklogits.linear_cross_entropy`` on a ``bench.common.HEAD_SHAPES`` head (bf16 inputs), its
 self CPU time summed by kind of op, beside the three-GEMM floor of ``test_bench_loss.py``.
 
-    python -m bench.profile_loss llama3-head-1k-x-256 [--grad-in-forward]
+    python -m bench.profile_loss llama3-head-1k-x-256 [--grad-in-forward] [--compile]
 
 Prints seconds per kind: the block GEMMs (``mm``/``addmm``), the elementwise passes over the
 blocks, the dtype conversions (``copy_``/``to``) and the rest; a profile, not a benchmark: the
-profiler adds a little time to every op.
+profiler adds a little time to every op. ``--compile``: with ``set_block_compile(True)``
+("compiled block passes"; the warm-up step compiles them, its time is printed).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _KINDS = {
 
 
 def _kind(name: str) -> str:
+    if name.startswith("## Call CompiledFxGraph"):
+        return "compiled block passes"
     for kind, names in _KINDS.items():
         if name in names:
             return kind
@@ -39,7 +42,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shape", choices=sorted(HEAD_SHAPES))
     p.add_argument("--grad-in-forward", action="store_true")
+    p.add_argument("--compile", action="store_true", help="set_block_compile(True)")
     args = p.parse_args()
+    cl.set_block_compile(args.compile)
     hidden, weight, labels = head_inputs(args.shape)
     dtype = block_compute_dtype(hidden.dtype, hidden.device)
     h, w = hidden.detach().to(dtype), weight.detach().to(dtype)
@@ -55,7 +60,10 @@ def main() -> None:
         )
         loss.backward()
 
-    floor(), step()  # warm-up
+    floor()  # warm-up
+    start = time.perf_counter()
+    step()
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     floor()
     floor_s = time.perf_counter() - start
@@ -68,6 +76,7 @@ def main() -> None:
         seconds[_kind(event.key)] += event.self_cpu_time_total / 1e6
     print(f"{args.shape}, {dtype} GEMMs, {torch.get_num_threads()} threads")
     print(f"floor (3 whole-matrix GEMMs): {floor_s:.2f} s; profiled step: {step_s:.2f} s")
+    print(f"warm-up step (compiles with --compile): {warmup_s:.2f} s")
     for kind, total in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f"  {kind:28s} {total:6.2f} s  ({total / floor_s:.2f}x floor)")
 

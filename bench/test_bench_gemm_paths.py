@@ -1,4 +1,5 @@
-"""Issue 12's memory targets with the CPU block GEMMs forced to each dtype in turn.
+"""The memory targets (loss working memory at most 10% of the lower bound, one sampling step
+at most 50 MiB) with the CPU block GEMMs forced to each dtype in turn.
 
     pytest bench/test_bench_gemm_paths.py --benchmark-only --benchmark-json=out/gemm_paths.json
 

@@ -57,18 +57,28 @@ IMPLEMENTATIONS = {
     ),
     # The same with 8x the default block budget: row chunks of ~8x the rows, for CPUs whose
     # GEMMs are slow at few rows.
-    "chunklogits-grad_in_forward-256MiB": lambda h, w, y: _with_budget(
-        256 * 2**20, cl.linear_cross_entropy, h, w, y, grad_in_forward=True
+    "chunklogits-grad_in_forward-256MiB": lambda h, w, y: _with_setting(
+        cl.set_block_budget, 256 * 2**20, cl.linear_cross_entropy, h, w, y, grad_in_forward=True
+    ),
+    # The per-block elementwise passes torch.compile'd (set_block_compile), forward and backward;
+    # the compiles happen in the warm-up round.
+    "chunklogits-compiled": lambda h, w, y: _with_setting(
+        cl.set_block_compile, True, cl.linear_cross_entropy, h, w, y
+    ),
+    "chunklogits-grad_in_forward-compiled": lambda h, w, y: _with_setting(
+        cl.set_block_compile, True, cl.linear_cross_entropy, h, w, y, grad_in_forward=True
     ),
 }
 
 
-def _with_budget(nbytes, fn, *args, **kwargs):
-    previous = cl.set_block_budget(nbytes)
+def _with_setting(setter, value, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with a chunklogits setting (``set_block_budget``, ...) at
+    ``value``; an op keeps the settings it was called with for its backward pass."""
+    previous = setter(value)
     try:
         return fn(*args, **kwargs)
     finally:
-        cl.set_block_budget(previous)
+        setter(previous)
 
 
 _problems: dict[str, tuple] = {}

@@ -6,7 +6,7 @@ the same run.
 Group ``sampling-step``: B = 64 last hidden states, D = 1024, V = 256000 (Gemma's vocabulary),
 bf16, temperature 0.8, top-k 50, top-p 0.9. HF's path is what ``generate()`` does per step:
 ``lm_head`` → ``.float()`` → ``TemperatureLogitsWarper`` → ``TopKLogitsWarper`` →
-``TopPLogitsWarper`` → ``softmax`` → ``multinomial``. Issue 5's targets: peak ≤ 50 MiB and time
+``TopPLogitsWarper`` → ``softmax`` → ``multinomial``. Targets: peak ≤ 50 MiB and time
 ≤ 0.6x HF's.
 
 Group ``beam-step``: one step of beam search for 16 prompts x 8 beams (128 rows), D = 1024,

@@ -2,7 +2,7 @@
 logits tensor."""
 
 from . import distributed, memory, reference
-from ._blocks import set_block_budget, set_cpu_gemm_dtype
+from ._blocks import set_block_budget, set_block_compile, set_cpu_gemm_dtype
 from .distill import linear_jsd
 from .generate import sample
 from .head import ChunkedLMHead
@@ -23,6 +23,7 @@ __all__ = [
     "sample_next",
     "sequence_logprobs",
     "set_block_budget",
+    "set_block_compile",
     "set_cpu_gemm_dtype",
     "token_accuracy",
     "token_logprobs",

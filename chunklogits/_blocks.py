@@ -30,7 +30,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, partial
 from typing import NamedTuple
 
 import torch
@@ -56,6 +56,10 @@ if _settings["cpu_gemm"] not in _CPU_GEMM_MODES:
     raise ValueError(
         f"CHUNKLOGITS_CPU_GEMM: expected one of {_CPU_GEMM_MODES}, got {_settings['cpu_gemm']!r}"
     )
+_settings["compile"] = os.environ.get("CHUNKLOGITS_COMPILE", "0")
+if _settings["compile"] not in ("0", "1"):
+    raise ValueError(f"CHUNKLOGITS_COMPILE: expected '0' or '1', got {_settings['compile']!r}")
+_settings["compile"] = _settings["compile"] == "1"
 
 
 def set_block_budget(nbytes: int) -> int:
@@ -85,7 +89,8 @@ class LogitTransform:
             x.mul_(self.logit_scale)
         if self.softcap is not None:
             x.div_(self.softcap).tanh_().mul_(self.softcap)
-        if self.temperature != 1.0:
+        # Compiled, the division is fused (and exact at 1): one graph for every temperature.
+        if torch.compiler.is_compiling() or self.temperature != 1.0:
             x.div_(self.temperature)
         return x
 
@@ -100,7 +105,7 @@ class LogitTransform:
             # tanh(u / c) = z * temperature / c, and d/du c * tanh(u / c) = 1 - tanh(u / c)^2.
             tanh = z * (self.temperature / self.softcap)
             grad.mul_(tanh.square_().neg_().add_(1.0))
-        if self.linear_factor != 1.0:
+        if torch.compiler.is_compiling() or self.linear_factor != 1.0:  # as in apply_
             grad.mul_(self.linear_factor)
         return grad
 
@@ -108,12 +113,15 @@ class LogitTransform:
 @dataclass(frozen=True)
 class BlockPlan:
     """How ``[rows, vocab]`` is cut: ``chunk_size`` rows per block, vocabulary shard ``i`` is
-    ``[shard_bounds[i], shard_bounds[i + 1])``, GEMMs run in ``compute_dtype``."""
+    ``[shard_bounds[i], shard_bounds[i + 1])``, GEMMs run in ``compute_dtype``; ``compiled``:
+    the per-block passes of ``row_stats`` (forward and backward) run compiled
+    (``set_block_compile`` when the op planned its blocks)."""
 
     rows: int
     chunk_size: int
     shard_bounds: tuple[int, ...]
     compute_dtype: torch.dtype
+    compiled: bool = False
 
     @property
     def shards(self) -> list[tuple[int, int]]:
@@ -192,7 +200,7 @@ def plan_blocks(
         if vocab / shards >= 2 * _SHARD_ALIGN:  # aligning the bounds widens a shard by <= 16
             shards = math.ceil(vocab / (width - _SHARD_ALIGN))
         bounds = _even_bounds(vocab, shards)
-    return BlockPlan(rows, chunk_size, bounds, compute_dtype)
+    return BlockPlan(rows, chunk_size, bounds, compute_dtype, _settings["compile"])
 
 
 def _even_bounds(vocab: int, shards: int) -> tuple[int, ...]:
@@ -229,6 +237,37 @@ def set_cpu_gemm_dtype(mode: str) -> str:
         raise ValueError(f"mode: expected one of {_CPU_GEMM_MODES}, got {mode!r}")
     previous = _settings["cpu_gemm"]
     _settings["cpu_gemm"] = mode
+    return previous
+
+
+def set_block_compile(flag: bool) -> bool:
+    """Run the per-block elementwise passes as ``torch.compile``d functions (``True``) or as
+    eager in-place passes (``False``, the default, or the environment variable
+    ``CHUNKLOGITS_COMPILE=1`` at import); returns the previous setting. An op follows the
+    setting in force when it is called, its backward pass included.
+
+    Compiled, the forward fold (the running maximum, sum of exponentials, target logit, logit
+    sum and entropy sum of ``row_stats``) and the backward block gradient (``dL/dx`` in the
+    GEMMs' dtype, ready for the two gradient GEMMs) each read the raw GEMM output once, in one
+    fused loop, instead of converting it to an fp32 block and passing over that once per
+    operation. Results equal the eager passes' within fp32 rounding (they share one formula,
+    which stays the oracle). The top-k statistic and the samplers, which take decisions, stay
+    eager. Worth it where the eager passes cost as much as the GEMMs: CPUs that multiply the
+    inputs' dtype natively.
+
+    Cost: inductor compiles each function on its first call in a process, for all shapes
+    (``dynamic=True``) and all values of ``logit_scale``, ``softcap`` and ``temperature``; a
+    new GEMM dtype, a softcap or logit scale present or not, or a bias or not compiles once more
+    (at most 8 graphs per function; beyond that torch runs it uncompiled). Blocks of a single
+    row or column take the eager passes. Measured on 2 shared cores (torch 2.13, the ranges are
+    the machine's load, 3 to 8 busy processes): the first call 13-44 s with an empty inductor
+    cache (its one-time set-up included), each further graph 3-10 s; a later process finds the
+    graphs in inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) and its first call takes
+    7-12 s (tracing, which is not cached), each further graph under 1 s."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"flag: expected a bool, got {type(flag).__name__}")
+    previous = _settings["compile"]
+    _settings["compile"] = flag
     return previous
 
 
@@ -336,8 +375,8 @@ class _Rows:
 
 
 class _Workspace:
-    """Flat buffers, one per role, reused by every block of a pass: blocks allocate nothing, so
-    a pass costs no allocator traffic or page faults beyond its first block."""
+    """Flat buffers, one per role and dtype, reused by every block of a pass: blocks allocate
+    nothing, so a pass costs no allocator traffic or page faults beyond its first block."""
 
     def __init__(self, plan: BlockPlan, device: torch.device):
         widest = max(v1 - v0 for v0, v1 in plan.shards)
@@ -348,9 +387,12 @@ class _Workspace:
         )
 
     def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-        buffer = self._buffers.get(role)
+        # The compiled passes' blocks (set_block_compile) take role z in the GEMMs' dtype, and
+        # their blocks of one row take it in fp32 (_compilable).
+        buffer = self._buffers.get((role, dtype))
         if buffer is None:
-            buffer = self._buffers[role] = torch.empty(self.numel, dtype=dtype, device=self.device)
+            buffer = torch.empty(self.numel, dtype=dtype, device=self.device)
+            self._buffers[role, dtype] = buffer
         return buffer[: rows * cols].view(rows, cols)
 
     def kept(self, shard: int) -> _KeptBlock:
@@ -365,6 +407,25 @@ class _KeptBlock(NamedTuple):
 
     def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
         return self.work.get(f"z{self.shard}" if role == "z" else role, rows, cols, dtype)
+
+
+class _Fresh:
+    """The workspace of the compiled block functions: a new tensor per request. Inside
+    ``torch.compile`` these are intermediates, which inductor fuses away: no block is written."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        return torch.empty(rows, cols, dtype=dtype, device=self.device)
+
+
+@cache
+def _compiled(function):
+    """``torch.compile(function, dynamic=True)``, made once per process. Its graphs, compiled on
+    first use, serve every block shape and every value of the float options (the transform's);
+    another dtype or structure of the options (a softcap or none) compiles another."""
+    return torch.compile(function, dynamic=True)
 
 
 def _shard_params(weight, bias, v0, v1, plan):
@@ -402,6 +463,22 @@ def _block_logits(
     return z
 
 
+def _compilable(rows: int, cols: int) -> bool:
+    """Whether a block of this shape takes the compiled passes where they are on. A block of one
+    row or column would compile a graph of its own (torch specialises sizes 0 and 1), and its
+    passes cost nothing beside its GEMM: it takes the eager ones."""
+    return rows > 1 and cols > 1
+
+
+def _block_input(h, w, b, transform: LogitTransform, work, stat_dtype, compiled: bool) -> Tensor:
+    """The block the per-block passes take: eager, ``z`` (``_block_logits``); compiled, the raw
+    GEMM output ``h @ w.T + b`` in the GEMMs' dtype (the workspace's ``z``), which they convert
+    and transform themselves."""
+    if compiled and _compilable(h.shape[0], w.shape[0]):
+        return _block_logits(h, w, b, LogitTransform(), work, h.dtype)
+    return _block_logits(h, w, b, transform, work, stat_dtype)
+
+
 def _model_rounded_(raw: Tensor, transform: LogitTransform, work: _Workspace, rounded_to):
     """The logits the model's own head returns for the raw block ``raw`` (``h @ w.T + b``):
     rounded to ``rounded_to`` (into the workspace's ``model`` buffer, or ``raw`` itself in place
@@ -436,69 +513,131 @@ def _target_in_shard(targets: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]
     return inside, (targets - v0).clamp_(0, v1 - v0 - 1)
 
 
+class _FoldState(NamedTuple):
+    """Running statistics of some rows, ``[rows]`` each, ``None`` where not kept: the maximum
+    ``m``, ``sum_v exp(z_v - m)``, the target logit, ``sum_v z_v`` and ``weighted =
+    sum_v exp(z_v - m) * (z_v - m)``: the entropy is ``log(sum_exp) - weighted / sum_exp``, with
+    no cancellation of the (possibly large) max between lse and the expected logit."""
+
+    max: Tensor
+    sum_exp: Tensor
+    target: Tensor | None
+    total: Tensor | None
+    weighted: Tensor | None
+
+
+def _fold_block(z: Tensor, state: _FoldState, inside, column, work, keep: bool) -> _FoldState:
+    """``state`` with the transformed block ``z`` (its rows, in the statistics' dtype) folded in
+    by the online merge; the target logit is ``z`` at ``column`` in the rows where ``inside``.
+    ``keep``: leave ``z`` intact (it is used again), else it is overwritten. The one formula of
+    both passes: eagerly on the workspace's buffers, and inside ``torch.compile`` (``_fold_raw``)
+    on ``_Fresh`` ones, where the in-place ops and buffers fuse into one loop over the block."""
+    target = state.target
+    if target is not None:
+        target = torch.where(inside, z.gather(1, column[:, None]).squeeze(1), target)
+    total = None if state.total is None else state.total + z.sum(1)
+    new_max = torch.maximum(state.max, z.amax(1))
+    # Rows with no finite logit yet (a -inf bias masks tokens) are centred on 0, so that
+    # their z - max is -inf, not NaN; the zero rescale of the next finite maximum drops
+    # what they summed.
+    centre = new_max.masked_fill(new_max == -math.inf, 0.0)
+    # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
+    step = (state.max - centre).clamp_(min=torch.finfo(z.dtype).min)
+    rescale = step.exp()
+    if keep:
+        centred = torch.sub(z, centre[:, None], out=work.get("centred", *z.shape, z.dtype))
+    else:
+        centred = z.sub_(centre[:, None])
+    _floor_(centred)
+    weighted = state.weighted
+    if weighted is None:
+        exp = centred.exp_()
+    else:
+        exp = torch.exp(centred, out=work.get("exp", *z.shape, z.dtype))
+        weighted = (weighted + step * state.sum_exp) * rescale + torch.linalg.vecdot(exp, centred)
+    sum_exp = state.sum_exp * rescale + exp.sum(1)
+    return _FoldState(new_max, sum_exp, target, total, weighted)
+
+
+def _fold_raw(raw: Tensor, state: _FoldState, inside, column, *, transform) -> _FoldState:
+    """``_fold_block`` of the raw GEMM output ``raw`` (``h @ w.T + b`` in the GEMMs' dtype),
+    converted and transformed inside: the function ``set_block_compile`` compiles."""
+    z = transform.apply_(raw.to(state.max.dtype, copy=True))
+    return _fold_block(z, state, inside, column, _Fresh(raw.device), keep=False)
+
+
 class _RunningStats:
     """Per-row fp32 running statistics of the blocks folded so far (the online log-sum-exp
-    merge of the module docstring): what ``_forward_stats`` and ``_fused_loss_blocks`` share."""
+    merge of the module docstring): what ``_forward_stats`` and ``_fused_loss_blocks`` share.
+    ``compile_with``: None to fold transformed blocks eagerly, or the transform, to fold raw GEMM
+    outputs by the compiled ``_fold_raw`` (``set_block_compile``)."""
 
-    def __init__(self, n: int, targets, want_mean: bool, want_entropy: bool, like: Tensor):
+    def __init__(
+        self, n: int, targets, want_mean: bool, want_entropy: bool, like: Tensor, compile_with
+    ):
         new = {"device": like.device, "dtype": torch.promote_types(like.dtype, torch.float32)}
         self.dtype = new["dtype"]
-        self.max = torch.full((n,), -math.inf, **new)
-        self.sum_exp = torch.zeros(n, **new)
-        self.target = torch.zeros(n, **new) if targets is not None else None
-        self.total = torch.zeros(n, **new) if want_mean else None
-        # sum_v exp(z_v - m) * (z_v - m): the entropy is log(sum_exp) - weighted / sum_exp, with
-        # no cancellation of the (possibly large) max between lse and the expected logit.
-        self.weighted = torch.zeros(n, **new) if want_entropy else None
+        self.requested = (targets is not None, want_mean, want_entropy)
+        self.compiled = None
+        if compile_with is not None:
+            # One compiled fold serves every op: the statistics not requested are computed too,
+            # a few flops per logit instead of a compile per combination (tens of seconds).
+            self.compiled = partial(_compiled(_fold_raw), transform=compile_with)
+            if targets is None:  # no row's target is in any shard
+                targets = torch.full((n,), -1, device=like.device)
+            want_mean = want_entropy = True
         self.targets = targets
+        self.state = _FoldState(
+            torch.full((n,), -math.inf, **new),
+            torch.zeros(n, **new),
+            torch.zeros(n, **new) if targets is not None else None,
+            torch.zeros(n, **new) if want_mean else None,
+            torch.zeros(n, **new) if want_entropy else None,
+        )
 
-    def fold(self, z: Tensor, r0: int, r1: int, v0: int, v1: int, work, keep: bool) -> None:
-        """Fold block ``z`` (rows ``[r0, r1)``, vocabulary ``[v0, v1)``) into the statistics.
-        ``keep``: leave ``z`` intact (it is used again), else it is overwritten."""
-        if self.target is not None:
-            inside, column = _target_in_shard(self.targets[r0:r1], v0, v1)
-            picked = z.gather(1, column[:, None]).squeeze(1)
-            self.target[r0:r1] = torch.where(inside, picked, self.target[r0:r1])
-        if self.total is not None:
-            self.total[r0:r1] += z.sum(1)
-        old_max = self.max[r0:r1]
-        new_max = torch.maximum(old_max, z.amax(1))
-        # Rows with no finite logit yet (a -inf bias masks tokens) are centred on 0, so that
-        # their z - max is -inf, not NaN; the zero rescale of the next finite maximum drops
-        # what they summed.
-        centre = new_max.masked_fill(new_max == -math.inf, 0.0)
-        # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
-        step = (old_max - centre).clamp_(min=torch.finfo(self.dtype).min)
-        rescale = step.exp()
-        self.max[r0:r1] = new_max  # old_max is a view: read above
-        if keep:
-            centred = torch.sub(z, centre[:, None], out=work.get("centred", *z.shape, z.dtype))
+    def logits(self, h: Tensor, w: Tensor, b, transform: LogitTransform, work) -> Tensor:
+        """The block ``fold`` takes for rows ``h`` and shard ``w``, ``b`` in ``work``."""
+        return _block_input(h, w, b, transform, work, self.dtype, self.compiled is not None)
+
+    def fold(self, block: Tensor, r0: int, r1: int, v0: int, v1: int, work, keep: bool) -> None:
+        """Fold ``block`` (rows ``[r0, r1)``, vocabulary ``[v0, v1)``, from ``logits``) into the
+        statistics. ``keep``: leave it intact (it is used again), else it may be overwritten."""
+        rows = slice(r0, r1)
+        state = _FoldState(*(None if s is None else s[rows] for s in self.state))
+        inside = column = None
+        if self.targets is not None:
+            inside, column = _target_in_shard(self.targets[rows], v0, v1)
+        if self.compiled is None or not _compilable(*block.shape):
+            folded = _fold_block(block, state, inside, column, work, keep)
         else:
-            centred = z.sub_(centre[:, None])
-        _floor_(centred)
-        if self.weighted is None:
-            exp = centred.exp_()
-        else:
-            exp = torch.exp(centred, out=work.get("exp", *z.shape, self.dtype))
-            carried = (self.weighted[r0:r1] + step * self.sum_exp[r0:r1]) * rescale
-            self.weighted[r0:r1] = carried + torch.linalg.vecdot(exp, centred)
-        self.sum_exp[r0:r1] = self.sum_exp[r0:r1] * rescale + exp.sum(1)
+            # Fresh [rows] inputs: views and tensors of their own would compile separately.
+            folded = self.compiled(block, _FoldState(*(s.clone() for s in state)), inside, column)
+        for kept, value in zip(state, folded, strict=True):
+            if kept is not None:
+                kept.copy_(value)
 
     def stats(self, vocab: int, rows: slice = slice(None)) -> RowStats:
         """The statistics of ``rows`` over a vocabulary of ``vocab`` entries, all folded."""
-        log_sum = self.sum_exp[rows].log()
-        target = None if self.target is None else self.target[rows]
-        mean = None if self.total is None else self.total[rows] / vocab
-        entropy = (
-            None if self.weighted is None else log_sum - self.weighted[rows] / self.sum_exp[rows]
+        has_target, want_mean, want_entropy = self.requested
+        max_, sum_exp, target, total, weighted = (
+            None if s is None else s[rows] for s in self.state
         )
-        return RowStats(log_sum, None, mean, entropy, max=self.max[rows], target=target)
+        log_sum = sum_exp.log()
+        return RowStats(
+            log_sum,
+            None,
+            total / vocab if want_mean else None,
+            log_sum - weighted / sum_exp if want_entropy else None,
+            max=max_,
+            target=target if has_target else None,
+        )
 
 
 def _forward_stats(
     hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, top_k=0
 ):
-    running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d)
+    compile_with = transform if plan.compiled and not top_k else None
+    running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
     top = None
     if top_k:
@@ -509,7 +648,7 @@ def _forward_stats(
         w, b = _shard_params(weight, bias, v0, v1, plan)
         for r0, r1, h in rows:
             if top is None:
-                z = _block_logits(h, w, b, transform, work, running.dtype)
+                z = running.logits(h, w, b, transform, work)
             else:
                 z, decision = _block_logits_and_decisions(
                     h, w, b, transform, work, running.dtype, hidden2d.dtype
@@ -658,11 +797,12 @@ def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoeffici
     return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta, target_value)
 
 
-def _block_grad(z, centre, coef: _GradCoefficients, targets, v0, v1, transform, work) -> Tensor:
-    """``dL/dx`` of the raw block under ``z`` (rows of ``centre = (max, log_sum)``, ``coef``
-    and ``targets``, vocabulary ``[v0, v1)``) in ``z``'s dtype, in the workspace; ``z`` is
-    overwritten unless the softcap's derivative needs it. ``log p = (z - max) - log_sum``, as
-    the naive log_softmax: exact for the top token, where ``z - lse`` loses ``eps * |lse|``."""
+def _block_grad(z, centre, coef: _GradCoefficients, inside, column, transform, work) -> Tensor:
+    """``dL/dx`` of the raw block under ``z`` (rows of ``centre = (max, log_sum)`` and
+    ``coef``; the target, where ``inside``, at ``column``) in ``z``'s dtype, in the workspace;
+    ``z`` is overwritten unless the softcap's derivative needs it. The one formula of both
+    passes, as ``_fold_block``. ``log p = (z - max) - log_sum``, as the naive log_softmax:
+    exact for the top token, where ``z - lse`` loses ``eps * |lse|``."""
     shape, dtype = z.shape, z.dtype
     row_max, log_sum = centre
     if transform.softcap is not None:  # the softcap's derivative is read off z
@@ -687,8 +827,13 @@ def _block_grad(z, centre, coef: _GradCoefficients, targets, v0, v1, transform, 
     elif coef.plogp_coef is not None:
         grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
         grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
-    if coef.target_coef is not None:  # p_coef = -target_coef: the entry is target_value
-        inside, column = _target_in_shard(targets, v0, v1)
+    # p_coef = -target_coef: the target's entry p_t * p_coef + target_coef is target_value.
+    if coef.target_coef is not None and torch.compiler.is_compiling():
+        # As a comparison that fuses into the loop: a scatter would make inductor write the
+        # whole fp32 block first and pass over it again.
+        onehot = (torch.arange(shape[1], device=z.device) == column[:, None]) & inside[:, None]
+        grad = torch.where(onehot, coef.target_value[:, None], grad)
+    elif coef.target_coef is not None:
         kept = grad.gather(1, column[:, None]).squeeze(1)
         grad.scatter_(1, column[:, None], torch.where(inside, coef.target_value, kept)[:, None])
     if coef.p_delta is not None:
@@ -696,6 +841,64 @@ def _block_grad(z, centre, coef: _GradCoefficients, targets, v0, v1, transform, 
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
     return transform.chain_(grad, z)
+
+
+def _grad_raw(
+    raw, row_max, log_sum, coef, inside, column, out, *, transform, bias: bool
+) -> Tensor | None:
+    """``_block_grad`` of the raw GEMM output ``raw``, converted and transformed inside, written
+    into ``out`` in the GEMMs' dtype; returns its column sums (the bias gradient, in
+    ``log_sum``'s dtype) if ``bias``: the function ``set_block_compile`` compiles."""
+    z = transform.apply_(raw.to(log_sum.dtype, copy=True))
+    work = _Fresh(raw.device)
+    grad = _block_grad(z, (row_max, log_sum), coef, inside, column, transform, work)
+    out.copy_(grad)
+    return grad.sum(0) if bias else None
+
+
+class _BlockGrads:
+    """``dL/dx`` of blocks in the GEMMs' dtype, ready for the two gradient GEMMs, and its column
+    sums (the bias gradient) when ``need_bias``: eagerly (``_block_grad`` on ``z``), or under
+    ``set_block_compile`` by the compiled ``_grad_raw`` on the raw GEMM output."""
+
+    def __init__(self, transform: LogitTransform, plan: BlockPlan, stat_dtype, need_bias: bool):
+        self.transform, self.plan, self.stat_dtype = transform, plan, stat_dtype
+        self.need_bias = need_bias
+        self.compiled = None
+        if plan.compiled:
+            self.compiled = partial(_compiled(_grad_raw), transform=transform, bias=need_bias)
+
+    def logits(self, h: Tensor, w: Tensor, b, work) -> Tensor:
+        """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work``."""
+        compiled = self.compiled is not None
+        return _block_input(h, w, b, self.transform, work, self.stat_dtype, compiled)
+
+    def __call__(self, block, centre, coef: _GradCoefficients, targets, v0, v1, work):
+        """``(dL/dx, column sums or None)`` of ``block`` (from ``logits``; overwritten) of the
+        rows of ``centre = (max, log_sum)``, ``coef``, ``targets`` and vocabulary ``[v0, v1)``."""
+        inside = column = None
+        if targets is not None:
+            inside, column = _target_in_shard(targets, v0, v1)
+        compute_dtype = self.plan.compute_dtype
+        if self.compiled is None or not _compilable(*block.shape):
+            grad = _block_grad(block, centre, coef, inside, column, self.transform, work)
+            column_sums = grad.sum(0) if self.need_bias else None
+            if compute_dtype != grad.dtype:
+                grad = work.get("raw", *grad.shape, compute_dtype).copy_(grad)
+            return grad, column_sums
+        # One compiled gradient serves every op: absent terms are zero (a few flops per logit
+        # instead of a compile per combination); fresh [rows] inputs, as in _RunningStats.fold.
+        row_max, log_sum = centre
+        if targets is None:
+            no_target = torch.full_like(log_sum, -1, dtype=torch.long)
+            inside, column = _target_in_shard(no_target, v0, v1)
+        coef = _GradCoefficients(
+            *(torch.zeros_like(log_sum) if c is None else c.clone() for c in coef)
+        )
+        out = work.get("gemm_grad", *block.shape, compute_dtype)
+        return out, self.compiled(
+            block, row_max.clone(), log_sum.clone(), coef, inside, column, out
+        )
 
 
 def _hidden_grad(grad_rows: Tensor, hidden2d: Tensor, index: Tensor | None) -> Tensor:
@@ -720,22 +923,21 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
     grad_rows = grad_rows if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=stat_dtype, device=device) if need_bias else None
+    block_grads = _BlockGrads(transform, plan, stat_dtype, need_bias)
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
         grad_w = None
         if need_weight and not single_chunk:
             grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=device)
         for r0, r1, h in rows:
-            z = _block_logits(h, w, b, transform, work, stat_dtype)
+            block = block_grads.logits(h, w, b, work)
             chunk_targets = None if targets is None else targets[r0:r1]
             rows_centre = (row_max[r0:r1], log_sum[r0:r1])
-            grad = _block_grad(
-                z, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, transform, work
+            grad, column_sums = block_grads(
+                block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work
             )
             if grad_bias is not None:
-                grad_bias[v0:v1] += grad.sum(0)
-            if plan.compute_dtype != stat_dtype:
-                grad = work.get("raw", *grad.shape, plan.compute_dtype).copy_(grad)
+                grad_bias[v0:v1] += column_sums
             if grad_rows is not None:
                 grad_rows[r0:r1] += grad @ w
             if grad_w is not None:
@@ -789,7 +991,8 @@ def _fused_loss_blocks(
     None). ``needs``: which of (hidden, weight, bias, row_weight) want a gradient.
 
     Row chunks outer, vocabulary inner: a chunk's blocks are computed once, folded into its
-    statistics, kept (fp32, ``chunk x V``, one workspace buffer per shard) until its log-sum-exp
+    statistics, kept (fp32, ``chunk x V``, one workspace buffer per shard; under
+    ``set_block_compile`` the raw GEMM output, in the GEMMs' dtype) until its log-sum-exp
     is known (combined over the ranks' slices under vocabulary parallelism), then turned into
     ``dL/dx`` and multiplied into the gradients: 3 GEMMs of ``2 * chunk * V * D`` per chunk
     instead of the 4 of a forward pass followed by a recomputing backward. The weight gradient
@@ -797,7 +1000,8 @@ def _fused_loss_blocks(
     weight), and a half-precision weight is converted once to the GEMMs' dtype where that
     differs (another ``[V, D]``), instead of once per chunk."""
     need_hidden, need_weight, need_bias, need_row_weight = needs
-    running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d)
+    compile_with = transform if plan.compiled else None
+    running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     stat_dtype, device = running.dtype, hidden2d.device
     vocab = weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, device)
@@ -810,11 +1014,12 @@ def _fused_loss_blocks(
         torch.zeros(weight.shape[0], **new) if need_bias else None,
         torch.zeros(plan.rows, **new) if need_row_weight else None,
     )
+    block_grads = _BlockGrads(transform, plan, stat_dtype, need_bias)
     loss, chunk_stats = torch.zeros((), **new), []
     for r0, r1, h in rows:
         blocks = []
         for (v0, v1), (w, b), shard_work in zip(plan.shards, params, kept, strict=True):
-            z = _block_logits(h, w, b, transform, shard_work, stat_dtype)
+            z = running.logits(h, w, b, transform, shard_work)
             running.fold(z, r0, r1, v0, v1, work, keep=True)
             blocks.append(z)
         stats = running.stats(weight.shape[0], slice(r0, r1))
@@ -831,11 +1036,9 @@ def _fused_loss_blocks(
         chunk_targets = None if targets is None else targets[r0:r1]
         for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
             centre = (stats.max, stats.log_sum)
-            grad = _block_grad(z, centre, coef, chunk_targets, v0, v1, transform, work)
+            grad, column_sums = block_grads(z, centre, coef, chunk_targets, v0, v1, work)
             if grads.bias is not None:
-                grads.bias[v0:v1] += grad.sum(0)
-            if plan.compute_dtype != stat_dtype:
-                grad = work.get("raw", *grad.shape, plan.compute_dtype).copy_(grad)
+                grads.bias[v0:v1] += column_sums
             same = grad.dtype == stat_dtype  # else a half-precision product, added in fp32
             if grads.rows is not None:
                 if same:

@@ -457,13 +457,16 @@ def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
             kl = terms.kl[:, r0:r1, None]
             work = block.works[0]
             grads = [None, None]
+            # A token a head masks (-inf logit, p = 0) gets no gradient from that head's
+            # p * (log ratio - KL) term, even where the row's KL is not finite (0, not 0 * NaN).
+            masked = [log == -math.inf for log in block.logs]
             if general:
                 probs = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
                 log_ratios = _log_ratios(block.logs, beta, work)
                 for i, weight in ((0, 1.0 - beta), (1, beta)):
                     if sinks[i] is not None:
                         grads[i] = log_ratios[i].sub_(kl[i]).mul_(probs[i])
-                        grads[i].mul_(upstream * weight)
+                        grads[i].mul_(upstream * weight).masked_fill_(masked[i], 0.0)
             else:
                 x, y = _kl_order(beta)
                 prob_x = _probs(block.logs[x], work, "p")
@@ -471,8 +474,10 @@ def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
                 if sinks[x] is not None:
                     log_ratio = _log_ratio(block.logs, x, y)
                     grads[x] = log_ratio.sub_(kl[0]).mul_(prob_x).mul_(upstream)
+                    grads[x].masked_fill_(masked[x], 0.0)
                 if sinks[y] is not None:
                     grads[y] = torch.sub(prob_y, prob_x, out=block.logs[y]).mul_(upstream)
+                    grads[y].masked_fill_(masked[x] & masked[y], 0.0)  # q - p = 0 - 0
             for i, sink in enumerate(sinks):
                 if sink is not None:
                     sink.add(

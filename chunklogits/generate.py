@@ -119,9 +119,12 @@ def sample(
             ``min_length``, ``min_new_tokens``, ``bad_words_ids``, ``no_repeat_ngram_size``,
             ``suppress_tokens``, ``begin_suppress_tokens``, ``sequence_bias``,
             ``forced_bos_token_id``, ``forced_eos_token_id``, also with beams; the cut-offs
-            ``epsilon_cutoff``, ``eta_cutoff``, ...). Options that would need the full logits,
+            ``epsilon_cutoff``, ``eta_cutoff``, ...). ``assistant_model=draft`` (a causal LM over
+            the same vocabulary) or ``prompt_lookup_num_tokens=n``: assisted decoding of one
+            sequence (``chunklogits.assisted``): greedy gives ``generate()``'s tokens; sampling is
+            speculative sampling, exact in distribution. Options that would need the full logits,
             another processor or another decoding method (``output_scores``, ``typical_p``,
-            ``assistant_model``, beam sampling, ...) are refused with an error that names them.
+            ``assistant_tokenizer``, beam sampling, ...) are refused with an error that names them.
 
     Returns:
         ``[B * num_return_sequences, L + n]`` token ids (prompt, then generated tokens, padding
@@ -161,6 +164,8 @@ def sample(
         return_logprobs=return_logprobs,
         shards=shards,
         token_streamer=streamer,
+        # generate() would hand a custom_generate loop no assistant: decode takes it itself.
+        assistant=generate_kwargs.pop("assistant_model", None),
         **given,
         **generate_kwargs,
     )
@@ -178,8 +183,10 @@ _GENERATE_OPTIONS = (
 # ``generate()`` arguments that it does not pass on to a ``custom_generate`` loop, or that select
 # what ``decode`` replaces: refused when given (not None or False).
 _REFUSED_ARGUMENTS = {
-    "assistant_model": "assisted decoding (assistant_model=); use model.generate for it",
-    "assistant_tokenizer": "assisted decoding (assistant_tokenizer=); use model.generate for it",
+    "assistant_tokenizer": (
+        "an assistant with another tokenizer (universal assisted decoding, "
+        "assistant_tokenizer=); use model.generate for it"
+    ),
     "synced_gpus": "synced_gpus=True (ZeRO-3 / FSDP lockstep decoding)",
     "logits_processor": (
         "a user logits_processor: its settings would not reach the sharded sampler; "
@@ -311,16 +318,12 @@ _REFUSED = {
 }
 # The decoding methods of ``generate()`` that ``decode`` replaces; the others, by the settings
 # that select them (``GenerationConfig.get_generation_mode``).
-_DECODED = ("greedy_search", "sample", "beam_search")
+_DECODED = ("greedy_search", "sample", "beam_search", "assisted_generation")
 _MODE_SETTINGS = {
     "beam_sample": ("num_beams, do_sample", "beam sampling (num_beams > 1 with do_sample=True)"),
     "group_beam_search": ("num_beam_groups", "group beam search"),
     "constrained_beam_search": ("constraints, force_words_ids", "constrained beam search"),
     "contrastive_search": ("penalty_alpha", "contrastive search"),
-    "assisted_generation": (
-        "prompt_lookup_num_tokens, assistant_early_exit, use_mtp",
-        "assisted decoding",
-    ),
     "dola_generation": ("dola_layers", "DoLa decoding"),
 }
 
@@ -337,6 +340,7 @@ def decode(
     return_logprobs: bool = False,
     shards: int | None = None,
     token_streamer=None,
+    assistant: nn.Module | None = None,
     **model_kwargs,
 ) -> Tensor | SampleOutput:
     """``custom_generate`` decoding loop for ``model.generate``: ``GenerationMixin._sample`` with
@@ -349,7 +353,9 @@ def decode(
     ``generation_config``, and ``model_kwargs`` (attention mask, position ids, cache); the
     sampling and beam settings are read from ``generation_config``. ``token_streamer``: a
     ``generate()`` streamer, given the prompt, each step's tokens, then ``end()`` (``generate()``
-    keeps its own ``streamer=`` from a ``custom_generate`` loop).
+    keeps its own ``streamer=`` from a ``custom_generate`` loop). ``assistant``: the draft model
+    of assisted decoding (``generate()`` keeps its ``assistant_model=`` from the loop too); with
+    it or ``prompt_lookup_num_tokens``, ``chunklogits.assisted.assisted_decode`` decodes.
     """
     _refuse_unsupported(generation_config, logits_processor, model_kwargs)
     base = _base_model(model)
@@ -369,6 +375,26 @@ def decode(
         process_group=process_group,
     )
     token_bias = _TokenBias(logits_processor, vocab, input_ids.device)
+    mode = generation_config.get_generation_mode(assistant)
+    if getattr(mode, "value", mode) == "assisted_generation":
+        from .assisted import assisted_decode
+
+        return assisted_decode(
+            model,
+            base,
+            head,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            model_kwargs,
+            assistant=assistant,
+            seed=seed,
+            generator=generator,
+            return_logprobs=return_logprobs,
+            shards=shards,
+            token_streamer=token_streamer,
+        )
     if (generation_config.num_beams or 1) > 1:
         for name, value in (("return_logprobs", return_logprobs), ("streamer", token_streamer)):
             if value:

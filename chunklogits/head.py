@@ -314,14 +314,20 @@ class ChunkedLMHead(nn.Linear):
 
         The head holds the same Parameters (tied embeddings stay tied; ``state_dict`` keys and
         ``save_pretrained`` files are unchanged) and the transform read from the config
-        (Gemma-2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
-        ``logits_scaling``). The instance's forward is patched:
+        (Gemma-2/3 ``final_logit_softcapping``, RecurrentGemma ``logits_soft_cap``, xLSTM
+        ``output_logit_soft_cap``, Cohere ``logit_scale``, Falcon-H1 ``lm_head_multiplier``,
+        Granite ``1 / logits_scaling``, HyperCLOVAX ``logits_scaling``). The instance's forward
+        is patched:
 
         * with ``labels``, the loss is ``head.loss(hidden, labels, shift=True,
           num_items_in_batch=...)`` on the hidden states the output layer receives, with
           transformers' ``ForCausalLMLoss`` semantics (``ignore_index=-100``, ``shift_labels``,
-          ``num_items_in_batch``). ``return_logits`` says whether ``outputs.logits`` is computed
-          too (in full, as the original does): ``None`` (default) when the call is an
+          ``num_items_in_batch``); for a model whose forward takes the cross-entropy of each
+          position against its own label (BART-family, TrOCR and Whisper decoders, XLM, XLNet,
+          CPM-Ant: the probe tells), ``head.loss(hidden, labels)`` as it does, unshifted, the
+          other loss arguments ignored as there. ``return_logits`` says whether
+          ``outputs.logits`` is computed too (in full, as the original does): ``None``
+          (default) when the call is an
           evaluation, the model in eval mode with autograd off (``Trainer.evaluate``/``predict``
           and ``compute_metrics`` get the logits of each batch they ask for), ``True`` always,
           ``False`` never. With autograd on (a loss to backpropagate, in training or eval mode)

@@ -105,11 +105,10 @@ def linear_cross_entropy(
         per_label = per_label * label_weight
     z_term = None
     if z_loss or return_z_loss:
-        # Filled, not only multiplied, with 0 where a label counts nothing: "mean" over no
-        # counted label is 0 / 0, whose backward would send inf * 0 = NaN to those rows.
-        z_term = (z_loss * z.logsumexp(-1).square() * label_weight).masked_fill(
-            label_weight == 0, 0
-        )
+        # Filled, not only multiplied, with 0 at ignored labels: "mean" over no counted label
+        # is 0 / 0, whose backward would send inf * 0 = NaN to those rows. (A class weight of 0
+        # multiplies: its derivative is the z-loss term.)
+        z_term = z_loss * z.logsumexp(-1).square().masked_fill(~kept, 0) * label_weight
     if z_loss:
         per_label = per_label + z_term
 

@@ -707,8 +707,17 @@ def _merge_candidates(s: _Scan, r0, r1, v0, x: Tensor, y: Tensor, raw: bool, div
 def _sample_filtered(
     problem: _Problem, top_k: int, top_p: float, min_p: float | None, cutoffs: dict
 ) -> _Scan:
-    """Draw with at least one of top-k, top-p, min-p, the cutoffs on: thresholds, then a
+    """Draw with at least one of top-k, top-p, min-p, the cut-offs on: thresholds, then a
     Gumbel-max draw."""
+    return _draw(problem, *_thresholds(problem, top_k, top_p, min_p, cutoffs))
+
+
+def _thresholds(
+    problem: _Problem, top_k: int, top_p: float, min_p: float | None, cutoffs: dict
+) -> tuple[_Scan, Tensor, Tensor]:
+    """The first pass (candidates) and each row's kept set with at least one of top-k, top-p,
+    min-p, the cut-offs (``{"epsilon_cutoff": e, "eta_cutoff": eta}``, either or none) on:
+    ``(first, tau, tau_index)``: keep ``y > tau``, and ``y == tau`` up to index ``tau_index``."""
     vocab = problem.vocab
     size = min(vocab, top_k + _TOPK_MARGIN if top_k else _CANDIDATES)
     first = _scan(
@@ -743,7 +752,7 @@ def _sample_filtered(
         level = torch.minimum(row_max + log_mass + level, row_max)
         tau_index = torch.where(level > tau, every_tie, tau_index)
         tau = torch.maximum(tau, level)
-    return _draw(problem, first, tau, tau_index)
+    return first, tau, tau_index
 
 
 def _nucleus_threshold(

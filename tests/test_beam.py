@@ -315,8 +315,6 @@ def test_stop_strings_with_a_tokenizer_stop_as_in_generate(tokenizer, beams):
 
 
 REFUSED = [
-    (dict(assistant_model="model"), ValueError, "assistant_model: .*assisted decoding"),
-    (dict(prompt_lookup_num_tokens=3, do_sample=False), ValueError, "prompt_lookup_num_tokens"),
     (dict(num_beams=2, do_sample=True), ValueError, "num_beams, do_sample: .*beam sampling"),
     (
         dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, do_sample=False),
@@ -359,8 +357,6 @@ REFUSED = [
 def test_what_sample_does_not_support_is_refused_by_name(kwargs, error, match):
     model = _model("llama")
     ids, mask = _prompts()
-    if kwargs.get("assistant_model") == "model":
-        kwargs = dict(kwargs, assistant_model=_model("llama"))
     with pytest.raises(error, match=match), torch.no_grad():
         sample(model, ids, mask, max_new_tokens=2, **kwargs)
 

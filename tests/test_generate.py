@@ -310,24 +310,40 @@ def test_a_model_whose_head_is_fed_a_transformed_hidden_state_is_refused():
     assert model.generate(ids, attention_mask=mask, **options).equal(expected)  # left intact
 
 
-def test_a_model_with_a_logit_transform_it_does_not_read_is_refused():
-    # RecurrentGemma caps its logits (config.logits_soft_cap), an attribute the table of
-    # transforms does not hold: greedy tokens would agree (the cap is monotone), beams and
-    # sampling would not.
+def test_a_model_with_a_logit_transform_it_does_not_read_is_refused(monkeypatch):
+    # RecurrentGemma caps its logits (config.logits_soft_cap). Read from the config, the cap is
+    # reproduced; taken out of the table of transforms, the model is refused: greedy tokens would
+    # agree (the cap is monotone), beams and sampling would not.
+    from chunklogits.integrations import transformers as hf
+
     model = _recurrent_gemma()
     ids, mask = _prompts()
+    options = dict(max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        assert sample(model, ids, mask, **options).equal(
+            model.generate(ids, attention_mask=mask, **options)
+        )
+        torch.testing.assert_close(
+            sequence_logprobs(model, ids, mask),
+            reference.sequence_logprobs(model, ids, mask),
+            rtol=0,
+            atol=2e-5,
+        )
+    table = [entry for entry in hf._TRANSFORM_ATTRIBUTES if entry[0] != "logits_soft_cap"]
+    monkeypatch.setattr(hf, "_TRANSFORM_ATTRIBUTES", tuple(table))
+    unread = _recurrent_gemma()  # a new model: the verdict is kept per model
     transform = r"maps a raw logit .* unknown logit transform"
     with torch.no_grad():
         with pytest.raises(ValueError, match="refuses RecurrentGemmaForCausalLM, .*" + transform):
-            sample(model, ids, mask, max_new_tokens=2, do_sample=False)
+            sample(unread, ids, mask, **options)
         with pytest.raises(ValueError, match="refusing RecurrentGemmaForCausalLM .*" + transform):
-            sequence_logprobs(model, ids, mask)
+            sequence_logprobs(unread, ids, mask)
         # the reason is the cap: capped as in the config, the model's logits differ from its head's
-        hidden = model.model(ids, attention_mask=mask).last_hidden_state
-        raw = model.lm_head(hidden)
-        cap = model.config.logits_soft_cap
+        hidden = unread.model(ids, attention_mask=mask).last_hidden_state
+        raw = unread.lm_head(hidden)
+        cap = unread.config.logits_soft_cap
         torch.testing.assert_close(
-            model(ids, attention_mask=mask).logits, cap * torch.tanh(raw / cap)
+            unread(ids, attention_mask=mask).logits, cap * torch.tanh(raw / cap)
         )
 
 

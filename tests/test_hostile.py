@@ -1,4 +1,4 @@
-"""Hostile and degenerate inputs (issue 12): each gives the naive answer or a named error, and
+"""Hostile and degenerate inputs: each gives the naive answer or a named error, and
 no answer depends on which GEMM dtype the CPU picks (every test that involves half precision
 runs with the block GEMMs forced to the inputs' dtype and to fp32: the ``cpu_gemm`` fixture)."""
 

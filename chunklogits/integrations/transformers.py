@@ -2,7 +2,8 @@
 
 A transformers causal LM's forward runs the base model, slices the last hidden states to
 ``logits_to_keep``, calls its output layer, applies a family-specific transform to the logits
-(Gemma's softcap, Cohere's scale, ...) and, given labels, calls ``ForCausalLMLoss``. Rather than
+(Gemma's softcap, Cohere's scale, ...) and, given labels, calls ``ForCausalLMLoss`` (a few take
+the unshifted cross-entropy instead, ``_Wrapping.shifted``). Rather than
 re-implementing that forward once per family, the wrapped forward runs the *original* one without
 the labels while the ``ChunkedLMHead`` records the hidden states it is called with and hands back
 an empty ``[..., 0]`` stand-in for the logits. The loss is then the chunked cross-entropy of those
@@ -41,9 +42,22 @@ from ..distributed import local_head
 # ChunkedLMHead argument it sets, how its value maps to that argument). Read from the text config.
 _TRANSFORM_ATTRIBUTES = (
     ("final_logit_softcapping", "softcap", float),  # Gemma-2, Gemma-3: c * tanh(x / c)
+    ("logits_soft_cap", "softcap", float),  # RecurrentGemma
+    ("output_logit_soft_cap", "softcap", float),  # xLSTM
     ("logit_scale", "logit_scale", float),  # Cohere, Cohere2: x * logit_scale
+    ("lm_head_multiplier", "logit_scale", float),  # Falcon-H1: x * lm_head_multiplier
     ("logits_scaling", "logit_scale", lambda value: 1.0 / value),  # Granite: x / logits_scaling
 )
+
+# Model types whose config attribute of the table means another thing there: {(model type,
+# attribute): how its value maps to the table's argument, or None where it is no transform of
+# the output layer's logits}.
+_TRANSFORM_EXCEPTIONS = {
+    ("hyperclovax", "logits_scaling"): float,  # x * logits_scaling (muP), not Granite's division
+    # MiniCPM3 divides the hidden states *before* the output layer by logits_scaling: the layer's
+    # input, which the wrapped forward records, already holds it.
+    ("minicpm3", "logits_scaling"): None,
+}
 
 # The probe: 2 sequences of 6 random tokens, one label ignored; raw logits up to ~4 x this
 # magnitude exercise the transform where it is far from the identity (Gemma-2 caps at 30).
@@ -62,6 +76,11 @@ class _Wrapping:
     # there, the class's method serves).
     instance_methods: dict[str, Callable | None]
     parameter_names: tuple[str, ...]  # the original forward's positional parameters, without self
+    # The original's loss: transformers' ForCausalLMLoss (True: labels shifted left by one), or
+    # (False) a cross-entropy of each position's logits against its own label, ``CrossEntropyLoss()
+    # (logits.view(-1, V), labels.view(-1))``, as the causal LMs made of BART-family, TrOCR and
+    # Whisper decoders, XLM, XLNet and CPM-Ant compute it. ``wrap``'s probe tells which.
+    shifted: bool = True
 
     def original_forward(self, model: nn.Module) -> Callable:
         if self.instance_methods["forward"] is not None:
@@ -75,9 +94,11 @@ def logit_transform(config) -> dict[str, float | None]:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     transform: dict[str, float | None] = {"softcap": None, "logit_scale": None}
     found = {}
+    model_type = getattr(text_config, "model_type", None)
     for attribute, argument, convert in _TRANSFORM_ATTRIBUTES:
         value = getattr(text_config, attribute, None)
-        if value is None:
+        convert = _TRANSFORM_EXCEPTIONS.get((model_type, attribute), convert)
+        if value is None or convert is None:
             continue
         if argument in found:
             raise ValueError(
@@ -108,10 +129,16 @@ def wrap(
         head.return_logits = return_logits
     with _evaluating(causal_lm):
         inputs, labels = _probe_inputs(causal_lm, layers[0])
-        expected = causal_lm(**inputs, labels=labels)
+        try:
+            expected = causal_lm(**inputs, labels=labels)
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise ValueError(
+                f"ChunkedLMHead.wrap: refusing {name}, whose forward fails on token ids and labels "
+                f"alone (the probe): {error}"
+            ) from error
         _install(causal_lm, heads, layers, slots)
         try:
-            _check_probe(causal_lm, heads[0], inputs, labels, expected)
+            _check_probe_either_loss(causal_lm, heads, inputs, labels, expected)
         except Exception as error:
             unwrap(causal_lm)
             raise ValueError(
@@ -442,18 +469,22 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
             "ChunkedLMHead does not add to the loss; pass output_router_logits=False or unwrap"
         )
     effective, hidden = _effective_head(model.get_output_embeddings(), recorded.hidden)
-    # transformers' ForCausalLMLoss: labels shifted left by one (or shift_labels given),
-    # ignore_index -100, the sum divided by num_items_in_batch when given.
-    shift_labels = kwargs.get("shift_labels")
-    targets = labels if shift_labels is None else check_tensor("shift_labels", shift_labels)
+    if wrapping.shifted:
+        # transformers' ForCausalLMLoss: labels shifted left by one (or shift_labels given),
+        # ignore_index -100, the sum divided by num_items_in_batch when given.
+        shift_labels = kwargs.get("shift_labels")
+        targets = labels if shift_labels is None else check_tensor("shift_labels", shift_labels)
+        options = {
+            "ignore_index": kwargs.get("ignore_index", -100),
+            "num_items_in_batch": kwargs.get("num_items_in_batch"),
+            "shift": shift_labels is None,
+        }
+    else:
+        # CrossEntropyLoss()(logits.view(-1, V), labels.view(-1)): no shift, the mean over the
+        # labels other than -100, whatever loss arguments the forward is given (it ignores them).
+        targets, options = labels, {}
     with recorded.autocast:
-        loss = effective.loss(
-            hidden,
-            targets.to(hidden.device),
-            ignore_index=kwargs.get("ignore_index", -100),
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-            shift=shift_labels is None,
-        )
+        loss = effective.loss(hidden, targets.to(hidden.device), **options)
     rest = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
     logits = outputs.logits if keep_logits else None
     result = type(outputs)(loss=loss, logits=logits, **rest)
@@ -643,6 +674,21 @@ def _probe_inputs(model: nn.Module, layer: nn.Linear) -> tuple[dict[str, Tensor]
     labels = input_ids.clone()
     labels[0, 2] = -100
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, labels
+
+
+def _check_probe_either_loss(model: nn.Module, heads: list, inputs: dict, labels, expected):
+    """``_check_probe`` with the loss of transformers' ``ForCausalLMLoss``, else with the
+    unshifted cross-entropy (``_Wrapping.shifted``); the first one's error if neither
+    reproduces the original."""
+    try:
+        _check_probe(model, heads[0], inputs, labels, expected)
+    except ValueError as shifted_error:
+        for head in heads:
+            head._wrapping.shifted = False
+        try:
+            _check_probe(model, heads[0], inputs, labels, expected)
+        except ValueError:
+            raise shifted_error from None
 
 
 def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected) -> None:

@@ -1,0 +1,553 @@
+"""Assisted decoding without the logits: ``generate(assistant_model=draft)`` (a smaller model with
+the same vocabulary drafts tokens) and ``generate(prompt_lookup_num_tokens=n)`` (drafts copied
+from the sequence itself), run by ``chunklogits.sample`` as ``GenerationMixin._assisted_decoding``
+runs them: one sequence, drafts of up to ``g`` tokens per round, one forward of the target over
+them, the target's KV cache cropped back to the tokens kept.
+
+The target's head meets the ``g + 1`` new hidden states one vocabulary block at a time:
+
+* greedy decoding, and sampling with prompt lookup: ``sample_next`` picks the target's token at
+  every position (given the drafts before it); the drafts are kept up to the first one that
+  differs from it, then the target's token there (``generate()``'s rule);
+* speculative sampling (``do_sample=True`` with an assistant; Leviathan et al. 2023, algorithm
+  1): draft ``i`` is kept with probability ``min(1, p_i / q_i)``, ``p`` and ``q`` the target's and
+  the assistant's warped distributions (repetition penalty, temperature, top-k, top-p, min-p as
+  ``generate()`` applies them to both), up to the first rejection; there the token is drawn from
+  ``max(0, p - q)``, or from ``p`` at the next position when every draft was kept. ``p_i`` is a
+  token log-prob from passes over the target's head (each row's kept set found as ``sample_next``
+  finds it, then the log-sum-exp over it); ``q_i`` is the assistant's draw's own log-prob. The
+  draw from the residual is a Gumbel race ``argmax_v log(p_v - q_v) + g_v`` over the vocabulary
+  blocks of both heads side by side, the noise a hash of (key, vocabulary index) as in
+  ``sampling``, so the token does not depend on the shards. The tokens follow the target's
+  warped distribution exactly, whatever the drafts.
+
+No ``[g, V]`` logits of either model exist, only ``[rows, V / shards]`` blocks; prompt lookup's
+candidate check is ``generate()``'s own (its processors on a ``[1, V]`` tensor of ones).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._blocks import plan_blocks
+from ._checks import make_transform
+from .generate import (
+    _PROCESSOR_SETTINGS,
+    _base_model,
+    _head_of,
+    _penalised_prompt,
+    _sampling_options,
+    _setting_of,
+)
+from .sampling import (
+    _BYTES_PER_ELEMENT,
+    _blocks,
+    _check_rows,
+    _gumbel,
+    _noise_key,
+    _Problem,
+    _thresholds,
+    randomness,
+    sample_next,
+)
+
+# num_assistant_tokens_schedule values generate() knows; "heuristic" keeps the adapted count on
+# the assistant's generation_config after the call, "heuristic_transient" does not.
+_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+# generation_config settings that select another candidate generator than an assistant's or
+# prompt lookup's, or change the verification rule.
+_REFUSED_SETTINGS = {
+    "assistant_early_exit": "self-speculative decoding from an early layer",
+    "use_mtp": "multi-token-prediction drafts",
+    "speculation_type": "DFlash drafts",
+    "assistant_ensemble_weight": "ensemble verification (DIVERSE), which relaxes the target's "
+    "distribution",
+}
+
+
+# The processors the drafts' acceptance reproduces: the warpers and the repetition penalty. The
+# token masks and cut-offs that cl.sample applies without an assistant are not applied to drafts
+# yet, so they are refused here rather than ignored.
+_DRAFT_PROCESSORS = (
+    "RepetitionPenaltyLogitsProcessor",
+    "TemperatureLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "MinPLogitsWarper",
+)
+
+
+def assisted_decode(
+    model: nn.Module,
+    base: nn.Module,
+    head: dict,
+    input_ids: Tensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    model_kwargs: dict,
+    *,
+    assistant: nn.Module | None,
+    seed: int | None,
+    generator: torch.Generator | None,
+    return_logprobs: bool,
+    shards: int | None,
+    token_streamer,
+) -> Tensor:
+    """``GenerationMixin._assisted_decoding`` for ``generate.decode``: ``[1, L + n]`` tokens.
+
+    Naive equivalent::
+
+        model.generate(input_ids, assistant_model=assistant, ...)   # or prompt_lookup_num_tokens=
+
+    ``head``: the target's ``sample_next`` head arguments (``decode``'s); ``assistant``: the draft
+    model (ignored with ``prompt_lookup_num_tokens``, as ``generate()`` ignores it); the other
+    arguments as ``decode`` receives them.
+    """
+    _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs, head)
+    if return_logprobs:
+        raise ValueError(
+            "return_logprobs: not available with assisted decoding (assistant_model= or "
+            "prompt_lookup_num_tokens=)"
+        )
+    options = _sampling_options(logits_processor, bool(generation_config.do_sample))
+    generator = randomness(seed, generator, input_ids.device)
+    vocab = head["weight"].shape[0]
+    if generation_config.prompt_lookup_num_tokens is not None:
+        drafter = _PromptLookupDrafts(generation_config, logits_processor, model)
+    elif assistant is not None:
+        drafter = _AssistantDrafts(assistant, generation_config, model_kwargs, vocab)
+    else:
+        raise ValueError(
+            "assistant_model: generate() hands no assistant to a custom_generate loop; call "
+            "chunklogits.sample(model, input_ids, assistant_model=draft), or pass it to "
+            "decode as assistant=draft"
+        )
+    speculative = options["do_sample"] and isinstance(drafter, _AssistantDrafts)
+    if speculative:
+        # The residual draw walks both heads' blocks side by side: the same vocabulary shards.
+        shards = shards or max(_default_shards(head["weight"]), _default_shards(drafter.weight))
+    head = dict(head, shards=shards)
+    context = _Context(input_ids, model_kwargs, options, generator, generation_config, head)
+    cache = model_kwargs.get("cache")
+    cache.activate_past_recording(recurrent_states_to_keep=drafter.count)
+    if token_streamer is not None:
+        token_streamer.put(input_ids.cpu())
+    first = True
+    while True:
+        length = input_ids.shape[1]
+        drafts = drafter.propose(input_ids, context)
+        count = drafts.tokens.shape[0]
+        ids = torch.cat([input_ids, drafts.tokens[None]], 1)
+        hidden = _forward_new(model, base, ids, model_kwargs, first)[-count - 1 :]
+        if first and not model_kwargs["cache"].is_croppable:
+            raise ValueError(
+                "cache: assisted decoding needs a cache that can be cropped back after the "
+                f"drafts are checked, got {type(model_kwargs['cache']).__name__}"
+            )
+        prev = context.prefixes(ids, length)
+        if speculative:
+            tokens = _speculative_tokens(hidden, prev, drafts, drafter, context)
+        else:
+            picked = sample_next(hidden, prev_tokens=prev, generator=generator, **head, **options)
+            matches = int((drafts.tokens == picked[:count]).cumprod(0).sum())
+            tokens = picked[: matches + 1]
+        tokens = context.cut(tokens, length)
+        kept = tokens.shape[0] - 1
+        input_ids = torch.cat([input_ids, tokens[None]], 1)
+        if token_streamer is not None:
+            token_streamer.put(tokens[None].cpu())
+        model_kwargs["cache"].crop(kept - count)
+        drafter.update(kept, count)
+        first = False
+        if bool(stopping_criteria(input_ids, None).all()):
+            break
+    drafter.finish()
+    if token_streamer is not None:
+        token_streamer.end()
+    return input_ids
+
+
+def _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs, head):
+    if generation_config.num_return_sequences > 1:
+        raise ValueError(
+            "num_return_sequences: assisted decoding returns one sequence, as generate() does; "
+            f"got {generation_config.num_return_sequences}"
+        )
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            "input_ids: assisted decoding (assistant_model= or prompt_lookup_num_tokens=) "
+            "decodes one sequence at a time, as generate() does; expected batch size 1, got "
+            f"{input_ids.shape[0]}"
+        )
+    for name, method in _REFUSED_SETTINGS.items():
+        value = getattr(generation_config, name, None)
+        if value is not None and value is not False:
+            raise ValueError(
+                f"{name}: chunklogits.sample's assisted decoding does not support {method} "
+                f"({name}={value!r}); use model.generate for it"
+            )
+    for processor in logits_processor:
+        if type(processor).__name__ not in _DRAFT_PROCESSORS:
+            reproduced = ", ".join(_PROCESSOR_SETTINGS[name] for name in _DRAFT_PROCESSORS)
+            raise ValueError(
+                f"{_setting_of(processor)}: chunklogits.sample's assisted decoding reproduces "
+                f"the processors of {reproduced} only, got {type(processor).__name__}; use "
+                "model.generate for it"
+            )
+    if head["process_group"] is not None:
+        raise ValueError(
+            "model: assisted decoding with a vocabulary-parallel head (ColwiseParallel) is not "
+            "supported; gather the head or decode without an assistant"
+        )
+    if model_kwargs.get("cache") is None or not model_kwargs.get("use_cache", True):
+        raise ValueError(
+            "use_cache: assisted decoding needs the model's KV cache (use_cache=True and a "
+            "model whose generate() builds a Cache), got none"
+        )
+
+
+class _Drafts(NamedTuple):
+    """One round's draft tokens ``[g]`` (int64); for an assistant's, each token's log-prob under
+    the distribution it was drawn from ``[g]`` and the assistant's hidden state it was drawn
+    from ``[g, D]`` (None for prompt lookup)."""
+
+    tokens: Tensor
+    logprobs: Tensor | None
+    hidden: Tensor | None
+
+
+class _Context:
+    """What every round reads: the sampling options, the randomness, the stop rules, and the
+    tokens the repetition penalty sees (the prompt but its left padding, then all tokens)."""
+
+    def __init__(self, input_ids, model_kwargs, options, generator, generation_config, head):
+        self.options, self.generator, self.head = options, generator, head
+        self.max_length = generation_config.max_length
+        self.eos = generation_config._eos_token_tensor  # set by generate(), None without eos
+        self.prompt = None
+        if options["repetition_penalty"] != 1.0:
+            self.prompt = _penalised_prompt(input_ids, model_kwargs)
+
+    def penalised(self, ids: Tensor) -> Tensor | None:
+        """``[1, L]``: ``ids`` as the repetition penalty sees them, or None when it is off."""
+        if self.prompt is None:
+            return None
+        return torch.cat([self.prompt, ids[:, self.prompt.shape[1] :]], 1)
+
+    def prefixes(self, ids: Tensor, length: int) -> Tensor | None:
+        """``[g + 1, L + g]``: row ``i`` is what the penalty sees at the ``i``-th new position
+        of ``ids`` (``L = length`` tokens then ``g`` drafts): the tokens before it, -1 after."""
+        seen = self.penalised(ids)
+        if seen is None:
+            return None
+        rows = ids.shape[1] - length + 1
+        after = torch.arange(ids.shape[1], device=ids.device)[None, :] >= (
+            length + torch.arange(rows, device=ids.device)[:, None]
+        )
+        return seen.expand(rows, -1).masked_fill(after, -1)
+
+    def is_eos(self, token: Tensor) -> bool:
+        return self.eos is not None and bool(torch.isin(token, self.eos).any())
+
+    def cut(self, tokens: Tensor, length: int) -> Tensor:
+        """``tokens`` ``[k]`` kept this round, cut to the length budget and after the first
+        eos, as ``generate()`` cuts them."""
+        tokens = tokens[: self.max_length - length]
+        if self.eos is not None:
+            ends = torch.isin(tokens, self.eos).nonzero()
+            if ends.numel():
+                tokens = tokens[: int(ends[0]) + 1]
+        return tokens
+
+
+def _forward_new(model, base, ids: Tensor, model_kwargs: dict, first: bool) -> Tensor:
+    """Run ``model``'s base on the tokens of ``ids`` ``[1, L]`` that its cache does not hold,
+    ``model_kwargs`` (mask, positions, cache) brought to ``ids``' length in place as
+    ``generate()``'s assisted loop brings them: the new tokens' hidden states ``[n, D]``."""
+    from transformers.generation.candidate_generator import (
+        _prepare_attention_mask,
+        _prepare_position_ids,
+        _prepare_token_type_ids,
+    )
+
+    length = ids.shape[1]
+    _prepare_attention_mask(model_kwargs, length, model.config.is_encoder_decoder)
+    _prepare_position_ids(model_kwargs, length, model.config.is_encoder_decoder)
+    _prepare_token_type_ids(model_kwargs, length)
+    inputs = model.prepare_inputs_for_generation(
+        ids,
+        next_sequence_length=length - model_kwargs["cache"].get_seq_length(),
+        is_first_iteration=first,
+        **model_kwargs,
+    )
+    inputs.pop("logits_to_keep", None)
+    outputs = base(**inputs)
+    model_kwargs["cache"] = outputs.cache
+    return outputs.last_hidden_state[0]
+
+
+class _AssistantDrafts:
+    """``AssistedCandidateGenerator``: the assistant decodes up to ``num_assistant_tokens``
+    tokens with the target's processors (greedily or by sampling, as the target), stopping at an
+    eos or, with ``assistant_confidence_threshold``, after a token it gave a probability below
+    the threshold; ``num_assistant_tokens_schedule`` adapts the count after each round."""
+
+    def __init__(self, assistant: nn.Module, generation_config, model_kwargs: dict, vocab: int):
+        from transformers import DynamicCache
+        from transformers.generation.candidate_generator import is_sklearn_available
+
+        if not hasattr(assistant, "prepare_inputs_for_generation"):
+            raise TypeError(
+                "assistant_model: expected a transformers causal LM (a GenerationMixin), got "
+                f"{type(assistant).__name__}"
+            )
+        try:
+            self.base = _base_model(assistant)
+            weight, bias, softcap, logit_scale = _head_of(assistant)
+        except TypeError as error:
+            raise TypeError(f"assistant_model: {error}") from None
+        if weight.shape[0] != vocab:
+            raise ValueError(
+                f"assistant_model: expected a head over the target's {vocab} tokens, got "
+                f"{weight.shape[0]}; drafts from another tokenizer (universal assisted decoding, "
+                "assistant_tokenizer=) are not supported"
+            )
+        self.model, self.weight = assistant, weight
+        self.head = dict(weight=weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+        config = copy.deepcopy(assistant.generation_config)
+        config.update(**config._get_default_generation_params(), defaults_only=True)
+        self.count = config.num_assistant_tokens
+        self.schedule = config.num_assistant_tokens_schedule
+        self.threshold = config.assistant_confidence_threshold
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(
+                f"num_assistant_tokens_schedule: expected one of {_SCHEDULES} on the assistant's "
+                f"generation_config, got {self.schedule!r}"
+            )
+        if self.threshold and is_sklearn_available():
+            raise ValueError(
+                "assistant_confidence_threshold: with scikit-learn installed, generate() adapts "
+                "the assistant's threshold from an ROC curve of its past drafts, which "
+                "chunklogits.sample does not reproduce; set "
+                "assistant_model.generation_config.assistant_confidence_threshold = 0 (off), got "
+                f"{self.threshold}"
+            )
+        self.kwargs = {name: value for name, value in model_kwargs.items() if name != "cache"}
+        self.kwargs["cache"] = DynamicCache(config=assistant.config.get_text_config(decoder=True))
+        self.kwargs["cache"].activate_past_recording(recurrent_states_to_keep=self.count)
+        self.drafted_length = 0
+
+    def propose(self, input_ids: Tensor, context: _Context) -> _Drafts:
+        length = input_ids.shape[1]
+        room = min(int(self.count), context.max_length - length - 1)
+        tokens, logprobs, rows = [], [], []
+        if room > 0:
+            surplus = self.drafted_length - length  # drafts the target rejected, in the cache
+            if surplus >= 0:
+                self.kwargs["cache"].crop(-surplus)
+            ids = input_ids
+            head = dict(self.head, shards=context.head["shards"])
+            for _ in range(room):
+                hidden = _forward_new(self.model, self.base, ids, self.kwargs, first=False)[-1:]
+                pick = sample_next(
+                    hidden,
+                    prev_tokens=context.penalised(ids),
+                    generator=context.generator,
+                    return_logprobs=True,
+                    **head,
+                    **context.options,
+                )
+                ids = torch.cat([ids, pick.tokens[None]], 1)
+                tokens.append(pick.tokens)
+                logprobs.append(pick.logprobs)
+                rows.append(hidden)
+                unsure = self.threshold and math.exp(pick.logprobs.item()) < self.threshold
+                if context.is_eos(pick.tokens) or unsure:
+                    break
+            self.drafted_length = ids.shape[1]
+        if not tokens:
+            empty = input_ids.new_zeros(0)
+            return _Drafts(empty, None, None)
+        return _Drafts(torch.cat(tokens), torch.cat(logprobs), torch.cat(rows))
+
+    def update(self, kept: int, count: int) -> None:
+        if self.schedule in ("heuristic", "heuristic_transient"):
+            self.count = self.count + 2 if kept == count else max(1, self.count - 1)
+
+    def finish(self) -> None:
+        if self.schedule == "heuristic":
+            self.model.generation_config.num_assistant_tokens = self.count
+
+
+class _PromptLookupDrafts:
+    """``PromptLookupCandidateGenerator`` itself (``generate()``'s lookup): the tokens that
+    follow the first earlier occurrence of the sequence's last n-gram, ``n`` from
+    ``max_matching_ngram_size`` down to 1."""
+
+    def __init__(self, generation_config, logits_processor, model: nn.Module):
+        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+        self.count = generation_config.prompt_lookup_num_tokens
+        self.lookup = PromptLookupCandidateGenerator(
+            eos_token_id=generation_config._eos_token_tensor,
+            num_output_tokens=self.count,
+            max_matching_ngram_size=generation_config.max_matching_ngram_size or 2,
+            max_length=generation_config.max_length,
+            logits_processor=logits_processor,
+            vocab_size=model.config.get_text_config().vocab_size,
+        )
+
+    def propose(self, input_ids: Tensor, context: _Context) -> _Drafts:
+        ids, _ = self.lookup.get_candidates(input_ids)
+        return _Drafts(ids[0, input_ids.shape[1] :], None, None)
+
+    def update(self, kept: int, count: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _default_shards(weight: Tensor) -> int:
+    """The vocabulary shards ``sample_next`` cuts ``weight`` into for one row by default."""
+    plan = plan_blocks(
+        1,
+        weight.shape[0],
+        weight.dtype,
+        weight.device,
+        dim=weight.shape[1],
+        bytes_per_element=_BYTES_PER_ELEMENT,
+        backward=False,
+    )
+    return len(plan.shards)
+
+
+def _problem(hidden: Tensor, head: dict, options: dict, prev: Tensor | None) -> _Problem:
+    """``sample_next``'s problem for sampling ``hidden`` ``[n, D]`` with ``options``."""
+    penalty = float(options["repetition_penalty"])
+    return _Problem(
+        hidden=hidden,
+        weight=head["weight"],
+        bias=head["bias"],
+        transform=make_transform(head["softcap"], head["logit_scale"]),
+        penalty=penalty,
+        temperature=float(options["temperature"]),
+        prev_tokens=None if penalty == 1.0 else prev.long(),
+        key=None,
+        shards=head["shards"],
+        chunk_size=None,
+        want_raw=False,
+    )
+
+
+class _Warped(NamedTuple):
+    """Per row, the warped distribution's kept set (``y > tau``, or ``y == tau`` up to index
+    ``tau_index``) and log-normaliser ``lse``: ``log p_v = y_v - lse`` on the kept set."""
+
+    tau: Tensor
+    tau_index: Tensor
+    lse: Tensor
+
+    def logprobs(self, y: Tensor, v0: int, rows: slice) -> Tensor:
+        """``log p`` of the block ``y`` (vocabulary ``v0 + j``, rows ``rows``), -inf off the
+        kept set."""
+        tau, index = self.tau[rows, None], self.tau_index[rows, None]
+        vocab = torch.arange(v0, v0 + y.shape[1], device=y.device)
+        kept = (y > tau) | ((y == tau) & (vocab[None, :] <= index))
+        return (y - self.lse[rows, None]).masked_fill_(~kept, -math.inf)
+
+
+def _warped(problem: _Problem, options: dict, tokens: Tensor | None = None):
+    """Each row's warped distribution (``_Warped``), and with ``tokens`` ``[n]`` (-1: none) the
+    log-prob of row ``i``'s token under it ``[n]``: the kept set as ``sample_next`` finds it,
+    then one pass for the log-sum-exp over it."""
+    top_k, top_p, min_p = options["top_k"], float(options["top_p"]), options["min_p"]
+    rows, device = problem.hidden.shape[0], problem.hidden.device
+    new = dict(device=device, dtype=problem.stat_dtype)
+    if top_k or top_p < 1.0 or min_p is not None:
+        _, tau, tau_index = _thresholds(problem, top_k, top_p, min_p, {})
+    else:
+        tau = torch.full((rows,), -math.inf, **new)
+        tau_index = torch.full((rows,), problem.vocab - 1, dtype=torch.long, device=device)
+    lse = torch.full((rows,), -math.inf, **new)
+    row_max = torch.full((rows,), -math.inf, **new)
+    picked = torch.full((rows,), -math.inf, **new)
+    kept_set = _Warped(tau, tau_index, torch.zeros_like(lse))  # log p before normalising
+    for r0, r1, v0, _, y in _blocks(problem, tempered=True):
+        row_max[r0:r1] = torch.maximum(row_max[r0:r1], y.amax(1))
+        kept = kept_set.logprobs(y, v0, slice(r0, r1))
+        lse[r0:r1] = torch.logaddexp(lse[r0:r1], kept.logsumexp(1))
+        if tokens is not None:
+            column = tokens[r0:r1] - v0
+            inside = (column >= 0) & (column < y.shape[1])
+            value = kept.gather(1, column.clamp(0, y.shape[1] - 1)[:, None]).squeeze(1)
+            picked[r0:r1] = torch.where(inside, value, picked[r0:r1])
+    _check_rows(row_max)
+    warped = _Warped(tau, tau_index, lse)
+    return warped if tokens is None else (warped, picked - lse)
+
+
+def _speculative_tokens(hidden, prev, drafts: _Drafts, drafter, context: _Context) -> Tensor:
+    """Algorithm 1 of speculative sampling on one round: the kept drafts, then a token from the
+    residual ``max(0, p - q)`` at the first rejection, or from ``p`` after the last draft."""
+    count, device = drafts.tokens.shape[0], hidden.device
+    target = _problem(hidden, context.head, context.options, prev)
+    padded = torch.cat([drafts.tokens, drafts.tokens.new_full((1,), -1)])
+    p, logp = _warped(target, context.options, padded)
+    source = device if context.generator is None else context.generator.device
+    uniform = torch.rand(count, generator=context.generator, device=source).to(device)
+    kept = 0
+    if count:
+        # generate() keeps draft i when r_i < p_i / q_i, r_i uniform in [0, 1).
+        accepted = uniform.log() < logp[:count] - drafts.logprobs
+        kept = int(accepted.cumprod(0).sum())
+    key = _noise_key(context.generator, device)
+    if kept == count:
+        token = _race(key, target, p, kept)
+    else:
+        # The assistant's problem of draft ``kept``'s draw: the same row, head, shards and
+        # penalised tokens, hence bitwise the logits it was drawn from.
+        head = dict(drafter.head, shards=context.head["shards"])
+        draft_prev = None if prev is None else prev[kept : kept + 1]
+        draft = _problem(drafts.hidden[kept : kept + 1], head, context.options, draft_prev)
+        token = _race(key, target, p, kept, draft, _warped(draft, context.options))
+    return torch.cat([drafts.tokens[:kept], token])
+
+
+def _race(key, target: _Problem, p: _Warped, row: int, draft=None, q: _Warped | None = None):
+    """``[1]`` token: a draw from row ``row`` of ``p``, or from ``max(0, p - q)`` with the
+    assistant's one-row problem ``draft`` and its ``q``: the largest ``log r_v + g_v`` over the
+    vocabulary, ``g`` Gumbel noise keyed by ``key`` and vocabulary index. ``p``'s own race runs
+    alongside, for a residual that rounding left without mass."""
+    device = target.hidden.device
+    best = torch.full((2,), -math.inf, device=device)
+    winner = torch.zeros(2, dtype=torch.long, device=device)
+    draft_blocks = None if draft is None else _blocks(draft, tempered=True)
+    at = torch.tensor([row], device=device)
+    for r0, r1, v0, _, y in _blocks(target, tempered=True):
+        if not r0 <= row < r1:
+            continue
+        log_p = p.logprobs(y[row - r0 : row - r0 + 1], v0, slice(row, row + 1))[0]
+        scores = [log_p, log_p]
+        if draft_blocks is not None:
+            _, _, _, _, y_q = next(draft_blocks)  # the same vocabulary shard of the assistant
+            log_q = q.logprobs(y_q, v0, slice(0, 1))[0]
+            scores[0] = torch.where(
+                log_q < log_p, log_p + torch.log(-torch.expm1(log_q - log_p)), -math.inf
+            )
+        vocab = torch.arange(v0, v0 + y.shape[1], device=device)
+        noise = _gumbel(key, at, vocab)
+        keys = torch.stack(scores) + noise
+        column = keys.argmax(1)
+        value = keys.gather(1, column[:, None]).squeeze(1)
+        better = value > best
+        best = torch.where(better, value, best)
+        winner = torch.where(better, column + v0, winner)
+    # The residual has mass whenever a draft was rejected, but for rounding (p == q).
+    return winner[:1] if bool(best[0] > -math.inf) else winner[1:]

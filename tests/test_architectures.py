@@ -1,0 +1,390 @@
+"""Every causal LM transformers ships (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), built from a tiny
+config, either passes every check against the unwrapped model or is refused by name:
+
+* ``ChunkedLMHead.wrap``: the training loss and the output and input embeddings' gradients equal
+  the unwrapped model's (accuracy rule against the fp64 model), ``generate`` greedy unchanged;
+* ``cl.sequence_logprobs`` equals the log-softmax of the unwrapped model's logits;
+* ``cl.sample`` greedy gives ``generate``'s greedy tokens.
+
+A refusal is a ``ValueError``/``TypeError`` naming the class; which classes are refused, by which
+operation and why, is listed in ``REFUSED`` (so a class that regresses from passing to refused, or
+the reverse, fails here). Classes whose tiny model cannot be built for reasons outside chunklogits
+are listed in ``CANNOT_BUILD`` with the reason, and skipped with it.
+
+By default a representative subset runs (``FAST``: every transform of the table, every loss
+convention, the refusals' kinds); ``CHUNKLOGITS_ALL_ARCHITECTURES=1`` runs every entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import chunklogits as cl
+from tests.helpers import assert_as_accurate, one_thread
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+
+VOCAB = 99
+_LAYERS = 2
+
+# The generic shrinking: config attributes (of the config and of each sub-config) set to tiny
+# values wherever the config has them.
+_TINY = {
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "emb_dim", "dim"), 32),
+    **dict.fromkeys(
+        (
+            "num_hidden_layers",
+            "n_layer",
+            "n_layers",
+            "num_layers",
+            "decoder_layers",
+            "encoder_layers",
+            "num_encoder_layers",
+            "num_decoder_layers",
+        ),
+        _LAYERS,
+    ),
+    **dict.fromkeys(
+        (
+            "num_attention_heads",
+            "n_head",
+            "n_heads",
+            "num_heads",
+            "decoder_attention_heads",
+            "encoder_attention_heads",
+        ),
+        4,
+    ),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads"), 2),
+    **dict.fromkeys(("head_dim", "attention_head_dim", "qk_rope_head_dim", "v_head_dim"), 8),
+    "qk_nope_head_dim": 8,
+    "rotary_dim": 4,
+    "qk_head_dim": 16,
+    **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 16),
+    **dict.fromkeys(
+        (
+            "intermediate_size",
+            "decoder_ffn_dim",
+            "encoder_ffn_dim",
+            "ffn_dim",
+            "n_inner",
+            "d_ff",
+            "dim_ff",
+            "ffn_hidden_size",
+        ),
+        64,
+    ),
+    **dict.fromkeys(
+        (
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "shared_intermediate_size",
+            "expert_ffn_hidden_size",
+            "dense_intermediate_size",
+            "first_dense_intermediate_size",
+        ),
+        16,
+    ),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token"), 2),
+    **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
+    **dict.fromkeys(("vocab_size", "decoder_vocab_size"), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 64),
+    **dict.fromkeys(("first_k_dense_replace", "num_dense_layers"), 1),
+    # The logit transforms, set where they change the logits visibly (random-init logits are
+    # O(1)): a transform missing from chunklogits' table fails the comparisons, not only the
+    # probe.
+    **dict.fromkeys(("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"), 0.5),
+    **dict.fromkeys(("logits_scaling", "logit_scale", "lm_head_multiplier"), 4.0),
+}
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _tiny_value(name: str, value, layers_before: int | None):
+    """The tiny value of config attribute ``name`` (default ``value``), or ``value``."""
+    if name in _TINY and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return type(value)(_TINY[name]) if value else value
+    if ("dropout" in name or "pdrop" in name or name.endswith("layerdrop")) and isinstance(
+        value, float
+    ):
+        return 0.0
+    if name == "router_jitter_noise" and isinstance(value, float):
+        return 0.0
+    if name.endswith("token_id"):
+        if isinstance(value, int) and value >= VOCAB:
+            return _TOKENS.get(name, VOCAB - 1)
+        if isinstance(value, list):
+            return [v for v in value if v < VOCAB] or [_TOKENS.get(name, VOCAB - 1)]
+    # Per-layer lists (layer types, MoE layers) follow the layer count, keeping a layer of each
+    # of the first two kinds (a hybrid model's attention and linear-attention layers).
+    if isinstance(value, list) and layers_before and len(value) == layers_before:
+        kinds = list(dict.fromkeys(value)) if all(isinstance(v, str) for v in value) else []
+        return kinds[:_LAYERS] if len(kinds) > 1 else value[:_LAYERS]
+    return value
+
+
+def tiny_config(model_type: str):
+    """The config class's defaults shrunk by ``_TINY``, sub-configs included."""
+    return _shrunk(CONFIG_MAPPING[model_type])
+
+
+def _shrunk(config_class, defaults=None):
+    default = config_class(**(defaults or {}))
+    values = default.to_dict()
+    layers_before = next(
+        (values[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in values), None
+    )
+    arguments = {}
+    for name, value in values.items():
+        if name in getattr(config_class, "sub_configs", {}) and value is not None:
+            sub = getattr(default, name)
+            arguments[name] = _shrunk(type(sub), value).to_dict()
+            continue
+        tiny = _tiny_value(name, value, layers_before)
+        if tiny is not value:
+            arguments[name] = tiny
+    if "kv_lora_rank" in values:  # multi-head latent attention: as many kv heads as heads
+        arguments["num_key_value_heads"] = _TINY["num_attention_heads"]
+    arguments.update(_OVERRIDES.get(config_class.model_type, {}))
+    return config_class(**{**(defaults or {}), **arguments})
+
+
+# Per-class arguments that the generic shrinking cannot derive (layer patterns, head counts tied
+# to other sizes).
+_OVERRIDES: dict[str, dict] = {
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_offset": 1},
+    "deepseek_v2": {"num_experts_per_tok": 2},
+    "xmod": {"default_language": "en_XX"},
+    # The defaults have no attention layer, which transformers' masks then fail on.
+    "bamba": {"mamba_n_heads": 4, "mamba_d_head": 16, "attn_layer_indices": [1]},
+    "granitemoehybrid": {
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "layer_types": ["mamba", "attention"],
+    },
+    "mamba2": {"head_dim": 16},
+}
+
+# Entries whose tiny model cannot be built here, and why (none of it chunklogits'): a missing
+# optional dependency, or a config the generic shrinking does not (yet) make valid.
+_NO_TINY_CONFIG = "the generic shrinking derives no valid tiny config: "
+CANNOT_BUILD: dict[str, str] = {
+    "gemma3n": "its vision tower (TimmWrapperModel) needs the timm library, not installed",
+    **{
+        model_type: _NO_TINY_CONFIG + reason
+        for model_type, reason in {
+            "blt": "its sub-configs (patcher, local encoder/decoder) lack num_hidden_layers",
+            "cohere_compass_text": "KeyError 'full_attention' from its layer-type table",
+            "dbrx": "DbrxAttentionConfig has no rope_theta once shrunk",
+            "dots1": "TypeError in torch.empty from a size left None",
+            "dots3_note": "per_layer_config keys beyond 2 layers",
+            "gemma3n_text": "its cache-sharing layer types do not survive 2 layers",
+            "gemma4": "per_layer_config keys beyond 2 layers",
+            "gemma4_assistant": "its defaults fail validation (hidden_size_per_layer_input)",
+            "gemma4_unified": "per_layer_config keys beyond 2 layers",
+            "gemma4_unified_assistant": "per_layer_config keys beyond 2 layers",
+            "hunyuan_v1_dense": "a RoPE parameter left None",
+            "hunyuan_v1_moe": "a RoPE parameter left None",
+            "inkling2_loop_text": "an embedding index out of range (n-gram sizes)",
+            "inkling2_text": "an embedding index out of range (n-gram sizes)",
+            "kolibri1_1": "NVFP4 key/value rounding needs head_dim a multiple of 16",
+            "lfm2_moe": "a per-layer list left None",
+            "mamba2": "repeat_interleave size from n_groups",
+            "ministral": "a RoPE parameter left None",
+            "musicgen": "text encoder and decoder configs, no single text config",
+            "musicgen_melody": "text encoder and decoder configs, no single text config",
+            "nemotron": "a head size left None",
+            "prophetnet": "its n-gram stream shapes",
+            "qwen4_exp": "its n-gram embedding sizes",
+            "qwen4_exp_text": "its n-gram embedding sizes",
+            "reformer": "ReformerModelWithLMHead needs is_decoder=True and axial position shapes",
+            "xlstm": "its own forward fails on 7 tokens (matC_old has wrong shape)",
+            "zamba": "tie_weights_keys of its shared transformer with one hybrid layer",
+            "zaya": "supports num_experts_per_tok=1 only",
+        }.items()
+    },
+}
+
+# What each refused entry is refused by: {model_type: {"wrap" / "sample": fragment of the reason}}
+# ("wrap" covers the loss, generate after wrapping and sequence_logprobs, which wraps).
+REFUSED: dict[str, dict[str, str]] = {
+    # Output layers that are not a plain nn.Linear.
+    "dory": {"wrap": "DoryLMHead, expected a plain", "sample": "got DoryLMHead"},
+    "ergo": {
+        "wrap": "ErgoLinearWithFP32Output, expected a plain",
+        "sample": "got ErgoLinearWithFP32Output",
+    },
+    # Its forward computes no loss from token ids and labels alone (an image-token offset).
+    "git": {"wrap": "refusing GitForCausalLM, whose forward fails on token ids and labels"},
+    # cl.sample: the output layer is fed more than the base model's last hidden state (BERT-style
+    # prediction heads: dense + LayerNorm; Electra's and RemBERT's projections; MiniCPM3's and
+    # Inkling's scaling). wrap and sequence_logprobs take the layer's input from the forward.
+    **{
+        model_type: {
+            "sample": f"refuses {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}, whose head it "
+            "does not reproduce"
+        }
+        for model_type in (
+            "bert",
+            "big_bird",
+            "camembert",
+            "data2vec-text",
+            "electra",
+            "ernie",
+            "inkling_text",
+            "megatron-bert",
+            "minicpm3",
+            "modernbert-decoder",
+            "rembert",
+            "roberta",
+            "roberta-prelayernorm",
+            "roc_bert",
+            "roformer",
+            "xlm-roberta",
+            "xlm-roberta-xl",
+            "xmod",
+        )
+    },
+}
+
+ALL = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+# The default subset: plain, tied, biased and MoE heads, every transform of the table (Gemma-2's
+# and RecurrentGemma's caps, Cohere's, Granite's and HyperCLOVAX's scales, MiniCPM3's pre-head
+# scaling), the unshifted loss (BART, TrOCR, XLM, XLNet, CPM-Ant), hybrid and recurrent models,
+# and each kind of refusal. Falcon-H1 (lm_head_multiplier, 15 s) runs in the full sweep only.
+FAST = [
+    "bart",
+    "bert",
+    "cohere",
+    "cpmant",
+    "dory",
+    "gemma2",
+    "git",
+    "gpt2",
+    "granite",
+    "hyperclovax",
+    "jamba",
+    "llama",
+    "minicpm3",
+    "mixtral",
+    "phi",
+    "qwen3_5_text",
+    "recurrent_gemma",
+    "rwkv",
+    "trocr",
+    "xlm",
+    "xlnet",
+]
+ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
+
+
+def build(model_type: str):
+    """The tiny fp32 model of ``model_type``'s causal LM class, in training mode (dropout 0)."""
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    torch.manual_seed(0)
+    model_class = getattr(transformers, class_name)
+    config = tiny_config(model_type)
+    if not isinstance(config, model_class.config_class):  # a composite config's text model
+        config = config.get_text_config()
+    model = model_class(config)
+    return model.float().train()
+
+
+def _ids(seed: int, shape=(2, 7)) -> torch.Tensor:
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _refusal(run) -> str | None:
+    """Run ``run()``; None if it returns, the message of a ``ValueError``/``TypeError`` (a
+    refusal, which ``REFUSED`` says is expected and what it names), anything else raised as is."""
+    try:
+        run()
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+def _check_wrap(model):
+    """Training loss and gradients, generate and sequence_logprobs against the unwrapped model
+    (HF's own code). The loss and gradients by the accuracy rule against the fp64 model where
+    the model runs in fp64 (the fp32 backward of some, RWKV's, is itself 1e-4 off); else
+    (grouped-GEMM experts, fp32-only kernels) within fp32 rounding of the unwrapped model's: the
+    head's blocks differ from its one GEMM in the order of summation."""
+    input_ids = _ids(1)
+    ours = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+    results = {}
+    for name, each in (("ours", ours), ("naive", model), ("exact", copy.deepcopy(model).double())):
+        torch.manual_seed(0)
+        try:
+            loss = each(input_ids=input_ids, labels=input_ids).loss
+        except RuntimeError:
+            if name != "exact":
+                raise
+            break  # no fp64 run of this model
+        loss.backward()
+        results[name] = {
+            "loss": loss.detach(),
+            "output embedding grad": each.get_output_embeddings().weight.grad,
+            "input embedding grad": each.get_input_embeddings().weight.grad,
+        }
+    for key in results["naive"]:
+        if "exact" in results:
+            assert_as_accurate(*(r[key] for r in results.values()), torch.float32, key)
+        else:
+            torch.testing.assert_close(results["ours"][key], results["naive"][key], msg=key)
+
+    model.eval(), ours.eval()
+    with torch.no_grad():
+        expected = model.generate(input_ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(ours.generate(input_ids, max_new_tokens=3, do_sample=False), expected)
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        logprobs = cl.sequence_logprobs(model, input_ids)
+    truth = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, truth)
+
+
+def _check_sample(model):
+    model.eval()
+    input_ids = _ids(2)
+    with torch.no_grad():
+        expected = model.generate(input_ids, max_new_tokens=3, do_sample=False)
+        got = cl.sample(model, input_ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def outcome(model_type: str) -> dict[str, str]:
+    """{"wrap" / "sample": refusal message} of ``model_type``'s tiny model; empty if it passes."""
+    refusals = {}
+    for what, check in (("wrap", _check_wrap), ("sample", _check_sample)):
+        model = build(model_type)
+        message = _refusal(lambda: check(model))  # noqa: B023
+        if message is not None:
+            refusals[what] = message
+    return refusals
+
+
+# cl.sample's refusal of a logits processor that the model's generation config turns on (BART's
+# forced_eos_token_id, Whisper's begin_suppress_tokens, ...), named by its setting: accepted for
+# any entry, since which processors cl.sample reproduces grows independently of the model.
+_PROCESSOR_REFUSAL = "chunklogits.sample reproduces the logits processors of"
+
+
+@pytest.mark.parametrize("model_type", ENTRIES)
+def test_passes_or_is_refused_by_name(model_type):
+    if model_type in CANNOT_BUILD:
+        pytest.skip(f"cannot build {model_type}: {CANNOT_BUILD[model_type]}")
+    refusals = outcome(model_type)
+    if _PROCESSOR_REFUSAL in refusals.get("sample", ""):
+        del refusals["sample"]
+    expected = REFUSED.get(model_type, {})
+    assert sorted(refusals) == sorted(expected), refusals
+    for what, fragment in expected.items():
+        assert fragment in refusals[what], refusals[what]
