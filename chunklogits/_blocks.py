@@ -622,7 +622,9 @@ class _RunningStats:
         max_, sum_exp, target, total, weighted = (
             None if s is None else s[rows] for s in self.state
         )
-        log_sum = sum_exp.log()
+        # A row holding a +inf logit has lse +inf, as torch.logsumexp's: its centred sum is
+        # NaN (inf - inf), its log-sum 0 (and a log-prob NaN at the inf, -inf elsewhere).
+        log_sum = sum_exp.log().masked_fill_(max_ == math.inf, 0.0)
         return RowStats(
             log_sum,
             None,

@@ -294,8 +294,9 @@ class _Block(NamedTuple):
 def _shards(heads, index, lses, options, residuals=None):
     """For each vocabulary shard ``[v0, v1)``: ``(v0, v1, blocks)``, ``blocks`` yielding the
     shard's ``_Block``s chunk by chunk. Both heads' rows are cut alike, so a block holds the
-    same positions and tokens of both. A block's log-probabilities are ``z - lse`` and, with
-    ``residuals`` (``[2, N]``, see ``_row_terms``), ``z - lse - residual``."""
+    same positions and tokens of both. ``lses``: each head's ``[2, N]`` (row maximum, centred
+    log-sum ``log sum exp(z - max)``); a block's log-probabilities are ``(z - max) - log_sum``
+    and, with ``residuals`` (``[2, N]``, see ``_row_terms``), that minus the residual."""
     plan, device = options.plan, heads[0].hidden2d.device
     stat_dtype = lses[0].dtype
     rows = [_Rows(head.hidden2d, index, plan) for head in heads]
@@ -306,7 +307,7 @@ def _shards(heads, index, lses, options, residuals=None):
             logs = []
             for i, (h, (w, b), work) in enumerate(zip((h_s, h_t), params, works, strict=True)):
                 log = _block_logits(h, w, b, options.transform, work, stat_dtype)
-                log.sub_(lses[i][r0:r1, None])
+                log.sub_(lses[i][0, r0:r1, None]).sub_(lses[i][1, r0:r1, None])
                 logs.append(log if residuals is None else log.sub_(residuals[i, r0:r1, None]))
             yield _Block(r0, r1, (h_s, h_t), (params[0][0], params[1][0]), tuple(logs), works)
 
@@ -363,11 +364,13 @@ def _kl_order(beta: float) -> tuple[int, int]:
 def _divergence_sums(heads, index, lses, options) -> Tensor:
     """Per-row sums over the blocks, of the probabilities ``p~ = exp(z_s - lse_s)``, ``q~ =
     exp(z_t - lse_t)`` as the fp32 log-sum-exps give them (see ``_row_terms``): for beta 0 or 1,
-    ``[sum x~ * (log x~ - log y~), sum x~, sum y~]``; else, with ``m~ = beta * q~ + (1 - beta)
-    * p~``, ``[sum p~ * log(p~ / m~), sum q~ * log(q~ / m~), sum p~, sum q~, sum p~ q~ / m~]``."""
+    ``[sum x~ * (log x~ - log y~), sum x~, sum y~, sum (y~ - x~)]``; else, with ``m~ = beta * q~
+    + (1 - beta) * p~``, ``[sum p~ * log(p~ / m~), sum q~ * log(q~ / m~), sum p~, sum q~, sum p~
+    q~ / m~, sum (q~ - p~)]``. The last sum is the difference of the two masses, summed term by
+    term: the difference of the two summed masses would carry both sums' rounding."""
     beta, plan = options.beta, options.plan
     general = 0 < beta < 1
-    sums = lses[0].new_zeros(5 if general else 3, plan.rows)
+    sums = lses[0].new_zeros(6 if general else 4, plan.rows)
     for _, _, blocks in _shards(heads, index, lses, options):
         for block in blocks:
             r0, r1 = block.r0, block.r1
@@ -377,6 +380,7 @@ def _divergence_sums(heads, index, lses, options) -> Tensor:
                 m = _mixture(p, q, beta, work)
                 ratio = torch.div(q, m, out=work.get("ratio", *m.shape, m.dtype))
                 sums[4, r0:r1] += torch.linalg.vecdot(p, ratio)
+                sums[5, r0:r1] += (q - p).sum(1)
                 log_ratios = _log_ratios(block.logs, beta, work)
                 for k, (prob, log_ratio) in enumerate(zip((p, q), log_ratios, strict=True)):
                     sums[k, r0:r1] += torch.linalg.vecdot(prob, log_ratio)
@@ -384,8 +388,10 @@ def _divergence_sums(heads, index, lses, options) -> Tensor:
             else:
                 x, y = _kl_order(beta)
                 prob_x = _probs(block.logs[x], work, "p")
+                prob_y = _probs(block.logs[y], work, "q")
                 sums[1, r0:r1] += prob_x.sum(1)
-                sums[2, r0:r1] += _probs(block.logs[y], work, "q").sum(1)
+                sums[2, r0:r1] += prob_y.sum(1)
+                sums[3, r0:r1] += (prob_y - prob_x).sum(1)
                 sums[0, r0:r1] += torch.linalg.vecdot(prob_x, _log_ratio(block.logs, x, y))
     return sums
 
@@ -414,16 +420,17 @@ def _row_terms(sums: Tensor, beta: float) -> _RowTerms:
     + (1 - beta) R (eps_p - eps_q)`` with ``R = sum p~ q~ / m~``. The backward pass subtracts
     ``eps`` from each log-probability."""
     if 0 < beta < 1:
-        kl_p, kl_q, mass_p, mass_q, ratio = sums
+        kl_p, kl_q, mass_p, mass_q, ratio, mass_diff = sums
         eps_p, eps_q = mass_p.log(), mass_q.log()
-        kl_p = kl_p * (1.0 - eps_p) + beta * ratio * (eps_q - eps_p)
-        kl_q = kl_q * (1.0 - eps_q) + (1.0 - beta) * ratio * (eps_p - eps_q)
+        shift = torch.log1p(mass_diff / mass_p)  # eps_q - eps_p, without either sum's rounding
+        kl_p = kl_p * (1.0 - eps_p) + beta * ratio * shift
+        kl_q = kl_q * (1.0 - eps_q) - (1.0 - beta) * ratio * shift
         divergence = beta * kl_q + (1.0 - beta) * kl_p
         return _RowTerms(divergence, torch.stack([kl_p, kl_q]), torch.stack([eps_p, eps_q]))
     x, _ = _kl_order(beta)
-    weighted, mass_x, mass_y = sums
+    weighted, mass_x, mass_y, mass_diff = sums
     eps_x, eps_y = mass_x.log(), mass_y.log()
-    divergence = weighted / mass_x - eps_x + eps_y
+    divergence = weighted / mass_x + torch.log1p(mass_diff / mass_x)  # - eps_x + eps_y
     residuals = torch.stack([eps_x, eps_y] if x == 0 else [eps_y, eps_x])
     return _RowTerms(divergence, divergence[None], residuals)
 
@@ -513,7 +520,9 @@ class _JSDFunction(torch.autograd.Function):
             stats = forward_stats(*head, index, None, options.transform, options.plan, False, False)
             if vocab_parallel is not None:
                 stats = vocab_parallel.combine(stats)
-            lses.append(stats.lse)
+            # (max, log_sum): a block's log-probabilities are (z - max) - log_sum, exact for
+            # the largest logit, where z - lse would carry lse's rounding (eps * |lse|).
+            lses.append(torch.stack([stats.max, stats.log_sum]))
         sums = _divergence_sums(heads, index, lses, options)
         if vocab_parallel is not None:
             vocab_parallel.sum_(sums)

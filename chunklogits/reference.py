@@ -178,12 +178,13 @@ def topk_logprobs(
     chunk_size: int | None = None,
 ):
     """The ``k`` largest of the model's own logits (``model_logits``), descending, equal logits
-    by the smaller token id (a stable sort), and the fp32 log-softmax of the tempered logits at
-    them."""
+    by the smaller token id (a stable sort), a NaN logit ranked as ``-inf`` (last, where
+    ``torch.sort`` puts it first), and the fp32 log-softmax of the tempered logits at them."""
     from .logprobs import TopLogprobs
 
     decision = model_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
     decision = decision.to(torch.promote_types(decision.dtype, torch.float32))
+    decision = decision.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     indices = decision.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     z = logits(
         hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature
