@@ -732,8 +732,14 @@ def test_sample_next(data):
     assert out.tokens.shape == (rows,) and out.tokens.dtype == torch.long
     fine = acceptable_tokens(d, row_tol, out.tokens, dict(options, prev_tokens=prev))
     assert fine.all(), f"rows {(~fine).nonzero().flatten().tolist()} drew {out.tokens.tolist()}"
+    # The naive log-probs: the model's logits log_softmax-ed in fp32 (fp64 for fp64), as
+    # generate() and the reference compute them; not in fp64, which would hold ours to a
+    # log-sum beyond fp32 (log(1 + 8.6e-6) rounded in fp32 is off by 1.4e-8).
     raw = [
-        reference.model_logits(h, w, bias=b, **transform).double().log_softmax(-1)
+        reference.model_logits(h, w, bias=b, **transform)
+        .to(torch.promote_types(h.dtype, torch.float32))
+        .log_softmax(-1)
+        .double()
         for h, w, b in (
             [head.hidden, head.weight, head.bias],
             as_f64([head.hidden, head.weight, head.bias]),
