@@ -322,9 +322,12 @@ class RowStats(NamedTuple):
 
     def log_softmax_at(self, logits: Tensor) -> Tensor:
         """``logits - lse`` for logits ``[N, ...]`` of these rows, formed as
-        ``(logits - max) - log_sum``: no cancellation of ``lse`` against a logit near it."""
+        ``(logits - max) - log_sum``: no cancellation of ``lse`` against a logit near it. NaN
+        in a row holding a +inf logit (lse +inf), as torch's ``log_softmax``."""
         shape = (*self.max.shape, *(1,) * (logits.dim() - self.max.dim()))
-        return (logits - self.max.view(shape)) - self.log_sum.view(shape)
+        row_max = self.max.view(shape)
+        out = (logits - row_max) - self.log_sum.view(shape)
+        return out.masked_fill_(row_max == math.inf, math.nan)
 
     def finished(self) -> RowStats:
         """These statistics with the raw target logit turned into ``logprob``."""
@@ -623,7 +626,7 @@ class _RunningStats:
             None if s is None else s[rows] for s in self.state
         )
         # A row holding a +inf logit has lse +inf, as torch.logsumexp's: its centred sum is
-        # NaN (inf - inf), its log-sum 0 (and a log-prob NaN at the inf, -inf elsewhere).
+        # NaN (inf - inf), its log-sum 0 (its log-probs NaN, as torch's log_softmax).
         log_sum = sum_exp.log().masked_fill_(max_ == math.inf, 0.0)
         return RowStats(
             log_sum,
@@ -793,7 +796,10 @@ def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoeffici
     if grads.logprob is None:
         p_delta = None
     else:  # kept apart from the target's coefficient (see _GradCoefficients)
-        p_coef = -grads.logprob
+        # A NaN log-prob marks a row without a distribution (a NaN logit, a +inf one, every
+        # logit -inf): torch's log_softmax backward gives NaN at every token of it, also where
+        # p = 0 (exp(NaN) * sum(grad)), and so does the coefficient here.
+        p_coef = (-grads.logprob).masked_fill_(stats.logprob.isnan(), math.nan)
     target_value = None if grads.logprob is None else p_coef * torch.expm1(stats.logprob)
     uniform = None if grads.mean is None else grads.mean / vocab
     return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta, target_value)
@@ -815,7 +821,10 @@ def _block_grad(z, centre, coef: _GradCoefficients, inside, column, transform, w
     if coef.p_delta is None and coef.plogp_coef is None:
         # p = exp(z - max) / sum_exp: the division folded into the row's coefficient, so that
         # log p itself is never formed (the floor raised by log_sum keeps p a normal number).
-        logp.clamp_(min=(log_sum + log_floor(dtype))[:, None])
+        # No floor in a row holding a +inf logit: p is exactly 0 at its other tokens, as in
+        # torch's logsumexp backward (exp(z - inf)), and NaN at the inf.
+        floor = (log_sum + log_floor(dtype)).masked_fill(row_max == math.inf, -math.inf)
+        logp.clamp_(min=floor[:, None])
         grad = logp.exp_().mul_(p_coef * torch.exp(-log_sum)[:, None])
     else:
         _floor_(logp.sub_(log_sum[:, None]))

@@ -59,7 +59,18 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from ._blocks import LogitTransform, _block_logits, _Rows, _shard_params, _Workspace, plan_blocks
+from ._blocks import (
+    LogitTransform,
+    RowStats,
+    _block_logits,
+    _fold_block,
+    _FoldState,
+    _Fresh,
+    _Rows,
+    _shard_params,
+    _Workspace,
+    plan_blocks,
+)
 from ._checks import (
     check_head,
     check_integer_tensor,
@@ -269,7 +280,11 @@ def sample_next(
         )
     if not return_logprobs:
         return pick.win_idx
-    return NextTokens(pick.win_idx, pick.win_val - pick.lse, pick.win_raw - pick.raw_lse)
+    return NextTokens(
+        pick.win_idx,
+        pick.lse.log_softmax_at(pick.win_val),
+        pick.raw_lse.log_softmax_at(pick.win_raw),
+    )
 
 
 @dataclass(frozen=True)
@@ -473,8 +488,11 @@ class _Scan:
     win_idx: Tensor | None = None  # [n] argmax over the vocabulary of y (+ Gumbel noise)
     win_val: Tensor | None = None  # [n] its processed logit
     win_raw: Tensor | None = None  # [n] its raw logit
-    lse: Tensor | None = None  # [n] logsumexp of the selected processed logits
-    raw_lse: Tensor | None = None  # [n] logsumexp of all raw logits
+    # Log-sum-exps as the engine keeps them (RowStats' max and log_sum: log-probs formed as
+    # (x - max) - log_sum carry no rounding of lse): of the selected processed logits, of all
+    # raw logits.
+    lse: RowStats | None = None
+    raw_lse: RowStats | None = None
     level_mass: Tensor | None = None  # [n, G] sum of exp(y - ref) over y >= levels[:, i]
     level_count: Tensor | None = None  # [n, G] number of those tokens
     tied_index: Tensor | None = None  # [n] index of the keep-th token (by index) with y == value
@@ -530,12 +548,12 @@ def _scan(
         s.win_val = torch.full((count,), -math.inf, **new)
         s.win_raw = torch.full((count,), -math.inf, **new) if raw else None
     if lse:
-        s.lse = torch.full((count,), -math.inf, **new)
+        lse_state = _log_sum_state(count, new)
     if moments:
         s.moment_mass = torch.zeros(count, **new)
         s.moment_sum = torch.zeros(count, **new)
     if raw_lse:
-        s.raw_lse = torch.full((count,), -math.inf, **new)
+        raw_state = _log_sum_state(count, new)
     if checked:
         s.row_max = torch.full((count,), -math.inf, **new)
     if levels is not None:
@@ -555,7 +573,7 @@ def _scan(
         if checked:  # torch.maximum and amax propagate NaN
             s.row_max[r0:r1] = torch.maximum(s.row_max[r0:r1], y.amax(1))
         if raw_lse:
-            s.raw_lse[r0:r1] = torch.logaddexp(s.raw_lse[r0:r1], x.logsumexp(1))
+            _fold_log_sum(raw_state, x, r0, r1)
         if levels is not None:
             # Bin b holds the tokens with exactly b levels <= y: y >= levels[:, i] iff b > i.
             bins = torch.searchsorted(levels[r0:r1], y, right=True)
@@ -577,7 +595,7 @@ def _scan(
         if ceiling is not None:
             y = y.masked_fill(y >= ceiling[r0:r1, None], -math.inf)
         if lse:
-            s.lse[r0:r1] = torch.logaddexp(s.lse[r0:r1], y.logsumexp(1))
+            _fold_log_sum(lse_state, y, r0, r1)
         if moments:
             shifted = y - ref[r0:r1, None]
             mass = shifted.exp()
@@ -600,6 +618,10 @@ def _scan(
                 s.win_raw[r0:r1] = torch.where(
                     better, x.gather(1, col).squeeze(1), s.win_raw[r0:r1]
                 )
+    if lse:
+        s.lse = _log_sum_stats(lse_state)
+    if raw_lse:
+        s.raw_lse = _log_sum_stats(raw_state)
     if levels is not None:
         s.level_mass = hist_mass[:, 1:].flip(1).cumsum(1).flip(1)
         s.level_count = hist_count[:, 1:].flip(1).cumsum(1).flip(1)
@@ -612,6 +634,34 @@ def _scan(
     if checked:
         _check_rows(s.row_max)
     return s
+
+
+def _log_sum_state(count: int, new: dict) -> _FoldState:
+    """The engine's running (max, sum of exp(z - max)) of ``count`` rows, nothing folded."""
+    return _FoldState(
+        torch.full((count,), -math.inf, **new), torch.zeros(count, **new), *[None] * 3
+    )
+
+
+def _fold_log_sum(state: _FoldState, z: Tensor, r0: int, r1: int) -> None:
+    """Fold the block ``z`` of rows ``[r0, r1)`` (left intact) into ``state`` in place, by the
+    engine's online merge (``_fold_block``)."""
+    rows = _FoldState(state.max[r0:r1], state.sum_exp[r0:r1], *[None] * 3)
+    folded = _fold_block(z, rows, None, None, _Fresh(z.device), keep=True)
+    rows.max.copy_(folded.max)
+    rows.sum_exp.copy_(folded.sum_exp)
+
+
+def _log_sum_stats(state: _FoldState) -> RowStats:
+    """``RowStats`` holding the row maximum and centred log-sum of a folded ``state``."""
+    return RowStats(state.sum_exp.log(), None, None, None, max=state.max)
+
+
+def _exact_log_sum(values: Tensor) -> RowStats:
+    """``RowStats`` holding the maximum and centred log-sum of the rows of ``values``
+    ``[n, C]``, each with a finite maximum."""
+    row_max = values.amax(1)
+    return RowStats((values - row_max[:, None]).logsumexp(1), None, None, None, max=row_max)
 
 
 def _check_rows(row_max: Tensor) -> None:
@@ -643,6 +693,10 @@ def _merge_ranks(vocab_slice: VocabSlice, s: _Scan, win_key: Tensor | None) -> N
     of largest key (the lowest rank, hence the lowest index, among ties: the single-process rule),
     log-sum-exps and level statistics combined. ``tied_*`` stay per rank (see ``_nth_tied``)."""
     parts = {name: getattr(s, name) for name in _MERGED if getattr(s, name) is not None}
+    for name in ("lse", "raw_lse"):
+        stats = parts.pop(name, None)
+        if stats is not None:
+            parts[name + "_max"], parts[name + "_log_sum"] = stats.max, stats.log_sum
     if win_key is not None:
         parts["win_key"] = win_key
     if not parts:  # a pass of _nth_tied
@@ -661,8 +715,12 @@ def _merge_ranks(vocab_slice: VocabSlice, s: _Scan, win_key: Tensor | None) -> N
             if name in every:
                 setattr(s, name, every[name].gather(0, best).squeeze(0))
     for name in ("lse", "raw_lse"):
-        if name in every:
-            setattr(s, name, every[name].logsumexp(0))
+        if name + "_max" in every:
+            # [world, n]: centred on the largest maximum (0 where every rank's is -inf).
+            row_max = every[name + "_max"].amax(0)
+            centre = row_max.masked_fill(row_max == -math.inf, 0.0)
+            shares = (every[name + "_max"] - centre) + every[name + "_log_sum"]
+            setattr(s, name, RowStats(shares.logsumexp(0), None, None, None, max=row_max))
     for name in ("level_mass", "level_count", "moment_mass", "moment_sum"):
         if name in every:
             setattr(s, name, every[name].sum(0))
@@ -766,7 +824,7 @@ def _nucleus_threshold(
     in_set = vals >= base[:, None]
     # The candidates hold a threshold's tokens when the smallest of them lies below it.
     complete = torch.ones_like(in_set[:, 0]) if every else vals[:, -1] < base
-    log_total = vals.masked_fill(~in_set, -math.inf).logsumexp(1) if top_k else first.lse
+    log_total = vals.masked_fill(~in_set, -math.inf).logsumexp(1) if top_k else first.lse.lse
     probs = (vals - log_total[:, None]).exp().masked_fill(~in_set, 0.0)
     inclusive = probs.cumsum(1)
     # HF drops a token when the mass of the tokens above it already reaches top_p.
@@ -915,7 +973,7 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _S
         win_idx=idx.gather(1, col).squeeze(1),
         win_val=vals.gather(1, col).squeeze(1),
         win_raw=first.cand_raw.gather(1, col).squeeze(1) if problem.want_raw else None,
-        lse=vals.masked_fill(~kept, -math.inf).logsumexp(1),
+        lse=_exact_log_sum(vals.masked_fill(~kept, -math.inf)),
         raw_lse=first.raw_lse,
     )
     if vals.shape[1] == problem.vocab:
@@ -925,7 +983,10 @@ def _draw(problem: _Problem, first: _Scan, tau: Tensor, tau_index: Tensor) -> _S
         s = _scan(problem, winner=True, noisy=True, floor=tau, floor_index=tau_index, lse=True)
         pick.win_idx = torch.where(spill, s.win_idx, pick.win_idx)
         pick.win_val = torch.where(spill, s.win_val, pick.win_val)
-        pick.lse = torch.where(spill, s.lse, pick.lse)
+        pick.lse = RowStats(
+            torch.where(spill, s.lse.log_sum, pick.lse.log_sum), None, None, None,
+            max=torch.where(spill, s.lse.max, pick.lse.max),
+        )  # fmt: skip
         if problem.want_raw:
             pick.win_raw = torch.where(spill, s.win_raw, pick.win_raw)
     return pick
@@ -1013,14 +1074,18 @@ def beam_candidates(
         size = min(vocab, 4 * size)
     # Ranked on the logits (a shift by the log-sum-exp keeps their order); with a bias, on
     # generate()'s rounding: log_softmax, then the bias.
-    scores, shift = s.cand_vals, s.raw_lse[:, None]
+    scores = s.cand_vals
     if token_bias is not None:
-        scores, shift = _listed_bias(token_bias, s.cand_idx, logit_bias_only), 0.0
+        scores = _listed_bias(token_bias, s.cand_idx, logit_bias_only)
         if not logit_bias_only:
-            scores = (s.cand_raw - s.raw_lse[:, None]) + scores
+            scores = s.raw_lse.log_softmax_at(s.cand_raw) + scores
     by_index, order = s.cand_idx.sort(1)
     scores, order = scores.gather(1, order).sort(dim=1, descending=True, stable=True)
-    return scores[:, :count] - shift, by_index.gather(1, order[:, :count])
+    top = scores[:, :count]
+    return (
+        top if token_bias is not None else s.raw_lse.log_softmax_at(top),
+        by_index.gather(1, order[:, :count]),
+    )
 
 
 def _listed_bias(bias: tuple[Tensor, Tensor], tokens: Tensor, only: bool) -> Tensor:

@@ -328,3 +328,37 @@ def test_confident_token_logprobs(dtype, case):
         top = cl.topk_logprobs(hidden, weight, k, bias=bias)
         assert torch.equal(top.indices, exact.indices)
         assert_as_accurate(top.values, naive.values, exact.values, dtype, f"{case} top-{k}")
+
+
+@pytest.mark.parametrize("output", ["logprobs", "entropy", "lse"])
+def test_rows_holding_an_infinite_logit_as_torch(output):
+    """A negative logit scale turns a -inf bias into a +inf logit beside finite ones (and a
+    -inf hidden entry gives a row of +-inf): such a row
+    has lse +inf (torch.logsumexp's) and no distribution. Each output and its gradients are
+    torch's, output by output: log-probs and entropy NaN, and NaN gradients at every token (the
+    log_softmax backward's exp(NaN) * sum(grad)); the log-sum-exp's gradient NaN at the inf
+    token only and exactly 0 at the others (exp(z - inf), no floor), so that a weight gradient
+    times an infinite hidden entry is NaN, not a floor's -inf. fp64: the naive computation is
+    the exact one, so NaN patterns and values must match."""
+    dtype = torch.float64
+    hidden = torch.tensor([[0.0011, -0.0002], [0.3, 0.7], [-torch.inf, 0.0]], dtype=dtype)
+    weight = torch.tensor([[-2.1788, 0.5684], [1.0845, -1.3986], [0.25, 0.5]], dtype=dtype)
+    bias = torch.tensor([0.4033, -torch.inf, 0.1], dtype=dtype)
+    tokens = torch.tensor([0, 2, 0])
+    results = []
+    for lib in (cl, reference):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logprobs, entropy = lib.token_logprobs(
+            *leaves[:2], tokens, bias=leaves[2], logit_scale=-1.5, return_entropy=True
+        )
+        lse = lib.logsumexp(*leaves[:2], bias=leaves[2], logit_scale=-1.5)
+        out = {"logprobs": logprobs, "entropy": entropy, "lse": lse}[output]
+        (out * torch.tensor([0.7, -1.3, 0.4], dtype=dtype)).sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    ours, exact = results
+    if output == "lse":
+        assert torch.equal(exact[0], torch.full((3,), torch.inf, dtype=dtype))
+        assert exact[3][0] == 0.0  # a token finite in the first two rows, -inf in the last
+    names = ["value", "grad hidden", "grad weight", "grad bias"]
+    for name, o, e in zip(names, ours, exact, strict=True):
+        assert_as_accurate(o, e, e, dtype, f"{output} {name}")

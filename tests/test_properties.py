@@ -452,14 +452,19 @@ def on_kept_vocabulary(head: Head, softcap=None, logit_scale=None):
     """The head restricted to its kept tokens and a function putting a kept-vocabulary weight
     or bias gradient back in place (0 at masked tokens): the reference's entropy and divergences
     are NaN at ``-inf`` logits (``0 * -inf``), where the truth drops those tokens. A softcap
-    (``-inf -> -softcap``) or a negative scale (``-> +inf``) unmasks them: the whole head then."""
+    (``-inf -> -softcap``) or a negative scale (``-> +inf``) unmasks them: the whole head then.
+    A row of NaN or inf hidden states has no distribution: every logit of it is NaN or +-inf
+    (a masked token's ``NaN * w - inf`` is NaN), so that autograd through the whole head's
+    ``log_softmax`` gives NaN at every token, the masked ones included: NaN there then."""
     unmasked = softcap is not None or (logit_scale or 1.0) < 0
     kept = torch.arange(head.weight.shape[0]) if unmasked else head.kept
+    special = not bool(head.hidden.isfinite().all())
 
     def expand(grad: Tensor | None, full: Tensor | None) -> Tensor | None:
         if grad is None:
             return None
-        return torch.zeros_like(full, dtype=grad.dtype).index_copy_(0, kept, grad)
+        fill = math.nan if special and kept.numel() < full.shape[0] else 0.0
+        return torch.full_like(full, fill, dtype=grad.dtype).index_copy_(0, kept, grad)
 
     bias = None if head.bias is None else head.bias[kept]
     return head.weight[kept], bias, expand
@@ -727,8 +732,14 @@ def test_sample_next(data):
     assert out.tokens.shape == (rows,) and out.tokens.dtype == torch.long
     fine = acceptable_tokens(d, row_tol, out.tokens, dict(options, prev_tokens=prev))
     assert fine.all(), f"rows {(~fine).nonzero().flatten().tolist()} drew {out.tokens.tolist()}"
+    # The naive log-probs: the model's logits log_softmax-ed in fp32 (fp64 for fp64), as
+    # generate() and the reference compute them; not in fp64, which would hold ours to a
+    # log-sum beyond fp32 (log(1 + 8.6e-6) rounded in fp32 is off by 1.4e-8).
     raw = [
-        reference.model_logits(h, w, bias=b, **transform).double().log_softmax(-1)
+        reference.model_logits(h, w, bias=b, **transform)
+        .to(torch.promote_types(h.dtype, torch.float32))
+        .log_softmax(-1)
+        .double()
         for h, w, b in (
             [head.hidden, head.weight, head.bias],
             as_f64([head.hidden, head.weight, head.bias]),

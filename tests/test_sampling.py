@@ -409,3 +409,23 @@ def test_greedy_allows_any_temperature_and_bad_shapes_are_refused():
         sample_next(hidden[None], weight)
     with pytest.raises(ValueError, match="hidden_last: expected shape \\[B, D\\] with B >= 1"):
         sample_next(hidden[:0], weight)
+
+
+def test_greedy_logprob_of_a_confident_token():
+    """The winner's log-probs are formed as (x - max) - log_sum from the engine's running
+    statistics, not x - lse: lse ~ 109 rounded in fp32 would put its 4e-6 error on a log-prob
+    of -8.6e-6 (the property suite's head, a bias of 100 lifting lse)."""
+    hidden = torch.tensor([[14.0294, 5.6623]])
+    weight = torch.tensor([[0.0617, 0.6213], [-0.4519, -0.1661]])
+    bias = torch.tensor([100.0, 100.0])
+    f64 = [t.double() for t in (hidden, weight, bias)]
+    for scale in (None, -1.5):
+        out = sample_next(
+            hidden, weight, bias=bias, do_sample=False, return_logprobs=True, logit_scale=scale
+        )
+        naive, exact = (
+            reference.model_logits(h, w, bias=b, logit_scale=scale).log_softmax(-1)[0, out.tokens]
+            for h, w, b in ((hidden, weight, bias), f64)
+        )
+        assert_as_accurate(out.raw_logprobs, naive, exact, torch.float32, f"scale {scale}")
+        assert_as_accurate(out.logprobs, naive, exact, torch.float32, f"scale {scale}")
