@@ -657,7 +657,9 @@ def test_linear_jsd(data):
             full = [None, None, student.weight, None, teacher.weight, student.bias, teacher.bias]
             out[i] = expand(out[i], full[i]) if full[i] is not None else out[i]
         results.append(out)
-    if reduction == "mean" and student.masked:  # jsd.mean() divides by the whole vocabulary
+    # jsd.mean() divides by the whole vocabulary; num_items_in_batch replaces that division
+    # (reference.linear_jsd: jsd.sum() / num_items_in_batch), whatever the vocabulary.
+    if reduction == "mean" and student.masked and options["num_items_in_batch"] is None:
         for out in results:
             out[:] = [x * kept.numel() / vocab if x is not None else None for x in out]
     names = [
