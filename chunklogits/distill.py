@@ -375,6 +375,13 @@ def _log_ratio(block: _Block, x: int, y: int) -> Tensor:
     return logs[x].sub_(logs[y]).sub_(gap).masked_fill_(zero, 0.0)
 
 
+def _near(log_ratio: Tensor) -> Tensor:
+    """Where ``|log_ratio| < 1``: there a difference of two probabilities is formed as one of them
+    times ``expm1(log_ratio)``, elsewhere as the difference (no cancellation). Two boolean
+    temporaries, not an fp32 ``abs``."""
+    return (log_ratio > -1.0).logical_and_(log_ratio < 1.0)
+
+
 def _kl_order(beta: float) -> tuple[int, int]:
     """For ``beta`` 0 or 1, the divergence is ``KL(x || y)``: (index of x, index of y) among
     (student, teacher)."""
@@ -404,7 +411,7 @@ def _divergence_sums(heads, index, lses, options) -> Tensor:
                 # rounding of either exp (1.5e-8 at 0.33, the whole divergence of near-equal
                 # heads). Elsewhere (a 0 or floored probability among them) as it is.
                 change = torch.sub(block.logs[1], block.logs[0], out=ratio).sub_(block.gap)
-                near = change.abs() < 1.0
+                near = _near(change)
                 change.expm1_().mul_(p)
                 apart = torch.sub(q, p, out=work.get("mixture", *p.shape, p.dtype))
                 sums[5, r0:r1] += torch.where(near, change, apart, out=change).sum(1)
@@ -424,7 +431,7 @@ def _divergence_sums(heads, index, lses, options) -> Tensor:
                 # x~ - y~ as y~ * expm1(log x~ - log y~) where the two are near: without the
                 # rounding of either exp (1.5e-8 at 0.33, the whole divergence of near-equal
                 # heads). Elsewhere (a 0 or floored probability among them) as it is.
-                near = (log_ratio.abs() < 1.0).logical_and_(zero_x.logical_not_())
+                near = _near(log_ratio).logical_and_(zero_x.logical_not_())
                 shape = log_ratio.shape
                 change = torch.expm1(log_ratio, out=work.get("ratio", *shape, log_ratio.dtype))
                 change.mul_(prob_y)
@@ -528,7 +535,7 @@ def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
                 if sinks[y] is not None:
                     # y - x as x * expm1(log y - log x) where the two are near, as the
                     # divergence's mass difference (_divergence_sums).
-                    near = (log_ratio.abs() < 1.0).logical_and_(masked[x].logical_not())
+                    near = _near(log_ratio).logical_and_(masked[x].logical_not())
                     ratio = work.get("ratio", *log_ratio.shape, log_ratio.dtype)
                     change = torch.neg(log_ratio, out=ratio).expm1_().mul_(prob_x)
                     apart = torch.sub(prob_y, prob_x, out=block.logs[y])
