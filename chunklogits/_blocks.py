@@ -506,7 +506,8 @@ def _floor_(x: Tensor) -> Tensor:
     more below 0), and logits that far below the row maximum are common at low temperatures.
     It changes each ``exp`` by less than ``3 * tiny`` (4e-38 in fp32), far below the rounding of
     the sums and gradients it enters, and keeps ``exp(x) * x`` finite where a bias of ``-inf``
-    masks tokens."""
+    masks tokens; the entropy's sum of ``exp(x) * x`` leaves the floored terms out (a one-hot
+    row's entropy, 1e-185, is then 0 as the naive computation's, not V * 3e-36)."""
     return x.clamp_(min=log_floor(x.dtype))
 
 
@@ -557,6 +558,9 @@ def _fold_block(z: Tensor, state: _FoldState, inside, column, work, keep: bool) 
         exp = centred.exp_()
     else:
         exp = torch.exp(centred, out=work.get("exp", *z.shape, z.dtype))
+        # Floored logits weigh 0 in the entropy, as underflowed ones do in the naive computation:
+        # their exp(floor) * floor (-3e-36 each) would be the whole entropy of a one-hot row.
+        centred.masked_fill_(centred <= log_floor(z.dtype), 0.0)
         weighted = (weighted + step * state.sum_exp) * rescale + torch.linalg.vecdot(exp, centred)
     sum_exp = state.sum_exp * rescale + exp.sum(1)
     return _FoldState(new_max, sum_exp, target, total, weighted)

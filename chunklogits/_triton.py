@@ -316,7 +316,9 @@ def _stats_kernel(
         if WANT_ENTROPY:
             # sum exp(z - m) * (z - m), carried to the new max m as _blocks does: the entropy
             # then needs no difference of the (possibly large) max and the expected logit.
-            weighted = (weighted + step * sum_exp) * rescale + tl.sum(exp * centred, 1)
+            # Floored logits weigh 0, as underflowed ones do in the naive computation.
+            plogp = tl.where(centred > _LOG_FLOOR, exp * centred, 0.0)
+            weighted = (weighted + step * sum_exp) * rescale + tl.sum(plogp, 1)
         sum_exp = sum_exp * rescale + tl.sum(exp, 1)
         if WANT_MEAN:
             total += tl.sum(z_or_zero, 1)

@@ -281,13 +281,20 @@ class _Head(NamedTuple):
 
 class _Block(NamedTuple):
     """Rows ``[r0, r1)``; per head (student, teacher): the rows and weight shard in the compute
-    dtype, the log-probabilities ``z - lse`` (fp32, in the head's workspace) and the workspace."""
+    dtype, the centred logits ``z - max`` (fp32, in the head's workspace), the ``[rows, 1]``
+    offsets that make them log-probabilities (``log_sum``, plus the residual) and the workspace;
+    ``gap``: ``[rows, 1]``, the teacher's offset less the student's, formed as the difference of
+    the log-sums plus that of the residuals (not rounded at ``|log_sum|`` after adding a residual).
+    Centred logits and offsets are kept apart so that the difference of two heads' log-probs is
+    formed from the (small) difference of their centred logits, not rounded at ``|log p|``."""
 
     r0: int
     r1: int
     rows: tuple[Tensor, Tensor]
     weights: tuple[Tensor, Tensor]
     logs: tuple[Tensor, Tensor]
+    offsets: tuple[Tensor, Tensor]
+    gap: Tensor
     works: tuple[_Workspace, _Workspace]
 
 
@@ -296,7 +303,8 @@ def _shards(heads, index, lses, options, residuals=None):
     shard's ``_Block``s chunk by chunk. Both heads' rows are cut alike, so a block holds the
     same positions and tokens of both. ``lses``: each head's ``[2, N]`` (row maximum, centred
     log-sum ``log sum exp(z - max)``); a block's log-probabilities are ``(z - max) - log_sum``
-    and, with ``residuals`` (``[2, N]``, see ``_row_terms``), that minus the residual."""
+    and, with ``residuals`` (``[2, N]``, see ``_row_terms``), that minus the residual: the
+    block's ``logs`` hold ``z - max``, its ``offsets`` the rest."""
     plan, device = options.plan, heads[0].hidden2d.device
     stat_dtype = lses[0].dtype
     rows = [_Rows(head.hidden2d, index, plan) for head in heads]
@@ -304,23 +312,32 @@ def _shards(heads, index, lses, options, residuals=None):
 
     def blocks(params):
         for (r0, r1, h_s), (_, _, h_t) in zip(*rows, strict=True):
-            logs = []
+            logs, offsets = [], []
             for i, (h, (w, b), work) in enumerate(zip((h_s, h_t), params, works, strict=True)):
                 log = _block_logits(h, w, b, options.transform, work, stat_dtype)
-                log.sub_(lses[i][0, r0:r1, None]).sub_(lses[i][1, r0:r1, None])
-                logs.append(log if residuals is None else log.sub_(residuals[i, r0:r1, None]))
-            yield _Block(r0, r1, (h_s, h_t), (params[0][0], params[1][0]), tuple(logs), works)
+                logs.append(log.sub_(lses[i][0, r0:r1, None]))
+                offset = lses[i][1, r0:r1, None]
+                offsets.append(offset if residuals is None else offset + residuals[i, r0:r1, None])
+            gap = lses[1][1, r0:r1, None] - lses[0][1, r0:r1, None]
+            if residuals is not None:
+                gap = gap + (residuals[1, r0:r1, None] - residuals[0, r0:r1, None])
+            yield _Block(
+                r0, r1, (h_s, h_t), (params[0][0], params[1][0]), tuple(logs), tuple(offsets),
+                gap, works,
+            )  # fmt: skip
 
     for v0, v1 in plan.shards:
         params = [_shard_params(head.weight, head.bias, v0, v1, plan) for head in heads]
         yield v0, v1, blocks(params)
 
 
-def _probs(log: Tensor, work: _Workspace, role: str) -> Tensor:
-    """``exp(log)`` in ``work``'s ``role`` buffer, the exponent floored as ``_blocks._floor_``
-    does (``log`` itself keeps its value: a tiny probability's log enters the divergence)."""
-    out = work.get(role, *log.shape, log.dtype)
-    return torch.clamp(log, min=log_floor(log.dtype), out=out).exp_()
+def _probs(block: _Block, i: int, work: _Workspace, role: str) -> Tensor:
+    """``exp(log - offset)`` of head ``i`` in ``work``'s ``role`` buffer, the exponent floored as
+    ``_blocks._floor_`` does (``log`` itself keeps its value: a tiny probability's log enters the
+    divergence)."""
+    log = block.logs[i]
+    out = torch.sub(log, block.offsets[i], out=work.get(role, *log.shape, log.dtype))
+    return out.clamp_(min=log_floor(log.dtype)).exp_()
 
 
 def _mixture(p: Tensor, q: Tensor, beta: float, work: _Workspace) -> Tensor:
@@ -329,30 +346,40 @@ def _mixture(p: Tensor, q: Tensor, beta: float, work: _Workspace) -> Tensor:
     return m.add_(p, alpha=1.0 - beta)
 
 
-def _log_ratios(logs: tuple[Tensor, Tensor], beta: float, work: _Workspace):
-    """``(log(p / m), log(q / m))`` of a block, in place of its log-probabilities ``logs = (log p,
-    log q)``, with ``m = beta * q + (1 - beta) * p``, and 0 where ``p`` (``q``) is 0 (a ``-inf``
-    logit: 0 log 0 = 0). In terms of ``u = log q - log p + log(beta / (1 - beta))``:
+def _log_ratios(block: _Block, beta: float, work: _Workspace):
+    """``(log(p / m), log(q / m))`` of a block, in place of its centred logits ``logs``, with
+    ``m = beta * q + (1 - beta) * p``, and 0 where ``p`` (``q``) is 0 (a ``-inf`` logit:
+    0 log 0 = 0). In terms of ``u = log q - log p + log(beta / (1 - beta))``:
 
         log(p / m) = -log1p(-beta) - softplus(u),   log(q / m) = -log(beta) - softplus(-u)
 
     with ``softplus(±u) = log1p(exp(-|u|)) + max(±u, 0)``: no ``exp`` and ``log`` round trip of
     the probabilities, whose rounding (1e-7 relative) would swamp a divergence of order ``beta``
     when ``beta`` (or ``1 - beta``) is small. Uses ``work``'s ``ratio`` and ``mixture``."""
+    logs = block.logs
     zero = [log == -math.inf for log in logs]
     u = torch.sub(logs[1], logs[0], out=work.get("ratio", *logs[0].shape, logs[0].dtype))
-    u.add_(math.log(beta) - math.log1p(-beta))
+    u.sub_(block.gap - (math.log(beta) - math.log1p(-beta)))
     shared = torch.abs(u, out=work.get("mixture", *u.shape, u.dtype)).neg_().exp_().log1p_()
     log_p = torch.clamp(u, min=0.0, out=logs[0]).add_(shared).add_(math.log1p(-beta)).neg_()
     log_q = torch.clamp(u, max=0.0, out=logs[1]).sub_(shared).sub_(math.log(beta))
     return log_p.masked_fill_(zero[0], 0.0), log_q.masked_fill_(zero[1], 0.0)
 
 
-def _log_ratio(logs: tuple[Tensor, Tensor], x: int, y: int) -> Tensor:
+def _log_ratio(block: _Block, x: int, y: int) -> Tensor:
     """``log x - log y`` of a block, in place of ``logs[x]``, 0 where ``x`` is 0 (0 log 0 = 0;
     where only ``y`` is 0 it is ``+inf``, as the divergence)."""
+    logs = block.logs
     zero = logs[x] == -math.inf
-    return logs[x].sub_(logs[y]).masked_fill_(zero, 0.0)
+    gap = block.gap if x == 1 else -block.gap  # offset of x less offset of y
+    return logs[x].sub_(logs[y]).sub_(gap).masked_fill_(zero, 0.0)
+
+
+def _near(log_ratio: Tensor) -> Tensor:
+    """Where ``|log_ratio| < 1``: there a difference of two probabilities is formed as one of them
+    times ``expm1(log_ratio)``, elsewhere as the difference (no cancellation). Two boolean
+    temporaries, not an fp32 ``abs``."""
+    return (log_ratio > -1.0).logical_and_(log_ratio < 1.0)
 
 
 def _kl_order(beta: float) -> tuple[int, int]:
@@ -376,23 +403,40 @@ def _divergence_sums(heads, index, lses, options) -> Tensor:
             r0, r1 = block.r0, block.r1
             work = block.works[0]
             if general:
-                p, q = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
+                p, q = _probs(block, 0, work, "p"), _probs(block, 1, work, "q")
                 m = _mixture(p, q, beta, work)
                 ratio = torch.div(q, m, out=work.get("ratio", *m.shape, m.dtype))
                 sums[4, r0:r1] += torch.linalg.vecdot(p, ratio)
-                sums[5, r0:r1] += (q - p).sum(1)
-                log_ratios = _log_ratios(block.logs, beta, work)
+                # q~ - p~ as p~ * expm1(log q~ - log p~) where the two are near: without the
+                # rounding of either exp (1.5e-8 at 0.33, the whole divergence of near-equal
+                # heads). Elsewhere (a 0 or floored probability among them) as it is.
+                change = torch.sub(block.logs[1], block.logs[0], out=ratio).sub_(block.gap)
+                near = _near(change)
+                change.expm1_().mul_(p)
+                apart = torch.sub(q, p, out=work.get("mixture", *p.shape, p.dtype))
+                sums[5, r0:r1] += torch.where(near, change, apart, out=change).sum(1)
+                log_ratios = _log_ratios(block, beta, work)
                 for k, (prob, log_ratio) in enumerate(zip((p, q), log_ratios, strict=True)):
                     sums[k, r0:r1] += torch.linalg.vecdot(prob, log_ratio)
                     sums[2 + k, r0:r1] += prob.sum(1)
             else:
                 x, y = _kl_order(beta)
-                prob_x = _probs(block.logs[x], work, "p")
-                prob_y = _probs(block.logs[y], work, "q")
+                prob_x = _probs(block, x, work, "p")
+                prob_y = _probs(block, y, work, "q")
                 sums[1, r0:r1] += prob_x.sum(1)
                 sums[2, r0:r1] += prob_y.sum(1)
-                sums[3, r0:r1] += (prob_y - prob_x).sum(1)
-                sums[0, r0:r1] += torch.linalg.vecdot(prob_x, _log_ratio(block.logs, x, y))
+                zero_x = block.logs[x] == -math.inf
+                log_ratio = _log_ratio(block, x, y)
+                sums[0, r0:r1] += torch.linalg.vecdot(prob_x, log_ratio)
+                # x~ - y~ as y~ * expm1(log x~ - log y~) where the two are near: without the
+                # rounding of either exp (1.5e-8 at 0.33, the whole divergence of near-equal
+                # heads). Elsewhere (a 0 or floored probability among them) as it is.
+                near = _near(log_ratio).logical_and_(zero_x.logical_not_())
+                shape = log_ratio.shape
+                change = torch.expm1(log_ratio, out=work.get("ratio", *shape, log_ratio.dtype))
+                change.mul_(prob_y)
+                apart = prob_x.sub_(prob_y)
+                sums[3, r0:r1] -= torch.where(near, change, apart, out=change).sum(1)
     return sums
 
 
@@ -418,19 +462,28 @@ def _row_terms(sums: Tensor, beta: float) -> _RowTerms:
     eps_x + eps_y``. Else to first order in ``eps`` (``|eps|^2`` is below fp32 resolution):
     ``KL(p || m) = k_p (1 - eps_p) + beta R (eps_q - eps_p)``, ``KL(q || m) = k_q (1 - eps_q)
     + (1 - beta) R (eps_p - eps_q)`` with ``R = sum p~ q~ / m~``. The backward pass subtracts
-    ``eps`` from each log-probability."""
+    ``eps`` from each log-probability. The mass difference ``sum (y~ - x~)`` (beta 0 or 1; ``sum
+    (q~ - p~)`` else) is summed as ``y~ * -expm1(log x~ - log y~)``, and ``eps_y - eps_x`` taken
+    from it, not from ``M_y``: the rounding of each ``exp`` (half an ulp of ``p~``) would
+    otherwise be the whole divergence of two near-equal heads."""
     if 0 < beta < 1:
-        kl_p, kl_q, mass_p, mass_q, ratio, mass_diff = sums
-        eps_p, eps_q = mass_p.log(), mass_q.log()
+        kl_p, kl_q, mass_p, _, ratio, mass_diff = sums
         shift = torch.log1p(mass_diff / mass_p)  # eps_q - eps_p, without either sum's rounding
+        # eps_q from the shift, not from mass_q: the backward pass's log-ratios then carry the
+        # same difference as the divergence.
+        eps_p = mass_p.log()
+        eps_q = eps_p + shift
         kl_p = kl_p * (1.0 - eps_p) + beta * ratio * shift
         kl_q = kl_q * (1.0 - eps_q) - (1.0 - beta) * ratio * shift
         divergence = beta * kl_q + (1.0 - beta) * kl_p
         return _RowTerms(divergence, torch.stack([kl_p, kl_q]), torch.stack([eps_p, eps_q]))
     x, _ = _kl_order(beta)
-    weighted, mass_x, mass_y, mass_diff = sums
-    eps_x, eps_y = mass_x.log(), mass_y.log()
-    divergence = weighted / mass_x + torch.log1p(mass_diff / mass_x)  # - eps_x + eps_y
+    weighted, mass_x, _, mass_diff = sums
+    # eps_y - eps_x from the mass difference, not from mass_y: the backward pass's log-ratios
+    # then carry the same difference as the divergence.
+    eps_x = mass_x.log()
+    eps_y = eps_x + torch.log1p(mass_diff / mass_x)
+    divergence = weighted / mass_x - eps_x + eps_y
     residuals = torch.stack([eps_x, eps_y] if x == 0 else [eps_y, eps_x])
     return _RowTerms(divergence, divergence[None], residuals)
 
@@ -468,23 +521,29 @@ def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
             # p * (log ratio - KL) term, even where the row's KL is not finite (0, not 0 * NaN).
             masked = [log == -math.inf for log in block.logs]
             if general:
-                probs = _probs(block.logs[0], work, "p"), _probs(block.logs[1], work, "q")
-                log_ratios = _log_ratios(block.logs, beta, work)
+                probs = _probs(block, 0, work, "p"), _probs(block, 1, work, "q")
+                log_ratios = _log_ratios(block, beta, work)
                 for i, weight in ((0, 1.0 - beta), (1, beta)):
                     if sinks[i] is not None:
                         grads[i] = log_ratios[i].sub_(kl[i]).mul_(probs[i])
                         grads[i].mul_(upstream * weight).masked_fill_(masked[i], 0.0)
             else:
                 x, y = _kl_order(beta)
-                prob_x = _probs(block.logs[x], work, "p")
-                prob_y = _probs(block.logs[y], work, "q") if sinks[y] is not None else None
+                prob_x = _probs(block, x, work, "p")
+                prob_y = _probs(block, y, work, "q") if sinks[y] is not None else None
+                log_ratio = _log_ratio(block, x, y)
+                if sinks[y] is not None:
+                    # y - x as x * expm1(log y - log x) where the two are near, as the
+                    # divergence's mass difference (_divergence_sums).
+                    near = _near(log_ratio).logical_and_(masked[x].logical_not())
+                    ratio = work.get("ratio", *log_ratio.shape, log_ratio.dtype)
+                    change = torch.neg(log_ratio, out=ratio).expm1_().mul_(prob_x)
+                    apart = torch.sub(prob_y, prob_x, out=block.logs[y])
+                    grads[y] = torch.where(near, change, apart, out=change).mul_(upstream)
+                    grads[y].masked_fill_(masked[x] & masked[y], 0.0)  # q - p = 0 - 0
                 if sinks[x] is not None:
-                    log_ratio = _log_ratio(block.logs, x, y)
                     grads[x] = log_ratio.sub_(kl[0]).mul_(prob_x).mul_(upstream)
                     grads[x].masked_fill_(masked[x], 0.0)
-                if sinks[y] is not None:
-                    grads[y] = torch.sub(prob_y, prob_x, out=block.logs[y]).mul_(upstream)
-                    grads[y].masked_fill_(masked[x] & masked[y], 0.0)  # q - p = 0 - 0
             for i, sink in enumerate(sinks):
                 if sink is not None:
                     sink.add(

@@ -848,8 +848,13 @@ def _nucleus_threshold(
 
 def _tied_kept(above: Tensor, tie_prob: Tensor, target, vocab: int) -> Tensor:
     """How many tokens tied at the crossing value HF keeps: the j-th of them (j = 0, 1, ...) while
-    the mass before it, ``above + j * tie_prob``, is below ``target``."""
-    count = torch.ceil((target - above) / tie_prob).nan_to_num_(nan=vocab)
+    the mass before it, ``above + j * tie_prob``, is below ``target``. A ratio within a few
+    roundings of an integer ``n`` is ``n``: the n-th tied token's mass before it equals ``target``
+    exactly (a uniform row, ``top_p * V`` an integer), which drops it, as HF does; fp32 rounding
+    (0.3 / exp(-log 10) = 3.0000002) would keep it."""
+    ratio = (target - above) / tie_prob
+    slack = 4 * torch.finfo(ratio.dtype).eps * ratio.abs()
+    count = torch.ceil(ratio - slack).nan_to_num_(nan=vocab)
     return count.clamp_(1, vocab).long()
 
 

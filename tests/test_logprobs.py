@@ -362,3 +362,23 @@ def test_rows_holding_an_infinite_logit_as_torch(output):
     names = ["value", "grad hidden", "grad weight", "grad bias"]
     for name, o, e in zip(names, ours, exact, strict=True):
         assert_as_accurate(o, e, e, dtype, f"{output} {name}")
+
+
+@pytest.mark.parametrize("shards", [None, 3])
+def test_entropy_of_a_one_hot_row_is_the_naive_zero(cpu_gemm, shards):
+    # Logits 300 to 900 below the maximum: each exp is raised to exp(log(tiny) + 1) = 3e-38 so
+    # that CPU exp stays normal (_blocks._floor_), but those floored terms must weigh nothing in
+    # the entropy: their exp(floor) * floor summed to 1e-35 where the naive fp32 entropy
+    # underflows to 0 and the exact one is 1e-128.
+    bias = torch.tensor([0.0, -300.0, -400.0, -500.0, -900.0, -350.0])
+    hidden, weight = torch.zeros(2, 4), torch.zeros(6, 4)
+    tokens = torch.tensor([0, 2])
+    _, entropy = cl.token_logprobs(
+        hidden, weight, tokens, bias=bias, return_entropy=True, shards=shards
+    )
+    _, naive = reference.token_logprobs(hidden, weight, tokens, bias=bias, return_entropy=True)
+    _, exact = reference.token_logprobs(
+        hidden.double(), weight.double(), tokens, bias=bias.double(), return_entropy=True
+    )
+    assert naive.eq(0).all() and (exact > 0).all()
+    assert_as_accurate(entropy, naive, exact, torch.float32, "entropy")

@@ -657,7 +657,9 @@ def test_linear_jsd(data):
             full = [None, None, student.weight, None, teacher.weight, student.bias, teacher.bias]
             out[i] = expand(out[i], full[i]) if full[i] is not None else out[i]
         results.append(out)
-    if reduction == "mean" and student.masked:  # jsd.mean() divides by the whole vocabulary
+    # jsd.mean() divides by the whole vocabulary; num_items_in_batch replaces that division
+    # (reference.linear_jsd: jsd.sum() / num_items_in_batch), whatever the vocabulary.
+    if reduction == "mean" and student.masked and options["num_items_in_batch"] is None:
         for out in results:
             out[:] = [x * kept.numel() / vocab if x is not None else None for x in out]
     names = [
@@ -683,11 +685,20 @@ def acceptable_tokens(d: Tensor, row_tol: Tensor, tokens: Tensor, options: dict)
     top-k, top-p, min-p) only keeps a token more readily so."""
     rows = torch.arange(d.shape[0])
     push = torch.full_like(d, -1.0).index_put_((rows, tokens), torch.tensor(1.0, dtype=d.dtype))
-    scores = reference.next_token_scores((d + push * row_tol / 2).float(), **options)
-    own = scores[rows, tokens]
+    pushed = (d + push * row_tol / 2).float()
+    scores = reference.next_token_scores(pushed, **options)
     if not options["do_sample"]:
-        return own >= scores.max(-1).values
-    return own > -math.inf
+        return scores[rows, tokens] >= scores.max(-1).values
+    # Of tokens tied at top-p's crossing value HF keeps as many as its cumulative rule admits,
+    # which ones following torch.sort's unstable order; sample_next's contract (docs/usage.md,
+    # chunklogits/sampling.py) keeps as many, those of smallest index. So within each class of
+    # tokens tied at top-p's input, the kept ones are moved to the class's smallest indices
+    # (top-k, min-p and the cutoffs keep or drop a tie class whole).
+    before = reference.next_token_scores(pushed, **dict(options, top_p=1.0, min_p=None))
+    tied = before[:, :, None] == before[:, None, :]  # [R, V, V], -inf never kept
+    kept = scores > -math.inf
+    rank = (tied & torch.ones_like(tied[0]).tril(-1)).sum(-1)  # tied tokens of smaller index
+    return (rank < (tied & kept[:, None, :]).sum(-1))[rows, tokens]
 
 
 @given(data=st.data())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -202,6 +204,22 @@ def test_top_p_keeps_as_many_ties_at_the_crossing_as_hf(tied, top_k):
     pooled_probs[tied_ids] = 0.0
     pooled_probs[tied_ids[0]] = probs[tied_ids].sum()
     _assert_same_distribution(pooled, pooled_probs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("vocab", "top_p"), [(86, 0.3), (10, 0.3), (100, 0.3), (20, 0.5)])
+def test_top_p_on_a_uniform_row_keeps_hfs_count_of_smallest_ids(vocab, top_p, dtype):
+    # Every token tied: HF keeps as many as its cumulative rule admits (torch.sort's order says
+    # which), we keep as many of smallest id. With top_p * vocab an integer n the n-th token's mass
+    # before it equals top_p exactly, so it goes (as in HF); fp32's 0.3 / exp(-log 10) rounds
+    # above 3 and once kept a fourth token.
+    hidden, weight = torch.zeros(1, 1, dtype=dtype), torch.randn(vocab, 1, dtype=dtype)
+    hf = _hf_probs(hidden.float(), weight.float(), top_k=0, top_p=top_p)  # generate()'s fp32
+    kept = int((hf > 0).sum())
+    assert kept == math.ceil(top_p * vocab - 1e-9)  # the exact count, HF's in these cases
+    tokens = sample_next(hidden.expand(SAMPLES, -1), weight, top_k=0, top_p=top_p, seed=3)
+    probs = torch.zeros(vocab).index_fill_(0, torch.arange(kept), 1 / kept)
+    _assert_same_distribution(tokens, probs)
 
 
 def test_top_p_keeps_the_crossing_token():
