@@ -45,7 +45,11 @@ def test_gemm_dtype_from_the_instruction_set_not_a_timing():
     g = torch.Generator().manual_seed(0)
     before = torch.get_rng_state()
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    plan = plan_blocks(16, 1000, torch.bfloat16, CPU)
+    previous = cl.set_cpu_gemm_dtype("auto")  # the rule itself, whatever CHUNKLOGITS_CPU_GEMM says
+    try:
+        plan = plan_blocks(16, 1000, torch.bfloat16, CPU)
+    finally:
+        cl.set_cpu_gemm_dtype(previous)
     assert plan.compute_dtype == (torch.bfloat16 if native else torch.float32)
     cl.linear_cross_entropy(
         torch.randn(4, 8, generator=g).bfloat16(),
