@@ -48,7 +48,10 @@ from .sampling import (
     _BYTES_PER_ELEMENT,
     _blocks,
     _check_rows,
+    _fold_log_sum,
     _gumbel,
+    _log_sum_state,
+    _log_sum_stats,
     _noise_key,
     _Problem,
     _thresholds,
@@ -466,7 +469,8 @@ class _Warped(NamedTuple):
 def _warped(problem: _Problem, options: dict, tokens: Tensor | None = None):
     """Each row's warped distribution (``_Warped``), and with ``tokens`` ``[n]`` (-1: none) the
     log-prob of row ``i``'s token under it ``[n]``: the kept set as ``sample_next`` finds it,
-    then one pass for the log-sum-exp over it."""
+    then one pass for the log-sum-exp over it (the engine's online merge, as ``sample_next``'s:
+    the token's log-prob is ``(y - max) - log_sum``, without ``lse``'s rounding)."""
     top_k, top_p, min_p = options["top_k"], float(options["top_p"]), options["min_p"]
     rows, device = problem.hidden.shape[0], problem.hidden.device
     new = dict(device=device, dtype=problem.stat_dtype)
@@ -475,22 +479,23 @@ def _warped(problem: _Problem, options: dict, tokens: Tensor | None = None):
     else:
         tau = torch.full((rows,), -math.inf, **new)
         tau_index = torch.full((rows,), problem.vocab - 1, dtype=torch.long, device=device)
-    lse = torch.full((rows,), -math.inf, **new)
+    log_sum = _log_sum_state(rows, new)
     row_max = torch.full((rows,), -math.inf, **new)
     picked = torch.full((rows,), -math.inf, **new)
-    kept_set = _Warped(tau, tau_index, torch.zeros_like(lse))  # log p before normalising
+    kept_set = _Warped(tau, tau_index, torch.zeros_like(row_max))  # log p before normalising
     for r0, r1, v0, _, y in _blocks(problem, tempered=True):
         row_max[r0:r1] = torch.maximum(row_max[r0:r1], y.amax(1))
         kept = kept_set.logprobs(y, v0, slice(r0, r1))
-        lse[r0:r1] = torch.logaddexp(lse[r0:r1], kept.logsumexp(1))
+        _fold_log_sum(log_sum, kept, r0, r1)
         if tokens is not None:
             column = tokens[r0:r1] - v0
             inside = (column >= 0) & (column < y.shape[1])
             value = kept.gather(1, column.clamp(0, y.shape[1] - 1)[:, None]).squeeze(1)
             picked[r0:r1] = torch.where(inside, value, picked[r0:r1])
     _check_rows(row_max)
-    warped = _Warped(tau, tau_index, lse)
-    return warped if tokens is None else (warped, picked - lse)
+    stats = _log_sum_stats(log_sum)
+    warped = _Warped(tau, tau_index, stats.lse)
+    return warped if tokens is None else (warped, stats.log_softmax_at(picked))
 
 
 def _speculative_tokens(hidden, prev, drafts: _Drafts, drafter, context: _Context) -> Tensor:
