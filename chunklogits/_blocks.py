@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from copy import copy
 from dataclasses import dataclass, replace
 from functools import cache, partial
 from typing import NamedTuple
@@ -77,11 +78,34 @@ def set_block_budget(nbytes: int) -> int:
 class LogitTransform:
     """``z = softcap(logit_scale * x) / temperature`` applied to a raw fp32 block ``x``, with
     ``softcap(u) = c * tanh(u / c)`` (Gemma-2/3), ``logit_scale`` for Cohere (``logit_scale``)
-    and Granite (``1 / logits_scaling``)."""
+    and Granite (``1 / logits_scaling``). ``temperature``: a float, or per-row temperatures, a
+    ``[rows, 1]`` tensor in the statistics' dtype (the rows the blocks walk, ``hidden2d[index]``),
+    which ``rows(r0, r1)`` slices for the block of rows ``[r0, r1)``; a float is the case of
+    every row alike."""
 
     logit_scale: float | None = None
     softcap: float | None = None
-    temperature: float = 1.0
+    temperature: float | Tensor = 1.0
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the temperature is a tensor of per-row temperatures."""
+        return isinstance(self.temperature, Tensor)
+
+    @property
+    def tempered(self) -> bool:
+        """Whether ``z`` is divided by a temperature (not by a float 1)."""
+        return self.per_row or self.temperature != 1.0
+
+    def rows(self, r0: int, r1: int) -> LogitTransform:
+        """The transform of the block of rows ``[r0, r1)``: itself for a float temperature."""
+        return replace(self, temperature=self.temperature[r0:r1]) if self.per_row else self
+
+    def selected(self, index: Tensor | None) -> LogitTransform:
+        """The transform of the rows ``index`` of these (None: all): itself for a float."""
+        if index is None or not self.per_row:
+            return self
+        return replace(self, temperature=self.temperature[index])
 
     def apply_(self, x: Tensor) -> Tensor:
         """Transform a raw block in place and return it."""
@@ -90,13 +114,14 @@ class LogitTransform:
         if self.softcap is not None:
             x.div_(self.softcap).tanh_().mul_(self.softcap)
         # Compiled, the division is fused (and exact at 1): one graph for every temperature.
-        if torch.compiler.is_compiling() or self.temperature != 1.0:
+        if torch.compiler.is_compiling() or self.tempered:
             x.div_(self.temperature)
         return x
 
     @property
-    def linear_factor(self) -> float:
-        """``dz/dx`` when there is no softcap (the transform is then linear)."""
+    def linear_factor(self) -> float | Tensor:
+        """``dz/dx`` when there is no softcap (the transform is then linear); ``[rows, 1]``
+        with per-row temperatures."""
         return (self.logit_scale or 1.0) / self.temperature
 
     def chain_(self, grad: Tensor, z: Tensor) -> Tensor:
@@ -105,8 +130,9 @@ class LogitTransform:
             # tanh(u / c) = z * temperature / c, and d/du c * tanh(u / c) = 1 - tanh(u / c)^2.
             tanh = z * (self.temperature / self.softcap)
             grad.mul_(tanh.square_().neg_().add_(1.0))
-        if torch.compiler.is_compiling() or self.linear_factor != 1.0:  # as in apply_
-            grad.mul_(self.linear_factor)
+        factor = self.linear_factor
+        if torch.compiler.is_compiling() or self.per_row or factor != 1.0:  # as in apply_
+            grad.mul_(factor)
         return grad
 
 
@@ -461,7 +487,7 @@ def _block_logits(
             z.copy_(raw)
         return transform.apply_(z)
     z.copy_(_model_rounded_(raw, transform, work, rounded_to))
-    if transform.temperature != 1.0:
+    if transform.tempered:
         z.div_(transform.temperature)
     return z
 
@@ -645,7 +671,7 @@ class _RunningStats:
 def _forward_stats(
     hidden2d, weight, bias, index, targets, transform, plan, want_mean, want_entropy, top_k=0
 ):
-    compile_with = transform if plan.compiled and not top_k else None
+    compile_with = transform if plan.compiled and not (top_k or transform.per_row) else None
     running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
     top = None
@@ -656,17 +682,18 @@ def _forward_stats(
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
         for r0, r1, h in rows:
+            block_transform = transform.rows(r0, r1)
             if top is None:
-                z = running.logits(h, w, b, transform, work)
+                z = running.logits(h, w, b, block_transform, work)
             else:
                 z, decision = _block_logits_and_decisions(
-                    h, w, b, transform, work, running.dtype, hidden2d.dtype
+                    h, w, b, block_transform, work, running.dtype, hidden2d.dtype
                 )
                 # Read before z is divided by the temperature and folded (``decision`` may be z).
                 chunk_targets = None if targets is None else targets[r0:r1]
-                top.merge(r0, r1, v0, z, decision, chunk_targets, work, transform.temperature)
-                if transform.temperature != 1.0:
-                    z.div_(transform.temperature)
+                top.merge(r0, r1, v0, z, decision, chunk_targets, work, block_transform)
+                if block_transform.tempered:
+                    z.div_(block_transform.temperature)
             running.fold(z, r0, r1, v0, v1, work, keep=False)
     stats = running.stats(weight.shape[0])
     return stats if top is None else stats._replace(top=top.result())
@@ -727,12 +754,12 @@ class _RunningTop:
         if with_target:
             self.target = torch.full((n,), -math.inf, device=device, dtype=dtype)
 
-    def merge(self, r0, r1, v0, z, decision, targets, work: _Workspace, temperature) -> None:
+    def merge(self, r0, r1, v0, z, decision, targets, work: _Workspace, transform) -> None:
         """Fold in the block of rows ``[r0, r1)``, columns ``[v0, v0 + width)``: ``z`` and
         ``decision`` as ``_block_logits_and_decisions`` gives them, without the temperature
-        (read before the caller changes ``z`` in place); the kept values are ``z / temperature``,
-        rounded as the caller's division of the block. Among equal decisions the smaller index
-        is kept. A NaN
+        (read before the caller changes ``z`` in place); the kept values are ``z / temperature``
+        (the block's ``transform``'s), rounded as the caller's division of the block. Among
+        equal decisions the smaller index is kept. A NaN
         decision ranks as -inf: it is never greater than another logit, as in the naive
         ``(decision > own).sum()`` of the token accuracy (``torch.topk`` would rank it first
         and break the selection's count)."""
@@ -747,8 +774,8 @@ class _RunningTop:
         self.decision[r0:r1] = joined.gather(1, pos)
         self.index[r0:r1] = index.gather(1, pos)
         value = z.gather(1, cols)
-        if temperature != 1.0:
-            value.div_(temperature)
+        if transform.tempered:
+            value.div_(transform.temperature)
         self.value[r0:r1] = torch.cat([self.value[r0:r1], value], 1).gather(1, pos)
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v0 + decision.shape[1])
@@ -880,8 +907,17 @@ class _BlockGrads:
         self.transform, self.plan, self.stat_dtype = transform, plan, stat_dtype
         self.need_bias = need_bias
         self.compiled = None
-        if plan.compiled:
+        if plan.compiled and not transform.per_row:
             self.compiled = partial(_compiled(_grad_raw), transform=transform, bias=need_bias)
+
+    def rows(self, r0: int, r1: int) -> _BlockGrads:
+        """These block gradients for the rows ``[r0, r1)``: a copy with their slice of per-row
+        temperatures (which take the eager passes), else themselves."""
+        if not self.transform.per_row:
+            return self
+        block_grads = copy(self)
+        block_grads.transform = self.transform.rows(r0, r1)
+        return block_grads
 
     def logits(self, h: Tensor, w: Tensor, b, work) -> Tensor:
         """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work``."""
@@ -945,10 +981,11 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
         if need_weight and not single_chunk:
             grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=device)
         for r0, r1, h in rows:
-            block = block_grads.logits(h, w, b, work)
+            rows_grads = block_grads.rows(r0, r1)
+            block = rows_grads.logits(h, w, b, work)
             chunk_targets = None if targets is None else targets[r0:r1]
             rows_centre = (row_max[r0:r1], log_sum[r0:r1])
-            grad, column_sums = block_grads(
+            grad, column_sums = rows_grads(
                 block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work
             )
             if grad_bias is not None:
@@ -1015,7 +1052,7 @@ def _fused_loss_blocks(
     weight), and a half-precision weight is converted once to the GEMMs' dtype where that
     differs (another ``[V, D]``), instead of once per chunk."""
     need_hidden, need_weight, need_bias, need_row_weight = needs
-    compile_with = transform if plan.compiled else None
+    compile_with = transform if plan.compiled and not transform.per_row else None
     running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     stat_dtype, device = running.dtype, hidden2d.device
     vocab = weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab
@@ -1032,9 +1069,9 @@ def _fused_loss_blocks(
     block_grads = _BlockGrads(transform, plan, stat_dtype, need_bias)
     loss, chunk_stats = torch.zeros((), **new), []
     for r0, r1, h in rows:
-        blocks = []
+        blocks, rows_grads = [], block_grads.rows(r0, r1)
         for (v0, v1), (w, b), shard_work in zip(plan.shards, params, kept, strict=True):
-            z = running.logits(h, w, b, transform, shard_work)
+            z = running.logits(h, w, b, rows_grads.transform, shard_work)
             running.fold(z, r0, r1, v0, v1, work, keep=True)
             blocks.append(z)
         stats = running.stats(weight.shape[0], slice(r0, r1))
@@ -1051,7 +1088,7 @@ def _fused_loss_blocks(
         chunk_targets = None if targets is None else targets[r0:r1]
         for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
             centre = (stats.max, stats.log_sum)
-            grad, column_sums = block_grads(z, centre, coef, chunk_targets, v0, v1, work)
+            grad, column_sums = rows_grads(z, centre, coef, chunk_targets, v0, v1, work)
             if grads.bias is not None:
                 grads.bias[v0:v1] += column_sums
             same = grad.dtype == stat_dtype  # else a half-precision product, added in fp32
@@ -1073,11 +1110,11 @@ def _fused_loss_blocks(
     return stats, loss, grads
 
 
-def _block_functions(hidden2d: Tensor):
+def _block_functions(hidden2d: Tensor, transform: LogitTransform | None = None):
     """``(forward_stats, backward_blocks)`` for ``hidden2d``: the fused Triton kernels of
-    ``_triton`` where they serve it (CUDA, triton installed), else the PyTorch loop above, which
-    is also their test oracle."""
-    if hidden2d.is_cuda:
+    ``_triton`` where they serve it (CUDA, triton installed, a float temperature in
+    ``transform``), else the PyTorch loop above, which is also their test oracle."""
+    if hidden2d.is_cuda and not (transform is not None and transform.per_row):
         kernels = _triton_module()
         if kernels is not None and kernels.serves(hidden2d):
             return kernels.forward_stats, kernels.backward_blocks
@@ -1113,7 +1150,7 @@ class _RowStatsFunction(torch.autograd.Function):
     ):
         fused = _FusedGrads(None, None, None, None)
         if row_loss is None:
-            forward_stats, ctx.backward_blocks = _block_functions(hidden2d)
+            forward_stats, ctx.backward_blocks = _block_functions(hidden2d, transform)
             extra = {}
             if top_k:  # the running top-k is a statistic of the PyTorch loop only
                 forward_stats, extra = _forward_stats, {"top_k": top_k}

@@ -141,7 +141,56 @@ def check_positive_float(name: str, value, *, allow_none: bool) -> float | None:
     return float(value)
 
 
-def make_transform(softcap, logit_scale, temperature=1.0) -> LogitTransform:
+def check_temperature(
+    temperature, shape: tuple[int, ...] | None, device=None, what: str = "hidden.shape[:-1]"
+) -> float | Tensor:
+    """``temperature``: a float >= the smallest normal fp32 number, or (where ``shape`` is given)
+    one per position: a floating tensor of ``shape`` (``what`` names it) or of ``prod(shape)``
+    entries, on ``device``, not requiring grad, its entries finite and >= that number (one host
+    read). Returns the float, or the tensor as it came."""
+    if shape is None or not isinstance(temperature, Tensor):
+        low = high = temperature = check_positive_float(
+            "temperature", temperature, allow_none=False
+        )
+    else:
+        flat = (math.prod(shape),)
+        if tuple(temperature.shape) not in (tuple(shape), flat):
+            raise ValueError(
+                f"temperature: expected a float or a tensor of shape {what} = {tuple(shape)} "
+                f"(or {flat} flat), one per position, got shape {tuple(temperature.shape)}"
+            )
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(
+                f"temperature: expected a float or a floating-point tensor, got dtype "
+                f"{temperature.dtype}"
+            )
+        if temperature.device != device:
+            owner = what.split(".")[0]
+            raise ValueError(
+                f"temperature: expected {owner}'s device {device}, got {temperature.device}"
+            )
+        if temperature.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "temperature: expected a tensor that does not require grad (no gradient is "
+                "formed for the temperatures: pass temperature.detach()), got one that does"
+            )
+        if temperature.numel() == 0 or temperature.is_meta:
+            return temperature
+        low, high = torch.stack(torch.aminmax(temperature.detach().double())).tolist()
+    if not (low >= _FP32_TINY and math.isfinite(high)):
+        bad = low if not low >= _FP32_TINY else high
+        expected = "a float" if low is temperature else "finite values"
+        raise ValueError(
+            f"temperature: expected {expected} >= {_FP32_TINY} (the smallest normal fp32 number: "
+            f"the logits are divided by it in fp32 and overflow below it), got {bad!r}"
+        )
+    return temperature
+
+
+def make_transform(softcap, logit_scale, temperature=1.0, positions=None) -> LogitTransform:
+    """The ops' ``LogitTransform``. ``temperature`` may be a tensor, one per position, only where
+    ``positions`` is given: the ``hidden [..., D]`` whose rows it divides (``check_temperature``);
+    it is then held as ``[M, 1]`` in the statistics' dtype (fp32, fp64 for fp64 hidden)."""
     softcap = check_positive_float("softcap", softcap, allow_none=True)
     if logit_scale is not None:
         if not isinstance(logit_scale, numbers.Real) or isinstance(logit_scale, bool):
@@ -149,12 +198,12 @@ def make_transform(softcap, logit_scale, temperature=1.0) -> LogitTransform:
         if not (math.isfinite(logit_scale) and logit_scale != 0):
             raise ValueError(f"logit_scale: expected a finite non-zero float, got {logit_scale!r}")
         logit_scale = float(logit_scale)
-    temperature = check_positive_float("temperature", temperature, allow_none=False)
-    if temperature < _FP32_TINY:
-        raise ValueError(
-            f"temperature: expected a float >= {_FP32_TINY} (the smallest normal fp32 number: "
-            f"the logits are divided by it in fp32 and overflow below it), got {temperature!r}"
-        )
+    if positions is None or not isinstance(temperature, Tensor):
+        temperature = check_temperature(temperature, None)
+    else:
+        check_temperature(temperature, positions.shape[:-1], positions.device)
+        stat_dtype = torch.promote_types(positions.dtype, torch.float32)
+        temperature = temperature.detach().reshape(-1, 1).to(stat_dtype)
     return LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
 
 

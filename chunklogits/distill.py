@@ -61,7 +61,7 @@ def linear_jsd(
     labels: Tensor | None = None,
     *,
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     ignore_index: int = -100,
     reduction: str = "batchmean",
     num_items_in_batch: int | Tensor | None = None,
@@ -78,8 +78,9 @@ def linear_jsd(
     Naive equivalent (``reference.linear_jsd``; ``GKDTrainer.generalized_jsd_loss`` of
     ``trl.experimental.gkd`` on the same logits, ``labels`` masking with ``ignore_index``)::
 
-        s = F.linear(student_hidden, student_weight, student_bias).float() / temperature
-        t = F.linear(teacher_hidden, teacher_weight, teacher_bias).float() / temperature
+        # T: temperature, or temperature[..., None] for a tensor
+        s = F.linear(student_hidden, student_weight, student_bias).float() / T
+        t = F.linear(teacher_hidden, teacher_weight, teacher_bias).float() / T
         if shift: s, t, labels = s[..., :-1, :], t[..., :-1, :], labels[..., 1:]
         logp, logq = s.log_softmax(-1), t.log_softmax(-1)           # student p, teacher q
         if beta == 0: jsd = F.kl_div(logp, logq, reduction="none", log_target=True)  # KL(q||p)
@@ -105,7 +106,11 @@ def linear_jsd(
             ``KL(student || teacher)``, in between the generalised JSD through the mixture
             ``m = beta * teacher + (1 - beta) * student`` (TRL's convention). Accurate to fp32
             relative precision however small ``beta`` or ``1 - beta`` (``_log_ratios``).
-        temperature: divides both heads' logits before the softmaxes.
+        temperature: divides both heads' logits before the softmaxes: a float, or one per
+            position, a floating tensor of ``student_hidden.shape[:-1]`` (or flattened) on its
+            device, finite and positive, ``temperature[..., t]`` dividing both heads' logits at
+            position ``t`` (with ``shift``, those paired with ``labels[..., t + 1]``; the last
+            position's is unused); not differentiated (one requiring grad is refused).
         ignore_index: the label value of positions to leave out.
         reduction: ``"batchmean"`` (TRL's default: the sum over positions and vocabulary divided
             by the number of kept positions, at least 1, or without labels by the first
@@ -148,7 +153,7 @@ def linear_jsd(
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
         beta = check_real_in("beta", beta, 0.0, 1.0)
-        transform = make_transform(None, None, temperature)
+        transform = make_transform(None, None, temperature, student_hidden)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
         if num_items_in_batch is not None:
@@ -160,6 +165,7 @@ def linear_jsd(
             )
         out_shape = (*lead[:-1], lead[-1] - 1) if shift else tuple(lead)
         index = _kept_rows(lead, labels, ignore_index, shift, student_hidden.device)
+        transform = transform.selected(index)
         rows = math.prod(lead) if index is None else index.numel()
         plan = plan_blocks(
             rows,
@@ -314,7 +320,7 @@ def _shards(heads, index, lses, options, residuals=None):
         for (r0, r1, h_s), (_, _, h_t) in zip(*rows, strict=True):
             logs, offsets = [], []
             for i, (h, (w, b), work) in enumerate(zip((h_s, h_t), params, works, strict=True)):
-                log = _block_logits(h, w, b, options.transform, work, stat_dtype)
+                log = _block_logits(h, w, b, options.transform.rows(r0, r1), work, stat_dtype)
                 logs.append(log.sub_(lses[i][0, r0:r1, None]))
                 offset = lses[i][1, r0:r1, None]
                 offsets.append(offset if residuals is None else offset + residuals[i, r0:r1, None])
@@ -513,7 +519,7 @@ def _gradients(heads, index, lses, terms: _RowTerms, grad_rows, options, needs):
         for block in blocks:
             r0, r1 = block.r0, block.r1
             # d z / d x = 1 / temperature, folded into the per-row factor.
-            upstream = grad_rows[r0:r1, None] / transform.temperature
+            upstream = grad_rows[r0:r1, None] / transform.rows(r0, r1).temperature
             kl = terms.kl[:, r0:r1, None]
             work = block.works[0]
             grads = [None, None]
@@ -573,7 +579,7 @@ class _JSDFunction(torch.autograd.Function):
             _Head(student2d, student_weight, student_bias),
             _Head(teacher2d, teacher_weight, teacher_bias),
         )
-        forward_stats = _block_functions(student2d)[0]
+        forward_stats = _block_functions(student2d, options.transform)[0]
         lses = []
         for head in heads:
             stats = forward_stats(*head, index, None, options.transform, options.plan, False, False)

@@ -239,7 +239,10 @@ class _Agreement:
             "hidden_grad": hidden2d.requires_grad,
             "logit_scale": transform.logit_scale or 0.0,
             "softcap": transform.softcap or 0.0,
-            "temperature": transform.temperature,
+            # Per-position temperatures are compared by their sum (one host read).
+            "temperature": float(transform.temperature.double().sum())
+            if transform.per_row
+            else transform.temperature,
         }
         if sampling is not None:
             fields.update(_sampling_fields(**sampling))

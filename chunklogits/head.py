@@ -141,12 +141,15 @@ class ChunkedLMHead(nn.Linear):
         class_weight: Tensor | None = None,
         return_z_loss: bool = False,
         return_token_accuracy: bool = False,
+        temperature: float | Tensor = 1.0,
     ) -> Tensor | LossOutput:
         """``chunklogits.linear_cross_entropy(hidden, weight, labels, bias=bias, shards=shards,
-        softcap=softcap, logit_scale=logit_scale, ...)``: hidden ``[..., D]``, labels
-        ``hidden.shape[:-1]``; every other argument as there. Naive equivalent::
+        softcap=softcap, logit_scale=logit_scale, ...)``: hidden ``[..., D]``, labels and a
+        per-position ``temperature`` ``hidden.shape[:-1]``; every other argument as there.
+        Naive equivalent (``T``: ``temperature``, ``[..., None]`` for a tensor)::
 
-            F.cross_entropy(transform(head(hidden).float()).flatten(0, -2), labels.flatten(), ...)
+            z = transform(head(hidden).float()) / T
+            F.cross_entropy(z.flatten(0, -2), labels.flatten(), ...)
         """
         return self._run(
             linear_cross_entropy,
@@ -162,6 +165,7 @@ class ChunkedLMHead(nn.Linear):
             class_weight=class_weight,
             return_z_loss=return_z_loss,
             return_token_accuracy=return_token_accuracy,
+            temperature=temperature,
         )
 
     def token_accuracy(
@@ -194,13 +198,14 @@ class ChunkedLMHead(nn.Linear):
         hidden: Tensor,
         k: int,
         *,
-        temperature: float = 1.0,
+        temperature: float | Tensor = 1.0,
         chunk_size: int | None = None,
     ) -> TopLogprobs:
         """``chunklogits.topk_logprobs(hidden, weight, k, bias=bias, shards=shards,
         softcap=softcap, logit_scale=logit_scale, ...)``: ``TopLogprobs(values, indices)``, both
         ``[..., k]``: the ``k`` largest of the head's own logits and their fp32 log-probs under
-        ``softmax(transform(head(hidden).float()) / temperature)``. Not differentiable."""
+        ``softmax(transform(head(hidden).float()) / temperature)`` (a float, or one per
+        position: ``hidden.shape[:-1]``, as in ``token_logprobs``). Not differentiable."""
         return self._run(
             topk_logprobs,
             hidden,
@@ -214,16 +219,16 @@ class ChunkedLMHead(nn.Linear):
         hidden: Tensor,
         tokens: Tensor,
         *,
-        temperature: float = 1.0,
+        temperature: float | Tensor = 1.0,
         return_entropy: bool = False,
         chunk_size: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``chunklogits.token_logprobs(hidden, weight, tokens, bias=bias, shards=shards,
         softcap=softcap, logit_scale=logit_scale, ...)``: hidden ``[..., D]``, tokens
-        ``hidden.shape[:-1]``; returns fp32 log-probs (and entropy) shaped like tokens. Naive
-        equivalent::
+        ``hidden.shape[:-1]``, as a per-position ``temperature``; returns fp32 log-probs (and
+        entropy) shaped like tokens. Naive equivalent::
 
-            z = transform(head(hidden).float()) / temperature
+            z = transform(head(hidden).float()) / temperature  # [..., None] for a tensor
             z.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
         """
         return self._run(

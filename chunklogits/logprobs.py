@@ -19,7 +19,7 @@ def token_logprobs(
     weight: Tensor,
     tokens: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
     bias: Tensor | None = None,
     softcap: float | None = None,
@@ -41,7 +41,11 @@ def token_logprobs(
         hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]`` or None (hidden's dtype).
         tokens: ``hidden.shape[:-1]`` integers in ``[0, V)``: the token whose log-prob is wanted
             at each position (for a causal LM, the *next* token: see ``sequence_logprobs``).
-        temperature: divides the (softcapped) logits, as RL trainers do before the log-softmax.
+        temperature: divides the (softcapped) logits, as RL trainers do before the log-softmax:
+            a float, or one per position, a floating tensor of ``hidden.shape[:-1]`` (or
+            flattened) on hidden's device, finite and positive, dividing that position's logits
+            (``z / temperature[..., None]``); not differentiated (a temperature requiring grad
+            is refused). Per-position temperatures take the PyTorch block loop on every device.
         return_entropy: also return the entropy of the tempered softmax at each position.
         softcap, logit_scale, shards, chunk_size, process_group: as in ``linear_cross_entropy``
             (with a process group, ``tokens`` index the whole vocabulary).
@@ -54,7 +58,7 @@ def token_logprobs(
         check_head(hidden, weight, bias)
         tokens = check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
         flat_tokens = tokens.reshape(-1)
-        transform = make_transform(softcap, logit_scale, temperature)
+        transform = make_transform(softcap, logit_scale, temperature, hidden)
         plan = plan_head(
             flat_tokens.numel(),
             hidden,
@@ -88,7 +92,7 @@ def logsumexp(
     bias: Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     shards: int | None = None,
     chunk_size: int | None = None,
     process_group: ProcessGroup | None = None,
@@ -101,12 +105,12 @@ def logsumexp(
         lse = z.logsumexp(-1)
 
     hidden ``[..., D]``, weight ``[V, D]``, bias ``[V]`` or None; returns fp32 ``[...]``,
-    differentiable with respect to hidden, weight and bias. Other arguments as in
-    ``linear_cross_entropy``.
+    differentiable with respect to hidden, weight and bias. ``temperature``: a float or one per
+    position, as in ``token_logprobs``. Other arguments as in ``linear_cross_entropy``.
     """
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
-        transform = make_transform(softcap, logit_scale, temperature)
+        transform = make_transform(softcap, logit_scale, temperature, hidden)
         rows = flat_rows(hidden)
         plan = plan_head(
             rows.shape[0],
@@ -135,7 +139,7 @@ def topk_logprobs(
     weight: Tensor,
     k: int,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     bias: Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
@@ -178,7 +182,7 @@ def topk_logprobs(
         hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]`` or None (hidden's dtype).
         k: an int in ``[1, V]``.
         temperature: divides the (softcapped) logits before the log-softmax; it does not change
-            which tokens are chosen.
+            which tokens are chosen. A float or one per position, as in ``token_logprobs``.
         softcap, logit_scale, shards, chunk_size, process_group: as in ``linear_cross_entropy``
             (with a process group the indices are the whole vocabulary's, the same on every
             rank).
@@ -190,7 +194,7 @@ def topk_logprobs(
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
         _check_count("k", k, 1, optional=False)
-        transform = make_transform(softcap, logit_scale, temperature)
+        transform = make_transform(softcap, logit_scale, temperature, hidden)
         rows = flat_rows(hidden)
         plan = plan_head(
             rows.shape[0],

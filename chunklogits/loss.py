@@ -42,6 +42,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    temperature: float | Tensor = 1.0,
     shift: bool = False,
     class_weight: Tensor | None = None,
     return_z_loss: bool = False,
@@ -55,6 +56,7 @@ def linear_cross_entropy(
 
         z = F.linear(hidden, weight, bias).float() * logit_scale   # scale, softcap optional
         z = softcap * torch.tanh(z / softcap)
+        z = z / temperature                # a tensor: temperature[..., None]
         if shift: z, labels = z[..., :-1, :], labels[..., 1:]
         loss = F.cross_entropy(z.flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing,
@@ -81,6 +83,13 @@ def linear_cross_entropy(
         softcap: ``c`` of Gemma-2/3's ``c * tanh(z / c)``, applied after ``logit_scale``.
         logit_scale: multiplier of the raw logits (Cohere ``logit_scale``, Granite
             ``1 / logits_scaling``).
+        temperature: divides the (softcapped) logits: a float, or one per position, a
+            floating tensor of ``hidden.shape[:-1]`` (or flattened) on hidden's device, finite
+            and positive, ``temperature[..., t]`` dividing the logits of ``hidden[..., t, :]``
+            (with ``shift`` those that predict ``labels[..., t + 1]``; the last position's is
+            unused), not differentiated (one requiring grad is refused). Per-position
+            temperatures take the PyTorch block loop on every device. The token accuracy's
+            comparisons do not depend on it.
         shift: predict ``labels[..., t + 1]`` from ``hidden[..., t, :]`` (causal LM training)
             without copying hidden.
         class_weight: ``[V]`` fp32 (or hidden's dtype) non-negative weights per class, as
@@ -168,7 +177,7 @@ def linear_cross_entropy(
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        transform = make_transform(softcap, logit_scale)
+        transform = make_transform(softcap, logit_scale, temperature, hidden)
         if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
             raise TypeError(
                 f"grad_in_forward: expected True, False or None, got {grad_in_forward!r}"
@@ -184,6 +193,7 @@ def linear_cross_entropy(
                 "computes no top-k statistic); use grad_in_forward=None or False"
             )
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
+        transform = transform.selected(rows.index)
         vocab_slice = ranks.agree(rows.hidden2d, weight, bias, transform, rows.targets, "labels")
     fused = reduction != "none" and rows.targets.numel() > 0 and _grads_needed(hidden, weight, bias)
     # The token accuracy's top-1 statistic is computed by the recomputing path only.

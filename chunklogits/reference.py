@@ -19,9 +19,10 @@ def logits(
     bias: Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
 ) -> Tensor:
-    """``[..., V]`` logits ``softcap(F.linear(hidden, weight, bias).float() * logit_scale) / T``.
+    """``[..., V]`` logits ``softcap(F.linear(hidden, weight, bias).float() * logit_scale) / T``
+    (``T``: a float, or one per position, ``hidden.shape[:-1]`` or flattened: ``T[..., None]``).
     The GEMM runs in the inputs' dtype, as a model's ``lm_head`` does; the rest in fp32 (fp64
     for fp64 inputs)."""
     z = F.linear(hidden, weight, bias)
@@ -30,6 +31,8 @@ def logits(
         z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.reshape(z.shape[:-1])[..., None]
     return z / temperature
 
 
@@ -69,6 +72,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    temperature: float | Tensor = 1.0,
     shift: bool = False,
     class_weight: Tensor | None = None,
     return_z_loss: bool = False,
@@ -81,7 +85,9 @@ def linear_cross_entropy(
     (a fraction for ``"mean"``, a count for ``"sum"``)."""
     from .loss import LossOutput
 
-    z = logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+    z = logits(
+        hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale, temperature=temperature
+    )
     decision = model_logits(hidden, weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
     if shift:
         z, decision, labels = z[..., :-1, :], decision[..., :-1, :], labels[..., 1:]
@@ -170,7 +176,7 @@ def topk_logprobs(
     weight: Tensor,
     k: int,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     bias: Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
@@ -197,7 +203,7 @@ def token_logprobs(
     weight: Tensor,
     tokens: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
     bias: Tensor | None = None,
     softcap: float | None = None,
@@ -222,7 +228,7 @@ def logsumexp(
     bias: Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     shards: int | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
@@ -422,12 +428,15 @@ def sequence_logprobs(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """From the model's full logits: ``log_softmax(logits[:, :-1].float() / T)`` at the next
-    tokens (and the entropy), 0 where ``attention_mask[:, 1:] == 0``."""
+    tokens (and the entropy), 0 where ``attention_mask[:, 1:] == 0``; a tensor ``T`` has
+    input_ids' shape ``[B, T]``: ``T[:, :-1, None]``."""
     z = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    if isinstance(temperature, Tensor):
+        temperature = temperature.reshape(input_ids.shape)[:, :-1, None]
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
     logp = z.log_softmax(-1)
     results = (logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1))
@@ -476,7 +485,7 @@ def linear_jsd(
     labels: Tensor | None = None,
     *,
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     ignore_index: int = -100,
     reduction: str = "batchmean",
     num_items_in_batch: int | Tensor | None = None,

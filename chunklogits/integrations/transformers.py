@@ -35,7 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_attention_mask, check_integer_tensor, check_tensor, make_transform
+from .._checks import (
+    check_attention_mask,
+    check_integer_tensor,
+    check_temperature,
+    check_tensor,
+    make_transform,
+)
 from ..distributed import local_head
 
 # Config attributes of logit transforms applied after the output layer: (attribute, the
@@ -183,7 +189,7 @@ def sequence_logprobs(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each next token under a causal LM, and optionally the entropy, without
@@ -192,7 +198,8 @@ def sequence_logprobs(
 
     Naive equivalent (``reference.sequence_logprobs``)::
 
-        z = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+        z = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        z = z / temperature               # a tensor: temperature[:, :-1, None]
         logprobs = z.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
         # both 0 where attention_mask[:, 1:] == 0
@@ -205,7 +212,11 @@ def sequence_logprobs(
         input_ids: ``[B, T]`` integer tokens, ``T >= 2``.
         attention_mask: ``[B, T]`` (1 = token, 0 = padding) or None; passed to the model.
             Positions whose *predicted* token is padding get 0 and cost nothing.
-        temperature: divides the model's (softcapped, scaled) logits before the log-softmax.
+        temperature: divides the model's (softcapped, scaled) logits before the log-softmax: a
+            float, or one per position, a floating tensor of input_ids' shape ``[B, T]`` (or
+            flattened) on its device, finite and positive: ``temperature[b, t]`` divides the
+            logits at position ``t``, those that predict ``input_ids[b, t + 1]`` (the last
+            column is unused), as ``token_logprobs``' per-position temperatures.
         return_entropy: also return the entropy of each position's tempered distribution.
 
     Returns:
@@ -215,6 +226,7 @@ def sequence_logprobs(
         ``ChunkedLMHead``).
     """
     _check_sequences(input_ids, attention_mask)
+    check_temperature(temperature, tuple(input_ids.shape), input_ids.device, "input_ids.shape")
     causal_lm = _causal_lm(model)
     head = _wrapped_head(causal_lm)
     if head is None:
@@ -235,11 +247,15 @@ def sequence_logprobs(
     _, recorded = _forward_recording(causal_lm, head, inputs, keep_logits=False)
     effective, hidden = _effective_head(causal_lm.get_output_embeddings(), recorded.hidden)
     hidden, next_tokens = hidden[:, :-1], input_ids[:, 1:].to(hidden.device)
+    if isinstance(temperature, Tensor):  # those of the positions that predict next_tokens
+        temperature = temperature.reshape(input_ids.shape)[:, :-1].to(hidden.device)
     options = {"temperature": temperature, "return_entropy": return_entropy}
     with recorded.autocast:
         if attention_mask is None:
             return effective.token_logprobs(hidden, next_tokens, **options)
         real = attention_mask[:, 1:].to(hidden.device).bool()
+        if isinstance(temperature, Tensor):
+            options["temperature"] = temperature[real]
         results = effective.token_logprobs(hidden[real], next_tokens[real], **options)
     results = results if return_entropy else (results,)
     scattered = tuple(r.new_zeros(next_tokens.shape).index_put((real,), r) for r in results)
