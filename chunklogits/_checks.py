@@ -187,10 +187,13 @@ def check_temperature(
     return temperature
 
 
-def make_transform(softcap, logit_scale, temperature=1.0, positions=None) -> LogitTransform:
+def make_transform(
+    softcap, logit_scale, temperature=1.0, positions=None, what="hidden.shape[:-1]"
+) -> LogitTransform:
     """The ops' ``LogitTransform``. ``temperature`` may be a tensor, one per position, only where
-    ``positions`` is given: the ``hidden [..., D]`` whose rows it divides (``check_temperature``);
-    it is then held as ``[M, 1]`` in the statistics' dtype (fp32, fp64 for fp64 hidden)."""
+    ``positions`` is given: the ``hidden [..., D]`` whose rows it divides (``check_temperature``,
+    ``what`` naming its positions); it is then held as ``[M, 1]`` in the statistics' dtype (fp32,
+    fp64 for fp64 hidden)."""
     softcap = check_positive_float("softcap", softcap, allow_none=True)
     if logit_scale is not None:
         if not isinstance(logit_scale, numbers.Real) or isinstance(logit_scale, bool):
@@ -201,7 +204,7 @@ def make_transform(softcap, logit_scale, temperature=1.0, positions=None) -> Log
     if positions is None or not isinstance(temperature, Tensor):
         temperature = check_temperature(temperature, None)
     else:
-        check_temperature(temperature, positions.shape[:-1], positions.device)
+        check_temperature(temperature, positions.shape[:-1], positions.device, what)
         stat_dtype = torch.promote_types(positions.dtype, torch.float32)
         temperature = temperature.detach().reshape(-1, 1).to(stat_dtype)
     return LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)

@@ -153,7 +153,9 @@ def linear_jsd(
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
             raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
         beta = check_real_in("beta", beta, 0.0, 1.0)
-        transform = make_transform(None, None, temperature, student_hidden)
+        transform = make_transform(
+            None, None, temperature, student_hidden, "student_hidden.shape[:-1]"
+        )
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
         if num_items_in_batch is not None:

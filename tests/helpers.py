@@ -40,6 +40,12 @@ def confident_head(case: str, dtype: torch.dtype):
     return hidden.to(dtype), weight.to(dtype), bias.to(dtype), torch.full((6,), 7)
 
 
+def per_position_temperature(shape, seed: int = 9) -> Tensor:
+    """fp32 temperatures ``shape``, one per position, spread over ``[0.3, 2.3)`` (sharper and
+    flatter softmaxes than a temperature of 1), as RL trainers pass them per token."""
+    return 0.3 + 2.0 * torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def assert_as_accurate(
     ours: Tensor,
     naive: Tensor,

@@ -12,6 +12,7 @@ from tests.helpers import (
     assert_as_accurate,
     assert_top_k_within_rounding,
     confident_head,
+    per_position_temperature,
     seeded,
 )
 from tests.test_loss import make_inputs
@@ -382,3 +383,107 @@ def test_entropy_of_a_one_hot_row_is_the_naive_zero(cpu_gemm, shards):
     )
     assert naive.eq(0).all() and (exact > 0).all()
     assert_as_accurate(entropy, naive, exact, torch.float32, "entropy")
+
+
+# --- per-position temperatures -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 3.0}], ids=["plain", "softcap"])
+@pytest.mark.parametrize(("shards", "chunk_size"), [(1, None), (5, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_position_temperature_matches_oracle(cpu_gemm, dtype, shards, chunk_size, options):
+    # temperature[..., None] divides each position's logits: log-probs, entropy and every
+    # gradient as accurate as the naive computation's, over several shards and row chunks.
+    hidden, weight, bias, _ = make_inputs((3, 17), 507, 123, dtype, bias=True)
+    tokens = torch.randint(0, 507, (3, 17), generator=seeded(2))
+    options = {"temperature": per_position_temperature((3, 17)), **options}
+    f64 = [t.double() for t in (hidden, weight, bias)]
+    exact = outputs_and_grads(reference.token_logprobs, *f64, tokens, **options)
+    naive = outputs_and_grads(reference.token_logprobs, hidden, weight, bias, tokens, **options)
+    blocking = {"shards": shards, "chunk_size": chunk_size}
+    ours = outputs_and_grads(cl.token_logprobs, hidden, weight, bias, tokens, **blocking, **options)
+    names = ["logprobs", "entropy", "grad hidden", "grad weight", "grad bias"]
+    for name, o, n, e in zip(names, ours, naive, exact, strict=True):
+        assert_as_accurate(o, n, e, dtype, f"{name} {blocking}")
+    # The same temperatures flattened, and through the head.
+    flat = {**options, "temperature": options["temperature"].flatten()}
+    flat_ours = outputs_and_grads(
+        cl.token_logprobs, hidden, weight, bias, tokens, **blocking, **flat
+    )
+    for name, o, f in zip(names, ours, flat_ours, strict=True):
+        torch.testing.assert_close(f, o, rtol=0, atol=0, msg=name)
+    transform = {key: value for key, value in options.items() if key != "temperature"}
+    head = cl.ChunkedLMHead(weight.detach(), bias.detach(), shards=shards, **transform)
+    head_logprobs = head.token_logprobs(
+        hidden.detach(), tokens, temperature=options["temperature"], chunk_size=chunk_size
+    )
+    torch.testing.assert_close(head_logprobs, ours[0], rtol=0, atol=0)
+    # logsumexp and top-k log-probs at the same temperatures.
+    f64_lse = reference.logsumexp(*f64[:2], bias=f64[2], **options)
+    naive_lse = reference.logsumexp(hidden, weight, bias=bias, **options)
+    with torch.no_grad():
+        lse = cl.logsumexp(hidden, weight, bias=bias, **blocking, **options)
+    assert_as_accurate(lse, naive_lse, f64_lse, dtype, "logsumexp")
+    check_topk(
+        hidden.detach(), weight.detach(), bias.detach(), 5, dtype, [(shards, chunk_size)], **options
+    )
+
+
+def test_constant_temperature_tensor_equals_the_float():
+    # A tensor of one temperature everywhere is the float's case: the same results.
+    hidden, weight, bias, _ = make_inputs((2, 9), 211, 32, torch.float32, bias=True)
+    tokens = torch.randint(0, 211, (2, 9), generator=seeded(3))
+    blocking = {"shards": 3, "chunk_size": 4}
+    for temperature in (0.7, 1.0):
+        constant = torch.full((2, 9), temperature)
+        results = [
+            outputs_and_grads(
+                cl.token_logprobs, hidden, weight, bias, tokens, temperature=t, **blocking
+            )
+            for t in (temperature, constant)
+        ]
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        top = [
+            cl.topk_logprobs(hidden.detach(), weight.detach(), 4, temperature=t, **blocking)
+            for t in (temperature, constant)
+        ]
+        torch.testing.assert_close(top[1].values, top[0].values, rtol=1e-6, atol=1e-7)
+        assert torch.equal(top[1].indices, top[0].indices)
+
+
+def test_bad_per_position_temperatures_are_refused():
+    hidden, weight, _, _ = make_inputs((2, 5), 40, 8, torch.float32)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    good = torch.ones(2, 5)
+    bad = {
+        r"temperature: expected a float or a tensor of shape hidden\.shape\[:-1\] = \(2, 5\) "
+        r"\(or \(10,\) flat\), one per position, got shape \(5, 2, 1\)": good.reshape(5, 2, 1),
+        r"temperature: expected a float or a floating-point tensor, got dtype torch\.int64": (
+            good.long()
+        ),
+        r"temperature: expected hidden's device cpu, got meta": good.to("meta"),
+        r"temperature: expected a tensor that does not require grad": torch.ones(
+            2, 5, requires_grad=True
+        ),
+        r"temperature: expected finite values >= 1\.17.*got 0\.0": good.index_fill(
+            1, torch.tensor([2]), 0.0
+        ),
+        r"temperature: expected finite values >= 1\.17.*got -1\.0": -good,
+        r"temperature: expected finite values >= 1\.17.*got nan": good.index_fill(
+            0, torch.tensor([1]), torch.nan
+        ),
+        r"temperature: expected finite values >= 1\.17.*got inf": good / 0,
+    }
+    calls = [
+        lambda t: cl.token_logprobs(hidden, weight, tokens, temperature=t),
+        lambda t: cl.topk_logprobs(hidden, weight, 3, temperature=t),
+        lambda t: cl.logsumexp(hidden, weight, temperature=t),
+        lambda t: cl.linear_cross_entropy(hidden, weight, tokens, temperature=t),
+        lambda t: cl.linear_jsd(hidden, weight, hidden, weight, temperature=t),
+    ]
+    for call in calls:
+        for message, temperature in bad.items():
+            error = TypeError if "dtype" in message else ValueError
+            with pytest.raises(error, match=message.replace("hidden", "(student_)?hidden")):
+                call(temperature)
