@@ -16,6 +16,7 @@ from chunklogits import reference
 from tests.helpers import (
     assert_as_accurate,
     one_thread,
+    per_position_temperature,
     run_ranks,
     seeded,
 )
@@ -448,3 +449,30 @@ def test_kl_of_near_equal_heads_is_as_accurate_as_naive(beta, masked):
         ["jsd", "grad teacher", "grad teacher bias"], ours, naive, exact, strict=True
     ):
         assert_as_accurate(o, n, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_position_temperature_matches_oracle(cpu_gemm, dtype, beta, shift):
+    # temperature[..., t] divides both heads' logits at position t (with shift, those paired
+    # with labels[..., t + 1]): the divergence per position and every gradient as accurate as
+    # the naive computation's (TRL's function takes one float), over shards and row chunks.
+    leaves, labels = make_pair((3, 11), dtype)
+    temperature = per_position_temperature(labels.shape)
+    options = dict(beta=beta, shift=shift, reduction="none", temperature=temperature)
+    upstream = _upstream(labels, "none", shift)
+    to64 = [None if t is None else t.double().requires_grad_(t.requires_grad) for t in leaves]
+    exact = run(_reference, to64, labels, upstream, **options)
+    naive = run(_reference, leaves, labels, upstream, **options)
+    ours = run(_ours, leaves, labels, upstream, shards=3, chunk_size=8, **options)
+    names = ["divergence"] + [f"{name} grad" for name in _LEAF_NAMES]
+    for name, o, n, e in zip(names, ours, naive, exact, strict=True):
+        assert_as_accurate(o, n, e, dtype, f"{name} beta={beta} shift={shift}")
+    # A constant tensor is the float's case.
+    with torch.no_grad():
+        constant, scalar = (
+            _ours(*leaves, labels, beta=beta, shift=shift, shards=3, temperature=t)
+            for t in (torch.full(labels.shape, 0.6), 0.6)
+        )
+    torch.testing.assert_close(constant, scalar, rtol=1e-6, atol=1e-7)

@@ -14,6 +14,7 @@ from tests.helpers import (
     assert_accuracy_within_rounding,
     assert_as_accurate,
     confident_head,
+    per_position_temperature,
     run_ranks,
     seeded,
 )
@@ -975,3 +976,51 @@ def test_z_loss_gradient_of_a_one_hot_softmax(grad_in_forward, reduction):
         hidden, weight, None, torch.tensor([0]), torch.float32, upstream, ours_fn=ours_fn,
         z_loss=1e-3, reduction=reduction,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reduction": "none"},
+        {"shift": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 2.5},
+    ],
+    ids=["plain", "shift,smoothing,z_loss,softcap"],
+)
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_position_temperature_matches_oracle(cpu_gemm, dtype, grad_in_forward, options):
+    # temperature[..., t] divides the logits of hidden[..., t, :] (with shift, those predicting
+    # labels[..., t + 1]), whichever rows are ignored, over several shards and row chunks.
+    hidden, weight, bias, labels = make_inputs((3, 29), 301, 48, dtype, 0.3, bias=True)
+    upstream = None
+    if options.get("reduction") == "none":
+        upstream = torch.rand(labels.shape, generator=seeded(1))
+        # True needs a scalar loss: None, which takes the recomputing path for "none".
+        grad_in_forward = None if grad_in_forward else False
+    ours = functools.partial(cl.linear_cross_entropy, grad_in_forward=grad_in_forward)
+    temperature = per_position_temperature(labels.shape)
+    check_against_oracle(
+        hidden, weight, bias, labels, dtype, upstream, ours, shards=5, chunk_size=16,
+        temperature=temperature, **options,
+    )  # fmt: skip
+    # The head's loss, and a constant tensor for the float.
+    head = cl.ChunkedLMHead(
+        weight.detach(), bias.detach(), shards=5, softcap=options.get("softcap")
+    )
+    loss_options = {k: v for k, v in options.items() if k != "softcap"}
+    with torch.no_grad():
+        head_loss = head.loss(
+            hidden, labels, temperature=temperature, chunk_size=16, **loss_options
+        )
+        direct = cl.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, shards=5, chunk_size=16, temperature=temperature,
+            **options,
+        )  # fmt: skip
+        torch.testing.assert_close(head_loss, direct, rtol=0, atol=0)
+        constant, scalar = (
+            cl.linear_cross_entropy(
+                hidden, weight, labels, bias=bias, shards=5, temperature=t, **options
+            )
+            for t in (torch.full(labels.shape, 0.8), 0.8)
+        )
+        torch.testing.assert_close(constant, scalar, rtol=1e-6, atol=1e-7)

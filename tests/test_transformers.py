@@ -18,6 +18,7 @@ from tests.helpers import (
     assert_as_accurate,
     assert_as_accurate_in_norm,
     one_thread,
+    per_position_temperature,
     seeded,
     training_arguments,
 )
@@ -398,6 +399,26 @@ def test_sequence_logprobs_values_and_gradients(family, dtype):
     _compare_with_unwrapped(family, dtype, run, shards=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sequence_logprobs_per_position_temperature(family, dtype):
+    # temperature[b, t] divides the logits at position t, those predicting input_ids[b, t + 1];
+    # padded positions are left out whatever their temperature.
+    input_ids, mask = _padded_batch()
+    temperature = per_position_temperature(input_ids.shape)
+    weights = torch.randn(input_ids.shape[0], input_ids.shape[1] - 1, generator=seeded(8))
+
+    def run(name, model):
+        compute = cl.sequence_logprobs if name == "ours" else reference.sequence_logprobs
+        logprobs, entropy = compute(
+            model, input_ids, mask, temperature=temperature, return_entropy=True
+        )
+        objective = (logprobs * weights).sum() + (entropy * weights.flip(1)).sum()
+        return {"logprobs": logprobs, "entropy": entropy}, objective
+
+    _compare_with_unwrapped(family, dtype, run, shards=2)
+
+
 def test_sequence_logprobs_on_an_unwrapped_model_leaves_it_unwrapped():
     model = _model("gpt2")  # training mode, dropout 0
     head = model.lm_head
@@ -546,6 +567,8 @@ def test_bad_labels_and_sequences():
         cl.sequence_logprobs(model, input_ids, torch.ones(3, 4))
     with pytest.raises(ValueError, match="temperature: expected a finite float > 0"):
         cl.sequence_logprobs(model, input_ids, temperature=0.0)
+    with pytest.raises(ValueError, match=r"temperature: .* input_ids\.shape = \(3, 13\)"):
+        cl.sequence_logprobs(model, input_ids, temperature=torch.ones(3, 12))
 
 
 # ---------------------------------------------------------------- mixed precision (autocast)
