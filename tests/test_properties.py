@@ -32,7 +32,7 @@ from torch import Tensor
 import chunklogits as cl
 from chunklogits import reference
 from chunklogits.loss import LossOutput
-from tests.helpers import assert_as_accurate
+from tests.helpers import assert_as_accurate, per_position_temperature
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 IGNORE = -100
@@ -488,8 +488,12 @@ def test_token_logprobs_entropy_logsumexp(data):
     lead = head.hidden.shape[:-1]
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16), label="token seed"))
     tokens = head.kept[torch.randint(0, head.kept.numel(), lead, generator=g)]
+    # A float, or one per position (a tensor of the positions' shape).
+    temperature = draw(st.sampled_from([1.0, 0.3, 2.5, 1e-3, "per-position"]), label="temperature")
+    if temperature == "per-position":
+        temperature = per_position_temperature(lead, draw(st.integers(0, 2**16), label="T seed"))
     options = dict(
-        temperature=draw(st.sampled_from([1.0, 0.3, 2.5, 1e-3]), label="temperature"),
+        temperature=temperature,
         softcap=draw(st.sampled_from([None, 0.7, 5.0]), label="softcap"),
         logit_scale=draw(st.sampled_from([None, 0.5, -1.5]), label="logit_scale"),
     )
@@ -859,7 +863,9 @@ def differentiable_ops(draw, dtype, vocab: int):
 
         return name, fn, dict(options, class_weight=weighted, softcap=softcap)
     tokens = labels.clamp(min=0)
-    temperature = draw(st.sampled_from([1.0, 0.6]), label="temperature")
+    temperature = draw(st.sampled_from([1.0, 0.6, "per-position"]), label="temperature")
+    if temperature == "per-position":  # the callers' positions: hidden [2, 3, D]
+        temperature = per_position_temperature((2, 3))
     if name == "jsd":
         beta = draw(st.sampled_from([0.0, 0.4, 1.0]), label="beta")
 
