@@ -11,15 +11,16 @@ The target's head meets the ``g + 1`` new hidden states one vocabulary block at 
   differs from it, then the target's token there (``generate()``'s rule);
 * speculative sampling (``do_sample=True`` with an assistant; Leviathan et al. 2023, algorithm
   1): draft ``i`` is kept with probability ``min(1, p_i / q_i)``, ``p`` and ``q`` the target's and
-  the assistant's warped distributions (repetition penalty, temperature, top-k, top-p, min-p as
-  ``generate()`` applies them to both), up to the first rejection; there the token is drawn from
-  ``max(0, p - q)``, or from ``p`` at the next position when every draft was kept. ``p_i`` is a
-  token log-prob from passes over the target's head (each row's kept set found as ``sample_next``
-  finds it, then the log-sum-exp over it); ``q_i`` is the assistant's draw's own log-prob. The
-  draw from the residual is a Gumbel race ``argmax_v log(p_v - q_v) + g_v`` over the vocabulary
-  blocks of both heads side by side, the noise a hash of (key, vocabulary index) as in
-  ``sampling``, so the token does not depend on the shards. The tokens follow the target's
-  warped distribution exactly, whatever the drafts.
+  the assistant's processed distributions (the token masks and biases, repetition penalty,
+  temperature, top-k, top-p, min-p and the epsilon/eta cut-offs, as ``generate()`` applies its
+  processors to both, each row given the tokens before it), up to the first rejection; there
+  the token is drawn from ``max(0, p - q)``, or from ``p`` at the next position when every draft
+  was kept. ``p_i`` is a token log-prob from passes over the target's head (each row's kept set
+  found as ``sample_next`` finds it, then the log-sum-exp over it); ``q_i`` is the assistant's
+  draw's own log-prob. The draw from the residual is a Gumbel race ``argmax_v log(p_v - q_v) +
+  g_v`` over the vocabulary blocks of both heads side by side, the noise a hash of (key,
+  vocabulary index) as in ``sampling``, so the token does not depend on the shards. The tokens
+  follow the target's processed distribution exactly, whatever the drafts.
 
 No ``[g, V]`` logits of either model exist, only ``[rows, V / shards]`` blocks; prompt lookup's
 candidate check is ``generate()``'s own (its processors on a ``[1, V]`` tensor of ones).
@@ -37,7 +38,6 @@ from torch import Tensor, nn
 from ._blocks import plan_blocks
 from ._checks import make_transform
 from .generate import (
-    _PROCESSOR_SETTINGS,
     _base_model,
     _head_of,
     _penalised_prompt,
@@ -55,6 +55,7 @@ from .sampling import (
     _noise_key,
     _Problem,
     _thresholds,
+    _token_bias,
     randomness,
     sample_next,
 )
@@ -73,16 +74,12 @@ _REFUSED_SETTINGS = {
 }
 
 
-# The processors the drafts' acceptance reproduces: the warpers and the repetition penalty. The
-# token masks and cut-offs that cl.sample applies without an assistant are not applied to drafts
-# yet, so they are refused here rather than ignored.
-_DRAFT_PROCESSORS = (
-    "RepetitionPenaltyLogitsProcessor",
-    "TemperatureLogitsWarper",
-    "TopKLogitsWarper",
-    "TopPLogitsWarper",
-    "MinPLogitsWarper",
-)
+# The processors that replace a whole row at one step (the forced token 0, every other -inf):
+# a round's rows, one per position, would mix replaced rows with biased ones, which one
+# ``logit_bias_only`` flag per call cannot express, so they are refused with a draft. The other
+# processors cl.sample reproduces (token masks and biases, penalty, warpers, cut-offs) apply to
+# every row of a round, each given the tokens before it, as generate() applies them.
+_ROW_REPLACING = ("ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor")
 
 
 def assisted_decode(
@@ -96,6 +93,7 @@ def assisted_decode(
     model_kwargs: dict,
     *,
     assistant: nn.Module | None,
+    token_bias,
     seed: int | None,
     generator: torch.Generator | None,
     return_logprobs: bool,
@@ -109,8 +107,9 @@ def assisted_decode(
         model.generate(input_ids, assistant_model=assistant, ...)   # or prompt_lookup_num_tokens=
 
     ``head``: the target's ``sample_next`` head arguments (``decode``'s); ``assistant``: the draft
-    model (ignored with ``prompt_lookup_num_tokens``, as ``generate()`` ignores it); the other
-    arguments as ``decode`` receives them.
+    model (ignored with ``prompt_lookup_num_tokens``, as ``generate()`` ignores it);
+    ``token_bias``: ``decode``'s ``_TokenBias`` of ``logits_processor``; the other arguments as
+    ``decode`` receives them.
     """
     _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs, head)
     if return_logprobs:
@@ -136,7 +135,9 @@ def assisted_decode(
         # The residual draw walks both heads' blocks side by side: the same vocabulary shards.
         shards = shards or max(_default_shards(head["weight"]), _default_shards(drafter.weight))
     head = dict(head, shards=shards)
-    context = _Context(input_ids, model_kwargs, options, generator, generation_config, head)
+    context = _Context(
+        input_ids, model_kwargs, options, generator, generation_config, head, token_bias
+    )
     cache = model_kwargs.get("cache")
     cache.activate_past_recording(recurrent_states_to_keep=drafter.count)
     if token_streamer is not None:
@@ -153,11 +154,13 @@ def assisted_decode(
                 "cache: assisted decoding needs a cache that can be cropped back after the "
                 f"drafts are checked, got {type(model_kwargs['cache']).__name__}"
             )
-        prev = context.prefixes(ids, length)
+        prev, bias = context.prefixes(ids, length), context.row_biases(ids, length)
         if speculative:
-            tokens = _speculative_tokens(hidden, prev, drafts, drafter, context)
+            tokens = _speculative_tokens(hidden, prev, bias, drafts, drafter, context)
         else:
-            picked = sample_next(hidden, prev_tokens=prev, generator=generator, **head, **options)
+            picked = sample_next(
+                hidden, prev_tokens=prev, generator=generator, **bias, **head, **options
+            )
             matches = int((drafts.tokens == picked[:count]).cumprod(0).sum())
             tokens = picked[: matches + 1]
         tokens = context.cut(tokens, length)
@@ -196,12 +199,12 @@ def _refuse_unsupported(input_ids, logits_processor, generation_config, model_kw
                 f"({name}={value!r}); use model.generate for it"
             )
     for processor in logits_processor:
-        if type(processor).__name__ not in _DRAFT_PROCESSORS:
-            reproduced = ", ".join(_PROCESSOR_SETTINGS[name] for name in _DRAFT_PROCESSORS)
+        if type(processor).__name__ in _ROW_REPLACING:
             raise ValueError(
-                f"{_setting_of(processor)}: chunklogits.sample's assisted decoding reproduces "
-                f"the processors of {reproduced} only, got {type(processor).__name__}; use "
-                "model.generate for it"
+                f"{_setting_of(processor)}: chunklogits.sample's assisted decoding does not "
+                "support a processor that replaces a whole row of logits at one step "
+                f"({type(processor).__name__}); use model.generate for it, or decode without "
+                "an assistant"
             )
     if head["process_group"] is not None:
         raise ValueError(
@@ -226,11 +229,15 @@ class _Drafts(NamedTuple):
 
 
 class _Context:
-    """What every round reads: the sampling options, the randomness, the stop rules, and the
-    tokens the repetition penalty sees (the prompt but its left padding, then all tokens)."""
+    """What every round reads: the sampling options, the randomness, the stop rules, the tokens
+    the repetition penalty sees (the prompt but its left padding, then all tokens), and the
+    processors that mask or bias a few tokens (``token_bias``, ``generate._TokenBias``)."""
 
-    def __init__(self, input_ids, model_kwargs, options, generator, generation_config, head):
+    def __init__(
+        self, input_ids, model_kwargs, options, generator, generation_config, head, token_bias
+    ):
         self.options, self.generator, self.head = options, generator, head
+        self.token_bias = token_bias
         self.max_length = generation_config.max_length
         self.eos = generation_config._eos_token_tensor  # set by generate(), None without eos
         self.prompt = None
@@ -254,6 +261,23 @@ class _Context:
             length + torch.arange(rows, device=ids.device)[:, None]
         )
         return seen.expand(rows, -1).masked_fill(after, -1)
+
+    def row_biases(self, ids: Tensor, length: int) -> dict:
+        """``sample_next``'s ``logit_bias`` for the ``g + 1`` new positions of ``ids`` (``L =
+        length`` tokens then ``g`` drafts): row ``i`` the masks and biases of the tokens before
+        position ``L + i``, as ``generate()`` processes that position; rows padded with token -1
+        (no bias). Empty when no processor acts."""
+        rows = [self.token_bias(ids[:, : length + i]) for i in range(ids.shape[1] - length + 1)]
+        if not any(rows):
+            return {}
+        width = max(row["logit_bias"][0].shape[1] for row in rows if row)
+        tokens = ids.new_full((len(rows), width), -1)
+        values = torch.zeros(len(rows), width, device=ids.device)
+        for i, row in enumerate(rows):
+            if row:
+                listed, value = row["logit_bias"]
+                tokens[i, : listed.shape[1]], values[i, : listed.shape[1]] = listed[0], value[0]
+        return {"logit_bias": (tokens, values)}
 
     def is_eos(self, token: Tensor) -> bool:
         return self.eos is not None and bool(torch.isin(token, self.eos).any())
@@ -363,6 +387,7 @@ class _AssistantDrafts:
                     prev_tokens=context.penalised(ids),
                     generator=context.generator,
                     return_logprobs=True,
+                    **context.token_bias(ids),
                     **head,
                     **context.options,
                 )
@@ -431,8 +456,9 @@ def _default_shards(weight: Tensor) -> int:
     return len(plan.shards)
 
 
-def _problem(hidden: Tensor, head: dict, options: dict, prev: Tensor | None) -> _Problem:
-    """``sample_next``'s problem for sampling ``hidden`` ``[n, D]`` with ``options``."""
+def _problem(hidden: Tensor, head: dict, options: dict, prev: Tensor | None, bias: dict):
+    """``sample_next``'s problem (``_Problem``) for sampling ``hidden`` ``[n, D]`` with
+    ``options`` and ``bias`` (``{"logit_bias": (tokens, values)}`` ``[n, K]``, or empty)."""
     penalty = float(options["repetition_penalty"])
     return _Problem(
         hidden=hidden,
@@ -446,6 +472,7 @@ def _problem(hidden: Tensor, head: dict, options: dict, prev: Tensor | None) -> 
         shards=head["shards"],
         chunk_size=None,
         want_raw=False,
+        logit_bias=_token_bias(bias.get("logit_bias"), False, hidden),
     )
 
 
@@ -472,10 +499,11 @@ def _warped(problem: _Problem, options: dict, tokens: Tensor | None = None):
     then one pass for the log-sum-exp over it (the engine's online merge, as ``sample_next``'s:
     the token's log-prob is ``(y - max) - log_sum``, without ``lse``'s rounding)."""
     top_k, top_p, min_p = options["top_k"], float(options["top_p"]), options["min_p"]
+    cutoffs = {name: options[name] for name in ("epsilon_cutoff", "eta_cutoff") if options[name]}
     rows, device = problem.hidden.shape[0], problem.hidden.device
     new = dict(device=device, dtype=problem.stat_dtype)
-    if top_k or top_p < 1.0 or min_p is not None:
-        _, tau, tau_index = _thresholds(problem, top_k, top_p, min_p, {})
+    if top_k or top_p < 1.0 or min_p is not None or cutoffs:
+        _, tau, tau_index = _thresholds(problem, top_k, top_p, min_p, cutoffs)
     else:
         tau = torch.full((rows,), -math.inf, **new)
         tau_index = torch.full((rows,), problem.vocab - 1, dtype=torch.long, device=device)
@@ -498,11 +526,12 @@ def _warped(problem: _Problem, options: dict, tokens: Tensor | None = None):
     return warped if tokens is None else (warped, stats.log_softmax_at(picked))
 
 
-def _speculative_tokens(hidden, prev, drafts: _Drafts, drafter, context: _Context) -> Tensor:
+def _speculative_tokens(hidden, prev, bias: dict, drafts: _Drafts, drafter, context: _Context):
     """Algorithm 1 of speculative sampling on one round: the kept drafts, then a token from the
-    residual ``max(0, p - q)`` at the first rejection, or from ``p`` after the last draft."""
+    residual ``max(0, p - q)`` at the first rejection, or from ``p`` after the last draft
+    (``[k]`` tokens). ``prev``, ``bias``: the rows' penalised tokens and token biases."""
     count, device = drafts.tokens.shape[0], hidden.device
-    target = _problem(hidden, context.head, context.options, prev)
+    target = _problem(hidden, context.head, context.options, prev, bias)
     padded = torch.cat([drafts.tokens, drafts.tokens.new_full((1,), -1)])
     p, logp = _warped(target, context.options, padded)
     source = device if context.generator is None else context.generator.device
@@ -516,11 +545,13 @@ def _speculative_tokens(hidden, prev, drafts: _Drafts, drafter, context: _Contex
     if kept == count:
         token = _race(key, target, p, kept)
     else:
-        # The assistant's problem of draft ``kept``'s draw: the same row, head, shards and
-        # penalised tokens, hence bitwise the logits it was drawn from.
+        # The assistant's problem of draft ``kept``'s draw: the same row, head, shards,
+        # penalised tokens and token biases, hence bitwise the logits it was drawn from.
         head = dict(drafter.head, shards=context.head["shards"])
-        draft_prev = None if prev is None else prev[kept : kept + 1]
-        draft = _problem(drafts.hidden[kept : kept + 1], head, context.options, draft_prev)
+        row = slice(kept, kept + 1)
+        draft_prev = None if prev is None else prev[row]
+        draft_bias = {name: (tokens[row], values[row]) for name, (tokens, values) in bias.items()}
+        draft = _problem(drafts.hidden[row], head, context.options, draft_prev, draft_bias)
         token = _race(key, target, p, kept, draft, _warped(draft, context.options))
     return torch.cat([drafts.tokens[:kept], token])
 

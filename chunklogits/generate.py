@@ -389,6 +389,7 @@ def decode(
             generation_config,
             model_kwargs,
             assistant=assistant,
+            token_bias=token_bias,
             seed=seed,
             generator=generator,
             return_logprobs=return_logprobs,

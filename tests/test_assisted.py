@@ -119,6 +119,54 @@ def test_greedy_prompt_lookup_is_token_identical_to_generate(family, penalty, mo
     assert any(count > 0 for _, count in rounds.seen)  # the lookup did propose drafts
 
 
+def _masking_options(new: list[int], eos: int) -> dict:
+    """Options of generate()'s processors that mask or bias a few tokens, each chosen from the
+    plain greedy continuation ``new`` (which greedy decoding ends with ``eos``) so that it
+    changes what greedy decoding produces."""
+    return {
+        "min_new_tokens": dict(min_new_tokens=len(new) + 3),
+        # The bias would repeat new[0] at every step: the ban lets the bigram occur once.
+        "no_repeat_ngram_size": dict(no_repeat_ngram_size=2, sequence_bias={(new[0],): 30.0}),
+        "bad_words_ids": dict(bad_words_ids=[[new[0]], [new[2], new[3]], [eos]]),
+        "suppress_tokens": dict(suppress_tokens=[new[1], new[4]]),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=[new[0]]),
+        "sequence_bias": dict(sequence_bias={(new[0],): -4.0, (new[1], new[2]): -3.5, (17,): 2.5}),
+        "together": dict(
+            no_repeat_ngram_size=1,
+            suppress_tokens=[new[1]],
+            min_new_tokens=3,
+            sequence_bias={(new[2],): 1.5},
+        ),
+    }
+
+
+MASKING_CASES = list(_masking_options([0] * 5, 0))
+
+
+@pytest.mark.parametrize("drafts", ["assistant", "prompt_lookup"])
+@pytest.mark.parametrize("case", MASKING_CASES)
+def test_greedy_assisted_decoding_with_token_processors_is_generate(case, drafts):
+    """Each draft position is processed given the tokens before it (a draft may complete a
+    banned n-gram, reach min_new_tokens, ...), as generate() processes the candidates."""
+    target = _model("llama")
+    ids = _prompt(repeats=3)
+    if drafts == "assistant":
+        arguments = dict(assistant_model=_draft(target, "perturbed"))
+    else:
+        arguments = dict(prompt_lookup_num_tokens=4)
+    options = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        eos = _greedy_eos(target, ids, steps=8)
+        free = target.generate(ids, eos_token_id=eos, **options)
+        new = free[0, ids.shape[1] :].tolist()
+        options |= dict(eos_token_id=eos) | _masking_options(new, eos)[case]
+        expected = target.generate(ids, **copy.deepcopy(arguments), **options)
+        ours = cl.sample(target, ids, shards=3, **arguments, **options)
+    assert torch.equal(ours, expected), (ours, expected)
+    # The processor changed the continuation: the comparison says something.
+    assert ours.shape != free.shape or not torch.equal(ours, free)
+
+
 def test_prompt_lookup_sampling_with_top_k_1_is_greedy_decoding():
     target = _model("llama")
     ids = _prompt(repeats=3)
@@ -165,16 +213,22 @@ def _speculative_pair(dtype: torch.dtype):
     return target.to(dtype).eval(), draft.to(dtype).eval()
 
 
-def _exact_first_two(target, ids, options) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's warped distribution of the first generated token and the marginal of the
-    second, from its full logits and HF's processors."""
+def _exact_first_two(target, ids, process) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's processed distribution of the first generated token ``[V]`` and the joint
+    distribution of the first two ``[V * V]`` (pair ``(a, b)`` at ``a * V + b``), from its full
+    logits: ``process(sequences, logits)`` gives the scores."""
     vocab = target.config.vocab_size
     raw = target(ids).logits[:, -1].float()
-    first = reference.next_token_scores(raw, prev_tokens=ids, **options).softmax(-1)[0]
+    first = process(ids, raw).softmax(-1)[0]
     after = torch.cat([ids.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
     raw = target(after).logits[:, -1].float()
-    second = reference.next_token_scores(raw, prev_tokens=after, **options).softmax(-1)
-    return first, first @ second
+    second = process(after, raw).softmax(-1)
+    return first, (first[:, None] * second).flatten()
+
+
+def _warpers(options: dict):
+    """``reference.next_token_scores`` with ``options``, as ``_exact_first_two``'s ``process``."""
+    return lambda sequences, raw: reference.next_token_scores(raw, prev_tokens=sequences, **options)
 
 
 # (dtype, warpers, CPU block GEMM dtype: the model's or fp32, both paths set_cpu_gemm_dtype picks)
@@ -194,6 +248,15 @@ SPECULATIVE = [
 def test_speculative_sampling_draws_the_targets_distribution(dtype, options, cpu_gemm, monkeypatch):
     target, draft = _speculative_pair(dtype)
     ids = torch.randint(3, 64, (1, 5), generator=seeded(1))
+    with torch.no_grad():
+        exact = _exact_first_two(target, ids, _warpers(options))
+    _check_first_two_drawn(monkeypatch, target, draft, ids, options, exact)
+
+
+def _check_first_two_drawn(monkeypatch, target, draft, ids, options: dict, exact) -> None:
+    """1000 speculative draws of two tokens follow the ``exact`` distributions of the first token
+    and of the pair (chi-square; no draw of probability 0), and both ways of ending a round (a
+    draw from the residual, from ``p`` after every draft) ran often."""
     races = []
     race = assisted._race
 
@@ -218,13 +281,84 @@ def test_speculative_sampling_draws_the_targets_distribution(dtype, options, cpu
                 for s in range(runs)
             ]
         )[:, ids.shape[1] :]
-        first, second = _exact_first_two(target, ids, options)
     # Both ways of ending a round ran: a draw from the residual and from p after all drafts.
     assert 0.1 * runs < sum(races) < len(races) - 0.1 * runs
-    for step, probs in enumerate((first, second)):
-        counts = torch.bincount(drawn[:, step], minlength=64)
+    vocab = exact[0].shape[0]
+    pairs = drawn[:, 0] * vocab + drawn[:, 1]
+    for drawn_as, probs in zip((drawn[:, 0], pairs), exact, strict=True):
+        counts = torch.bincount(drawn_as, minlength=probs.shape[0])
         assert counts[probs == 0].sum() == 0
-        assert chi_square_pvalue(counts, probs) > MIN_PVALUE, step
+        assert chi_square_pvalue(counts, probs) > MIN_PVALUE, probs.shape
+
+
+# (dtype, warpers and cut-off, CPU block GEMM dtype), with the token masks and biases below.
+MASKED = [
+    (torch.float32, dict(temperature=1.2, top_k=0, epsilon_cutoff=0.02), "model"),
+    (torch.bfloat16, dict(temperature=1.3, top_k=20, eta_cutoff=0.05), "model"),
+    (torch.bfloat16, dict(temperature=1.3, top_k=20, eta_cutoff=0.05), "fp32"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "options", "cpu_gemm"),
+    MASKED,
+    ids=["fp32-epsilon-model-gemm", "bf16-eta-model-gemm", "bf16-eta-fp32-gemm"],
+    indirect=["cpu_gemm"],
+)
+def test_speculative_sampling_with_token_processors_draws_the_targets_distribution(
+    dtype, options, cpu_gemm, monkeypatch
+):
+    """Token masks and biases whose effect on the second token depends on the first (a banned
+    bigram, no repeated token), eos masked by min_new_tokens, and a cut-off: both draws follow
+    the distribution of HF's processors in generate()'s order."""
+    from transformers.generation.logits_process import (
+        EpsilonLogitsWarper,
+        EtaLogitsWarper,
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
+
+    target, draft = _speculative_pair(dtype)
+    ids = torch.randint(4, 64, (1, 5), generator=seeded(1))
+    with torch.no_grad():
+        likely = target(ids).logits[0, -1].float().topk(3).indices.tolist()
+        # The draft's most probable first token and the target's most probable token after it:
+        # their bigram is banned, on the row after an accepted draft as in the next round.
+        drafted = int(draft(ids).logits[0, -1].argmax())
+        after = torch.cat([ids, torch.tensor([[drafted]])], 1)
+        follower = int(target(after).logits[0, -1].argmax())
+    eos = 3
+    masks = dict(
+        no_repeat_ngram_size=1,
+        bad_words_ids=[[likely[2]], [drafted, follower]],
+        sequence_bias={(likely[1],): 1.5},
+        min_new_tokens=2,
+        eos_token_id=eos,
+    )
+    warpers = [TemperatureLogitsWarper(options["temperature"])]
+    if options["top_k"]:
+        warpers.append(TopKLogitsWarper(options["top_k"]))
+    if "epsilon_cutoff" in options:
+        warpers.append(EpsilonLogitsWarper(options["epsilon_cutoff"]))
+    else:
+        warpers.append(EtaLogitsWarper(options["eta_cutoff"]))
+    processors = LogitsProcessorList(
+        [
+            SequenceBiasLogitsProcessor(masks["sequence_bias"]),
+            NoRepeatNGramLogitsProcessor(1),
+            NoBadWordsLogitsProcessor(masks["bad_words_ids"], eos),
+            MinNewTokensLengthLogitsProcessor(ids.shape[1], 2, eos),
+            *warpers,
+        ]
+    )
+    with torch.no_grad():
+        exact = _exact_first_two(target, ids, processors)
+    _check_first_two_drawn(monkeypatch, target, draft, ids, options | masks, exact)
 
 
 def test_seed_reproduces_speculative_sampling_whatever_the_shards():
@@ -270,8 +404,9 @@ BAD = [
     (dict(num_return_sequences=2, do_sample=True), "num_return_sequences: assisted decoding"),
     (dict(return_logprobs=True), "return_logprobs: not available with assisted decoding"),
     (dict(assistant_tokenizer=object()), "assistant_tokenizer: .*universal assisted decoding"),
-    (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size: .*NoRepeatNGramLogitsProcessor"),
-    (dict(do_sample=True, epsilon_cutoff=0.01), "epsilon_cutoff: .*assisted decoding"),
+    (dict(forced_eos_token_id=5), "forced_eos_token_id: .*replaces a whole row"),
+    (dict(forced_bos_token_id=5, do_sample=True), "forced_bos_token_id: .*replaces a whole row"),
+    (dict(typical_p=0.9, do_sample=True), "typical_p: .*needs each step's whole row"),
     (dict(assistant_early_exit=1), "assistant_early_exit: .* early layer"),
     (dict(assistant_ensemble_weight=0.5), "assistant_ensemble_weight: .*ensemble verification"),
     (dict(use_cache=False), "use_cache: assisted decoding needs the model's KV cache"),
