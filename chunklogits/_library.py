@@ -8,9 +8,10 @@ implementation is the public op itself, run eagerly on the real tensors (every c
 bad input fails there as it does eagerly), with autograd off. Their backward is a second custom
 op (``..._backward``) that runs the public op again with autograd on and returns the gradients
 its own backward computes: the engine's code in both directions, no second copy of the math.
-The price is one more forward pass over the blocks in the backward (for a scalar loss with an
-fp32 weight on a device the Triton kernels do not serve, ``grad_in_forward``'s fused pass makes
-that pass the gradient pass itself: no extra GEMM). Eager calls never come here.
+The price is one more pass of GEMMs over the head (``2 N V D`` flops) than eager: the backward's
+own forward pass (the recomputing path's, or ``grad_in_forward``'s fused pass, which computes
+the gradients in it), the first one's statistics not being kept across the graph. Eager calls
+never come here.
 """
 
 from __future__ import annotations
