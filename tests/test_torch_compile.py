@@ -174,13 +174,15 @@ def test_wrapped_model_is_one_graph(one_thread):  # noqa: F811
     "kind, backend", [("llama", "aot_eager"), ("gemma2", "aot_eager"), ("llama", "inductor")]
 )
 def test_compiled_training_steps_are_the_eager_ones(one_thread, kind, backend):  # noqa: F811
-    # Three AdamW steps of the wrapped model compiled whole (fullgraph) and eager: the same loss
+    # Three SGD steps of the wrapped model compiled whole (fullgraph) and eager: the same loss
     # and gradient of every parameter at each step, and the same parameters after. Inductor
     # compiles a layer's kernels for a minute on a busy CPU: one layer there.
     eager = tiny_model(kind, layers=1 if backend == "inductor" else 2)
     model = copy.deepcopy(eager)
     step = torch.compile(model, fullgraph=True, backend=backend)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, eager)]
+    # SGD: an update proportional to the gradient. Adam's g / sqrt(v) turns the last-bit
+    # differences of inductor's fused kernels in a near-zero gradient entry into lr-sized ones.
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, eager)]
     inputs = batch()
     for index in range(3):
         losses = []
