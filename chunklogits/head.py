@@ -98,6 +98,10 @@ class ChunkedLMHead(nn.Linear):
         self.return_logits: bool | None = None
         # Set by ``wrap``: what ``unwrap`` restores (see integrations.transformers).
         self._wrapping = None
+        # Set by a wrapped model's forward while it runs the original one: what a call of the
+        # module runs instead of ``logits`` (a flag read by ``forward``, which torch.compile
+        # traces, where swapping the forward method does not).
+        self._intercept: Callable[[Tensor], Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -116,6 +120,12 @@ class ChunkedLMHead(nn.Linear):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """Plain logits ``F.linear(hidden, weight, bias)``, ``[..., V]`` in the model dtype."""
+        if self._intercept is not None:
+            return self._intercept(hidden)
+        return self.logits(hidden)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``forward``'s plain logits, whatever a wrapped model's forward intercepts."""
         if not isinstance(self.weight, DTensor):
             return F.linear(hidden, self.weight, self.bias)
         if self._wrapping is None:

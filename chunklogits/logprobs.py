@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from . import _library
 from ._blocks import _check_count, plan_head, row_stats
 from ._checks import check_head, check_in_vocab, check_token_tensor, flat_rows, make_transform
 from .distributed import checked_on_every_rank
@@ -59,6 +60,13 @@ def token_logprobs(
         tokens = check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
         flat_tokens = tokens.reshape(-1)
         transform = make_transform(softcap, logit_scale, temperature, hidden)
+        if torch.compiler.is_compiling() and process_group is None and not transform.per_row:
+            # One node of the graph (see chunklogits._library), which checks the token range.
+            logprobs, entropy = _library.token_logprobs(
+                hidden, weight, tokens, bias, transform.temperature, return_entropy,
+                transform.softcap, transform.logit_scale, shards, chunk_size,
+            )  # fmt: skip
+            return (logprobs, entropy) if return_entropy else logprobs
         plan = plan_head(
             flat_tokens.numel(),
             hidden,

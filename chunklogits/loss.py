@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from . import _blocks
+from . import _blocks, _library
 from ._blocks import BlockPlan, RowStats, _check_count, plan_head, row_stats
 from ._checks import (
     check_head,
@@ -192,6 +192,23 @@ def linear_cross_entropy(
                 "grad_in_forward: True does not serve return_token_accuracy=True (the fused pass "
                 "computes no top-k statistic); use grad_in_forward=None or False"
             )
+        extras = return_z_loss or return_token_accuracy
+        # (A temperature other than 1 is not in the op's schema yet: the engine runs in the trace.)
+        if (
+            torch.compiler.is_compiling()
+            and process_group is None
+            and not extras
+            and not transform.tempered
+        ):
+            # One node of the graph (see chunklogits._library), which checks the label range.
+            # Vocabulary parallelism and the extra outputs run the engine in the trace instead.
+            if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
+                num_items_in_batch = torch.tensor(num_items_in_batch, device=hidden.device)
+            return _library.linear_cross_entropy(
+                hidden, weight, labels, bias, class_weight, num_items_in_batch, shards,
+                chunk_size, ignore_index, reduction, label_smoothing, z_loss,
+                transform.softcap, transform.logit_scale, shift, grad_in_forward,
+            )  # fmt: skip
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
         transform = transform.selected(rows.index)
         vocab_slice = ranks.agree(rows.hidden2d, weight, bias, transform, rows.targets, "labels")

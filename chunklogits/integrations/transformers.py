@@ -91,7 +91,7 @@ class _Wrapping:
     def original_forward(self, model: nn.Module) -> Callable:
         if self.instance_methods["forward"] is not None:
             return self.instance_methods["forward"]
-        return types.MethodType(type(model).forward, model)
+        return functools.partial(type(model).forward, model)  # torch.compile traces a partial
 
 
 def logit_transform(config) -> dict[str, float | None]:
@@ -574,13 +574,28 @@ def _forward_recording(model: nn.Module, head, kwargs: dict, *, keep_logits: boo
 
 
 def _module_forward(module: nn.Module) -> Callable:
-    """The forward a call of ``module`` runs (an instance's own, else its class's)."""
-    return module.__dict__.get("forward") or types.MethodType(type(module).forward, module)
+    """The forward a call of ``module`` runs (an instance's own, else its class's; a
+    ``ChunkedLMHead``'s logits, whatever it intercepts)."""
+    from ..head import ChunkedLMHead
+
+    if isinstance(module, ChunkedLMHead):
+        return module.logits
+    return module.__dict__.get("forward") or functools.partial(type(module).forward, module)
 
 
 @contextmanager
 def _intercepted(module: nn.Module, replacement: Callable) -> Iterator[None]:
-    """Within the block, calling ``module`` (its hooks included) runs ``replacement``."""
+    """Within the block, calling ``module`` (its hooks included) runs ``replacement``: through
+    a ``ChunkedLMHead``'s flag (torch.compile traces it), else by swapping the forward."""
+    from ..head import ChunkedLMHead
+
+    if isinstance(module, ChunkedLMHead):
+        module._intercept = replacement
+        try:
+            yield
+        finally:
+            module._intercept = None
+        return
     saved = module.__dict__.get("forward")
     module.forward = replacement
     try:
