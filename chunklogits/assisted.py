@@ -24,6 +24,13 @@ The target's head meets the ``g + 1`` new hidden states one vocabulary block at 
 
 No ``[g, V]`` logits of either model exist, only ``[rows, V / shards]`` blocks; prompt lookup's
 candidate check is ``generate()``'s own (its processors on a ``[1, V]`` tensor of ones).
+
+A target head parallelised with ``ColwiseParallel`` (``distributed.local_head``): the checks run
+``sample_next`` over the process group; speculative sampling's passes run over this rank's slice
+and merge their per-row results over the ranks (``sampling._merge_ranks``: log-sums, the token's
+log-prob from its rank, the race's largest key and its token). A replicated draft head races
+over its rows of the rank's slice (its ``q`` from the whole head, as its draws); a parallelised
+one must hold the target's slice.
 """
 
 from __future__ import annotations
