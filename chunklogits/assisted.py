@@ -24,12 +24,20 @@ The target's head meets the ``g + 1`` new hidden states one vocabulary block at 
 
 No ``[g, V]`` logits of either model exist, only ``[rows, V / shards]`` blocks; prompt lookup's
 candidate check is ``generate()``'s own (its processors on a ``[1, V]`` tensor of ones).
+
+A target head parallelised with ``ColwiseParallel`` (``distributed.local_head``): the checks run
+``sample_next`` over the process group; speculative sampling's passes run over this rank's slice
+and merge their per-row results over the ranks (``sampling._merge_ranks``: log-sums, the token's
+log-prob from its rank, the race's largest key and its token). A replicated draft head races
+over its rows of the rank's slice (its ``q`` from the whole head, as its draws); a parallelised
+one must hold the target's slice.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -37,6 +45,7 @@ from torch import Tensor, nn
 
 from ._blocks import plan_blocks
 from ._checks import make_transform
+from .distributed import VocabSlice, local_head
 from .generate import (
     _base_model,
     _head_of,
@@ -52,8 +61,10 @@ from .sampling import (
     _gumbel,
     _log_sum_state,
     _log_sum_stats,
+    _merge_ranks,
     _noise_key,
     _Problem,
+    _Scan,
     _thresholds,
     _token_bias,
     randomness,
@@ -111,7 +122,7 @@ def assisted_decode(
     ``token_bias``: ``decode``'s ``_TokenBias`` of ``logits_processor``; the other arguments as
     ``decode`` receives them.
     """
-    _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs, head)
+    _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs)
     if return_logprobs:
         raise ValueError(
             "return_logprobs: not available with assisted decoding (assistant_model= or "
@@ -119,11 +130,13 @@ def assisted_decode(
         )
     options = _sampling_options(logits_processor, bool(generation_config.do_sample))
     generator = randomness(seed, generator, input_ids.device)
-    vocab = head["weight"].shape[0]
+    group = head["process_group"]
+    vocab_slice = None if group is None else VocabSlice.of(group, head["weight"].shape[0])
+    vocab = head["weight"].shape[0] if vocab_slice is None else vocab_slice.vocab
     if generation_config.prompt_lookup_num_tokens is not None:
         drafter = _PromptLookupDrafts(generation_config, logits_processor, model)
     elif assistant is not None:
-        drafter = _AssistantDrafts(assistant, generation_config, model_kwargs, vocab)
+        drafter = _AssistantDrafts(assistant, generation_config, model_kwargs, vocab, vocab_slice)
     else:
         raise ValueError(
             "assistant_model: generate() hands no assistant to a custom_generate loop; call "
@@ -134,9 +147,21 @@ def assisted_decode(
     if speculative:
         # The residual draw walks both heads' blocks side by side: the same vocabulary shards.
         shards = shards or max(_default_shards(head["weight"]), _default_shards(drafter.weight))
+        if vocab_slice is not None and seed is None:
+            # Every rank must draw the same drafts, acceptances and races: a seed from rank 0's
+            # generator (the key sample_next would broadcast) seeds one generator on each.
+            key = vocab_slice.broadcast_first_(_noise_key(generator, input_ids.device))
+            generator = randomness(int(key[0]) * 2**32 + int(key[1]), None, input_ids.device)
     head = dict(head, shards=shards)
     context = _Context(
-        input_ids, model_kwargs, options, generator, generation_config, head, token_bias
+        input_ids,
+        model_kwargs,
+        options,
+        generator,
+        generation_config,
+        head,
+        vocab_slice,
+        token_bias,
     )
     cache = model_kwargs.get("cache")
     cache.activate_past_recording(recurrent_states_to_keep=drafter.count)
@@ -179,7 +204,7 @@ def assisted_decode(
     return input_ids
 
 
-def _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs, head):
+def _refuse_unsupported(input_ids, logits_processor, generation_config, model_kwargs):
     if generation_config.num_return_sequences > 1:
         raise ValueError(
             "num_return_sequences: assisted decoding returns one sequence, as generate() does; "
@@ -206,11 +231,6 @@ def _refuse_unsupported(input_ids, logits_processor, generation_config, model_kw
                 f"({type(processor).__name__}); use model.generate for it, or decode without "
                 "an assistant"
             )
-    if head["process_group"] is not None:
-        raise ValueError(
-            "model: assisted decoding with a vocabulary-parallel head (ColwiseParallel) is not "
-            "supported; gather the head or decode without an assistant"
-        )
     if model_kwargs.get("cache") is None or not model_kwargs.get("use_cache", True):
         raise ValueError(
             "use_cache: assisted decoding needs the model's KV cache (use_cache=True and a "
@@ -230,13 +250,23 @@ class _Drafts(NamedTuple):
 
 class _Context:
     """What every round reads: the sampling options, the randomness, the stop rules, the tokens
-    the repetition penalty sees (the prompt but its left padding, then all tokens), and the
-    processors that mask or bias a few tokens (``token_bias``, ``generate._TokenBias``)."""
+    the repetition penalty sees (the prompt but its left padding, then all tokens), the
+    processors that mask or bias a few tokens (``token_bias``, ``generate._TokenBias``), and the
+    target's head: ``sample_next``'s arguments and, over a process group, this rank's slice."""
 
     def __init__(
-        self, input_ids, model_kwargs, options, generator, generation_config, head, token_bias
+        self,
+        input_ids,
+        model_kwargs,
+        options,
+        generator,
+        generation_config,
+        head,
+        vocab_slice,
+        token_bias,
     ):
         self.options, self.generator, self.head = options, generator, head
+        self.vocab_slice = vocab_slice
         self.token_bias = token_bias
         self.max_length = generation_config.max_length
         self.eos = generation_config._eos_token_tensor  # set by generate(), None without eos
@@ -325,7 +355,14 @@ class _AssistantDrafts:
     eos or, with ``assistant_confidence_threshold``, after a token it gave a probability below
     the threshold; ``num_assistant_tokens_schedule`` adapts the count after each round."""
 
-    def __init__(self, assistant: nn.Module, generation_config, model_kwargs: dict, vocab: int):
+    def __init__(
+        self,
+        assistant: nn.Module,
+        generation_config,
+        model_kwargs: dict,
+        vocab: int,
+        target_slice: VocabSlice | None,
+    ):
         from transformers import DynamicCache
         from transformers.generation.candidate_generator import is_sklearn_available
 
@@ -339,14 +376,29 @@ class _AssistantDrafts:
             weight, bias, softcap, logit_scale = _head_of(assistant)
         except TypeError as error:
             raise TypeError(f"assistant_model: {error}") from None
-        if weight.shape[0] != vocab:
+        if weight.shape[0] != vocab:  # a DTensor's shape is the whole head's
             raise ValueError(
                 f"assistant_model: expected a head over the target's {vocab} tokens, got "
                 f"{weight.shape[0]}; drafts from another tokenizer (universal assisted decoding, "
                 "assistant_tokenizer=) are not supported"
             )
+        # A ColwiseParallel head: this rank's slice, which must be the target's (the residual's
+        # race walks both heads' blocks side by side); a replicated one: the whole head.
+        weight, bias, group = local_head(weight, bias)
+        self.vocab_slice = None if group is None else VocabSlice.of(group, weight.shape[0])
+        where = [
+            (part.start, part.size) if part else None for part in (self.vocab_slice, target_slice)
+        ]
+        if self.vocab_slice is not None and where[0] != where[1]:
+            raise ValueError(
+                "assistant_model: expected a vocabulary-parallel head sharded as the target's "
+                f"(rows [start, start + size) of the vocabulary on this rank: {where[1]}), got "
+                f"{where[0]}"
+            )
         self.model, self.weight = assistant, weight
-        self.head = dict(weight=weight, bias=bias, softcap=softcap, logit_scale=logit_scale)
+        self.head = dict(
+            weight=weight, bias=bias, softcap=softcap, logit_scale=logit_scale, process_group=group
+        )
         config = copy.deepcopy(assistant.generation_config)
         config.update(**config._get_default_generation_params(), defaults_only=True)
         self.count = config.num_assistant_tokens
@@ -456,9 +508,17 @@ def _default_shards(weight: Tensor) -> int:
     return len(plan.shards)
 
 
-def _problem(hidden: Tensor, head: dict, options: dict, prev: Tensor | None, bias: dict):
+def _problem(
+    hidden: Tensor,
+    head: dict,
+    options: dict,
+    prev: Tensor | None,
+    bias: dict,
+    vocab_slice: VocabSlice | None,
+):
     """``sample_next``'s problem (``_Problem``) for sampling ``hidden`` ``[n, D]`` with
-    ``options`` and ``bias`` (``{"logit_bias": (tokens, values)}`` ``[n, K]``, or empty)."""
+    ``options`` and ``bias`` (``{"logit_bias": (tokens, values)}`` ``[n, K]``, or empty), over
+    this rank's ``vocab_slice`` of the head when given."""
     penalty = float(options["repetition_penalty"])
     return _Problem(
         hidden=hidden,
@@ -473,6 +533,7 @@ def _problem(hidden: Tensor, head: dict, options: dict, prev: Tensor | None, bia
         chunk_size=None,
         want_raw=False,
         logit_bias=_token_bias(bias.get("logit_bias"), False, hidden),
+        vocab_slice=vocab_slice,
     )
 
 
@@ -520,8 +581,14 @@ def _warped(problem: _Problem, options: dict, tokens: Tensor | None = None):
             inside = (column >= 0) & (column < y.shape[1])
             value = kept.gather(1, column.clamp(0, y.shape[1] - 1)[:, None]).squeeze(1)
             picked[r0:r1] = torch.where(inside, value, picked[r0:r1])
-    _check_rows(row_max)
     stats = _log_sum_stats(log_sum)
+    if problem.vocab_slice is not None:
+        # The whole vocabulary's maximum and log-sum, the token's log-prob from its rank (-inf
+        # on the others, whose slices do not hold it).
+        s = _Scan(row_max=row_max, lse=stats, win_val=None if tokens is None else picked)
+        _merge_ranks(problem.vocab_slice, s, s.win_val)
+        row_max, stats, picked = s.row_max, s.lse, s.win_val
+    _check_rows(row_max)
     warped = _Warped(tau, tau_index, stats.lse)
     return warped if tokens is None else (warped, stats.log_softmax_at(picked))
 
@@ -531,7 +598,7 @@ def _speculative_tokens(hidden, prev, bias: dict, drafts: _Drafts, drafter, cont
     residual ``max(0, p - q)`` at the first rejection, or from ``p`` after the last draft
     (``[k]`` tokens). ``prev``, ``bias``: the rows' penalised tokens and token biases."""
     count, device = drafts.tokens.shape[0], hidden.device
-    target = _problem(hidden, context.head, context.options, prev, bias)
+    target = _problem(hidden, context.head, context.options, prev, bias, context.vocab_slice)
     padded = torch.cat([drafts.tokens, drafts.tokens.new_full((1,), -1)])
     p, logp = _warped(target, context.options, padded)
     source = device if context.generator is None else context.generator.device
@@ -551,8 +618,21 @@ def _speculative_tokens(hidden, prev, bias: dict, drafts: _Drafts, drafter, cont
         row = slice(kept, kept + 1)
         draft_prev = None if prev is None else prev[row]
         draft_bias = {name: (tokens[row], values[row]) for name, (tokens, values) in bias.items()}
-        draft = _problem(drafts.hidden[row], head, context.options, draft_prev, draft_bias)
-        token = _race(key, target, p, kept, draft, _warped(draft, context.options))
+        draft = _problem(
+            drafts.hidden[row], head, context.options, draft_prev, draft_bias, drafter.vocab_slice
+        )
+        q = _warped(draft, context.options)
+        if drafter.vocab_slice is None and target.vocab_slice is not None:
+            # A replicated draft head: the race walks its rows of the target rank's slice.
+            part = target.vocab_slice
+            start, end = part.start, part.start + part.size
+            draft = replace(
+                draft,
+                weight=draft.weight[start:end],
+                bias=None if draft.bias is None else draft.bias[start:end],
+                vocab_slice=target.vocab_slice,
+            )
+        token = _race(key, target, p, kept, draft, q)
     return torch.cat([drafts.tokens[:kept], token])
 
 
@@ -585,5 +665,10 @@ def _race(key, target: _Problem, p: _Warped, row: int, draft=None, q: _Warped | 
         better = value > best
         best = torch.where(better, value, best)
         winner = torch.where(better, column + v0, winner)
+    if target.vocab_slice is not None:
+        # The largest key over the ranks, and its token (the lowest rank's among equal keys).
+        s = _Scan(win_idx=winner, win_val=best)
+        _merge_ranks(target.vocab_slice, s, best)
+        winner, best = s.win_idx, s.win_val
     # The residual has mass whenever a draft was rejected, but for rounding (p == q).
     return winner[:1] if bool(best[0] > -math.inf) else winner[1:]

@@ -67,6 +67,17 @@ class VocabSlice:
     def __init__(self, group: dist.ProcessGroup, start: int, size: int, vocab: int):
         self.group, self.start, self.size, self.vocab = group, start, size, vocab
 
+    @classmethod
+    def of(cls, group: dist.ProcessGroup, size: int) -> VocabSlice:
+        """This rank's slice of a head of which each rank of ``group`` holds ``size`` entries,
+        the slices following one another in group-rank order (one ``all_gather`` of the
+        sizes)."""
+        mine = torch.tensor([size], dtype=torch.long, device=_collective_device(group))
+        sizes = mine.new_empty(dist.get_world_size(group))
+        _all_gather_single(sizes, mine, group=group)
+        sizes = sizes.tolist()
+        return cls(group, sum(sizes[: dist.get_rank(group)]), size, sum(sizes))
+
     def combine(self, stats: RowStats) -> RowStats:
         """The whole vocabulary's statistics from every rank's (see the module doc)."""
         row_max = stats.max.clone()

@@ -9,6 +9,7 @@ vs the naive computation in the same dtype).
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from transformers import LlamaForCausalLM
 
 import chunklogits
-from chunklogits import reference, sampling
+from chunklogits import assisted, reference, sampling
 from chunklogits.distributed import local_head
 from tests.helpers import (
     assert_accuracy_within_rounding,
@@ -36,6 +37,7 @@ from tests.helpers import (
     run_ranks,
     tiny_llama_config,
 )
+from tests.test_assisted import _Rounds
 
 WORLDS = (2, 3)
 _DIM = 24
@@ -724,6 +726,7 @@ def _worker(rank: int, world: int) -> dict:
     results["masked_slice"] = _masked_slice(rank, world)
     results["decisions"] = _decisions(rank, world)
     if world == 2:
+        results["assisted"] = _assisted(rank, world)
         results["fsdp2"] = _fsdp2_losses(rank, world)
         for tied in (False, True):
             results[f"fsdp2_wrapped_llama_tied={tied}"] = _fsdp2_wrapped_llama_losses(
@@ -812,6 +815,71 @@ def _head_draws(world: int | None) -> dict:
 
 
 _HEAD_OPTIONS = (dict(top_k=20, temperature=0.8), dict(top_k=0, top_p=0.9), dict(do_sample=False))
+
+
+def _assistant(parallel_world: int | None = None):
+    """``_llama()`` with noise on every weight (it agrees with it on most tokens, not all), its
+    lm_head parallelised like ``_llama``'s over ``parallel_world`` ranks when given."""
+    draft = _llama()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn_like(parameter) * parameter.std() * 0.3)
+    # Drafts of up to 4 tokens, not cut short after a token of low probability (all of this
+    # random model's are).
+    draft.generation_config.update(num_assistant_tokens=4, assistant_confidence_threshold=0.0)
+    if parallel_world is not None:
+        mesh = init_device_mesh("cpu", (parallel_world,))
+        parallelize_module(draft, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    return draft
+
+
+_ASSISTED = dict(max_new_tokens=16, pad_token_id=0)
+_SPECULATIVE = (
+    dict(seed=0, top_k=20, temperature=0.8),
+    dict(seed=1, top_p=0.9),
+    dict(seed=2, top_k=50, top_p=0.8, temperature=1.3),
+)
+
+
+def _assisted_prompt(repeats: int = 1) -> torch.Tensor:
+    return torch.randint(3, 301, (1, 6), generator=torch.Generator().manual_seed(6)).repeat(
+        1, repeats
+    )
+
+
+def _assisted_runs(target, draft) -> dict:
+    """Greedy decoding with ``draft`` and with prompt lookup, and speculative sampling with
+    ``draft`` for each of ``_SPECULATIVE``'s seeds and options (a fresh copy of the draft each
+    time: its config keeps no state from one call to the next)."""
+
+    def run(prompt, **options):
+        return chunklogits.sample(target, prompt, **_ASSISTED, **options)
+
+    return {
+        "greedy": run(_assisted_prompt(), assistant_model=copy.deepcopy(draft), do_sample=False),
+        "lookup": run(_assisted_prompt(3), prompt_lookup_num_tokens=3, do_sample=False),
+        "speculative": [
+            run(_assisted_prompt(), assistant_model=copy.deepcopy(draft), do_sample=True, **o)
+            for o in _SPECULATIVE
+        ],
+    }
+
+
+def _assisted(rank: int, world: int) -> dict:
+    """Assisted decoding with a ColwiseParallel target head, the draft's head replicated or
+    parallelised too; and speculative sampling without a seed, each rank's default generator
+    seeded differently."""
+    target = _llama(world)
+    torch.manual_seed(rank)
+    unseeded = chunklogits.sample(
+        target, _assisted_prompt(), assistant_model=_assistant(), do_sample=True, **_ASSISTED
+    )
+    return {
+        "replicated": _assisted_runs(target, _assistant()),
+        "parallel": _assisted_runs(target, _assistant(world)),
+        "unseeded": unseeded,
+    }
 
 
 def _wrapped_parallel_llama(rank: int, world: int) -> dict:
@@ -992,3 +1060,39 @@ def test_accuracy_and_topk_logprobs_match_single_process(name, world):
         assert_as_accurate(
             values, naive_logp.gather(-1, indices), exact_logp.gather(-1, indices), dtype, where
         )
+
+
+def test_assisted_decoding_with_a_colwise_parallel_lm_head(monkeypatch):
+    """Greedy decoding with an assistant and with prompt lookup as generate()'s, speculative
+    sampling as one process's for each seed, over a target head parallelised on 2 ranks with a
+    replicated or a parallelised draft head; without a seed, every rank draws alike."""
+    world = 2
+    target, draft = _llama(), _assistant()
+    with torch.no_grad():
+        expected = {
+            "greedy": target.generate(
+                _assisted_prompt(),
+                assistant_model=copy.deepcopy(draft),
+                do_sample=False,
+                **_ASSISTED,
+            ),
+            "lookup": target.generate(
+                _assisted_prompt(3), prompt_lookup_num_tokens=3, do_sample=False, **_ASSISTED
+            ),
+        }
+    rounds = _Rounds(monkeypatch, assisted._AssistantDrafts)
+    single = _assisted_runs(target, draft)
+    rounds.assert_drafts_were_kept_and_rejected()
+    assert torch.equal(single["greedy"], expected["greedy"])
+    assert torch.equal(single["lookup"], expected["lookup"])
+    ranks = [results["assisted"] for results in _ranks(world)]
+    for rank, results in enumerate(ranks):
+        for head in ("replicated", "parallel"):
+            ours, where = results[head], f"{head} draft head, rank {rank} of {world}"
+            for name in ("greedy", "lookup"):
+                assert torch.equal(ours[name], expected[name]), f"{name}, {where}"
+            pairs = zip(_SPECULATIVE, ours["speculative"], single["speculative"], strict=True)
+            for options, got, one in pairs:
+                assert torch.equal(got, one), f"{options}, {where}: {got} vs {one}"
+    assert torch.equal(ranks[0]["unseeded"], ranks[1]["unseeded"])
+    assert ranks[0]["unseeded"].shape[1] > _assisted_prompt().shape[1]
