@@ -424,10 +424,12 @@ def sequence_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    **model_inputs,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """From the model's full logits: ``log_softmax(logits[:, :-1].float() / T)`` at the next
-    tokens (and the entropy), 0 where ``attention_mask[:, 1:] == 0``."""
-    z = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    """From the model's full logits (given ``model_inputs`` too, such as ``pixel_values``):
+    ``log_softmax(logits[:, :-1].float() / T)`` at the next tokens (and the entropy), 0 where
+    ``attention_mask[:, 1:] == 0``."""
+    z = model(input_ids=input_ids, attention_mask=attention_mask, **model_inputs).logits[:, :-1]
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
     logp = z.log_softmax(-1)
     results = (logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1))

@@ -1,0 +1,257 @@
+"""Vision-language models (transformers' ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``, which
+TRL's SFT trains) through chunklogits, on image inputs laid out as each family's processor lays
+them out: image tokens at the config's image token id in ``input_ids``, the pixels (and Qwen-VL's
+patch grid, Mllama's tiles and aspect ratios) beside them, labels -100 on the image tokens as SFT
+sets them, and a right-padded row:
+
+* ``ChunkedLMHead.wrap``: the training loss and every parameter's gradient, vision tower
+  included, against the unwrapped model (accuracy rule against the fp64 model), fp32 and bf16;
+* ``generate`` of the wrapped model gives the unwrapped model's greedy tokens, and ``cl.sample``
+  greedy gives them too;
+* ``cl.sequence_logprobs`` against the log-softmax of the unwrapped model's logits.
+
+The sweep then builds every class of the mapping from a tiny config (``test_architectures``'
+machinery) and checks that it passes ``test_architectures``' checks or is refused by name. Those
+checks are text-only (token ids without images): image inputs cannot be built generically (each
+family lays out its pixels, patch grids, tiles and image tokens its own way), so the sweep checks
+the head, its transform and its loss on text, and the tests above check the image path of the
+families in ``BUILDERS``. By default a subset runs (``FAST``); ``CHUNKLOGITS_ALL_ARCHITECTURES=1``
+runs the whole mapping.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+import chunklogits as cl
+from chunklogits import reference
+from tests.helpers import one_thread, seeded
+from tests.test_architectures import _PROCESSOR_REFUSAL, outcome, tiny_config
+from tests.test_transformers import _compare_with_unwrapped
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+
+MAPPING = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+# Image-side token ids of the tiny models, inside their vocabulary of 99.
+IMAGE, START, END = 97, 95, 94
+
+
+def _model(model_type: str, config):
+    torch.manual_seed(0)
+    return getattr(transformers, MAPPING[model_type])(config).float().train()
+
+
+def _pixels(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=seeded(2))
+
+
+def _ids(length: int) -> torch.Tensor:
+    return torch.randint(3, 90, (2, length), generator=seeded(1))
+
+
+def _square_vision(config, size: int = 32, patch: int = 8) -> None:
+    """A ``size`` x ``size`` image of ``patch`` x ``patch`` patches."""
+    config.vision_config.image_size, config.vision_config.patch_size = size, patch
+
+
+def _gemma3():
+    config = tiny_config("gemma3")
+    config.image_token_index, config.boi_token_index, config.eoi_token_index = IMAGE, START, END
+    config.mm_tokens_per_image = 4  # 16 patches pooled to 2 x 2
+    _square_vision(config)
+    ids = _ids(12)
+    ids[:, 1], ids[:, 2:6], ids[:, 6] = START, IMAGE, END
+    # Gemma-3's processor marks the image tokens (bidirectional attention among them).
+    token_types = (ids == IMAGE).long()
+    return config, ids, {"pixel_values": _pixels(2, 3, 32, 32), "token_type_ids": token_types}
+
+
+def _llava(model_type: str):
+    def build():
+        config = tiny_config(model_type)
+        config.image_token_index, config.image_seq_length = IMAGE, 16
+        _square_vision(config)
+        ids = _ids(20)
+        ids[:, 1:17] = IMAGE  # one token per patch (the CLS feature dropped)
+        return config, ids, {"pixel_values": _pixels(2, 3, 32, 32)}
+
+    return build
+
+
+def _paligemma():
+    config = tiny_config("paligemma")
+    config.image_token_index = IMAGE
+    _square_vision(config)
+    config.vision_config.num_image_tokens = config.text_config.num_image_tokens = 16
+    config.projection_dim = config.vision_config.projection_dim = config.text_config.hidden_size
+    ids = _ids(20)
+    ids[:, :16] = IMAGE  # the image first, then the prefix, then the suffix
+    token_types = torch.zeros_like(ids)
+    token_types[:, 18:] = 1  # the suffix, the part trained on
+    return config, ids, {"pixel_values": _pixels(2, 3, 32, 32), "token_type_ids": token_types}
+
+
+def _qwen_vl(model_type: str):
+    def build():
+        config = tiny_config(model_type)
+        config.image_token_id, config.vision_start_token_id, config.vision_end_token_id = (
+            IMAGE,
+            START,
+            END,
+        )
+        config.video_token_id = 96
+        vision = config.vision_config
+        vision.depth, vision.num_heads, vision.intermediate_size = 2, 4, 64
+        vision.embed_dim = vision.hidden_size = 32
+        vision.out_hidden_size = config.text_config.hidden_size
+        if hasattr(vision, "fullatt_block_indexes"):
+            vision.fullatt_block_indexes = [1]
+        # One image of 4 x 4 patches, merged 2 x 2 into 4 tokens.
+        ids = _ids(12)
+        ids[:, 2], ids[:, 3:7], ids[:, 7] = START, IMAGE, END
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        return (
+            config,
+            ids,
+            {
+                "pixel_values": _pixels(2 * 16, patch),
+                "image_grid_thw": torch.tensor([[1, 4, 4]] * 2),
+                "mm_token_type_ids": (ids == IMAGE).long(),
+            },
+        )
+
+    return build
+
+
+def _idefics3():
+    config = tiny_config("idefics3")
+    config.image_token_id, config.scale_factor = IMAGE, 2
+    _square_vision(config)
+    ids = _ids(10)
+    ids[:, 2:6] = IMAGE  # 16 patches, pixel-shuffled by 2 into 4 tokens
+    return config, ids, {"pixel_values": _pixels(2, 1, 3, 32, 32)}
+
+
+def _mllama():
+    config = tiny_config("mllama")
+    config.image_token_index = IMAGE
+    vision = config.vision_config
+    vision.image_size, vision.patch_size, vision.max_num_tiles = 16, 8, 2
+    vision.num_global_layers, vision.intermediate_layers_indices = 1, [0]
+    vision.vision_output_dim = 2 * vision.hidden_size  # the last and one intermediate layer
+    vision.supported_aspect_ratios = [[1, 1], [1, 2]]
+    config.text_config.cross_attention_layers = [1]
+    ids = _ids(10)
+    ids[:, 1] = IMAGE
+    # Every token after the image attends to both of its tiles.
+    cross_attention_mask = torch.zeros(2, 10, 1, 2, dtype=torch.long)
+    cross_attention_mask[:, 1:] = 1
+    return config, ids, {
+        "pixel_values": _pixels(2, 1, 2, 3, 16, 16),
+        "aspect_ratio_ids": torch.tensor([[2], [2]]),  # [1, 2]: two tiles side by side
+        "aspect_ratio_mask": torch.ones(2, 1, 2, dtype=torch.long),
+        "cross_attention_mask": cross_attention_mask,
+    }
+
+
+# {model type: () -> (config, input_ids [2, T], image inputs)}.
+BUILDERS = {
+    "gemma3": _gemma3,
+    "llava": _llava("llava"),
+    "paligemma": _paligemma,
+    "qwen2_vl": _qwen_vl("qwen2_vl"),
+    "qwen2_5_vl": _qwen_vl("qwen2_5_vl"),
+    "idefics3": _idefics3,
+    "mllama": _mllama,
+}
+
+
+def _batch(model_type: str):
+    """``(config, input_ids, attention_mask, labels, image inputs)``: labels -100 on the image
+    tokens and on the padding (the last two positions of the second row)."""
+    config, input_ids, images = BUILDERS[model_type]()
+    mask = torch.ones_like(input_ids)
+    mask[1, -2:] = 0
+    image_side = torch.isin(input_ids, torch.tensor([IMAGE, START, END]))
+    labels = input_ids.masked_fill(image_side | (mask == 0), -100)
+    return config, input_ids, mask, labels, images
+
+
+def _in_dtype(images: dict, model) -> dict:
+    """The floating-point image inputs in the model's dtype, as a processor's output is cast."""
+    return {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in images.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", sorted(BUILDERS))
+def test_loss_and_every_gradient_match_the_unwrapped_model(model_type, dtype):
+    config, input_ids, mask, labels, images = _batch(model_type)
+
+    def run(name, model):
+        images_in = _in_dtype(images, model)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, **images_in).loss
+        return {"loss": loss}, loss
+
+    exact = _model(model_type, config).double()
+    _compare_with_unwrapped(model_type, dtype, run, exact=exact, shards=3)
+
+
+@pytest.mark.parametrize("model_type", sorted(BUILDERS))
+def test_sequence_logprobs_with_images(model_type):
+    config, input_ids, mask, _, images = _batch(model_type)
+    weights = torch.randn(2, input_ids.shape[1] - 1, generator=seeded(8))
+
+    def run(name, model):
+        compute = cl.sequence_logprobs if name == "ours" else reference.sequence_logprobs
+        logprobs, entropy = compute(
+            model, input_ids, mask, temperature=0.7, return_entropy=True, **images
+        )
+        objective = (logprobs * weights).sum() + (entropy * weights.flip(1)).sum()
+        return {"logprobs": logprobs, "entropy": entropy}, objective
+
+    exact = _model(model_type, config).double()
+    _compare_with_unwrapped(model_type, torch.float32, run, exact=exact, shards=2)
+
+
+@pytest.mark.parametrize("model_type", sorted(BUILDERS))
+def test_generate_unchanged_and_sample_greedy_equals_generate(model_type):
+    config, input_ids, _, _, images = _batch(model_type)
+    model = _model(model_type, config).eval()
+    wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+    options = {"max_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        expected = model.generate(input_ids, **images, **options)
+        assert expected.shape == (2, input_ids.shape[1] + 4)
+        assert torch.equal(wrapped.generate(input_ids, **images, **options), expected)
+        for each in (model, wrapped):
+            assert torch.equal(cl.sample(each, input_ids, **images, **options), expected)
+        # The image inputs reach the prefill: other pixels, other tokens, in both.
+        others = {**images, "pixel_values": 3 * images["pixel_values"].flip(0)}
+        changed = model.generate(input_ids, **others, **options)
+        assert torch.equal(cl.sample(model, input_ids, **others, **options), changed)
+
+
+def test_a_text_config_transform_the_forward_ignores():
+    """transformers 5.x's Gemma3ForConditionalGeneration does not apply its text config's
+    final_logit_softcapping (Gemma3ForCausalLM does): the wrapped model and cl.sample follow the
+    forward, which the probe shows applies none."""
+    config, input_ids, mask, labels, images = _batch("gemma3")
+    config.text_config.final_logit_softcapping = 0.5
+    model = _model("gemma3", config)
+    wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+    assert wrapped.lm_head.softcap is None
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, **images}
+    torch.testing.assert_close(wrapped(**inputs).loss, model(**inputs).loss)
+    model.eval()
+    with torch.no_grad():
+        expected = model.generate(input_ids, **images, max_new_tokens=3, do_sample=False)
+        got = cl.sample(model, input_ids, **images, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+    text_model = transformers.Gemma3ForCausalLM(config.text_config)
+    assert cl.ChunkedLMHead.wrap(text_model).lm_head.softcap == 0.5
