@@ -154,7 +154,7 @@ def _shrunk(config_class, defaults=None):
         arguments["num_key_value_heads"] = _TINY["num_attention_heads"]
     rope = values.get("rope_parameters")
     mrope = "mrope_section" in getattr(config_class, "ignore_keys_at_rope_validation", ())
-    if isinstance(rope, dict) and (mrope or "mrope_section" in rope):
+    if isinstance(rope, dict) and rope and (mrope or "mrope_section" in rope):
         # Multimodal RoPE: (time, height, width) sections of the tiny heads' rotary half (the
         # models' default sections are the full-size heads').
         partial = rope.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0))
@@ -397,14 +397,25 @@ def outcome(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) -> dict[
 _PROCESSOR_REFUSAL = "chunklogits.sample reproduces the logits processors of"
 
 
-@pytest.mark.parametrize("model_type", ENTRIES)
-def test_passes_or_is_refused_by_name(model_type):
-    if model_type in CANNOT_BUILD:
-        pytest.skip(f"cannot build {model_type}: {CANNOT_BUILD[model_type]}")
-    refusals = outcome(model_type)
+def assert_passes_or_is_refused_by_name(
+    model_type: str,
+    mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    refused=REFUSED,
+    cannot_build=CANNOT_BUILD,
+) -> None:
+    """``outcome`` of ``model_type``'s class in ``mapping`` is the refusals ``refused`` lists
+    for it (none: it passes); skipped with the reason ``cannot_build`` gives for it."""
+    if model_type in cannot_build:
+        pytest.skip(f"cannot build {model_type}: {cannot_build[model_type]}")
+    refusals = outcome(model_type, mapping)
     if _PROCESSOR_REFUSAL in refusals.get("sample", ""):
         del refusals["sample"]
-    expected = REFUSED.get(model_type, {})
+    expected = refused.get(model_type, {})
     assert sorted(refusals) == sorted(expected), refusals
     for what, fragment in expected.items():
         assert fragment in refusals[what], refusals[what]
+
+
+@pytest.mark.parametrize("model_type", ENTRIES)
+def test_passes_or_is_refused_by_name(model_type):
+    assert_passes_or_is_refused_by_name(model_type)

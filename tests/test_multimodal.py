@@ -32,7 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 import chunklogits as cl
 from chunklogits import reference
 from tests.helpers import one_thread, seeded
-from tests.test_architectures import _PROCESSOR_REFUSAL, outcome, tiny_config
+from tests.test_architectures import assert_passes_or_is_refused_by_name, tiny_config
 from tests.test_transformers import _compare_with_unwrapped
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -152,12 +152,16 @@ def _mllama():
     # Every token after the image attends to both of its tiles.
     cross_attention_mask = torch.zeros(2, 10, 1, 2, dtype=torch.long)
     cross_attention_mask[:, 1:] = 1
-    return config, ids, {
-        "pixel_values": _pixels(2, 1, 2, 3, 16, 16),
-        "aspect_ratio_ids": torch.tensor([[2], [2]]),  # [1, 2]: two tiles side by side
-        "aspect_ratio_mask": torch.ones(2, 1, 2, dtype=torch.long),
-        "cross_attention_mask": cross_attention_mask,
-    }
+    return (
+        config,
+        ids,
+        {
+            "pixel_values": _pixels(2, 1, 2, 3, 16, 16),
+            "aspect_ratio_ids": torch.tensor([[2], [2]]),  # [1, 2]: two tiles side by side
+            "aspect_ratio_mask": torch.ones(2, 1, 2, dtype=torch.long),
+            "cross_attention_mask": cross_attention_mask,
+        },
+    )
 
 
 # {model type: () -> (config, input_ids [2, T], image inputs)}.
@@ -255,3 +259,132 @@ def test_a_text_config_transform_the_forward_ignores():
     assert torch.equal(got, expected)
     text_model = transformers.Gemma3ForCausalLM(config.text_config)
     assert cl.ChunkedLMHead.wrap(text_model).lm_head.softcap == 0.5
+
+
+def test_sample_refuses_a_generate_that_takes_pixels_first():
+    """BLIP-2's own generate() takes pixel_values first: cl.sample, which hands generate() the
+    token ids first, refuses it by name instead of passing the tokens as pixels."""
+    model = transformers.Blip2ForConditionalGeneration(tiny_config("blip-2")).eval()
+    with pytest.raises(ValueError, match="refuses Blip2ForConditionalGeneration, whose own gen"):
+        cl.sample(model, _ids(5), max_new_tokens=2)
+
+
+# The sweep (text-only, see the module docstring). Entries whose tiny model cannot be built or
+# checked on token ids for reasons outside chunklogits, and why.
+_NO_TINY_CONFIG = "the generic shrinking derives no valid tiny config: "
+CANNOT_BUILD: dict[str, str] = {
+    **dict.fromkeys(
+        ("fast_vlm", "gemma3n", "perception_lm"),
+        "its vision tower (TimmWrapperModel) needs the timm library, not installed",
+    ),
+    "inkling_mm_model": "needs the scipy library, not installed",
+    **dict.fromkeys(("pi0", "pi05"), "an action model without generate()"),
+    "pix2struct": "its own generate() fails on token ids alone (it reads flattened patches)",
+    **dict.fromkeys(
+        ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"),
+        "its own generate() fails: its config has no vision_start_token_id for the RoPE index",
+    ),
+    **{
+        model_type: _NO_TINY_CONFIG + reason
+        for model_type, reason in {
+            "apertus1p5": "its audio tokenizer's codebook_dim must equal its hidden size",
+            "chameleon": "its default config has no vocabulary_map",
+            "emu3": "its default config has no vocabulary_map",
+            "cohere_compass": "KeyError 'full_attention' from its layer-type table",
+            "deepseek_ocr2": "a size left None",
+            "diffusion_gemma": "per_layer_config keys beyond 2 layers",
+            "dots3_note": "per_layer_config keys beyond 2 layers",
+            "gemma4": "per_layer_config keys beyond 2 layers",
+            "gemma4_unified": "per_layer_config keys beyond 2 layers",
+            "ernie4_5_vl_moe": "its 3D RoPE sections of the tiny heads",
+            "paddleocr_vl": "its RoPE sections (an undeclared default) of the tiny heads",
+            "mistral4": "its interleaved RoPE on the tiny latent-attention heads",
+            "granite4_vision": "deepstack_layer_map left None",
+            "granite_docling": "the vision output size must equal the text hidden size",
+            "llava_onevision1_5": "the vision output size must equal the text hidden size",
+            "inkling2": "the vision text_hidden_size must equal the text hidden size",
+            "inkling2_loop": "the vision text_hidden_size must equal the text hidden size",
+            "muse_spark": "the audio output size must equal the text hidden size",
+            "molmo2": "its adapter's vision feature layers beyond 2 layers",
+            "hunyuan_vl": "a RoPE parameter left None",
+            "pp_formulanet": "its base model implements no get_input_embeddings",
+            "qwen4_exp": "its n-gram embedding sizes",
+        }.items()
+    },
+}
+
+# Sample refusals that are the unwrapped model's own generate() failing on token ids alone (the
+# sweep compares with it first): BLIP's family takes pixel_values first (cl.sample refuses it
+# by name, test_sample_refuses_a_generate_that_takes_pixels_first).
+_OWN_GENERATE_PIXELS_FIRST = "not enough values to unpack"
+_FORWARD_NEEDS_IMAGES = "whose forward fails on token ids and labels alone"
+_NO_BASE_MODEL = "expected a transformers causal LM with a base model"
+REFUSED: dict[str, dict[str, str]] = {
+    "blip": {
+        "wrap": "BlipForConditionalGeneration has no output embedding",
+        "sample": _OWN_GENERATE_PIXELS_FIRST,
+    },
+    **{
+        model_type: {
+            "wrap": f"refusing {MAPPING[model_type]}, {_FORWARD_NEEDS_IMAGES}",
+            "sample": _OWN_GENERATE_PIXELS_FIRST,
+        }
+        for model_type in ("blip-2", "instructblip", "instructblipvideo", "kosmos-2")
+    },
+    "idefics": {
+        "wrap": "IdeficsDecoupledLinear, expected a plain",
+        "sample": "Exactly 1 of pixel_values",  # its own generate() needs images
+    },
+    "git": {"wrap": f"refusing GitForCausalLM, {_FORWARD_NEEDS_IMAGES}"},
+    # cl.sample: the decoder is not the model's base model (Llama-4 keeps a whole
+    # Llama4ForCausalLM inside, Kosmos-2.5 its text model), or there is none.
+    "kosmos-2.5": {"sample": _NO_BASE_MODEL},
+    "llama4": {"sample": _NO_BASE_MODEL},
+    "nemotron_h_omni": {
+        "wrap": "NemotronH_Omni_Reasoning_V3 has no output embedding",
+        "sample": _NO_BASE_MODEL,
+    },
+    "muse_glimmer": {
+        "wrap": "is an unknown logit transform applied?",
+        "sample": "refuses MuseGlimmerForConditionalGeneration, whose head it does not reproduce",
+    },
+    "step3p7": {  # its tiny config sets no sliding_window, which its forward needs
+        "wrap": f"refusing Step3p7ForConditionalGeneration, {_FORWARD_NEEDS_IMAGES}",
+        "sample": "Could not find a `sliding_window`",
+    },
+    # Encoder-decoder models.
+    "florence2": {"wrap": "refusing Florence2ForConditionalGeneration (in_features"},
+    "t5gemma2": {
+        "wrap": "T5Gemma2ForConditionalGeneration's loss_function is ForMaskedLMLoss",
+        "sample": "refuses T5Gemma2ForConditionalGeneration, whose head it does not reproduce",
+    },
+    **{
+        model_type: {
+            "wrap": f"refusing {MAPPING[model_type]}, {_FORWARD_NEEDS_IMAGES}",
+            "sample": "`decoder_start_token_id` or `bos_token_id` has to be defined",
+        }
+        for model_type in ("udop", "vision-encoder-decoder")
+    },
+}
+
+ALL = sorted(MAPPING)
+# The default subset: the families of BUILDERS, a text transform the forward ignores
+# (Cohere2-Vision's logit_scale), a class shared by another model type (ShieldGemma-2), the
+# generic multimodal RoPE (GLM-4V), and each kind of refusal. GLM-5-Next (80 s) runs in the
+# full sweep only.
+FAST = [
+    *BUILDERS,
+    "blip-2",
+    "cohere2_vision",
+    "glm4v",
+    "idefics",
+    "llama4",
+    "muse_glimmer",
+    "shieldgemma2",
+]
+ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
+
+
+@pytest.mark.parametrize("model_type", ENTRIES)
+def test_every_class_passes_on_text_or_is_refused_by_name(model_type):
+    assert_passes_or_is_refused_by_name(model_type, MAPPING, REFUSED, CANNOT_BUILD)
