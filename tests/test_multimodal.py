@@ -388,3 +388,91 @@ ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAS
 @pytest.mark.parametrize("model_type", ENTRIES)
 def test_every_class_passes_on_text_or_is_refused_by_name(model_type):
     assert_passes_or_is_refused_by_name(model_type, MAPPING, REFUSED, CANNOT_BUILD)
+
+
+def _llava_processor(words: list[str]):
+    """A LLaVA processor built in memory: a word-level tokenizer over ``words`` with an
+    ``<image>`` token, CLIP's image processing to 32 x 32, 8 x 8 patches (16 image tokens), a
+    chat template that writes ``<image>`` where a message holds an image."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<unk>", "<image>", "user", "assistant", ":"]
+    vocab = {word: i for i, word in enumerate(specials + words)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for m in messages %}{{ m['role'] }} : {% if m['content'] is string %}"
+        "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %} <eos> {% endfor %}"
+    )
+    images = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return transformers.LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS feature, dropped by "default"
+        chat_template=template,
+    )
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_trl_sft_of_a_vision_language_model(wrapped, tmp_path, monkeypatch):
+    """TRL's SFTTrainer on a tiny LLaVA and four in-memory image-and-text conversations, through
+    its vision-language collator (``pixel_values`` and ``<image>`` tokens in every batch):
+    after ``use_chunklogits(trainer)``, of the model or of the model wrapped by
+    ``ChunkedLMHead.wrap`` (whose head it takes), the logged losses and metrics and the
+    parameters are TRL's own run's (fp32, within rounding)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.test_trl import TEXTS, WORDS, _assert_same_logs_and_parameters, _train
+
+    processor = _llava_processor(WORDS)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = tiny_config("llava")
+    config.image_token_index = image_token
+    _square_vision(config)
+    config.text_config.vocab_size = len(processor.tokenizer) + 3
+    config.pad_token_id = 0
+    model = _model("llava", config)
+    pixels = np.random.default_rng(0).integers(0, 255, (len(TEXTS), 32, 32, 3), dtype=np.uint8)
+    dataset = datasets.Dataset.from_dict(
+        {
+            "images": [[Image.fromarray(image)] for image in pixels],
+            "messages": [
+                [{"role": "user", "content": "what"}, {"role": "assistant", "content": text}]
+                for text in TEXTS
+            ],
+        }
+    )
+    batches = []
+
+    def run(ours: bool, model=model):
+        return _train(
+            SFTTrainer, SFTConfig, model, processor, tmp_path, ours, monkeypatch,
+            record=batches, train_dataset=dataset, max_steps=2, bf16=False, max_length=None,
+        )  # fmt: skip
+
+    theirs_model, theirs, engine_theirs, kernel_theirs = run(False)
+    ours_model, ours, engine_ours, kernel_ours = run(
+        True, cl.ChunkedLMHead.wrap(copy.deepcopy(model)) if wrapped else model
+    )
+    assert kernel_theirs > 0 and engine_theirs == 0, "TRL's run: its own kernel computes the head"
+    assert kernel_ours == 0 and engine_ours > 0, "after use_chunklogits: chunklogits' engine does"
+    for batch in batches:
+        assert batch["pixel_values"].shape[1:] == (3, 32, 32)
+        assert ((batch["input_ids"] == image_token).sum(1) == 16).all()
+    logs = _assert_same_logs_and_parameters(ours_model, ours, theirs_model, theirs, rel=2e-5)
+    assert {"loss", "entropy", "mean_token_accuracy"} <= logs[0].keys()
