@@ -137,11 +137,14 @@ def sample(
             "model: expected a transformers causal LM (a GenerationMixin such as "
             f"LlamaForCausalLM), got {type(model).__name__}"
         )
-    first_parameter = next(iter(inspect.signature(model.generate).parameters), None)
-    if first_parameter not in ("inputs", "input_ids"):
+    # A model's own generate() that takes something else first (BLIP's pixel_values) would get
+    # the token ids as that; one passing on *args (a PEFT model's) is GenerationMixin's.
+    first = next(iter(inspect.signature(model.generate).parameters.values()), None)
+    positional = (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) if first else ()
+    if first is not None and first.kind in positional and first.name not in _TOKEN_IDS_NAMES:
         raise ValueError(
             f"model: chunklogits.sample refuses {type(model).__name__}, whose own generate() "
-            f"takes {first_parameter!r} first, not the token ids (GenerationMixin.generate's "
+            f"takes {first.name!r} first, not the token ids (GenerationMixin.generate's "
             "decoding loop, which chunklogits replaces, is not the one it runs)"
         )
     check_integer_tensor("input_ids", input_ids)
@@ -179,6 +182,8 @@ def sample(
     )
 
 
+# What ``generate()``'s first parameter is called where it takes the token ids.
+_TOKEN_IDS_NAMES = ("inputs", "input_ids")
 # ``generate()`` arguments that ``sample`` names, passed on when not None.
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 _GENERATE_OPTIONS = (

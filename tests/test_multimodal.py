@@ -488,3 +488,17 @@ def test_trl_sft_of_a_vision_language_model(wrapped, tmp_path, monkeypatch):
         assert ((batch["input_ids"] == image_token).sum(1) == 16).all()
     logs = _assert_same_logs_and_parameters(ours_model, ours, theirs_model, theirs, rel=2e-5)
     assert {"loss", "entropy", "mean_token_accuracy"} <= logs[0].keys()
+
+
+def test_sample_of_a_peft_vision_language_model():
+    """A PEFT model's generate(*args, **kwargs) passes the token ids on to GenerationMixin's:
+    cl.sample takes it, with the images, and gives its greedy tokens."""
+    import peft
+
+    config, input_ids, _, _, images = _batch("llava")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(_model("llava", config), lora).eval()
+    options = {"max_new_tokens": 3, "do_sample": False}
+    with torch.no_grad():
+        expected = model.generate(input_ids=input_ids, **images, **options)
+        assert torch.equal(cl.sample(model, input_ids, **images, **options), expected)
