@@ -16,6 +16,7 @@ and builds the stop-string criterion from ``stop_strings`` and ``tokenizer``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ from ._blocks import _check_count
 from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
 from .distributed import local_head
 from .head import ChunkedLMHead
-from .integrations.transformers import check_head_reproduced, logit_transform
+from .integrations.transformers import check_head_reproduced, forward_transform
 from .sampling import beam_candidates, randomness, sample_next
 
 
@@ -136,6 +137,16 @@ def sample(
             "model: expected a transformers causal LM (a GenerationMixin such as "
             f"LlamaForCausalLM), got {type(model).__name__}"
         )
+    # A model's own generate() that takes something else first (BLIP's pixel_values) would get
+    # the token ids as that; one passing on *args (a PEFT model's) is GenerationMixin's.
+    first = next(iter(inspect.signature(model.generate).parameters.values()), None)
+    positional = (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) if first else ()
+    if first is not None and first.kind in positional and first.name not in _TOKEN_IDS_NAMES:
+        raise ValueError(
+            f"model: chunklogits.sample refuses {type(model).__name__}, whose own generate() "
+            f"takes {first.name!r} first, not the token ids (GenerationMixin.generate's "
+            "decoding loop, which chunklogits replaces, is not the one it runs)"
+        )
     check_integer_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -171,6 +182,8 @@ def sample(
     )
 
 
+# What ``generate()``'s first parameter is called where it takes the token ids.
+_TOKEN_IDS_NAMES = ("inputs", "input_ids")
 # ``generate()`` arguments that ``sample`` names, passed on when not None.
 _SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 _GENERATE_OPTIONS = (
@@ -475,7 +488,10 @@ def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool
     )
     inputs.pop("logits_to_keep", None)
     outputs = base(**inputs)
-    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+    # is_encoder_decoder given as generate() gives it (Mllama's override requires it).
+    model_kwargs = model._update_model_kwargs_for_generation(
+        outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+    )
     return outputs.last_hidden_state[:, -1], model_kwargs
 
 
@@ -818,7 +834,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def _head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float | None]:
     """``(weight, bias, softcap, logit_scale)`` of the model's output head: a wrapped model's
-    ``ChunkedLMHead``, or a plain ``nn.Linear`` with the transform read from the config."""
+    ``ChunkedLMHead``, or a plain ``nn.Linear`` with the transform its forward applies
+    (``forward_transform``: the config's)."""
     head = model.get_output_embeddings()
     if isinstance(head, ChunkedLMHead):
         return head.weight, head.bias, head.softcap, head.logit_scale
@@ -827,5 +844,5 @@ def _head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, flo
             f"model: expected a plain nn.Linear output head, got {type(head).__name__}; "
             "chunklogits.sample does not know what this head computes"
         )
-    transform = logit_transform(model.config)
+    transform = forward_transform(model, head.weight)
     return head.weight, head.bias, transform["softcap"], transform["logit_scale"]

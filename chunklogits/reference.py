@@ -430,11 +430,13 @@ def sequence_logprobs(
     *,
     temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
+    **model_inputs,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """From the model's full logits: ``log_softmax(logits[:, :-1].float() / T)`` at the next
-    tokens (and the entropy), 0 where ``attention_mask[:, 1:] == 0``; a tensor ``T`` has
-    input_ids' shape ``[B, T]``: ``T[:, :-1, None]``."""
-    z = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    """From the model's full logits (given ``model_inputs`` too, such as ``pixel_values``):
+    ``log_softmax(logits[:, :-1].float() / T)`` at the next tokens (and the entropy), 0 where
+    ``attention_mask[:, 1:] == 0``; a tensor ``T`` has input_ids' shape ``[B, T]``:
+    ``T[:, :-1, None]``."""
+    z = model(input_ids=input_ids, attention_mask=attention_mask, **model_inputs).logits[:, :-1]
     if isinstance(temperature, Tensor):
         temperature = temperature.reshape(input_ids.shape)[:, :-1, None]
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature

@@ -152,6 +152,17 @@ def _shrunk(config_class, defaults=None):
             arguments[name] = tiny
     if "kv_lora_rank" in values:  # multi-head latent attention: as many kv heads as heads
         arguments["num_key_value_heads"] = _TINY["num_attention_heads"]
+    rope = values.get("rope_parameters")
+    mrope = "mrope_section" in getattr(config_class, "ignore_keys_at_rope_validation", ())
+    if isinstance(rope, dict) and rope and (mrope or "mrope_section" in rope):
+        # Multimodal RoPE: (time, height, width) sections of the tiny heads' rotary half (the
+        # models' default sections are the full-size heads').
+        partial = rope.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0))
+        half = int(_TINY["head_dim"] * partial) // 2
+        arguments["rope_parameters"] = {
+            **rope,
+            "mrope_section": [half - 2 * (half // 4), half // 4, half // 4],
+        }
     arguments.update(_OVERRIDES.get(config_class.model_type, {}))
     return config_class(**{**(defaults or {}), **arguments})
 
@@ -286,14 +297,22 @@ FAST = [
 ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
 
 
-def build(model_type: str):
-    """The tiny fp32 model of ``model_type``'s causal LM class, in training mode (dropout 0)."""
-    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+def build(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+    """The tiny fp32 model of ``model_type``'s class in ``mapping`` (by default the causal LM
+    one), in training mode (dropout 0)."""
+    class_name = mapping[model_type]
     torch.manual_seed(0)
     model_class = getattr(transformers, class_name)
     config = tiny_config(model_type)
-    if not isinstance(config, model_class.config_class):  # a composite config's text model
-        config = config.get_text_config()
+    if not isinstance(config, model_class.config_class):
+        # A composite config's text model, or a class shared by another model type
+        # (ShieldGemma-2's Gemma3ForConditionalGeneration).
+        text_config = config.get_text_config()
+        config = (
+            text_config
+            if isinstance(text_config, model_class.config_class)
+            else tiny_config(model_class.config_class.model_type)
+        )
     model = model_class(config)
     return model.float().train()
 
@@ -360,11 +379,12 @@ def _check_sample(model):
     assert torch.equal(got, expected)
 
 
-def outcome(model_type: str) -> dict[str, str]:
-    """{"wrap" / "sample": refusal message} of ``model_type``'s tiny model; empty if it passes."""
+def outcome(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) -> dict[str, str]:
+    """{"wrap" / "sample": refusal message} of ``model_type``'s tiny model (its class in
+    ``mapping``); empty if it passes."""
     refusals = {}
     for what, check in (("wrap", _check_wrap), ("sample", _check_sample)):
-        model = build(model_type)
+        model = build(model_type, mapping)
         message = _refusal(lambda: check(model))  # noqa: B023
         if message is not None:
             refusals[what] = message
@@ -377,14 +397,25 @@ def outcome(model_type: str) -> dict[str, str]:
 _PROCESSOR_REFUSAL = "chunklogits.sample reproduces the logits processors of"
 
 
-@pytest.mark.parametrize("model_type", ENTRIES)
-def test_passes_or_is_refused_by_name(model_type):
-    if model_type in CANNOT_BUILD:
-        pytest.skip(f"cannot build {model_type}: {CANNOT_BUILD[model_type]}")
-    refusals = outcome(model_type)
+def assert_passes_or_is_refused_by_name(
+    model_type: str,
+    mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    refused=REFUSED,
+    cannot_build=CANNOT_BUILD,
+) -> None:
+    """``outcome`` of ``model_type``'s class in ``mapping`` is the refusals ``refused`` lists
+    for it (none: it passes); skipped with the reason ``cannot_build`` gives for it."""
+    if model_type in cannot_build:
+        pytest.skip(f"cannot build {model_type}: {cannot_build[model_type]}")
+    refusals = outcome(model_type, mapping)
     if _PROCESSOR_REFUSAL in refusals.get("sample", ""):
         del refusals["sample"]
-    expected = REFUSED.get(model_type, {})
+    expected = refused.get(model_type, {})
     assert sorted(refusals) == sorted(expected), refusals
     for what, fragment in expected.items():
         assert fragment in refusals[what], refusals[what]
+
+
+@pytest.mark.parametrize("model_type", ENTRIES)
+def test_passes_or_is_refused_by_name(model_type):
+    assert_passes_or_is_refused_by_name(model_type)

@@ -118,6 +118,31 @@ def logit_transform(config) -> dict[str, float | None]:
     return transform
 
 
+def forward_transform(model: nn.Module, weight: Tensor) -> dict[str, float | None]:
+    """The logit transform that ``model``'s forward applies to its output layer's (``weight``)
+    logits: ``logit_transform(model.config)``, but none for a model of a composite config (a
+    vision-language model's) whose forward ignores the transform its text config sets, as the
+    probe shows (``_probe_head`` on token ids; in transformers 5.x
+    ``Gemma3ForConditionalGeneration`` and ``Cohere2VisionForConditionalGeneration`` apply
+    neither the ``final_logit_softcapping`` nor the ``logit_scale`` that their text models
+    apply). A transform that neither matches is left for the caller's probe to refuse."""
+    transform = logit_transform(model.config)
+    identity = dict.fromkeys(transform)
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is config or transform == identity:
+        return transform
+    with _evaluating(model):
+        inputs, _ = _probe_inputs(model, weight)
+        for candidate in (transform, identity):
+            try:
+                _probe_head(model, weight, candidate["softcap"], candidate["logit_scale"], inputs)
+            except ValueError:
+                continue
+            return candidate
+    return transform
+
+
 def wrap(
     head_class: type, model: nn.Module, *, shards: int | None, return_logits: bool | None
 ) -> nn.Module:
@@ -129,19 +154,20 @@ def wrap(
     outer = _output_module(causal_lm)
     slots = _linear_slots(outer)
     layers = [_checked_linear(causal_lm, _slot_get(causal_lm, slot)) for slot in slots]
-    transform = logit_transform(causal_lm.config)
-    heads = [head_class(x.weight, x.bias, shards=shards, **transform) for x in layers]
-    for head in heads:
-        head.return_logits = return_logits
     with _evaluating(causal_lm):
-        inputs, labels = _probe_inputs(causal_lm, layers[0])
+        inputs, labels = _probe_inputs(causal_lm, layers[0].weight)
         try:
             expected = causal_lm(**inputs, labels=labels)
-        except (ValueError, TypeError, RuntimeError) as error:
+        except Exception as error:  # any failure of the model's own code on these inputs
             raise ValueError(
                 f"ChunkedLMHead.wrap: refusing {name}, whose forward fails on token ids and labels "
-                f"alone (the probe): {error}"
+                f"alone (the probe; a model that needs image inputs fails so): "
+                f"{type(error).__name__}: {error}"
             ) from error
+        transform = forward_transform(causal_lm, layers[0].weight)
+        heads = [head_class(x.weight, x.bias, shards=shards, **transform) for x in layers]
+        for head in heads:
+            head.return_logits = return_logits
         _install(causal_lm, heads, layers, slots)
         try:
             _check_probe_either_loss(causal_lm, heads, inputs, labels, expected)
@@ -191,6 +217,7 @@ def sequence_logprobs(
     *,
     temperature: float | Tensor = 1.0,
     return_entropy: bool = False,
+    **model_inputs,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each next token under a causal LM, and optionally the entropy, without
     the logits: what RL trainers (TRL's GRPO/PPO ``selective_log_softmax``, verl's
@@ -198,8 +225,8 @@ def sequence_logprobs(
 
     Naive equivalent (``reference.sequence_logprobs``)::
 
-        z = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        z = z / temperature               # a tensor: temperature[:, :-1, None]
+        z = model(input_ids, attention_mask=attention_mask, **model_inputs).logits[:, :-1]
+        z = z.float() / temperature       # a tensor: temperature[:, :-1, None]
         logprobs = z.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
         # both 0 where attention_mask[:, 1:] == 0
@@ -218,6 +245,10 @@ def sequence_logprobs(
             logits at position ``t``, those that predict ``input_ids[b, t + 1]`` (the last
             column is unused), as ``token_logprobs``' per-position temperatures.
         return_entropy: also return the entropy of each position's tempered distribution.
+        model_inputs: further inputs of the model's forward, passed to it as given: the image
+            inputs of a vision-language model (``pixel_values``, Qwen-VL's ``image_grid_thw``
+            and ``mm_token_type_ids``, Mllama's ``aspect_ratio_ids``, ...), with the image
+            tokens in ``input_ids`` (their log-probs are computed like any other token's).
 
     Returns:
         fp32 ``[B, T - 1]``: ``logprobs[b, t] = log p(input_ids[b, t + 1] | input_ids[b, :t + 1])``
@@ -240,10 +271,16 @@ def sequence_logprobs(
                 attention_mask,
                 temperature=temperature,
                 return_entropy=return_entropy,
+                **model_inputs,
             )
         finally:
             unwrap(causal_lm)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    inputs = {
+        **model_inputs,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "use_cache": False,
+    }
     _, recorded = _forward_recording(causal_lm, head, inputs, keep_logits=False)
     effective, hidden = _effective_head(causal_lm.get_output_embeddings(), recorded.hidden)
     hidden, next_tokens = hidden[:, :-1], input_ids[:, 1:].to(hidden.device)
@@ -695,16 +732,36 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _probe_inputs(model: nn.Module, layer: nn.Linear) -> tuple[dict[str, Tensor], Tensor]:
-    vocab = layer.out_features
+def _probe_inputs(model: nn.Module, weight: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Token ids and labels of the probe, for an output layer of weight ``weight`` ``[V, D]``."""
+    vocab = weight.shape[0]
     embeddings = model.get_input_embeddings()
     if isinstance(embeddings, nn.Embedding):
         vocab = min(vocab, embeddings.num_embeddings)
+    # Without the config's special tokens: an image token of a vision-language model would ask
+    # for image features that the probe, made of tokens alone, does not give.
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[t for t in _special_tokens(model.config) if 0 <= t < vocab]] = False
+    allowed = allowed.nonzero().squeeze(1)
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(vocab, _PROBE_SHAPE, generator=generator).to(layer.weight.device)
+    drawn = torch.randint(allowed.numel(), _PROBE_SHAPE, generator=generator)
+    input_ids = allowed[drawn].to(weight.device)
     labels = input_ids.clone()
     labels[0, 2] = -100
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, labels
+
+
+def _special_tokens(config) -> list[int]:
+    """The token ids a config names (``image_token_id``, ``image_token_index``, ``bos_token_id``,
+    ...), its sub-configs' included."""
+    tokens = []
+    for name, value in config.to_dict().items():
+        if isinstance(value, dict) and hasattr(getattr(config, name, None), "to_dict"):
+            tokens += _special_tokens(getattr(config, name))
+        elif name.endswith(("token_id", "token_index", "token_ids")):
+            values = value if isinstance(value, list) else [value]
+            tokens += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return tokens
 
 
 def _check_probe_either_loss(model: nn.Module, heads: list, inputs: dict, labels, expected):
@@ -834,7 +891,7 @@ def check_head_reproduced(
     verdict = _VERDICTS.get(model)
     if verdict is None or verdict[0] != parts:
         with _evaluating(model):
-            inputs, _ = _probe_inputs(model, outer)
+            inputs, _ = _probe_inputs(model, outer.weight)
             try:
                 _probe_head(model, outer.weight, softcap, logit_scale, inputs, base=base)
                 error = None
