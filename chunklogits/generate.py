@@ -23,10 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from ._blocks import _check_count
-from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
+from ._checks import (
+    check_attention_mask,
+    check_integer_tensor,
+    check_sampling_options,
+    check_tensor,
+)
 from .distributed import local_head
 from .head import ChunkedLMHead
-from .integrations.transformers import check_head_reproduced, logit_transform
+from .integrations.transformers import (
+    check_head_reproduced,
+    is_encoder_decoder,
+    logit_transform,
+    recorded_forward,
+    with_output_bias,
+)
 from .sampling import beam_candidates, randomness, sample_next
 
 
@@ -136,12 +147,16 @@ def sample(
             "model: expected a transformers causal LM (a GenerationMixin such as "
             f"LlamaForCausalLM), got {type(model).__name__}"
         )
-    check_integer_tensor("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
-        )
-    check_attention_mask(attention_mask, input_ids)
+    if is_encoder_decoder(model) and model.main_input_name != "input_ids":
+        # Another encoder input (Whisper's input_features): generate() and the model check it.
+        check_tensor("input_ids", input_ids)
+    else:
+        check_integer_tensor("input_ids", input_ids)
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
+            )
+        check_attention_mask(attention_mask, input_ids)
     for name, message in _REFUSED_ARGUMENTS.items():
         value = generate_kwargs.get(name)
         if value is not None and value is not False and not (isinstance(value, list) and not value):
@@ -379,6 +394,12 @@ def decode(
     if getattr(mode, "value", mode) == "assisted_generation":
         from .assisted import assisted_decode
 
+        for name, each in (("model", model), ("assistant_model", assistant)):
+            if is_encoder_decoder(each):
+                raise ValueError(
+                    f"{name}: chunklogits.sample's assisted decoding runs causal LMs, got the "
+                    f"encoder-decoder {type(each).__name__}; use model.generate for it"
+                )
         return assisted_decode(
             model,
             base,
@@ -473,9 +494,13 @@ def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool
         **model_kwargs,
     )
     inputs.pop("logits_to_keep", None)
-    outputs = base(**inputs)
+    if base is None:  # an encoder-decoder model: the decoder output its output layer is fed
+        outputs, hidden = recorded_forward(model, inputs)
+    else:
+        outputs = base(**inputs)
+        hidden = outputs.last_hidden_state
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-    return outputs.last_hidden_state[:, -1], model_kwargs
+    return hidden[:, -1], model_kwargs
 
 
 def _beam_search(
@@ -802,10 +827,14 @@ def _penalised_prompt(input_ids: Tensor, model_kwargs: dict) -> Tensor:
     return input_ids.masked_fill(positions[None, :] < padding[:, None], -1)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def _base_model(model: nn.Module) -> nn.Module | None:
     """``model.base_model``, else ``model.model`` (where Llama4ForCausalLM and MllamaForCausalLM
     keep their decoder: their ``base_model_prefix`` names no submodule). ``decode`` checks that
-    its last hidden state is what the output layer is fed."""
+    its last hidden state is what the output layer is fed. None for an encoder-decoder model
+    (T5 has no base model, and scales the decoder's output in its own forward): ``decode`` runs
+    its forward and records what the output layer is fed (``recorded_forward``)."""
+    if is_encoder_decoder(model):
+        return None
     for base in (getattr(model, "base_model", None), getattr(model, "model", None)):
         if isinstance(base, nn.Module) and base is not model:
             return base
@@ -817,14 +846,17 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def _head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float | None]:
     """``(weight, bias, softcap, logit_scale)`` of the model's output head: a wrapped model's
-    ``ChunkedLMHead``, or a plain ``nn.Linear`` with the transform read from the config."""
+    ``ChunkedLMHead``, or a plain ``nn.Linear`` with the transform read from the config; the
+    bias with what the forward adds to the logits (BART's ``final_logits_bias``)."""
     head = model.get_output_embeddings()
     if isinstance(head, ChunkedLMHead):
-        return head.weight, head.bias, head.softcap, head.logit_scale
+        bias = with_output_bias(model, head.bias, head.weight.dtype)
+        return head.weight, bias, head.softcap, head.logit_scale
     if type(head) is not nn.Linear:
         raise TypeError(
             f"model: expected a plain nn.Linear output head, got {type(head).__name__}; "
             "chunklogits.sample does not know what this head computes"
         )
     transform = logit_transform(model.config)
-    return head.weight, head.bias, transform["softcap"], transform["logit_scale"]
+    bias = with_output_bias(model, head.bias, head.weight.dtype)
+    return head.weight, bias, transform["softcap"], transform["logit_scale"]
