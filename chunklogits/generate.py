@@ -499,7 +499,9 @@ def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool
     else:
         outputs = base(**inputs)
         hidden = outputs.last_hidden_state
-    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+    model_kwargs = model._update_model_kwargs_for_generation(
+        outputs, model_kwargs, is_encoder_decoder=base is None
+    )
     return hidden[:, -1], model_kwargs
 
 

@@ -286,12 +286,14 @@ FAST = [
 ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
 
 
-def build(model_type: str):
-    """The tiny fp32 model of ``model_type``'s causal LM class, in training mode (dropout 0)."""
-    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+def build(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, config=None):
+    """The tiny fp32 model of ``model_type``'s class in ``mapping`` (a transformers auto
+    mapping's names; by default the causal LMs'), in training mode (dropout 0); ``config``: the
+    config to build it from, by default ``tiny_config(model_type)``."""
+    class_name = mapping[model_type]
     torch.manual_seed(0)
     model_class = getattr(transformers, class_name)
-    config = tiny_config(model_type)
+    config = tiny_config(model_type) if config is None else config
     if not isinstance(config, model_class.config_class):  # a composite config's text model
         config = config.get_text_config()
     model = model_class(config)

@@ -388,13 +388,23 @@ def _output_module(model: nn.Module) -> nn.Module:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     loss_function = getattr(model, "loss_function", None)
-    if loss_function is not ForCausalLMLoss:
+    if loss_function is not ForCausalLMLoss and not _masked_lm_loss(model):
         raise ValueError(
             f"model: {name}'s loss_function is "
             f"{getattr(loss_function, '__name__', loss_function)}, "
-            "expected transformers' ForCausalLMLoss (other losses are not reproduced)"
+            "expected transformers' ForCausalLMLoss, or ForMaskedLMLoss for an encoder-decoder "
+            "model (other losses are not reproduced)"
         )
     return outer
+
+
+def _masked_lm_loss(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder model whose loss is transformers'
+    ``ForMaskedLMLoss`` (T5Gemma): the unshifted cross-entropy, with the loss arguments
+    ``ignore_index`` and ``num_items_in_batch``."""
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+
+    return is_encoder_decoder(model) and getattr(model, "loss_function", None) is ForMaskedLMLoss
 
 
 def _hooked(layer: nn.Module) -> bool:
@@ -518,6 +528,14 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
             "ignore_index": kwargs.get("ignore_index", -100),
             "num_items_in_batch": kwargs.get("num_items_in_batch"),
             "shift": shift_labels is None,
+        }
+    elif _masked_lm_loss(model):
+        # ForMaskedLMLoss: no shift, ignore_index -100, the sum divided by num_items_in_batch
+        # when given.
+        targets = labels
+        options = {
+            "ignore_index": kwargs.get("ignore_index", -100),
+            "num_items_in_batch": kwargs.get("num_items_in_batch"),
         }
     else:
         # CrossEntropyLoss()(logits.view(-1, V), labels.view(-1)): no shift, the mean over the
@@ -818,16 +836,21 @@ def _unlabelled(model: nn.Module, inputs: dict, labels: Tensor) -> dict:
 def _check_probe_either_loss(model: nn.Module, heads: list, inputs: dict, labels, expected):
     """``_check_probe`` with the loss of transformers' ``ForCausalLMLoss``, else with the
     unshifted cross-entropy (``_Wrapping.shifted``); the first one's error if neither
-    reproduces the original."""
+    reproduces the original. An encoder-decoder model tries the unshifted one first, the one
+    they all compute: in half precision the probe's tolerance may not tell the two losses of a
+    random model apart (both near log V)."""
+    first, second = (False, True) if is_encoder_decoder(model) else (True, False)
+    for head in heads:
+        head._wrapping.shifted = first
     try:
         _check_probe(model, heads[0], inputs, labels, expected)
-    except ValueError as shifted_error:
+    except ValueError as first_error:
         for head in heads:
-            head._wrapping.shifted = False
+            head._wrapping.shifted = second
         try:
             _check_probe(model, heads[0], inputs, labels, expected)
         except ValueError:
-            raise shifted_error from None
+            raise first_error from None
 
 
 def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected) -> None:
@@ -878,6 +901,11 @@ def _probe_head(
     outer = model.get_output_embeddings()
     with _intercepted(outer, raw_logits), _layout_hooks_skipped(outer, weight):
         theirs = model(**inputs).logits
+    if theirs.shape != raw.shape:
+        raise ValueError(
+            f"its logits have shape {tuple(theirs.shape)}, not its output layer's "
+            f"{tuple(raw.shape)} (the forward computes more from them, e.g. n-gram streams)"
+        )
     eps = torch.finfo(autocast_dtypes[0] if autocast_dtypes else dtype).eps
     stat_dtype = torch.promote_types(dtype, torch.float32)
     biased = raw.to(stat_dtype, copy=True)
