@@ -286,6 +286,12 @@ REFUSED: dict[str, dict[str, str]] = {
         }
         for model_type in ("granite_speech", "granite_speech_plus")
     },
+    # Its forward needs audio input (input_features) with the tokens: the probe's forward and
+    # generate() (transformers' own error) fail on token ids alone.
+    "voxtral_realtime": {
+        "wrap": "refusing VoxtralRealtimeForConditionalGeneration, whose forward fails on token",
+        "sample": "You must specify exactly one of input_features or encoder_inputs_embeds",
+    },
     # Its logits are computed from the output layer's over n-gram streams.
     "prophetnet": {
         "wrap": "its logits have shape (2, 99), not its output layer's (2, 6, 99)",
