@@ -110,8 +110,14 @@ def sample(
             otherwise, is refused by name); possibly wrapped by ``ChunkedLMHead.wrap``, or
             parallelised on the vocabulary dimension
             (``ColwiseParallel``: every rank of its mesh runs ``sample`` with the same inputs and
-            gets the same tokens, see ``chunklogits.distributed``).
-        input_ids: ``[B, L]`` prompts, left-padded when of different lengths.
+            gets the same tokens, see ``chunklogits.distributed``). Or an encoder-decoder model
+            (T5, BART, Marian, M2M100/NLLB, Whisper, ...): ``generate()`` runs the encoder once,
+            the decoder runs each step, and the head is fed what the forward feeds its output
+            layer (T5's rescaled decoder output), with ``final_logits_bias`` added; not with
+            assisted decoding.
+        input_ids: ``[B, L]`` prompts, left-padded when of different lengths; for an
+            encoder-decoder model, the encoder's input (``[B, S]`` source tokens, or Whisper's
+            ``input_features``), the output then ``generate()``'s decoder sequences.
         attention_mask: ``[B, L]``, 0 at padding; None: derived as ``generate()`` derives it.
         max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
         eos_token_id (one id or several), pad_token_id: as in ``generate()``.

@@ -877,13 +877,14 @@ def _probe_head(
     model: nn.Module, weight: Tensor, softcap, logit_scale, inputs: dict, base=None
 ) -> float:
     """Run ``model(**inputs)`` with its output layer (``weight`` ``[V, D]``) handing back large
-    raw logits, and check that the model's logits are those under the transform ``softcap`` /
-    ``logit_scale`` (random-weight or small logits hardly show a softcap: raw logits far from 0
-    do); with ``base``, also that the output layer was fed ``base(**inputs).last_hidden_state``
-    (as code that runs the base model and the head itself assumes). Returns the eps of the
-    precision the layer ran in (the autocast dtype, else the weight's): the tolerance unit. The
-    hooks of a layer parallelised on the vocabulary (a DTensor weight) only lay out its input
-    and output, which the plain raw logits stand in for: they are not run."""
+    raw logits, and check that the model's logits are those plus the bias its forward adds
+    (``with_output_bias``) under the transform ``softcap`` / ``logit_scale`` (random-weight or
+    small logits hardly show a softcap: raw logits far from 0 do); with ``base``, also that the
+    output layer was fed ``base(**inputs).last_hidden_state`` (as code that runs the base model
+    and the head itself assumes). Returns the eps of the precision the layer ran in (the
+    autocast dtype, else the weight's): the tolerance unit. The hooks of a layer parallelised on
+    the vocabulary (a DTensor weight) only lay out its input and output, which the plain raw
+    logits stand in for: they are not run."""
     dtype = weight.dtype
     generator = torch.Generator().manual_seed(1)
     # The logits' positions: the decoder's of an encoder-decoder model.
