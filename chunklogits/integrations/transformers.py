@@ -136,6 +136,7 @@ def with_output_bias(model: nn.Module, bias: Tensor | None, dtype: torch.dtype) 
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder model (T5, BART, Whisper, ...)."""
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
