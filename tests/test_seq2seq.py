@@ -102,6 +102,7 @@ def test_loss_and_every_gradient_match_the_unwrapped_model(family):
     naive = copy.deepcopy(exact).float()
     ours = cl.ChunkedLMHead.wrap(copy.deepcopy(naive), shards=3)
     results = [_loss_and_gradients(model) for model in (ours, naive, exact)]
+    assert ours(**_encoder_input(ours), labels=_labels()).logits is None  # no [B, T, V] made
     for key, truth in results[2].items():
         if truth is None:  # a parameter the loss does not reach
             assert all(r[key] is None for r in results), key
@@ -114,7 +115,7 @@ def test_loss_and_every_gradient_match_the_unwrapped_model(family):
         assert_as_accurate(*(r[key] for r in results), torch.float32, f"{family} {key}", scale)
 
 
-@pytest.mark.parametrize("family", ["t5", "mt5", "m2m_100", "bart"])
+@pytest.mark.parametrize("family", ["t5", "mt5", "m2m_100", "bart", "whisper"])
 def test_bf16_loss_and_gradients(family):
     """In bf16 the loss and the output layer's gradient by the accuracy rule elementwise, the
     gradients upstream (through the model's own bf16 backward in both runs) in norm."""
@@ -154,7 +155,18 @@ _GENERATE = {"max_new_tokens": 6, "do_sample": False}
 @pytest.mark.parametrize("beams", [1, 3])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_through_wrap_and_cl_sample_give_generate_tokens(family, beams):
-    model = seq2seq_model(family)
+    _check_generate(seq2seq_model(family), beams)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("family", ["t5", "bart", "whisper"])
+def test_bf16_generate_and_cl_sample(family, beams, cpu_gemm):
+    """In bf16, with the head's block GEMMs in bf16 and in fp32 (``cpu_gemm``): the decisions
+    are taken on the logits rounded to the model dtype, as generate() takes them."""
+    _check_generate(seq2seq_model(family, torch.bfloat16), beams)
+
+
+def _check_generate(model, beams: int) -> None:
     wrapped = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     inputs = _encoder_input(model)
     options = {**_GENERATE, "num_beams": beams}
