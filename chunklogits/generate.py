@@ -24,10 +24,21 @@ import torch
 from torch import Tensor, nn
 
 from ._blocks import _check_count
-from ._checks import check_attention_mask, check_integer_tensor, check_sampling_options
+from ._checks import (
+    check_attention_mask,
+    check_integer_tensor,
+    check_sampling_options,
+    check_tensor,
+)
 from .distributed import local_head
 from .head import ChunkedLMHead
-from .integrations.transformers import check_head_reproduced, forward_transform
+from .integrations.transformers import (
+    check_head_reproduced,
+    forward_transform,
+    is_encoder_decoder,
+    recorded_forward,
+    with_output_bias,
+)
 from .sampling import beam_candidates, randomness, sample_next
 
 
@@ -100,8 +111,14 @@ def sample(
             otherwise, is refused by name); possibly wrapped by ``ChunkedLMHead.wrap``, or
             parallelised on the vocabulary dimension
             (``ColwiseParallel``: every rank of its mesh runs ``sample`` with the same inputs and
-            gets the same tokens, see ``chunklogits.distributed``).
-        input_ids: ``[B, L]`` prompts, left-padded when of different lengths.
+            gets the same tokens, see ``chunklogits.distributed``). Or an encoder-decoder model
+            (T5, BART, Marian, M2M100/NLLB, Whisper, ...): ``generate()`` runs the encoder once,
+            the decoder runs each step, and the head is fed what the forward feeds its output
+            layer (T5's rescaled decoder output), with ``final_logits_bias`` added; not with
+            assisted decoding.
+        input_ids: ``[B, L]`` prompts, left-padded when of different lengths; for an
+            encoder-decoder model, the encoder's input (``[B, S]`` source tokens, or Whisper's
+            ``input_features``), the output then ``generate()``'s decoder sequences.
         attention_mask: ``[B, L]``, 0 at padding; None: derived as ``generate()`` derives it.
         max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
         eos_token_id (one id or several), pad_token_id: as in ``generate()``.
@@ -137,22 +154,29 @@ def sample(
             "model: expected a transformers causal LM (a GenerationMixin such as "
             f"LlamaForCausalLM), got {type(model).__name__}"
         )
+    encoder_input = is_encoder_decoder(model) and model.main_input_name != "input_ids"
     # A model's own generate() that takes something else first (BLIP's pixel_values) would get
-    # the token ids as that; one passing on *args (a PEFT model's) is GenerationMixin's.
+    # the token ids as that; one passing on *args (a PEFT model's) is GenerationMixin's, and an
+    # encoder-decoder model's main input (Whisper's input_features) is what it is given.
     first = next(iter(inspect.signature(model.generate).parameters.values()), None)
     positional = (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) if first else ()
-    if first is not None and first.kind in positional and first.name not in _TOKEN_IDS_NAMES:
+    expected = (*_TOKEN_IDS_NAMES, model.main_input_name) if encoder_input else _TOKEN_IDS_NAMES
+    if first is not None and first.kind in positional and first.name not in expected:
         raise ValueError(
             f"model: chunklogits.sample refuses {type(model).__name__}, whose own generate() "
             f"takes {first.name!r} first, not the token ids (GenerationMixin.generate's "
             "decoding loop, which chunklogits replaces, is not the one it runs)"
         )
-    check_integer_tensor("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
-        )
-    check_attention_mask(attention_mask, input_ids)
+    if encoder_input:
+        # Another encoder input (Whisper's input_features): generate() and the model check it.
+        check_tensor("input_ids", input_ids)
+    else:
+        check_integer_tensor("input_ids", input_ids)
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids: expected a non-empty [B, L] tensor, got shape {tuple(input_ids.shape)}"
+            )
+        check_attention_mask(attention_mask, input_ids)
     for name, message in _REFUSED_ARGUMENTS.items():
         value = generate_kwargs.get(name)
         if value is not None and value is not False and not (isinstance(value, list) and not value):
@@ -392,6 +416,12 @@ def decode(
     if getattr(mode, "value", mode) == "assisted_generation":
         from .assisted import assisted_decode
 
+        for name, each in (("model", model), ("assistant_model", assistant)):
+            if is_encoder_decoder(each):
+                raise ValueError(
+                    f"{name}: chunklogits.sample's assisted decoding runs causal LMs, got the "
+                    f"encoder-decoder {type(each).__name__}; use model.generate for it"
+                )
         return assisted_decode(
             model,
             base,
@@ -487,12 +517,16 @@ def _next_hidden(model, base, input_ids: Tensor, model_kwargs: dict, first: bool
         **model_kwargs,
     )
     inputs.pop("logits_to_keep", None)
-    outputs = base(**inputs)
+    if base is None:  # an encoder-decoder model: the decoder output its output layer is fed
+        outputs, hidden = recorded_forward(model, inputs)
+    else:
+        outputs = base(**inputs)
+        hidden = outputs.last_hidden_state
     # is_encoder_decoder given as generate() gives it (Mllama's override requires it).
     model_kwargs = model._update_model_kwargs_for_generation(
-        outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+        outputs, model_kwargs, is_encoder_decoder=base is None
     )
-    return outputs.last_hidden_state[:, -1], model_kwargs
+    return hidden[:, -1], model_kwargs
 
 
 def _beam_search(
@@ -819,10 +853,14 @@ def _penalised_prompt(input_ids: Tensor, model_kwargs: dict) -> Tensor:
     return input_ids.masked_fill(positions[None, :] < padding[:, None], -1)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def _base_model(model: nn.Module) -> nn.Module | None:
     """``model.base_model``, else ``model.model`` (where Llama4ForCausalLM and MllamaForCausalLM
     keep their decoder: their ``base_model_prefix`` names no submodule). ``decode`` checks that
-    its last hidden state is what the output layer is fed."""
+    its last hidden state is what the output layer is fed. None for an encoder-decoder model
+    (T5 has no base model, and scales the decoder's output in its own forward): ``decode`` runs
+    its forward and records what the output layer is fed (``recorded_forward``)."""
+    if is_encoder_decoder(model):
+        return None
     for base in (getattr(model, "base_model", None), getattr(model, "model", None)):
         if isinstance(base, nn.Module) and base is not model:
             return base
@@ -835,14 +873,17 @@ def _base_model(model: nn.Module) -> nn.Module:
 def _head_of(model: nn.Module) -> tuple[Tensor, Tensor | None, float | None, float | None]:
     """``(weight, bias, softcap, logit_scale)`` of the model's output head: a wrapped model's
     ``ChunkedLMHead``, or a plain ``nn.Linear`` with the transform its forward applies
-    (``forward_transform``: the config's)."""
+    (``forward_transform``: the config's); the bias with what the forward adds to the logits
+    (BART's ``final_logits_bias``)."""
     head = model.get_output_embeddings()
     if isinstance(head, ChunkedLMHead):
-        return head.weight, head.bias, head.softcap, head.logit_scale
+        bias = with_output_bias(model, head.bias, head.weight.dtype)
+        return head.weight, bias, head.softcap, head.logit_scale
     if type(head) is not nn.Linear:
         raise TypeError(
             f"model: expected a plain nn.Linear output head, got {type(head).__name__}; "
             "chunklogits.sample does not know what this head computes"
         )
     transform = forward_transform(model, head.weight)
-    return head.weight, head.bias, transform["softcap"], transform["logit_scale"]
+    bias = with_output_bias(model, head.bias, head.weight.dtype)
+    return head.weight, bias, transform["softcap"], transform["logit_scale"]

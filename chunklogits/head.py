@@ -340,7 +340,12 @@ class ChunkedLMHead(nn.Linear):
           ``num_items_in_batch``); for a model whose forward takes the cross-entropy of each
           position against its own label (BART-family, TrOCR and Whisper decoders, XLM, XLNet,
           CPM-Ant: the probe tells), ``head.loss(hidden, labels)`` as it does, unshifted, the
-          other loss arguments ignored as there. ``return_logits`` says whether
+          other loss arguments ignored as there. An encoder-decoder model (T5, BART, Marian,
+          M2M100/NLLB, Whisper, ...) takes that unshifted loss over its decoder's positions
+          (T5Gemma's ``ForMaskedLMLoss`` with ``num_items_in_batch``); without
+          ``decoder_input_ids`` the decoder input is built from the labels as its forward
+          builds it, and the BART family's ``final_logits_bias`` joins the head's bias.
+          ``return_logits`` says whether
           ``outputs.logits`` is computed too (in full, as the original does): ``None``
           (default) when the call is an
           evaluation, the model in eval mode with autograd off (``Trainer.evaluate``/``predict``

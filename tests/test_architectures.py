@@ -297,13 +297,14 @@ FAST = [
 ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
 
 
-def build(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-    """The tiny fp32 model of ``model_type``'s class in ``mapping`` (by default the causal LM
-    one), in training mode (dropout 0)."""
+def build(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, config=None):
+    """The tiny fp32 model of ``model_type``'s class in ``mapping`` (a transformers auto
+    mapping's names; by default the causal LMs'), in training mode (dropout 0); ``config``: the
+    config to build it from, by default ``tiny_config(model_type)``."""
     class_name = mapping[model_type]
     torch.manual_seed(0)
     model_class = getattr(transformers, class_name)
-    config = tiny_config(model_type)
+    config = tiny_config(model_type) if config is None else config
     if not isinstance(config, model_class.config_class):
         # A composite config's text model, or a class shared by another model type
         # (ShieldGemma-2's Gemma3ForConditionalGeneration).

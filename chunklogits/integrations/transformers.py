@@ -13,6 +13,14 @@ hidden states) is reproduced by construction; what it does after it is reproduce
 transforms in the table and ``ForCausalLMLoss``, and ``wrap`` checks that claim on the model
 itself with a probe before it returns.
 
+An encoder-decoder model (``config.is_encoder_decoder``: T5, BART, Marian, Whisper, ...) is
+wrapped the same way: its output layer is fed the decoder's output (T5's rescaled by
+``d_model ** -0.5`` in its forward), its loss is the unshifted cross-entropy, and the bias its
+forward adds after the output layer (``final_logits_bias``, ``_OUTPUT_BIAS_ATTRIBUTES``) joins
+the head's bias. Given labels and no decoder input, its forward builds the decoder input from the
+labels: the wrapped forward, which withholds the labels, builds it with the model's own function
+(``_decoder_input_ids``), and the probe checks the result.
+
 The output module may also be a PEFT layer around the linear one (LoRA's ``Linear``, a
 ``ModulesToSaveWrapper``): the ``ChunkedLMHead`` then takes the inner layer's place, the PEFT layer
 is the one that records, and the loss uses the linear layer the PEFT layer's forward amounts to
@@ -64,6 +72,10 @@ _TRANSFORM_EXCEPTIONS = {
     # input, which the wrapped forward records, already holds it.
     ("minicpm3", "logits_scaling"): None,
 }
+
+# Attributes of biases that a forward adds to its output layer's logits ([1, V] buffers): BART,
+# mBART, Marian, Pegasus, PLBart, Blenderbot, LED, MVP and BigBird-Pegasus's final_logits_bias.
+_OUTPUT_BIAS_ATTRIBUTES = ("final_logits_bias",)
 
 # The probe: 2 sequences of 6 random tokens, one label ignored; raw logits up to ~4 x this
 # magnitude exercise the transform where it is far from the identity (Gemma-2 caps at 30).
@@ -133,7 +145,7 @@ def forward_transform(model: nn.Module, weight: Tensor) -> dict[str, float | Non
     if text_config is config or transform == identity:
         return transform
     with _evaluating(model):
-        inputs, _ = _probe_inputs(model, weight)
+        inputs = _unlabelled(model, *_probe_inputs(model, weight))
         for candidate in (transform, identity):
             try:
                 _probe_head(model, weight, candidate["softcap"], candidate["logit_scale"], inputs)
@@ -141,6 +153,22 @@ def forward_transform(model: nn.Module, weight: Tensor) -> dict[str, float | Non
                 continue
             return candidate
     return transform
+
+
+def with_output_bias(model: nn.Module, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The output layer's ``bias`` ``[V]`` (or None) plus the bias the model's forward adds to
+    the layer's logits (``_OUTPUT_BIAS_ATTRIBUTES``, cast to ``dtype``), if it has one."""
+    for attribute in _OUTPUT_BIAS_ATTRIBUTES:
+        added = getattr(model, attribute, None)
+        if isinstance(added, Tensor):
+            added = added.reshape(-1).to(dtype)
+            bias = added if bias is None else bias + added
+    return bias
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder model (T5, BART, Whisper, ...)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def wrap(
@@ -259,6 +287,12 @@ def sequence_logprobs(
     _check_sequences(input_ids, attention_mask)
     check_temperature(temperature, tuple(input_ids.shape), input_ids.device, "input_ids.shape")
     causal_lm = _causal_lm(model)
+    if is_encoder_decoder(causal_lm):
+        raise ValueError(
+            f"model: cl.sequence_logprobs scores a causal LM's next tokens of its own input; "
+            f"{type(causal_lm).__name__} is an encoder-decoder model, whose decoder's tokens are "
+            "scored given the encoder's input (its loss: ChunkedLMHead.wrap and labels)"
+        )
     head = _wrapped_head(causal_lm)
     if head is None:
         from ..head import ChunkedLMHead
@@ -408,13 +442,23 @@ def _output_module(model: nn.Module) -> nn.Module:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     loss_function = getattr(model, "loss_function", None)
-    if loss_function is not ForCausalLMLoss:
+    if loss_function is not ForCausalLMLoss and not _masked_lm_loss(model):
         raise ValueError(
             f"model: {name}'s loss_function is "
             f"{getattr(loss_function, '__name__', loss_function)}, "
-            "expected transformers' ForCausalLMLoss (other losses are not reproduced)"
+            "expected transformers' ForCausalLMLoss, or ForMaskedLMLoss for an encoder-decoder "
+            "model (other losses are not reproduced)"
         )
     return outer
+
+
+def _masked_lm_loss(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder model whose loss is transformers'
+    ``ForMaskedLMLoss`` (T5Gemma): the unshifted cross-entropy, with the loss arguments
+    ``ignore_index`` and ``num_items_in_batch``."""
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+
+    return is_encoder_decoder(model) and getattr(model, "loss_function", None) is ForMaskedLMLoss
 
 
 def _hooked(layer: nn.Module) -> bool:
@@ -506,6 +550,12 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
         _warn_if_training_on_logits(model, outputs)
         return outputs
     check_tensor("labels", labels)
+    if (
+        is_encoder_decoder(model)
+        and kwargs.get("decoder_input_ids") is None
+        and kwargs.get("decoder_inputs_embeds") is None
+    ):
+        kwargs["decoder_input_ids"] = _decoder_input_ids(model, labels)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
@@ -522,6 +572,7 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
             "ChunkedLMHead does not add to the loss; pass output_router_logits=False or unwrap"
         )
     effective, hidden = _effective_head(model.get_output_embeddings(), recorded.hidden)
+    effective = _with_output_bias(model, effective)
     if wrapping.shifted:
         # transformers' ForCausalLMLoss: labels shifted left by one (or shift_labels given),
         # ignore_index -100, the sum divided by num_items_in_batch when given.
@@ -531,6 +582,14 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
             "ignore_index": kwargs.get("ignore_index", -100),
             "num_items_in_batch": kwargs.get("num_items_in_batch"),
             "shift": shift_labels is None,
+        }
+    elif _masked_lm_loss(model):
+        # ForMaskedLMLoss: no shift, ignore_index -100, the sum divided by num_items_in_batch
+        # when given.
+        targets = labels
+        options = {
+            "ignore_index": kwargs.get("ignore_index", -100),
+            "num_items_in_batch": kwargs.get("num_items_in_batch"),
         }
     else:
         # CrossEntropyLoss()(logits.view(-1, V), labels.view(-1)): no shift, the mean over the
@@ -545,6 +604,41 @@ def _chunked_forward(model: nn.Module, *args, **kwargs):
         return result
     # The positions of the original tuple: loss, logits (None when not computed), the rest.
     return (loss, logits, *rest.values())
+
+
+def _decoder_input_ids(model: nn.Module, labels: Tensor) -> Tensor:
+    """The decoder input an encoder-decoder model's forward builds from ``labels`` when given
+    no decoder input: its ``prepare_decoder_input_ids_from_labels`` (BART, T5, Marian, ...), else
+    its module's ``shift_tokens_right(labels, ...)`` with the config's values of its other
+    parameters (``pad_token_id``, ``decoder_start_token_id``: M2M100, Whisper, ...). ``wrap``'s
+    probe checks that the loss is then the forward's."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return prepare(labels=labels)
+    import sys
+
+    shift = getattr(sys.modules[type(model).__module__], "shift_tokens_right", None)
+    names = list(inspect.signature(shift).parameters)[1:] if shift is not None else []
+    if shift is None or not all(hasattr(model.config, name) for name in names):
+        raise ValueError(
+            f"model: {type(model).__name__} has no prepare_decoder_input_ids_from_labels nor a "
+            "shift_tokens_right(labels, <config values>) in its module: chunklogits does not "
+            "know how its forward builds the decoder input from the labels; pass "
+            "decoder_input_ids"
+        )
+    return shift(labels, *(getattr(model.config, name) for name in names))
+
+
+def _with_output_bias(model: nn.Module, head):
+    """``head`` with the bias the model's forward adds after the output layer, if any."""
+    from ..head import ChunkedLMHead
+
+    bias = with_output_bias(model, head.bias, head.weight.dtype)
+    if bias is head.bias:
+        return head
+    return ChunkedLMHead(
+        head.weight, bias, shards=head.shards, softcap=head.softcap, logit_scale=head.logit_scale
+    )
 
 
 def _warn_if_training_on_logits(model: nn.Module, outputs) -> None:
@@ -581,6 +675,32 @@ def _forward_recording(model: nn.Module, head, kwargs: dict, *, keep_logits: boo
     """Run the original forward on ``kwargs`` while the output module records its input and
     hands back an empty stand-in for the logits (or the logits, with ``keep_logits``); returns
     ``(outputs, _Recorded)``."""
+    with _recording(model, keep_logits=keep_logits) as seen:
+        outputs = head._wrapping.original_forward(model)(**kwargs, return_dict=True)
+    return outputs, _only(seen)
+
+
+def recorded_forward(model: nn.Module, inputs: dict) -> tuple:
+    """``model(**inputs)`` with its output layer recording its input instead of computing
+    logits: ``(outputs, hidden)``, ``hidden`` ``[..., D]`` what the layer was fed (an
+    encoder-decoder model's decoder output, as its forward scales it). The outputs' logits are
+    an empty ``[..., 0]`` stand-in."""
+    with _recording(model, keep_logits=False) as seen:
+        outputs = model(**inputs, return_dict=True)
+    return outputs, _only(seen).hidden
+
+
+def _only(seen: list) -> _Recorded:
+    if len(seen) != 1:
+        raise RuntimeError(f"the forward called its output layer {len(seen)} times, expected once")
+    return seen[0]
+
+
+@contextmanager
+def _recording(model: nn.Module, *, keep_logits: bool) -> Iterator[list]:
+    """Within the block, the model's output module appends its input (``_Recorded``) to the list
+    yielded and hands back an empty stand-in for the logits (with ``keep_logits``, the logits);
+    the bias the forward adds to them (``_OUTPUT_BIAS_ATTRIBUTES``) is then empty too."""
     outer = model.get_output_embeddings()
     compute = _module_forward(outer)
     seen = []
@@ -603,11 +723,26 @@ def _forward_recording(model: nn.Module, head, kwargs: dict, *, keep_logits: boo
             return compute(hidden)
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
-    with _intercepted(outer, record):
-        outputs = head._wrapping.original_forward(model)(**kwargs, return_dict=True)
-    if len(seen) != 1:
-        raise RuntimeError(f"the forward called its output layer {len(seen)} times, expected once")
-    return outputs, seen[0]
+    with _intercepted(outer, record), _output_bias_emptied(model, not keep_logits):
+        yield seen
+
+
+@contextmanager
+def _output_bias_emptied(model: nn.Module, empty: bool) -> Iterator[None]:
+    """Within the block (when ``empty``), the biases ``_OUTPUT_BIAS_ATTRIBUTES`` of ``model`` are
+    their ``[..., 0]`` slices, which the forward adds to the empty stand-in logits."""
+    saved = {
+        attribute: getattr(model, attribute)
+        for attribute in _OUTPUT_BIAS_ATTRIBUTES
+        if empty and isinstance(getattr(model, attribute, None), Tensor)
+    }
+    for attribute, bias in saved.items():
+        setattr(model, attribute, bias[..., :0])
+    try:
+        yield
+    finally:
+        for attribute, bias in saved.items():
+            setattr(model, attribute, bias)
 
 
 def _module_forward(module: nn.Module) -> Callable:
@@ -748,7 +883,30 @@ def _probe_inputs(model: nn.Module, weight: Tensor) -> tuple[dict[str, Tensor], 
     input_ids = allowed[drawn].to(weight.device)
     labels = input_ids.clone()
     labels[0, 2] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, labels
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if is_encoder_decoder(model) and model.main_input_name != "input_ids":
+        # An encoder of audio features (Whisper) or other non-token input: random encoder
+        # output stands in for it; the decoder is what feeds the output layer.
+        from transformers.modeling_outputs import BaseModelOutput
+
+        width = getattr(model.config.get_text_config(encoder=True), "hidden_size", None)
+        if width is None:
+            raise ValueError(
+                f"its main input is {model.main_input_name} and its config names no encoder "
+                "hidden_size, from which the probe would make an encoder output"
+            )
+        encoded = torch.randn((*_PROBE_SHAPE, width), generator=generator)
+        del inputs["input_ids"]
+        inputs["encoder_outputs"] = BaseModelOutput(encoded.to(weight))
+    return inputs, labels
+
+
+def _unlabelled(model: nn.Module, inputs: dict, labels: Tensor) -> dict:
+    """The probe's ``inputs`` for a call without labels: with an encoder-decoder model's
+    decoder input, as its forward builds it from ``labels``."""
+    if not is_encoder_decoder(model):
+        return inputs
+    return {**inputs, "decoder_input_ids": _decoder_input_ids(model, labels)}
 
 
 def _special_tokens(config) -> list[int]:
@@ -767,16 +925,21 @@ def _special_tokens(config) -> list[int]:
 def _check_probe_either_loss(model: nn.Module, heads: list, inputs: dict, labels, expected):
     """``_check_probe`` with the loss of transformers' ``ForCausalLMLoss``, else with the
     unshifted cross-entropy (``_Wrapping.shifted``); the first one's error if neither
-    reproduces the original."""
+    reproduces the original. An encoder-decoder model tries the unshifted one first, the one
+    they all compute: in half precision the probe's tolerance may not tell the two losses of a
+    random model apart (both near log V)."""
+    first, second = (False, True) if is_encoder_decoder(model) else (True, False)
+    for head in heads:
+        head._wrapping.shifted = first
     try:
         _check_probe(model, heads[0], inputs, labels, expected)
-    except ValueError as shifted_error:
+    except ValueError as first_error:
         for head in heads:
-            head._wrapping.shifted = False
+            head._wrapping.shifted = second
         try:
             _check_probe(model, heads[0], inputs, labels, expected)
         except ValueError:
-            raise shifted_error from None
+            raise first_error from None
 
 
 def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected) -> None:
@@ -786,7 +949,8 @@ def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected)
     model's forward) the original's logits are rounded to the autocast dtype: the tolerances are
     then that dtype's, which tells its rounding (1e-2 relative in bf16) from a term added to the
     loss or a transform missing from the table (changes of order 1)."""
-    eps = _probe_head(model, head.weight, head.softcap, head.logit_scale, inputs)
+    unlabelled = _unlabelled(model, inputs, labels)
+    eps = _probe_head(model, head.weight, head.softcap, head.logit_scale, unlabelled)
     got = model(**inputs, labels=labels)
     scale = 1.0 + expected.logits.abs().max().item()
     if not abs(got.loss.item() - expected.loss.item()) <= 8 * eps * scale:
@@ -794,7 +958,7 @@ def _check_probe(model: nn.Module, head, inputs: dict, labels: Tensor, expected)
             f"loss {got.loss.item():.8g}, the original forward's {expected.loss.item():.8g} "
             "(is something added to the loss?)"
         )
-    if not torch.equal(model(**inputs).logits, expected.logits):
+    if not torch.equal(model(**unlabelled).logits, expected.logits):
         raise ValueError("logits without labels differ from the original forward's")
 
 
@@ -802,16 +966,19 @@ def _probe_head(
     model: nn.Module, weight: Tensor, softcap, logit_scale, inputs: dict, base=None
 ) -> float:
     """Run ``model(**inputs)`` with its output layer (``weight`` ``[V, D]``) handing back large
-    raw logits, and check that the model's logits are those under the transform ``softcap`` /
-    ``logit_scale`` (random-weight or small logits hardly show a softcap: raw logits far from 0
-    do); with ``base``, also that the output layer was fed ``base(**inputs).last_hidden_state``
-    (as code that runs the base model and the head itself assumes). Returns the eps of the
-    precision the layer ran in (the autocast dtype, else the weight's): the tolerance unit. The
-    hooks of a layer parallelised on the vocabulary (a DTensor weight) only lay out its input
-    and output, which the plain raw logits stand in for: they are not run."""
+    raw logits, and check that the model's logits are those plus the bias its forward adds
+    (``with_output_bias``) under the transform ``softcap`` / ``logit_scale`` (random-weight or
+    small logits hardly show a softcap: raw logits far from 0 do); with ``base``, also that the
+    output layer was fed ``base(**inputs).last_hidden_state`` (as code that runs the base model
+    and the head itself assumes). Returns the eps of the precision the layer ran in (the
+    autocast dtype, else the weight's): the tolerance unit. The hooks of a layer parallelised on
+    the vocabulary (a DTensor weight) only lay out its input and output, which the plain raw
+    logits stand in for: they are not run."""
     dtype = weight.dtype
     generator = torch.Generator().manual_seed(1)
-    shape = (*inputs["input_ids"].shape, weight.shape[0])
+    # The logits' positions: the decoder's of an encoder-decoder model.
+    positions = inputs.get("decoder_input_ids", inputs.get("input_ids"))
+    shape = (*positions.shape, weight.shape[0])
     raw = (torch.randn(shape, generator=generator) * _PROBE_LOGIT_STD).to(weight.device, dtype)
     autocast_dtypes, fed = [], []
 
@@ -824,9 +991,16 @@ def _probe_head(
     outer = model.get_output_embeddings()
     with _intercepted(outer, raw_logits), _layout_hooks_skipped(outer, weight):
         theirs = model(**inputs).logits
+    if theirs.shape != raw.shape:
+        raise ValueError(
+            f"its logits have shape {tuple(theirs.shape)}, not its output layer's "
+            f"{tuple(raw.shape)} (the forward computes more from them, e.g. n-gram streams)"
+        )
     eps = torch.finfo(autocast_dtypes[0] if autocast_dtypes else dtype).eps
     stat_dtype = torch.promote_types(dtype, torch.float32)
-    ours = make_transform(softcap, logit_scale).apply_(raw.to(stat_dtype, copy=True))
+    biased = raw.to(stat_dtype, copy=True)
+    added = with_output_bias(model, None, stat_dtype)
+    ours = make_transform(softcap, logit_scale).apply_(biased if added is None else biased + added)
     excess = (theirs.to(stat_dtype) - ours).abs() - 4 * eps * (1.0 + ours.abs())
     if excess.max().item() > 0:
         worst = int(excess.argmax())
@@ -878,21 +1052,24 @@ _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_head_reproduced(
-    model: nn.Module, base: nn.Module, *, softcap, logit_scale, caller: str
+    model: nn.Module, base: nn.Module | None, *, softcap, logit_scale, caller: str
 ) -> None:
     """Refuse, with a ``ValueError`` naming ``caller`` and the model's class, a causal LM whose
     logits are not its output layer's applied to ``base(...).last_hidden_state`` under the
     transform ``softcap`` / ``logit_scale``, as code that runs the base model and computes the
     head from its weights (``cl.sample``) assumes: ``wrap``'s probe with the output layer's
-    input checked as well (``_probe_head``, two forwards of 12 tokens). The verdict is kept per
-    model and rechecked only when its output layer, base model or transform is another."""
+    input checked as well (``_probe_head``, two forwards of 12 tokens). ``base`` None (an
+    encoder-decoder model, whose output layer's input ``cl.sample`` records from its forward,
+    ``recorded_forward``): the transform and the added bias (``with_output_bias``) only. The
+    verdict is kept per model and rechecked only when its output layer, base model or transform
+    is another."""
     outer = model.get_output_embeddings()
-    parts = (weakref.ref(outer), weakref.ref(base), softcap, logit_scale)
+    parts = (weakref.ref(outer), None if base is None else weakref.ref(base), softcap, logit_scale)
     verdict = _VERDICTS.get(model)
     if verdict is None or verdict[0] != parts:
         with _evaluating(model):
-            inputs, _ = _probe_inputs(model, outer.weight)
             try:
+                inputs = _unlabelled(model, *_probe_inputs(model, outer.weight))
                 _probe_head(model, outer.weight, softcap, logit_scale, inputs, base=base)
                 error = None
             except ValueError as failure:
