@@ -270,6 +270,7 @@ _REPRODUCED = {
     "SequenceBiasLogitsProcessor": None,
     "RepetitionPenaltyLogitsProcessor": ("repetition_penalty", "penalty"),
     "NoRepeatNGramLogitsProcessor": None,
+    "EncoderNoRepeatNGramLogitsProcessor": None,
     "NoBadWordsLogitsProcessor": None,
     "MinLengthLogitsProcessor": None,
     "MinNewTokensLengthLogitsProcessor": None,
@@ -333,7 +334,6 @@ _FULL_ROW = frozenset(
     {
         "TypicalLogitsWarper",
         "EncoderRepetitionPenaltyLogitsProcessor",
-        "EncoderNoRepeatNGramLogitsProcessor",
         "PrefixConstrainedLogitsProcessor",
         "InfNanRemoveLogitsProcessor",
         "ExponentialDecayLengthPenalty",
@@ -729,7 +729,8 @@ class _TokenBias:
     Each processor's ``__call__`` is reproduced on the tokens it lists: sequence_bias and
     bad_words_ids (``SequenceBiasLogitsProcessor``: single tokens always, longer sequences where
     the row ends with their prefix), no_repeat_ngram_size (the last token of every window whose
-    other tokens are the row's last n - 1), min_length / min_new_tokens (eos while too short),
+    other tokens are the row's last n - 1), encoder_no_repeat_ngram_size (the same, over the
+    n-grams of the row's encoder input), min_length / min_new_tokens (eos while too short),
     suppress_tokens, begin_suppress_tokens (at its step). forced_bos_token_id (at length 1) and
     forced_eos_token_id (at max_length - 1) replace the row: the processors before them are
     dropped, the forced tokens get 0 and every other token -inf (``logit_bias_only``), and the
@@ -767,6 +768,20 @@ class _TokenBias:
                     windows = ids.unfold(1, size, 1)
                     matches = (windows[..., :-1] == ids[:, None, length + 1 - size :]).all(-1)
                     add(windows[..., -1].where(matches, -1), -math.inf)
+            elif name == "EncoderNoRepeatNGramLogitsProcessor":
+                # The processor's own n-gram tables and lookup; a batch row's beams share its row.
+                from transformers.generation.logits_process import _get_generated_ngrams
+
+                beams, tables = rows // processor.batch_size, processor.generated_ngrams
+                size = processor.ngram_size
+                banned = [
+                    _get_generated_ngrams(tables[row // beams], ids[row], size, length)
+                    for row in range(rows)
+                ]
+                width = max(map(len, banned))
+                if width:
+                    padded = [row + [-1] * (width - len(row)) for row in banned]
+                    add(torch.tensor(padded), -math.inf)
             elif name == "MinLengthLogitsProcessor":
                 if length < processor.min_length:
                     add(processor.eos_token_id.flatten(), -math.inf)

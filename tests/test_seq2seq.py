@@ -178,6 +178,28 @@ def _check_generate(model, beams: int) -> None:
             assert torch.equal(cl.sample(each, main, **inputs, shards=3, **options), expected)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("size", [1, 2])
+def test_encoder_no_repeat_ngram_size_is_generates(size, beams):
+    """encoder_no_repeat_ngram_size bans, per row, the tokens that would repeat an n-gram of the
+    row's encoder input: a few tokens, masked inside the block scan as generate() masks them."""
+    model = seq2seq_model("bart")
+    inputs = _encoder_input(model)
+    main = inputs.pop("input_ids")
+    options = {**_GENERATE, "max_new_tokens": 10, "num_beams": beams, **inputs}
+    with torch.no_grad():
+        # An encoder input that holds the start of its own free continuation: the ban acts.
+        main[:, :4] = model.generate(main, **options)[:, 1:5]
+        free = model.generate(main, **options)
+        expected = model.generate(main, encoder_no_repeat_ngram_size=size, **options)
+        ours = cl.sample(model, main, encoder_no_repeat_ngram_size=size, shards=3, **options)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, free)
+    if size == 1:  # no token of the row's input (but the last, BART's forced_eos_token_id)
+        for out, row in zip(ours[:, 1:-1], main, strict=True):
+            assert not set(out.tolist()) & set(row.tolist())
+
+
 @pytest.mark.parametrize("family", ["t5", "bart", "whisper"])
 def test_sampling_is_seeded_and_shard_invariant(family):
     model = seq2seq_model(family)
@@ -279,8 +301,6 @@ CANNOT_BUILD = {
 }
 # What each refused entry is refused by: {model_type: {"wrap" / "sample": fragment of the reason}}.
 REFUSED: dict[str, dict[str, str]] = {
-    # Its generation config sets encoder_no_repeat_ngram_size, which needs each step's whole row.
-    "blenderbot": {"sample": "encoder_no_repeat_ngram_size: chunklogits.sample does not support"},
     # Given labels, its forward also masks the decoder's pad positions (decoder_attention_mask),
     # which the decoder input built from the labels alone does not: the probe's loss differs.
     "encoder-decoder": {"wrap": "refusing EncoderDecoderModel (in_features=32"},
@@ -288,15 +308,6 @@ REFUSED: dict[str, dict[str, str]] = {
     "fsmt": {
         "wrap": "FSMTForConditionalGeneration's output layer is a torch.nn.modules.sparse",
         "sample": "expected a plain nn.Linear output head, got Embedding",
-    },
-    # Its forward does not apply its text config's logits_scaling (Granite's 1 / 4 here).
-    **{
-        model_type: {
-            "wrap": f"refusing {MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES[model_type]}",
-            "sample": f"refuses {MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES[model_type]}, whose "
-            "head it does not reproduce",
-        }
-        for model_type in ("granite_speech", "granite_speech_plus")
     },
     # Its forward needs audio input (input_features) with the tokens: the probe's forward and
     # generate() (transformers' own error) fail on token ids alone.
