@@ -249,6 +249,13 @@ def test_bad_input_fails_loudly_when_compiled():
         run(hidden, weight, labels)
     with pytest.raises(ValueError, match="num_items_in_batch: expected a positive count"):
         run(hidden, weight, labels.clamp(max=0), num_items_in_batch=torch.tensor(0))
+    temperature = per_position_temperature((2, 9))
+    temperature[0, 4] = 0.0
+    with pytest.raises(ValueError, match="temperature: expected finite values >= "):
+        run(hidden, weight, labels.clamp(max=0), temperature=temperature)
+    logprobs = torch.compile(cl.token_logprobs, fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="temperature: expected finite values >= "):
+        logprobs(hidden, weight, labels.clamp(min=0), temperature=temperature.flatten())
     # A check that reads no value fails while dynamo traces: with fullgraph it reports the
     # ValueError as an "Observed exception", without it the call runs eagerly and raises it.
     with pytest.raises(ValueError, match="reduction: expected one of"):
