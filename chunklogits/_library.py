@@ -68,13 +68,24 @@ def _input_grads(
         if grad is not None and out.grad_fn is not None
     ]
     outputs = [out.detach() for out in outputs]
-    if not pairs:
-        return outputs, [torch.zeros_like(leaf) for leaf in wanted]
-    grads = torch.autograd.grad(
-        [out for out, _ in pairs], wanted, [grad for _, grad in pairs], allow_unused=True
-    )
+    grads = [None] * len(wanted)
+    if pairs:
+        grads = torch.autograd.grad(
+            [out for out, _ in pairs], wanted, [grad for _, grad in pairs], allow_unused=True
+        )
     found = zip(wanted, grads, strict=True)
-    return outputs, [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in found]
+    return outputs, [
+        torch.zeros(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+        if grad is None
+        else grad.contiguous()  # the strides _fake_grads promises, whatever the input's
+        for leaf, grad in found
+    ]
+
+
+def _fake_grads(tensors: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor]:
+    """The gradients ``_input_grads`` returns for ``tensors`` that ``needs`` marks, as
+    ``register_fake`` describes them: contiguous, of the tensors' shapes and dtypes."""
+    return [t.new_empty(t.shape) for t, need in zip(tensors, needs, strict=True) if need]
 
 
 def temperature_arguments(temperature: float | Tensor) -> tuple[float, Tensor | None]:
@@ -256,8 +267,7 @@ def linear_cross_entropy_and_grads(
 
 @linear_cross_entropy_and_grads.register_fake
 def _(needs, hidden, weight, labels, bias, class_weight, *args):
-    tensors = (hidden, weight, bias, class_weight)
-    grads = [torch.empty_like(t) for t, need in zip(tensors, needs, strict=True) if need]
+    grads = _fake_grads((hidden, weight, bias, class_weight), needs)
     return [hidden.new_empty((), dtype=_stat_dtype(hidden)), *grads]
 
 
@@ -301,8 +311,7 @@ def linear_cross_entropy_backward(
 
 @linear_cross_entropy_backward.register_fake
 def _(grads, needs, hidden, weight, labels, bias, class_weight, *args):
-    tensors = (hidden, weight, bias, class_weight)
-    return [torch.empty_like(t) for t, need in zip(tensors, needs, strict=True) if need]
+    return _fake_grads((hidden, weight, bias, class_weight), needs)
 
 
 _register_autograd(linear_cross_entropy, linear_cross_entropy_backward, _LOSS_GRADS)
@@ -392,8 +401,7 @@ def token_logprobs_backward(
 
 @token_logprobs_backward.register_fake
 def _(grads, needs, hidden, weight, tokens, bias, *args):
-    tensors = (hidden, weight, bias)
-    return [torch.empty_like(t) for t, need in zip(tensors, needs, strict=True) if need]
+    return _fake_grads((hidden, weight, bias), needs)
 
 
 _register_autograd(token_logprobs, token_logprobs_backward, _LOGPROBS_GRADS)

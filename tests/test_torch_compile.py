@@ -267,18 +267,21 @@ def test_bad_input_fails_loudly_when_compiled():
 def opcheck_arguments():
     hidden, weight, bias, class_weight, labels = head(grad_class_weight=True)
     temperatures = 0.5 + torch.rand(2, 9, generator=seeded(6))
+    # Inputs of other strides than contiguous ones: the gradients are contiguous all the same.
+    strided = hidden.detach().permute(2, 1, 0).contiguous().permute(2, 1, 0).requires_grad_()
+    strided_weight = weight.detach().T.contiguous().T.requires_grad_()
     loss = _library.linear_cross_entropy
     with_grads = _library.linear_cross_entropy_and_grads
     logprobs = _library.token_logprobs
     common = (None, -100)
     return [
-        (loss, (hidden, weight, labels, bias, None, None, 3, *common, "none", 0.0, 0.0, 5.0,
-                None, 1.0, temperatures, True, None)),
+        (loss, (strided, strided_weight, labels, bias, None, None, 3, *common, "none", 0.0,
+                0.0, 5.0, None, 1.0, temperatures, True, None)),
         (loss, (hidden, weight, labels, None, class_weight, torch.tensor(9.0), None, *common,
                 "mean", 0.0, 1e-3, None, 2.0, 0.8, None, False, None)),
-        (with_grads, ([True, True, True, False], hidden, weight, labels, bias, None, None, 3,
-                      *common, "sum", 0.1, 0.0, 5.0, None, 1.0, temperatures.flatten(), True,
-                      False)),
+        (with_grads, ([True, True, True, False], strided, strided_weight, labels, bias, None,
+                      None, 3, *common, "sum", 0.1, 0.0, 5.0, None, 1.0, temperatures.flatten(),
+                      True, False)),
         (with_grads, ([False, True, False, True], hidden, weight, labels, None, class_weight,
                       torch.tensor(9.0), None, *common, "mean", 0.0, 1e-3, None, 2.0, 0.8, None,
                       False, None)),
