@@ -145,12 +145,17 @@ def check_positive_float(name: str, value, *, allow_none: bool) -> float | None:
 
 
 def check_temperature(
-    temperature, shape: tuple[int, ...] | None, device=None, what: str = "hidden.shape[:-1]"
+    temperature,
+    shape: tuple[int, ...] | None,
+    device=None,
+    what: str = "hidden.shape[:-1]",
+    read_values: bool = True,
 ) -> float | Tensor:
     """``temperature``: a float >= the smallest normal fp32 number, or (where ``shape`` is given)
     one per position: a floating tensor of ``shape`` (``what`` names it) or of ``prod(shape)``
     entries, on ``device``, not requiring grad, its entries finite and >= that number (one host
-    read). Returns the float, or the tensor as it came."""
+    read, skipped without ``read_values``: a custom op's caller while ``torch.compile`` traces,
+    the op checking them when it runs). Returns the float, or the tensor as it came."""
     if shape is None or not isinstance(temperature, Tensor):
         low = high = temperature = check_positive_float(
             "temperature", temperature, allow_none=False
@@ -177,7 +182,7 @@ def check_temperature(
                 "temperature: expected a tensor that does not require grad (no gradient is "
                 "formed for the temperatures: pass temperature.detach()), got one that does"
             )
-        if temperature.numel() == 0 or temperature.is_meta:
+        if temperature.numel() == 0 or temperature.is_meta or not read_values:
             return temperature
         low, high = torch.stack(torch.aminmax(temperature.detach().double())).tolist()
     if not (low >= _FP32_TINY and math.isfinite(high)):
@@ -191,12 +196,17 @@ def check_temperature(
 
 
 def make_transform(
-    softcap, logit_scale, temperature=1.0, positions=None, what="hidden.shape[:-1]"
+    softcap,
+    logit_scale,
+    temperature=1.0,
+    positions=None,
+    what="hidden.shape[:-1]",
+    read_values: bool = True,
 ) -> LogitTransform:
     """The ops' ``LogitTransform``. ``temperature`` may be a tensor, one per position, only where
     ``positions`` is given: the ``hidden [..., D]`` whose rows it divides (``check_temperature``,
-    ``what`` naming its positions); it is then held as ``[M, 1]`` in the statistics' dtype (fp32,
-    fp64 for fp64 hidden)."""
+    ``what`` naming its positions, ``read_values`` as there); it is then held as ``[M, 1]`` in
+    the statistics' dtype (fp32, fp64 for fp64 hidden)."""
     softcap = check_positive_float("softcap", softcap, allow_none=True)
     if logit_scale is not None:
         if not isinstance(logit_scale, numbers.Real) or isinstance(logit_scale, bool):
@@ -207,7 +217,7 @@ def make_transform(
     if positions is None or not isinstance(temperature, Tensor):
         temperature = check_temperature(temperature, None)
     else:
-        check_temperature(temperature, positions.shape[:-1], positions.device, what)
+        check_temperature(temperature, positions.shape[:-1], positions.device, what, read_values)
         stat_dtype = torch.promote_types(positions.dtype, torch.float32)
         temperature = temperature.detach().reshape(-1, 1).to(stat_dtype)
     return LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)

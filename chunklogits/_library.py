@@ -3,15 +3,28 @@
 Dynamo cannot trace the engine (its Python loops over blocks, its data-dependent row selection
 and checks, its ``autograd.Function`` with non-tensor state), so under ``torch.compile`` the
 public ops call these instead, each one opaque node of the graph:
-``chunklogits::linear_cross_entropy`` and ``chunklogits::token_logprobs``. Their
-implementation is the public op itself, run eagerly on the real tensors (every check included:
-bad input fails there as it does eagerly), with autograd off. Their backward is a second custom
-op (``..._backward``) that runs the public op again with autograd on and returns the gradients
-its own backward computes: the engine's code in both directions, no second copy of the math.
-The price is one more pass of GEMMs over the head (``2 N V D`` flops) than eager: the backward's
-own forward pass (the recomputing path's, or ``grad_in_forward``'s fused pass, which computes
-the gradients in it), the first one's statistics not being kept across the graph. Eager calls
-never come here.
+``chunklogits::linear_cross_entropy``, ``chunklogits::linear_cross_entropy_and_grads`` and
+``chunklogits::token_logprobs``. Their implementation is the public op itself, run eagerly on
+the real tensors (every check included: bad input fails there as it does eagerly): the engine's
+code in both directions, no second copy of the math.
+
+A scalar loss (reduction "mean" or "sum") of which some input needs a gradient (known while
+the graph is traced) is ``..._and_grads``: it runs the public op with autograd on and takes the
+gradients of the inputs that need one at once, by the eager op's own backward, for a loss
+gradient of 1, and returns them with the loss; its backward only multiplies them by the loss's
+incoming gradient (out of place: a backward with ``retain_graph=True`` may run again). That is
+the eager training step's work, GEMM for GEMM (8 ``N V D`` flops on the recomputing path, 6 on
+``grad_in_forward``'s fused one, whichever the eager default picks: ``test_torch_compile``
+counts them); the gradients exist from the forward pass on, as on the fused path, and a
+half-precision gradient is rounded before that multiplication (exact for the usual gradient
+of 1).
+
+Vector outputs (reduction "none", ``token_logprobs``) have no such single gradient: their
+forward op runs the public op with autograd off, and their backward is a second custom op
+(``..._backward``) that runs the public op again with autograd on and returns the gradients
+its own backward computes against the incoming ones. The price is one more pass of GEMMs over
+the head (``2 N V D`` flops) than eager: the backward's own forward pass, the first one's
+statistics not being kept across the graph. Eager calls never come here.
 """
 
 from __future__ import annotations
@@ -33,11 +46,12 @@ def _input_grads(
     tensors: dict[str, Tensor | None],
     names: tuple[str, ...],
     needs: Sequence[bool],
-    grad_outputs: Sequence[Tensor | None],
-) -> list[Tensor]:
-    """The gradients of ``run(**leaves)`` (a sequence of outputs) against ``grad_outputs`` with
-    respect to the tensors ``names`` that ``needs`` marks, by the eager op's own backward; zeros
-    where the outputs do not depend on one (every label ignored)."""
+    grad_outputs: Sequence[Tensor | None] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``(outputs, gradients)``: the outputs of ``run(**leaves)`` (a sequence) and their
+    gradients against ``grad_outputs`` (None: ones, a scalar's own) with respect to the tensors
+    ``names`` that ``needs`` marks, by the eager op's own backward; zeros where the outputs do
+    not depend on one (every label ignored)."""
     leaves = dict(tensors)
     wanted = []
     for name, need in zip(names, needs, strict=True):
@@ -46,18 +60,38 @@ def _input_grads(
             wanted.append(leaves[name])
     with _autograd_on():
         outputs = run(**leaves)
+    if grad_outputs is None:
+        grad_outputs = [torch.ones_like(out) for out in outputs]
     pairs = [
         (out, grad)
         for out, grad in zip(outputs, grad_outputs, strict=True)
         if grad is not None and out.grad_fn is not None
     ]
-    if not pairs:
-        return [torch.zeros_like(leaf) for leaf in wanted]
-    grads = torch.autograd.grad(
-        [out for out, _ in pairs], wanted, [grad for _, grad in pairs], allow_unused=True
-    )
+    outputs = [out.detach() for out in outputs]
+    grads = [None] * len(wanted)
+    if pairs:
+        grads = torch.autograd.grad(
+            [out for out, _ in pairs], wanted, [grad for _, grad in pairs], allow_unused=True
+        )
     found = zip(wanted, grads, strict=True)
-    return [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in found]
+    return outputs, [
+        torch.zeros(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+        if grad is None
+        else grad.contiguous()  # the strides _fake_grads promises, whatever the input's
+        for leaf, grad in found
+    ]
+
+
+def _fake_grads(tensors: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor]:
+    """The gradients ``_input_grads`` returns for ``tensors`` that ``needs`` marks, as
+    ``register_fake`` describes them: contiguous, of the tensors' shapes and dtypes."""
+    return [t.new_empty(t.shape) for t, need in zip(tensors, needs, strict=True) if need]
+
+
+def temperature_arguments(temperature: float | Tensor) -> tuple[float, Tensor | None]:
+    """A public op's checked ``temperature`` as the custom ops' ``(temperature,
+    position_temperature)`` arguments: the float and None, or 1.0 and the per-position tensor."""
+    return (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
 
 
 @contextmanager
@@ -98,6 +132,29 @@ def _register_autograd(op, backward_op, names: tuple[str, ...]) -> None:
     op.register_autograd(backward, setup_context=setup_context)
 
 
+def _register_scaled_autograd(op, names: tuple[str, ...]) -> None:
+    """Make the backward of ``op(needs, *arguments) -> [loss, *gradients]``, whose gradients
+    are those of a scalar loss, for a loss gradient of 1, with respect to the tensors ``names``
+    that ``needs`` marks, those gradients times the loss's incoming gradient."""
+    schema = [argument.name for argument in op._opoverload._schema.arguments]
+    positions = [schema.index(name) for name in names]
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+        ctx.positions = [p for p, need in zip(positions, inputs[0], strict=True) if need]
+        ctx.inputs = len(inputs)
+
+    def backward(ctx, grads):
+        result = [None] * ctx.inputs
+        for position, grad in zip(ctx.positions, ctx.saved_tensors, strict=True):
+            if ctx.needs_input_grad[position]:
+                result[position] = grads[0] * grad  # a new tensor: the saved one stays as it is
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
 def _stat_dtype(hidden: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
@@ -107,8 +164,8 @@ def _stat_dtype(hidden: Tensor) -> torch.dtype:
 
 def _loss_call(
     hidden, weight, labels, bias, class_weight, num_items_in_batch, shards, chunk_size,
-    ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, shift,
-    grad_in_forward,
+    ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, temperature,
+    position_temperature, shift, grad_in_forward,
 ) -> Tensor:  # fmt: skip
     from .loss import linear_cross_entropy
 
@@ -127,6 +184,7 @@ def _loss_call(
         z_loss=z_loss,
         softcap=softcap,
         logit_scale=logit_scale,
+        temperature=temperature if position_temperature is None else position_temperature,
         shift=shift,
         grad_in_forward=grad_in_forward,
     )
@@ -149,23 +207,71 @@ def linear_cross_entropy(
     z_loss: float,
     softcap: float | None,
     logit_scale: float | None,
+    temperature: float,
+    position_temperature: Tensor | None,
     shift: bool,
     grad_in_forward: bool | None,
 ) -> Tensor:
     """``chunklogits.linear_cross_entropy`` with these arguments (a count ``num_items_in_batch``
-    as a tensor), without its autograd graph."""
+    as a tensor; a float ``temperature`` or, when given, the ``position_temperature`` tensor),
+    without its autograd graph."""
     with torch.no_grad():
         return _loss_call(**locals())
 
 
 @linear_cross_entropy.register_fake
 def _(hidden, weight, labels, bias, class_weight, num_items_in_batch, shards, chunk_size,
-      ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, shift,
-      grad_in_forward):  # fmt: skip
+      ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, temperature,
+      position_temperature, shift, grad_in_forward):  # fmt: skip
     if reduction != "none":
         return hidden.new_empty((), dtype=_stat_dtype(hidden))
     shape = (*labels.shape[:-1], labels.shape[-1] - 1) if shift else labels.shape
     return hidden.new_empty(shape, dtype=_stat_dtype(hidden))
+
+
+@torch.library.custom_op("chunklogits::linear_cross_entropy_and_grads", mutates_args=())
+def linear_cross_entropy_and_grads(
+    needs: list[bool],
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    class_weight: Tensor | None,
+    num_items_in_batch: Tensor | None,
+    shards: int | None,
+    chunk_size: int | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float | None,
+    temperature: float,
+    position_temperature: Tensor | None,
+    shift: bool,
+    grad_in_forward: bool | None,
+) -> list[Tensor]:
+    """``[loss, *gradients]``: ``linear_cross_entropy``'s scalar loss (``reduction`` "mean" or
+    "sum") and its gradients, for a loss gradient of 1, with respect to those of ``(hidden,
+    weight, bias, class_weight)`` that ``needs`` marks, in that order, from one eager call."""
+    arguments = dict(locals())
+    del arguments["needs"]
+    tensors = {name: arguments.pop(name) for name in _LOSS_GRADS}
+
+    def run(**leaves):
+        return [_loss_call(**leaves, **arguments)]
+
+    (loss,), grads = _input_grads(run, tensors, _LOSS_GRADS, needs)
+    return [loss, *grads]
+
+
+@linear_cross_entropy_and_grads.register_fake
+def _(needs, hidden, weight, labels, bias, class_weight, *args):
+    grads = _fake_grads((hidden, weight, bias, class_weight), needs)
+    return [hidden.new_empty((), dtype=_stat_dtype(hidden)), *grads]
+
+
+_register_scaled_autograd(linear_cross_entropy_and_grads, _LOSS_GRADS)
 
 
 @torch.library.custom_op("chunklogits::linear_cross_entropy_backward", mutates_args=())
@@ -186,6 +292,8 @@ def linear_cross_entropy_backward(
     z_loss: float,
     softcap: float | None,
     logit_scale: float | None,
+    temperature: float,
+    position_temperature: Tensor | None,
     shift: bool,
     grad_in_forward: bool | None,
 ) -> list[Tensor]:
@@ -198,13 +306,12 @@ def linear_cross_entropy_backward(
     def run(**leaves):
         return [_loss_call(**leaves, **arguments)]
 
-    return _input_grads(run, tensors, _LOSS_GRADS, needs, grads)
+    return _input_grads(run, tensors, _LOSS_GRADS, needs, grads)[1]
 
 
 @linear_cross_entropy_backward.register_fake
 def _(grads, needs, hidden, weight, labels, bias, class_weight, *args):
-    tensors = (hidden, weight, bias, class_weight)
-    return [torch.empty_like(t) for t, need in zip(tensors, needs, strict=True) if need]
+    return _fake_grads((hidden, weight, bias, class_weight), needs)
 
 
 _register_autograd(linear_cross_entropy, linear_cross_entropy_backward, _LOSS_GRADS)
@@ -214,8 +321,8 @@ _register_autograd(linear_cross_entropy, linear_cross_entropy_backward, _LOSS_GR
 
 
 def _logprobs_call(
-    hidden, weight, tokens, bias, temperature, return_entropy, softcap, logit_scale, shards,
-    chunk_size,
+    hidden, weight, tokens, bias, temperature, position_temperature, return_entropy, softcap,
+    logit_scale, shards, chunk_size,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     from .logprobs import token_logprobs
 
@@ -224,7 +331,7 @@ def _logprobs_call(
         weight,
         tokens,
         bias=bias,
-        temperature=temperature,
+        temperature=temperature if position_temperature is None else position_temperature,
         return_entropy=return_entropy,
         softcap=softcap,
         logit_scale=logit_scale,
@@ -243,20 +350,22 @@ def token_logprobs(
     tokens: Tensor,
     bias: Tensor | None,
     temperature: float,
+    position_temperature: Tensor | None,
     return_entropy: bool,
     softcap: float | None,
     logit_scale: float | None,
     shards: int | None,
     chunk_size: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """``chunklogits.token_logprobs`` with these arguments, without its autograd graph:
-    ``(logprobs, entropy)``, the entropy with 0 entries unless ``return_entropy``."""
+    """``chunklogits.token_logprobs`` with these arguments (a float ``temperature`` or, when
+    given, the ``position_temperature`` tensor), without its autograd graph: ``(logprobs,
+    entropy)``, the entropy with 0 entries unless ``return_entropy``."""
     with torch.no_grad():
         return _logprobs_call(**locals())
 
 
 @token_logprobs.register_fake
-def _(hidden, weight, tokens, bias, temperature, return_entropy, *args):
+def _(hidden, weight, tokens, bias, temperature, position_temperature, return_entropy, *args):
     logprobs = hidden.new_empty(tokens.shape, dtype=_stat_dtype(hidden))
     return logprobs, torch.empty_like(logprobs) if return_entropy else logprobs.new_empty(0)
 
@@ -270,6 +379,7 @@ def token_logprobs_backward(
     tokens: Tensor,
     bias: Tensor | None,
     temperature: float,
+    position_temperature: Tensor | None,
     return_entropy: bool,
     softcap: float | None,
     logit_scale: float | None,
@@ -286,13 +396,12 @@ def token_logprobs_backward(
     def run(**leaves):
         return _logprobs_call(**leaves, **arguments)
 
-    return _input_grads(run, tensors, _LOGPROBS_GRADS, needs, grads)
+    return _input_grads(run, tensors, _LOGPROBS_GRADS, needs, grads)[1]
 
 
 @token_logprobs_backward.register_fake
 def _(grads, needs, hidden, weight, tokens, bias, *args):
-    tensors = (hidden, weight, bias)
-    return [torch.empty_like(t) for t, need in zip(tensors, needs, strict=True) if need]
+    return _fake_grads((hidden, weight, bias), needs)
 
 
 _register_autograd(token_logprobs, token_logprobs_backward, _LOGPROBS_GRADS)

@@ -59,12 +59,16 @@ def token_logprobs(
         check_head(hidden, weight, bias)
         tokens = check_token_tensor("tokens", tokens, hidden.shape[:-1], hidden.device)
         flat_tokens = tokens.reshape(-1)
-        transform = make_transform(softcap, logit_scale, temperature, hidden)
-        if torch.compiler.is_compiling() and process_group is None and not transform.per_row:
-            # One node of the graph (see chunklogits._library), which checks the token range.
+        # One node of the graph under torch.compile (see chunklogits._library), which checks
+        # the values of the tokens and the temperatures.
+        custom_op = torch.compiler.is_compiling() and process_group is None
+        transform = make_transform(
+            softcap, logit_scale, temperature, hidden, read_values=not custom_op
+        )
+        if custom_op:
             logprobs, entropy = _library.token_logprobs(
-                hidden, weight, tokens, bias, transform.temperature, return_entropy,
-                transform.softcap, transform.logit_scale, shards, chunk_size,
+                hidden, weight, tokens, bias, *_library.temperature_arguments(temperature),
+                return_entropy, transform.softcap, transform.logit_scale, shards, chunk_size,
             )  # fmt: skip
             return (logprobs, entropy) if return_entropy else logprobs
         plan = plan_head(

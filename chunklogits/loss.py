@@ -177,7 +177,14 @@ def linear_cross_entropy(
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        transform = make_transform(softcap, logit_scale, temperature, hidden)
+        extras = return_z_loss or return_token_accuracy
+        # One node of the graph under torch.compile (see chunklogits._library), which checks
+        # the values of the labels and the temperatures. Vocabulary parallelism and the extra
+        # outputs run the engine in the trace instead.
+        custom_op = torch.compiler.is_compiling() and process_group is None and not extras
+        transform = make_transform(
+            softcap, logit_scale, temperature, hidden, read_values=not custom_op
+        )
         if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
             raise TypeError(
                 f"grad_in_forward: expected True, False or None, got {grad_in_forward!r}"
@@ -192,23 +199,20 @@ def linear_cross_entropy(
                 "grad_in_forward: True does not serve return_token_accuracy=True (the fused pass "
                 "computes no top-k statistic); use grad_in_forward=None or False"
             )
-        extras = return_z_loss or return_token_accuracy
-        # (A temperature other than 1 is not in the op's schema yet: the engine runs in the trace.)
-        if (
-            torch.compiler.is_compiling()
-            and process_group is None
-            and not extras
-            and not transform.tempered
-        ):
-            # One node of the graph (see chunklogits._library), which checks the label range.
-            # Vocabulary parallelism and the extra outputs run the engine in the trace instead.
+        if custom_op:
             if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
                 num_items_in_batch = torch.tensor(num_items_in_batch, device=hidden.device)
-            return _library.linear_cross_entropy(
+            arguments = (
                 hidden, weight, labels, bias, class_weight, num_items_in_batch, shards,
-                chunk_size, ignore_index, reduction, label_smoothing, z_loss,
-                transform.softcap, transform.logit_scale, shift, grad_in_forward,
+                chunk_size, ignore_index, reduction, label_smoothing, z_loss, transform.softcap,
+                transform.logit_scale, *_library.temperature_arguments(temperature), shift,
+                grad_in_forward,
             )  # fmt: skip
+            needs = [_grads_needed(t) for t in (hidden, weight, bias, class_weight)]
+            if reduction != "none" and any(needs):
+                # The gradients from the forward call, as eager's cost (see _library).
+                return _library.linear_cross_entropy_and_grads(needs, *arguments)[0]
+            return _library.linear_cross_entropy(*arguments)
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
         transform = transform.selected(rows.index)
         vocab_slice = ranks.agree(rows.hidden2d, weight, bias, transform, rows.targets, "labels")

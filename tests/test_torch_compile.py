@@ -3,8 +3,9 @@
 Under ``torch.compile`` the differentiable ops are the custom ops of ``chunklogits._library``,
 whose implementation and backward run the eager engine: a compiled call gives the eager call's
 loss and gradients, up to the rounding of what the compiler fuses around them (the model's own
-layers under inductor). Compiles cost seconds each (inductor's a minute on a busy CPU): tiny
-models, one inductor compile, ``torch._dynamo.reset()`` before each test."""
+layers under inductor), and a scalar loss's compiled step runs the eager step's GEMMs. Compiles
+cost seconds each (inductor's a minute on a busy CPU): tiny models, one inductor compile,
+``torch._dynamo.reset()`` before each test."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ import torch
 
 import chunklogits as cl
 from chunklogits import _library
-from tests.helpers import one_thread, seeded, tiny_llama_config  # noqa: F401
+from tests.helpers import (  # noqa: F401
+    one_thread,
+    per_position_temperature,
+    seeded,
+    tiny_llama_config,
+)
 
 VOCAB = 211
 
@@ -56,6 +62,19 @@ LOSS_CASES = {
     "none-class-weight": {"reduction": "none", "class_weight": True},
     "num-items-tensor": {"num_items_in_batch": torch.tensor(11), "shift": True},
     "num-items-int-fused": {"num_items_in_batch": 7, "grad_in_forward": True},
+    "mean-temperature-tensor": {"temperature": per_position_temperature((2, 9)), "shift": True},
+    "sum-temperature-flat-recomputing": {
+        "reduction": "sum",
+        "temperature": per_position_temperature(18),
+        "softcap": 4.0,
+        "grad_in_forward": False,
+    },
+    "mean-temperature-float-fused": {"temperature": 0.6, "grad_in_forward": True},
+    "none-temperature-tensor": {
+        "reduction": "none",
+        "temperature": per_position_temperature((2, 9)),
+    },
+    "none-temperature-float": {"reduction": "none", "temperature": 1.7, "softcap": 2.0},
 }
 
 
@@ -82,13 +101,25 @@ def test_compiled_loss_is_the_eager_loss(case, backend):
         torch.testing.assert_close(ours, theirs, msg=f"{case}: {name}")
 
 
-def test_compiled_token_logprobs_are_the_eager_ones():
+@pytest.mark.parametrize("temperature", ["float", "tensor", "flat"])
+def test_compiled_token_logprobs_are_the_eager_ones(temperature):
     hidden, weight, bias, _, labels = head()
     tokens, advantages = labels.clamp(min=0), torch.randn(2, 9, generator=seeded(4))
+    temperature = {
+        "float": 0.7,
+        "tensor": per_position_temperature((2, 9)),
+        "flat": per_position_temperature(18),
+    }[temperature]
 
     def objective(hidden, weight, bias):
         logprobs, entropy = cl.token_logprobs(
-            hidden, weight, tokens, bias=bias, temperature=0.7, return_entropy=True, softcap=4.0
+            hidden,
+            weight,
+            tokens,
+            bias=bias,
+            temperature=temperature,
+            return_entropy=True,
+            softcap=4.0,
         )
         return (logprobs * advantages).sum() + 0.1 * entropy.sum()
 
@@ -96,6 +127,117 @@ def test_compiled_token_logprobs_are_the_eager_ones():
     names = ["value", "hidden", "weight", "bias"]
     for name, ours, theirs in zip(names, compiled, eager, strict=True):
         torch.testing.assert_close(ours, theirs, msg=name)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_compiled_loss_backward_may_run_twice(grad_in_forward):
+    # The scalar loss's gradients come from its forward call, saved, and are scaled by the
+    # incoming gradient out of place: a second backward of a retained graph finds them intact.
+    hidden, weight, bias, class_weight, labels = head(grad_class_weight=True)
+    leaves, temperature = [hidden, weight, bias, class_weight], per_position_temperature((2, 9))
+
+    def loss(hidden, weight, bias, class_weight):
+        return cl.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, class_weight=class_weight,
+            temperature=temperature, grad_in_forward=grad_in_forward,
+        )  # fmt: skip
+
+    eager = torch.autograd.grad(loss(*leaves), leaves)
+    value = torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves)
+    first = torch.autograd.grad(2.5 * value, leaves, retain_graph=True)
+    second = torch.autograd.grad(value, leaves)
+    names = ["hidden", "weight", "bias", "class_weight"]
+    for name, ours_first, ours_second, theirs in zip(names, first, second, eager, strict=True):
+        torch.testing.assert_close(ours_first, 2.5 * theirs, msg=f"{name}, first backward")
+        torch.testing.assert_close(ours_second, theirs, msg=f"{name}, second backward")
+        assert torch.equal(ours_first, 2.5 * ours_second), name
+
+
+GRADCHECK_CASES = {
+    "mean-temperature-tensor-class-weight": {"temperature": True, "class_weight": True},
+    "sum-softcap-recomputing": {"reduction": "sum", "softcap": 2.0, "grad_in_forward": False},
+    "none-temperature-float-shift": {"reduction": "none", "temperature": 0.6, "shift": True},
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES)
+def test_compiled_loss_passes_gradcheck(case):
+    # fp64 finite differences of the compiled loss against its backward (and that backward
+    # run twice gives the same gradients): both custom-op paths, the scalar loss's and "none"'s.
+    options = dict(GRADCHECK_CASES[case])
+    g = seeded(8)
+    hidden = torch.randn(2, 3, 6, dtype=torch.float64, generator=g).requires_grad_()
+    weight = torch.randn(13, 6, dtype=torch.float64, generator=g).requires_grad_()
+    bias = torch.randn(13, dtype=torch.float64, generator=g).requires_grad_()
+    labels = torch.randint(0, 13, (2, 3), generator=g)
+    labels[0, 1] = -100
+    leaves = [hidden, weight, bias]
+    if options.pop("class_weight", False):
+        leaves.append(torch.rand(13, dtype=torch.float64, generator=g).requires_grad_())
+    if options.get("temperature") is True:
+        options["temperature"] = per_position_temperature((2, 3)).double()
+
+    def loss(hidden, weight, bias, class_weight=None):
+        return cl.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, class_weight=class_weight, shards=2, **options
+        )
+
+    run = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    assert torch.autograd.gradcheck(run, leaves)
+
+
+def test_compiled_token_logprobs_pass_gradcheck():
+    g = seeded(8)
+    hidden = torch.randn(2, 3, 6, dtype=torch.float64, generator=g).requires_grad_()
+    weight = torch.randn(13, 6, dtype=torch.float64, generator=g).requires_grad_()
+    tokens = torch.randint(0, 13, (2, 3), generator=g)
+    temperature = per_position_temperature(6).double()
+
+    def logprobs(hidden, weight):
+        return cl.token_logprobs(
+            hidden, weight, tokens, temperature=temperature, return_entropy=True, softcap=3.0
+        )
+
+    run = torch.compile(logprobs, fullgraph=True, backend="aot_eager")
+    assert torch.autograd.gradcheck(run, (hidden, weight))
+
+
+def gemm_flops(step) -> int:
+    """The flops of the GEMMs ``step()`` runs (``aten::mm``, ``addmm``, ``addmm_``; those
+    inside the custom ops included), from the operand shapes the profiler records."""
+    operands = {"aten::mm": slice(0, 2), "aten::addmm": slice(1, 3), "aten::addmm_": slice(1, 3)}
+    with torch.profiler.profile(record_shapes=True) as profile:
+        step()
+    flops = 0
+    for event in profile.events():
+        if event.name in operands:
+            (m, k), (_, n) = event.input_shapes[operands[event.name]]
+            flops += 2 * m * k * n
+    return flops
+
+
+@pytest.mark.parametrize(
+    "options, eager_nvd, compiled_nvd",
+    [
+        ({"grad_in_forward": None}, 6, 6),  # the default picks the fused pass here (fp32, CPU)
+        ({"grad_in_forward": False, "temperature": per_position_temperature((2, 9))}, 8, 8),
+        ({"reduction": "none"}, 8, 10),  # the backward op runs the forward again
+    ],
+)
+def test_compiled_step_runs_the_eager_gemms(options, eager_nvd, compiled_nvd):
+    hidden, weight, bias, _, labels = head()
+
+    def loss(hidden, weight, bias):
+        return cl.linear_cross_entropy(hidden, weight, labels, bias=bias, shards=3, **options)
+
+    def step(run):
+        return lambda: run(hidden, weight, bias).sum().backward()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    step(compiled)()  # compiles, outside the count
+    nvd = int((labels != -100).sum()) * VOCAB * hidden.shape[-1]
+    assert gemm_flops(step(loss)) == eager_nvd * nvd
+    assert gemm_flops(step(compiled)) == compiled_nvd * nvd
 
 
 def test_bad_input_fails_loudly_when_compiled():
@@ -107,6 +249,13 @@ def test_bad_input_fails_loudly_when_compiled():
         run(hidden, weight, labels)
     with pytest.raises(ValueError, match="num_items_in_batch: expected a positive count"):
         run(hidden, weight, labels.clamp(max=0), num_items_in_batch=torch.tensor(0))
+    temperature = per_position_temperature((2, 9))
+    temperature[0, 4] = 0.0
+    with pytest.raises(ValueError, match="temperature: expected finite values >= "):
+        run(hidden, weight, labels.clamp(max=0), temperature=temperature)
+    logprobs = torch.compile(cl.token_logprobs, fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="temperature: expected finite values >= "):
+        logprobs(hidden, weight, labels.clamp(min=0), temperature=temperature.flatten())
     # A check that reads no value fails while dynamo traces: with fullgraph it reports the
     # ValueError as an "Observed exception", without it the call runs eagerly and raises it.
     with pytest.raises(ValueError, match="reduction: expected one of"):
@@ -117,20 +266,33 @@ def test_bad_input_fails_loudly_when_compiled():
 
 def opcheck_arguments():
     hidden, weight, bias, class_weight, labels = head(grad_class_weight=True)
+    temperatures = 0.5 + torch.rand(2, 9, generator=seeded(6))
+    # Inputs of other strides than contiguous ones: the gradients are contiguous all the same.
+    strided = hidden.detach().permute(2, 1, 0).contiguous().permute(2, 1, 0).requires_grad_()
+    strided_weight = weight.detach().T.contiguous().T.requires_grad_()
     loss = _library.linear_cross_entropy
+    with_grads = _library.linear_cross_entropy_and_grads
     logprobs = _library.token_logprobs
     common = (None, -100)
     return [
-        (loss, (hidden, weight, labels, bias, None, None, 3, *common, "none", 0.0, 0.0, 5.0,
-                None, True, None)),
+        (loss, (strided, strided_weight, labels, bias, None, None, 3, *common, "none", 0.0,
+                0.0, 5.0, None, 1.0, temperatures, True, None)),
         (loss, (hidden, weight, labels, None, class_weight, torch.tensor(9.0), None, *common,
-                "mean", 0.0, 1e-3, None, 2.0, False, None)),
-        (logprobs, (hidden, weight, labels.clamp(min=0), bias, 0.7, True, 3.0, None, 2, None)),
-        (logprobs, (hidden, weight, labels.clamp(min=0), None, 1.0, False, None, None, None, 4)),
+                "mean", 0.0, 1e-3, None, 2.0, 0.8, None, False, None)),
+        (with_grads, ([True, True, True, False], strided, strided_weight, labels, bias, None,
+                      None, 3, *common, "sum", 0.1, 0.0, 5.0, None, 1.0, temperatures.flatten(),
+                      True, False)),
+        (with_grads, ([False, True, False, True], hidden, weight, labels, None, class_weight,
+                      torch.tensor(9.0), None, *common, "mean", 0.0, 1e-3, None, 2.0, 0.8, None,
+                      False, None)),
+        (logprobs, (hidden, weight, labels.clamp(min=0), bias, 0.7, None, True, 3.0, None, 2,
+                    None)),
+        (logprobs, (hidden, weight, labels.clamp(min=0), None, 1.0, temperatures, False, None,
+                    None, None, 4)),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(6))
 def test_custom_ops_pass_opcheck(index):
     op, arguments = opcheck_arguments()[index]
     results = torch.library.opcheck(op, arguments)
