@@ -382,3 +382,28 @@ def test_entropy_of_a_one_hot_row_is_the_naive_zero(cpu_gemm, shards):
     )
     assert naive.eq(0).all() and (exact > 0).all()
     assert_as_accurate(entropy, naive, exact, torch.float32, "entropy")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_hidden_gradient_over_shards_whose_products_cancel(cpu_gemm, shards):
+    # Regression (found by test_properties' test_token_logprobs_entropy_logsumexp: bf16,
+    # temperature 0.3, 2 shards, GEMMs in bf16): the row's top token (p ~ 0.9) and its target
+    # lie in different shards, so the hidden gradient ~ (w_target - w_top) / T is the sum of
+    # two shard products of size |w| / T that nearly cancel. Each product rounded to bf16
+    # before the sum erred by half an ulp of the product (there 0.035 against the naive
+    # 0.0039); the naive single GEMM rounds the sum once (_blocks._add_product_).
+    hidden = torch.tensor([[3.625, 33.0, 19.125]], dtype=torch.bfloat16)
+    weight = torch.tensor([[-0.1689, 0.6875, -0.2393], [-0.1689, 0.668, -0.2393]])
+    weight = weight.to(torch.bfloat16)
+    tokens = torch.tensor([1])
+
+    def hidden_grad(fn, hidden, weight, **kw):
+        hidden = hidden.clone().requires_grad_()
+        logp, entropy = fn(hidden, weight, tokens, temperature=0.3, return_entropy=True, **kw)
+        (logp - entropy).sum().backward()
+        return hidden.grad
+
+    ours = hidden_grad(cl.token_logprobs, hidden, weight, shards=shards)
+    naive = hidden_grad(reference.token_logprobs, hidden, weight)
+    exact = hidden_grad(reference.token_logprobs, hidden.double(), weight.double())
+    assert_as_accurate(ours, naive, exact, torch.bfloat16, "grad hidden")
