@@ -294,7 +294,9 @@ def weighted_reference(
     )
     kept_labels = labels[..., 1:] if options.get("shift") else labels
     kept = kept_labels != options.get("ignore_index", IGNORE)
-    weights = class_weight.to(per.loss.dtype)[kept_labels.clamp(min=0)] * kept
+    # Ignored labels pass no gradient to the class weights, also where "mean" divides by a
+    # total weight of 0 (NaN), as F.cross_entropy passes none to their rows: not 0 * inf.
+    weights = class_weight.to(per.loss.dtype)[kept_labels.clamp(min=0)].where(kept, 0.0)
 
     def reduce(per_label: Tensor) -> Tensor:
         if reduction == "none":
