@@ -1069,3 +1069,21 @@ def test_reference_z_loss_of_no_counted_label_has_zero_gradient():
     ours = hidden.detach().clone().requires_grad_()
     cl.linear_cross_entropy(ours, weight, torch.full((3,), IGNORE), z_loss=1e-2).backward()
     assert torch.equal(ours.grad, hidden.grad)
+
+
+def test_reference_ignored_row_with_an_infinite_logit_has_zero_gradient():
+    # Regression (found by test_linear_cross_entropy, blob
+    # AXicc2RgdGQCQwZHBgYGCO3ICCbBPAawOEwACAGOZgVj): a -inf bias under a negative logit_scale is
+    # a +inf logit in every row; F.cross_entropy's backward sent 0 * NaN = NaN to the ignored
+    # rows and to the bias, where chunklogits, which drops them, gives 0.
+    hidden, weight = torch.randn(3, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    labels = torch.tensor([0, IGNORE, IGNORE])
+    results = []
+    for fn in (reference.linear_cross_entropy, cl.linear_cross_entropy):
+        h, b = leaves([hidden, torch.tensor([0.5, -math.inf], dtype=torch.float64)], [True, True])
+        loss = fn(h, weight, labels, bias=b, logit_scale=-1.5, reduction="none")
+        loss.sum().backward()
+        results.append([loss.detach(), h.grad, b.grad])
+    for what, expected, ours in zip(["loss", "grad hidden", "grad bias"], *results, strict=True):
+        torch.testing.assert_close(ours, expected, equal_nan=True, msg=what)
+    assert results[0][1][1:].eq(0).all() and results[0][1][0].isnan().all()
