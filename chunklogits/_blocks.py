@@ -83,12 +83,16 @@ class LogitTransform:
     softcap: float | None = None
     temperature: float = 1.0
 
-    def apply_(self, x: Tensor) -> Tensor:
-        """Transform a raw block in place and return it."""
+    def apply_(self, x: Tensor, tanh: Tensor | None = None) -> Tensor:
+        """Transform a raw block in place and return it. ``tanh``: None, or a tensor of ``x``'s
+        shape that receives the softcap's ``tanh(u / c)`` (for ``chain_``)."""
         if self.logit_scale is not None:
             x.mul_(self.logit_scale)
         if self.softcap is not None:
-            x.div_(self.softcap).tanh_().mul_(self.softcap)
+            x.div_(self.softcap).tanh_()
+            if tanh is not None:
+                tanh.copy_(x)
+            x.mul_(self.softcap)
         # Compiled, the division is fused (and exact at 1): one graph for every temperature.
         if torch.compiler.is_compiling() or self.temperature != 1.0:
             x.div_(self.temperature)
@@ -99,11 +103,16 @@ class LogitTransform:
         """``dz/dx`` when there is no softcap (the transform is then linear)."""
         return (self.logit_scale or 1.0) / self.temperature
 
-    def chain_(self, grad: Tensor, z: Tensor) -> Tensor:
-        """Turn ``dL/dz`` into ``dL/dx`` in place, given the transformed block ``z``."""
+    def chain_(self, grad: Tensor, z: Tensor, tanh: Tensor | None = None) -> Tensor:
+        """Turn ``dL/dz`` into ``dL/dx`` in place, given the transformed block ``z`` and, with a
+        softcap, ``apply_``'s ``tanh`` (overwritten), or None to read it off ``z``."""
         if self.softcap is not None:
-            # tanh(u / c) = z * temperature / c, and d/du c * tanh(u / c) = 1 - tanh(u / c)^2.
-            tanh = z * (self.temperature / self.softcap)
+            # d/du c * tanh(u / c) = 1 - tanh(u / c)^2. Read off z, tanh = z * temperature / c
+            # carries z's two more roundings, which 1 - tanh^2 magnifies where tanh ~ 1 (3e-9
+            # relative at 1 - tanh^2 = 8e-8 in fp64, three times torch's tanh backward's error):
+            # apply_'s own tanh is the naive computation's.
+            if tanh is None:
+                tanh = z * (self.temperature / self.softcap)
             grad.mul_(tanh.square_().neg_().add_(1.0))
         if torch.compiler.is_compiling() or self.linear_factor != 1.0:  # as in apply_
             grad.mul_(self.linear_factor)
@@ -438,7 +447,7 @@ def _shard_params(weight, bias, v0, v1, plan):
 
 
 def _block_logits(
-    h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype, rounded_to=None
+    h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype, rounded_to=None, tanh=None
 ) -> Tensor:
     """``transform(h @ w.T + b)`` in ``stat_dtype``, written into the workspace's ``z``.
 
@@ -447,7 +456,8 @@ def _block_logits(
     returns it) and the transform's scale and softcap are applied in that dtype, op by op as a
     transformers forward applies them, before the conversion to ``stat_dtype`` and the division
     by the temperature (which ``generate()`` applies in fp32). Decisions (argmax, top-k, ties)
-    are taken on these values, so that they do not depend on the CPU."""
+    are taken on these values, so that they do not depend on the CPU. ``tanh``: as in
+    ``LogitTransform.apply_`` (without ``rounded_to``)."""
     z = work.get("z", h.shape[0], w.shape[0], stat_dtype)
     raw = z if h.dtype == stat_dtype else work.get("raw", h.shape[0], w.shape[0], h.dtype)
     # The bias is added inside the GEMM, rounded once with the product, as the model's own
@@ -459,7 +469,7 @@ def _block_logits(
     if rounded_to is None or rounded_to == stat_dtype:
         if raw is not z:
             z.copy_(raw)
-        return transform.apply_(z)
+        return transform.apply_(z, tanh)
     z.copy_(_model_rounded_(raw, transform, work, rounded_to))
     if transform.temperature != 1.0:
         z.div_(transform.temperature)
@@ -473,13 +483,15 @@ def _compilable(rows: int, cols: int) -> bool:
     return rows > 1 and cols > 1
 
 
-def _block_input(h, w, b, transform: LogitTransform, work, stat_dtype, compiled: bool) -> Tensor:
-    """The block the per-block passes take: eager, ``z`` (``_block_logits``); compiled, the raw
-    GEMM output ``h @ w.T + b`` in the GEMMs' dtype (the workspace's ``z``), which they convert
-    and transform themselves."""
+def _block_input(
+    h, w, b, transform: LogitTransform, work, stat_dtype, compiled: bool, tanh=None
+) -> Tensor:
+    """The block the per-block passes take: eager, ``z`` (``_block_logits``, ``tanh`` as there);
+    compiled, the raw GEMM output ``h @ w.T + b`` in the GEMMs' dtype (the workspace's ``z``),
+    which they convert and transform themselves."""
     if compiled and _compilable(h.shape[0], w.shape[0]):
         return _block_logits(h, w, b, LogitTransform(), work, h.dtype)
-    return _block_logits(h, w, b, transform, work, stat_dtype)
+    return _block_logits(h, w, b, transform, work, stat_dtype, tanh=tanh)
 
 
 def _model_rounded_(raw: Tensor, transform: LogitTransform, work: _Workspace, rounded_to):
@@ -809,15 +821,18 @@ def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoeffici
     return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta, target_value)
 
 
-def _block_grad(z, centre, coef: _GradCoefficients, inside, column, transform, work) -> Tensor:
+def _block_grad(
+    z, centre, coef: _GradCoefficients, inside, column, transform, work, tanh=None
+) -> Tensor:
     """``dL/dx`` of the raw block under ``z`` (rows of ``centre = (max, log_sum)`` and
     ``coef``; the target, where ``inside``, at ``column``) in ``z``'s dtype, in the workspace;
-    ``z`` is overwritten unless the softcap's derivative needs it. The one formula of both
+    ``tanh``: the softcap's ``tanh(u / c)`` of the block (``LogitTransform.chain_``), or None;
+    ``z`` is overwritten unless the softcap's derivative is read off it. The one formula of both
     passes, as ``_fold_block``. ``log p = (z - max) - log_sum``, as the naive log_softmax:
     exact for the top token, where ``z - lse`` loses ``eps * |lse|``."""
     shape, dtype = z.shape, z.dtype
     row_max, log_sum = centre
-    if transform.softcap is not None:  # the softcap's derivative is read off z
+    if transform.softcap is not None and tanh is None:  # the softcap's derivative is read off z
         logp = torch.sub(z, row_max[:, None], out=work.get("logp", *shape, dtype))
     else:
         logp = z.sub_(row_max[:, None])
@@ -855,7 +870,7 @@ def _block_grad(z, centre, coef: _GradCoefficients, inside, column, transform, w
         grad.add_(rest)
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
-    return transform.chain_(grad, z)
+    return transform.chain_(grad, z, tanh)
 
 
 def _grad_raw(
@@ -864,9 +879,11 @@ def _grad_raw(
     """``_block_grad`` of the raw GEMM output ``raw``, converted and transformed inside, written
     into ``out`` in the GEMMs' dtype; returns its column sums (the bias gradient, in
     ``log_sum``'s dtype) if ``bias``: the function ``set_block_compile`` compiles."""
-    z = transform.apply_(raw.to(log_sum.dtype, copy=True))
+    z = raw.to(log_sum.dtype, copy=True)
+    tanh = None if transform.softcap is None else torch.empty_like(z)
+    z = transform.apply_(z, tanh)
     work = _Fresh(raw.device)
-    grad = _block_grad(z, (row_max, log_sum), coef, inside, column, transform, work)
+    grad = _block_grad(z, (row_max, log_sum), coef, inside, column, transform, work, tanh)
     out.copy_(grad)
     return grad.sum(0) if bias else None
 
@@ -884,19 +901,31 @@ class _BlockGrads:
             self.compiled = partial(_compiled(_grad_raw), transform=transform, bias=need_bias)
 
     def logits(self, h: Tensor, w: Tensor, b, work) -> Tensor:
-        """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work``."""
+        """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work`` (and,
+        with a softcap, its ``tanh``: ``__call__(..., tanh=True)``)."""
         compiled = self.compiled is not None
-        return _block_input(h, w, b, self.transform, work, self.stat_dtype, compiled)
+        tanh = self._tanh(work, h.shape[0], w.shape[0])
+        return _block_input(h, w, b, self.transform, work, self.stat_dtype, compiled, tanh)
 
-    def __call__(self, block, centre, coef: _GradCoefficients, targets, v0, v1, work):
-        """``(dL/dx, column sums or None)`` of ``block`` (from ``logits``; overwritten) of the
-        rows of ``centre = (max, log_sum)``, ``coef``, ``targets`` and vocabulary ``[v0, v1)``."""
+    def _tanh(self, work, rows: int, cols: int) -> Tensor | None:
+        """The workspace's buffer of an eager block's softcap ``tanh``, or None."""
+        if self.transform.softcap is None:
+            return None
+        return work.get("tanh", rows, cols, self.stat_dtype)
+
+    def __call__(self, block, centre, coef: _GradCoefficients, targets, v0, v1, work, tanh=False):
+        """``(dL/dx, column sums or None)`` of ``block`` (overwritten) of the rows of ``centre =
+        (max, log_sum)``, ``coef``, ``targets`` and vocabulary ``[v0, v1)``; ``tanh``: whether
+        ``block`` comes from ``logits`` with its ``tanh``, else it is a transformed block of
+        ``_block_logits`` (the fused pass's kept ones) whose softcap's derivative is read off
+        it."""
         inside = column = None
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v1)
         compute_dtype = self.plan.compute_dtype
         if self.compiled is None or not _compilable(*block.shape):
-            grad = _block_grad(block, centre, coef, inside, column, self.transform, work)
+            tanh = self._tanh(work, *block.shape) if tanh else None
+            grad = _block_grad(block, centre, coef, inside, column, self.transform, work, tanh)
             column_sums = grad.sum(0) if self.need_bias else None
             if compute_dtype != grad.dtype:
                 grad = work.get("raw", *grad.shape, compute_dtype).copy_(grad)
@@ -970,7 +999,7 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
             chunk_targets = None if targets is None else targets[r0:r1]
             rows_centre = (row_max[r0:r1], log_sum[r0:r1])
             grad, column_sums = block_grads(
-                block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work
+                block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work, tanh=True
             )
             if grad_bias is not None:
                 grad_bias[v0:v1] += column_sums

@@ -407,3 +407,34 @@ def test_hidden_gradient_over_shards_whose_products_cancel(cpu_gemm, shards):
     naive = hidden_grad(reference.token_logprobs, hidden, weight)
     exact = hidden_grad(reference.token_logprobs, hidden.double(), weight.double())
     assert_as_accurate(ours, naive, exact, torch.bfloat16, "grad hidden")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_softcap_gradient_where_tanh_saturates(shards):
+    # Regression (found by test_properties' test_token_logprobs_entropy_logsumexp: fp64, softcap
+    # 0.7, temperature 1e-3): token 1's u / c = 8.9, where 1 - tanh^2 = 8e-8. Read off the
+    # transformed logit (tanh = z * T / c), tanh carried two more roundings, which 1 - tanh^2
+    # magnified to 3e-9 relative (1.7e-12 in the weight gradient, against the slack's 1e-12);
+    # the engine now keeps apply_'s own tanh, as torch's tanh backward does.
+    hidden = torch.tensor([[23.1149, -4.4014, -32.6818, 8.5265]], dtype=torch.float64)
+    weight = torch.tensor(
+        [[-1.0845, -1.3986, 0.4033, 0.8380], [-0.7193, -0.4033, -0.5966, 0.1820]],
+        dtype=torch.float64,
+    )
+    tokens = torch.tensor([0])
+    options = dict(temperature=1e-3, softcap=0.7)
+
+    def weight_grad(fn, **kw):
+        w = weight.clone().requires_grad_()
+        logp, entropy = fn(hidden, w, tokens, return_entropy=True, **options, **kw)
+        lse = (cl.logsumexp if fn is cl.token_logprobs else reference.logsumexp)(
+            hidden, w, **options, **kw
+        )
+        (logp - entropy + 0.3 * lse).sum().backward()
+        return w.grad
+
+    # In fp64 the naive computation is the exact one: the slack relative to 1, as test_properties'
+    # check_values gives it.
+    exact = weight_grad(reference.token_logprobs)
+    ours = weight_grad(cl.token_logprobs, shards=shards)
+    assert_as_accurate(ours, exact, exact, torch.float64, "grad weight", scale=1.0)
