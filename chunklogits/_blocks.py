@@ -904,7 +904,8 @@ class _BlockGrads:
         """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work`` (and,
         with a softcap, its ``tanh``: ``__call__(..., tanh=True)``)."""
         compiled = self.compiled is not None
-        tanh = self._tanh(work, h.shape[0], w.shape[0])
+        eager = not (compiled and _compilable(h.shape[0], w.shape[0]))
+        tanh = self._tanh(work, h.shape[0], w.shape[0]) if eager else None
         return _block_input(h, w, b, self.transform, work, self.stat_dtype, compiled, tanh)
 
     def _tanh(self, work, rows: int, cols: int) -> Tensor | None:
