@@ -107,12 +107,16 @@ class LogitTransform:
             return self
         return replace(self, temperature=self.temperature[index])
 
-    def apply_(self, x: Tensor) -> Tensor:
-        """Transform a raw block in place and return it."""
+    def apply_(self, x: Tensor, tanh: Tensor | None = None) -> Tensor:
+        """Transform a raw block in place and return it. ``tanh``: None, or a tensor of ``x``'s
+        shape that receives the softcap's ``tanh(u / c)`` (for ``chain_``)."""
         if self.logit_scale is not None:
             x.mul_(self.logit_scale)
         if self.softcap is not None:
-            x.div_(self.softcap).tanh_().mul_(self.softcap)
+            x.div_(self.softcap).tanh_()
+            if tanh is not None:
+                tanh.copy_(x)
+            x.mul_(self.softcap)
         # Compiled, the division is fused (and exact at 1): one graph for every temperature.
         if torch.compiler.is_compiling() or self.tempered:
             x.div_(self.temperature)
@@ -124,11 +128,16 @@ class LogitTransform:
         with per-row temperatures."""
         return (self.logit_scale or 1.0) / self.temperature
 
-    def chain_(self, grad: Tensor, z: Tensor) -> Tensor:
-        """Turn ``dL/dz`` into ``dL/dx`` in place, given the transformed block ``z``."""
+    def chain_(self, grad: Tensor, z: Tensor, tanh: Tensor | None = None) -> Tensor:
+        """Turn ``dL/dz`` into ``dL/dx`` in place, given the transformed block ``z`` and, with a
+        softcap, ``apply_``'s ``tanh`` (overwritten), or None to read it off ``z``."""
         if self.softcap is not None:
-            # tanh(u / c) = z * temperature / c, and d/du c * tanh(u / c) = 1 - tanh(u / c)^2.
-            tanh = z * (self.temperature / self.softcap)
+            # d/du c * tanh(u / c) = 1 - tanh(u / c)^2. Read off z, tanh = z * temperature / c
+            # carries z's two more roundings, which 1 - tanh^2 magnifies where tanh ~ 1 (3e-9
+            # relative at 1 - tanh^2 = 8e-8 in fp64, three times torch's tanh backward's error):
+            # apply_'s own tanh is the naive computation's.
+            if tanh is None:
+                tanh = z * (self.temperature / self.softcap)
             grad.mul_(tanh.square_().neg_().add_(1.0))
         factor = self.linear_factor
         if torch.compiler.is_compiling() or self.per_row or factor != 1.0:  # as in apply_
@@ -464,7 +473,7 @@ def _shard_params(weight, bias, v0, v1, plan):
 
 
 def _block_logits(
-    h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype, rounded_to=None
+    h, w, b, transform: LogitTransform, work: _Workspace, stat_dtype, rounded_to=None, tanh=None
 ) -> Tensor:
     """``transform(h @ w.T + b)`` in ``stat_dtype``, written into the workspace's ``z``.
 
@@ -473,7 +482,8 @@ def _block_logits(
     returns it) and the transform's scale and softcap are applied in that dtype, op by op as a
     transformers forward applies them, before the conversion to ``stat_dtype`` and the division
     by the temperature (which ``generate()`` applies in fp32). Decisions (argmax, top-k, ties)
-    are taken on these values, so that they do not depend on the CPU."""
+    are taken on these values, so that they do not depend on the CPU. ``tanh``: as in
+    ``LogitTransform.apply_`` (without ``rounded_to``)."""
     z = work.get("z", h.shape[0], w.shape[0], stat_dtype)
     raw = z if h.dtype == stat_dtype else work.get("raw", h.shape[0], w.shape[0], h.dtype)
     # The bias is added inside the GEMM, rounded once with the product, as the model's own
@@ -485,7 +495,7 @@ def _block_logits(
     if rounded_to is None or rounded_to == stat_dtype:
         if raw is not z:
             z.copy_(raw)
-        return transform.apply_(z)
+        return transform.apply_(z, tanh)
     z.copy_(_model_rounded_(raw, transform, work, rounded_to))
     if transform.tempered:
         z.div_(transform.temperature)
@@ -499,13 +509,15 @@ def _compilable(rows: int, cols: int) -> bool:
     return rows > 1 and cols > 1
 
 
-def _block_input(h, w, b, transform: LogitTransform, work, stat_dtype, compiled: bool) -> Tensor:
-    """The block the per-block passes take: eager, ``z`` (``_block_logits``); compiled, the raw
-    GEMM output ``h @ w.T + b`` in the GEMMs' dtype (the workspace's ``z``), which they convert
-    and transform themselves."""
+def _block_input(
+    h, w, b, transform: LogitTransform, work, stat_dtype, compiled: bool, tanh=None
+) -> Tensor:
+    """The block the per-block passes take: eager, ``z`` (``_block_logits``, ``tanh`` as there);
+    compiled, the raw GEMM output ``h @ w.T + b`` in the GEMMs' dtype (the workspace's ``z``),
+    which they convert and transform themselves."""
     if compiled and _compilable(h.shape[0], w.shape[0]):
         return _block_logits(h, w, b, LogitTransform(), work, h.dtype)
-    return _block_logits(h, w, b, transform, work, stat_dtype)
+    return _block_logits(h, w, b, transform, work, stat_dtype, tanh=tanh)
 
 
 def _model_rounded_(raw: Tensor, transform: LogitTransform, work: _Workspace, rounded_to):
@@ -836,15 +848,18 @@ def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoeffici
     return _GradCoefficients(p_coef, plogp_coef, grads.logprob, uniform, p_delta, target_value)
 
 
-def _block_grad(z, centre, coef: _GradCoefficients, inside, column, transform, work) -> Tensor:
+def _block_grad(
+    z, centre, coef: _GradCoefficients, inside, column, transform, work, tanh=None
+) -> Tensor:
     """``dL/dx`` of the raw block under ``z`` (rows of ``centre = (max, log_sum)`` and
     ``coef``; the target, where ``inside``, at ``column``) in ``z``'s dtype, in the workspace;
-    ``z`` is overwritten unless the softcap's derivative needs it. The one formula of both
+    ``tanh``: the softcap's ``tanh(u / c)`` of the block (``LogitTransform.chain_``), or None;
+    ``z`` is overwritten unless the softcap's derivative is read off it. The one formula of both
     passes, as ``_fold_block``. ``log p = (z - max) - log_sum``, as the naive log_softmax:
     exact for the top token, where ``z - lse`` loses ``eps * |lse|``."""
     shape, dtype = z.shape, z.dtype
     row_max, log_sum = centre
-    if transform.softcap is not None:  # the softcap's derivative is read off z
+    if transform.softcap is not None and tanh is None:  # the softcap's derivative is read off z
         logp = torch.sub(z, row_max[:, None], out=work.get("logp", *shape, dtype))
     else:
         logp = z.sub_(row_max[:, None])
@@ -882,7 +897,7 @@ def _block_grad(z, centre, coef: _GradCoefficients, inside, column, transform, w
         grad.add_(rest)
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
-    return transform.chain_(grad, z)
+    return transform.chain_(grad, z, tanh)
 
 
 def _grad_raw(
@@ -891,9 +906,11 @@ def _grad_raw(
     """``_block_grad`` of the raw GEMM output ``raw``, converted and transformed inside, written
     into ``out`` in the GEMMs' dtype; returns its column sums (the bias gradient, in
     ``log_sum``'s dtype) if ``bias``: the function ``set_block_compile`` compiles."""
-    z = transform.apply_(raw.to(log_sum.dtype, copy=True))
+    z = raw.to(log_sum.dtype, copy=True)
+    tanh = None if transform.softcap is None else torch.empty_like(z)
+    z = transform.apply_(z, tanh)
     work = _Fresh(raw.device)
-    grad = _block_grad(z, (row_max, log_sum), coef, inside, column, transform, work)
+    grad = _block_grad(z, (row_max, log_sum), coef, inside, column, transform, work, tanh)
     out.copy_(grad)
     return grad.sum(0) if bias else None
 
@@ -920,19 +937,32 @@ class _BlockGrads:
         return block_grads
 
     def logits(self, h: Tensor, w: Tensor, b, work) -> Tensor:
-        """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work``."""
+        """The block ``__call__`` takes for rows ``h`` and shard ``w``, ``b`` in ``work`` (and,
+        with a softcap, its ``tanh``: ``__call__(..., tanh=True)``)."""
         compiled = self.compiled is not None
-        return _block_input(h, w, b, self.transform, work, self.stat_dtype, compiled)
+        eager = not (compiled and _compilable(h.shape[0], w.shape[0]))
+        tanh = self._tanh(work, h.shape[0], w.shape[0]) if eager else None
+        return _block_input(h, w, b, self.transform, work, self.stat_dtype, compiled, tanh)
 
-    def __call__(self, block, centre, coef: _GradCoefficients, targets, v0, v1, work):
-        """``(dL/dx, column sums or None)`` of ``block`` (from ``logits``; overwritten) of the
-        rows of ``centre = (max, log_sum)``, ``coef``, ``targets`` and vocabulary ``[v0, v1)``."""
+    def _tanh(self, work, rows: int, cols: int) -> Tensor | None:
+        """The workspace's buffer of an eager block's softcap ``tanh``, or None."""
+        if self.transform.softcap is None:
+            return None
+        return work.get("tanh", rows, cols, self.stat_dtype)
+
+    def __call__(self, block, centre, coef: _GradCoefficients, targets, v0, v1, work, tanh=False):
+        """``(dL/dx, column sums or None)`` of ``block`` (overwritten) of the rows of ``centre =
+        (max, log_sum)``, ``coef``, ``targets`` and vocabulary ``[v0, v1)``; ``tanh``: whether
+        ``block`` comes from ``logits`` with its ``tanh``, else it is a transformed block of
+        ``_block_logits`` (the fused pass's kept ones) whose softcap's derivative is read off
+        it."""
         inside = column = None
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v1)
         compute_dtype = self.plan.compute_dtype
         if self.compiled is None or not _compilable(*block.shape):
-            grad = _block_grad(block, centre, coef, inside, column, self.transform, work)
+            tanh = self._tanh(work, *block.shape) if tanh else None
+            grad = _block_grad(block, centre, coef, inside, column, self.transform, work, tanh)
             column_sums = grad.sum(0) if self.need_bias else None
             if compute_dtype != grad.dtype:
                 grad = work.get("raw", *grad.shape, compute_dtype).copy_(grad)
@@ -962,6 +992,29 @@ def _hidden_grad(grad_rows: Tensor, hidden2d: Tensor, index: Tensor | None) -> T
     return grad_hidden
 
 
+def _add_product_(out: Tensor, a: Tensor, b: Tensor, summed: bool = True) -> None:
+    """``out += a @ b`` for ``out`` in fp32 (fp64) and ``a``, ``b`` in the GEMMs' dtype.
+
+    A half-precision GEMM returns its product rounded to that dtype: half an ulp of the product.
+    Where ``summed`` (``out`` sums the products of several blocks: a row's gradient over the
+    vocabulary shards, a weight shard's over the row chunks), products that nearly cancel (a
+    confident row's top token and its target in different shards) would carry that rounding of
+    each into a much smaller sum, which the naive single GEMM rounds once. So the product's
+    rounding error is added too, from a second GEMM that subtracts the rounded product in its
+    fp32 accumulator (``addmm`` with ``beta=-1``): the sum is then exact to the rounding of that
+    error (2^-16 of each product in bf16). A GEMM that rounded the product before subtracting
+    would give a correction of 0: one rounding per product, as without it. Cost: one more
+    half-precision GEMM per block, where an fp32 product costs about as much as two (one core of
+    this AVX512-BF16 CPU, [256, 2048] x [2048, 1024]: 5.4 ms in bf16, 12.0 ms in fp32)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+        return
+    rounded = a @ b
+    out.add_(rounded)
+    if summed:
+        out.add_(torch.addmm(rounded, a, b, beta=-1))
+
+
 def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, transform, plan, needs):
     """The gradients ``(hidden2d, weight, bias)`` (None where ``needs`` says so) of the blocks'
     ``dL/dz`` (``_block_grad``), from the rows' ``centre = (max, log_sum)`` ``[N]`` each."""
@@ -969,7 +1022,7 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
     stat_dtype, device = log_sum.dtype, log_sum.device
     need_hidden, need_weight, need_bias = needs
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
-    single_chunk = len(plan.chunks) == 1
+    single_chunk, several_shards = len(plan.chunks) == 1, len(plan.shards) > 1
     grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=device)
     grad_rows = grad_rows if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
@@ -986,14 +1039,14 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
             chunk_targets = None if targets is None else targets[r0:r1]
             rows_centre = (row_max[r0:r1], log_sum[r0:r1])
             grad, column_sums = rows_grads(
-                block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work
+                block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work, tanh=True
             )
             if grad_bias is not None:
                 grad_bias[v0:v1] += column_sums
             if grad_rows is not None:
-                grad_rows[r0:r1] += grad @ w
+                _add_product_(grad_rows[r0:r1], grad, w, several_shards)
             if grad_w is not None:
-                grad_w += grad.T @ h  # accumulated in fp32 without an fp32 copy
+                _add_product_(grad_w, grad.T, h)  # accumulated in fp32 without an fp32 copy
             elif need_weight and weight.dtype == grad.dtype:
                 torch.mm(grad.T, h, out=grad_weight[v0:v1])
             elif need_weight:
@@ -1091,17 +1144,10 @@ def _fused_loss_blocks(
             grad, column_sums = rows_grads(z, centre, coef, chunk_targets, v0, v1, work)
             if grads.bias is not None:
                 grads.bias[v0:v1] += column_sums
-            same = grad.dtype == stat_dtype  # else a half-precision product, added in fp32
             if grads.rows is not None:
-                if same:
-                    grads.rows[r0:r1].addmm_(grad, w)
-                else:
-                    grads.rows[r0:r1] += grad @ w
+                _add_product_(grads.rows[r0:r1], grad, w, len(plan.shards) > 1)
             if grads.weight is not None:
-                if same:
-                    grads.weight[v0:v1].addmm_(grad.T, h)
-                else:
-                    grads.weight[v0:v1] += grad.T @ h
+                _add_product_(grads.weight[v0:v1], grad.T, h, len(plan.chunks) > 1)
     if not chunk_stats:  # no row
         return running.stats(weight.shape[0]).finished(), loss, grads
     stats = RowStats(
@@ -1371,9 +1417,9 @@ class _HeadGradients:
         if self.plan.compute_dtype != self.stat_dtype:
             grad = work.get("raw", *grad.shape, self.plan.compute_dtype).copy_(grad)
         if self.rows is not None:
-            self.rows[r0:r1] += grad @ w
+            _add_product_(self.rows[r0:r1], grad, w, len(self.plan.shards) > 1)
         if self.shard_grad is not None:
-            self.shard_grad += grad.T @ h
+            _add_product_(self.shard_grad, grad.T, h)
         elif self.weight_grad is not None and self.weight.dtype == grad.dtype:
             torch.mm(grad.T, h, out=self.weight_grad[v0:v1])
         elif self.weight_grad is not None:

@@ -93,6 +93,10 @@ def linear_cross_entropy(
         z, decision, labels = z[..., :-1, :], decision[..., :-1, :], labels[..., 1:]
     z, flat_labels = z.reshape(-1, z.shape[-1]), labels.reshape(-1)
     kept = flat_labels != ignore_index
+    # Ignored labels' rows are dropped (0), as chunklogits drops them before any logits are
+    # computed: F.cross_entropy's backward sends 0 * NaN = NaN to such a row holding a +inf
+    # logit (a -inf bias under a negative logit_scale) or a NaN one, where their gradient is 0.
+    z = z.masked_fill(~kept[:, None], 0.0)
     # Without smoothing, F.cross_entropy(weight=)'s loss is the unweighted one times the label's
     # class weight; so written, it is differentiable in the class weights too.
     weighted = class_weight is not None and label_smoothing == 0

@@ -294,7 +294,9 @@ def weighted_reference(
     )
     kept_labels = labels[..., 1:] if options.get("shift") else labels
     kept = kept_labels != options.get("ignore_index", IGNORE)
-    weights = class_weight.to(per.loss.dtype)[kept_labels.clamp(min=0)] * kept
+    # Ignored labels pass no gradient to the class weights, also where "mean" divides by a
+    # total weight of 0 (NaN), as F.cross_entropy passes none to their rows: not 0 * inf.
+    weights = class_weight.to(per.loss.dtype)[kept_labels.clamp(min=0)].where(kept, 0.0)
 
     def reduce(per_label: Tensor) -> Tensor:
         if reduction == "none":
@@ -518,6 +520,19 @@ def test_token_logprobs_entropy_logsumexp(data):
         )
         out[4], out[5] = expand(out[4], head.weight), expand(out[5], head.bias)
         results.append(out)
+    special = ~head.hidden.isfinite().all(-1)
+    if special.any() and weight.shape != head.weight.shape:
+        # A row of NaN or inf has no distribution: its values are the whole head's (NaN where a
+        # masked token's logit is inf - inf), not those of the kept vocabulary.
+        whole_head = [head.hidden, head.weight, head.bias]
+        for out, (h, w, b) in zip(results, (whole_head, as_f64(whole_head)), strict=True):
+            with torch.no_grad():
+                logp, entropy = reference.token_logprobs(
+                    h, w, tokens, bias=b, return_entropy=True, **options
+                )
+                lse = reference.logsumexp(h, w, bias=b, **options)
+            whole = (logp, entropy, lse)
+            out[:3] = [torch.where(special, x, o) for x, o in zip(whole, out[:3], strict=True)]
     assert ours_differentiable == differentiable
     names = ["logprobs", "entropy", "logsumexp", "grad hidden", "grad weight", "grad bias"]
     for name, o, n, e in zip(names, ours, *results, strict=True):
@@ -682,14 +697,20 @@ def test_linear_jsd(data):
 # --- sample_next ---------------------------------------------------------------------------------
 
 
-def acceptable_tokens(d: Tensor, row_tol: Tensor, tokens: Tensor, options: dict) -> Tensor:
+def acceptable_tokens(
+    d: Tensor, row_tol: Tensor, tokens: Tensor, options: dict, dtype: torch.dtype
+) -> Tensor:
     """Per row, whether ``tokens`` could be drawn (greedy: chosen) by HF's processors on logits
     within the tolerance of ``d``: the token kept (or the argmax) once its own logit is raised
     and every other lowered by the tolerance. Each filter (repetition penalty, temperature,
-    top-k, top-p, min-p) only keeps a token more readily so."""
+    top-k, top-p, min-p, the epsilon and eta cutoffs) only keeps a token more readily so (eta's
+    threshold ``sqrt(eta) * exp(-H)`` rises with the push only where ``log p + H`` is above
+    ``log sqrt(eta)``, not at the threshold). A ``logit_bias`` is added to the pushed logits.
+    They are processed in fp32, or fp64 for an fp64 head (``dtype``), as the reference's: two
+    fp64 logits that round to one fp32 value are no tie there."""
     rows = torch.arange(d.shape[0])
     push = torch.full_like(d, -1.0).index_put_((rows, tokens), torch.tensor(1.0, dtype=d.dtype))
-    pushed = (d + push * row_tol / 2).float()
+    pushed = (d + push * row_tol / 2).to(torch.promote_types(dtype, torch.float32))
     scores = reference.next_token_scores(pushed, **options)
     if not options["do_sample"]:
         return scores[rows, tokens] >= scores.max(-1).values
@@ -698,11 +719,36 @@ def acceptable_tokens(d: Tensor, row_tol: Tensor, tokens: Tensor, options: dict)
     # chunklogits/sampling.py) keeps as many, those of smallest index. So within each class of
     # tokens tied at top-p's input, the kept ones are moved to the class's smallest indices
     # (top-k, min-p and the cutoffs keep or drop a tie class whole).
-    before = reference.next_token_scores(pushed, **dict(options, top_p=1.0, min_p=None))
+    unfiltered = dict(top_p=1.0, min_p=None, epsilon_cutoff=None, eta_cutoff=None)
+    before = reference.next_token_scores(pushed, **dict(options, **unfiltered))
     tied = before[:, :, None] == before[:, None, :]  # [R, V, V], -inf never kept
     kept = scores > -math.inf
     rank = (tied & torch.ones_like(tied[0]).tril(-1)).sum(-1)  # tied tokens of smaller index
     return (rank < (tied & kept[:, None, :]).sum(-1))[rows, tokens]
+
+
+def draw_logit_bias(draw, g: torch.Generator, d: Tensor) -> dict:
+    """``sample_next``'s ``logit_bias`` (``[R, K]`` tokens, ``-1`` ignored, and values; some
+    tokens listed twice, some masked by ``-inf``) and ``logit_bias_only``, drawn for the
+    decision logits ``d [R, V]``: where they would leave a row without a finite logit (no
+    distribution to draw from), the ``-inf`` values are made finite, then ``only`` is off."""
+    count = draw(st.sampled_from([None, 1, 3, 8]), label="logit_bias tokens")
+    if count is None:
+        return dict(logit_bias=None, logit_bias_only=False)
+    rows, vocab = d.shape
+    tokens = torch.randint(-1, vocab, (rows, count), generator=g)
+    choices = torch.tensor([-math.inf, -1.5, 0.25, 4.0])
+    values = choices[torch.randint(0, 4, (rows, count), generator=g)]
+    only = draw(st.booleans(), label="logit_bias_only")
+
+    def masks_a_row(values: Tensor, only: bool) -> bool:
+        dense = reference.dense_bias((tokens, values), vocab, only).double()
+        return bool(((dense if only else d + dense) == -math.inf).all(-1).any())
+
+    if masks_a_row(values, only):
+        values = values.nan_to_num(neginf=-1.5)
+    only = only and not masks_a_row(values, only)
+    return dict(logit_bias=(tokens, values), logit_bias_only=only)
 
 
 @given(data=st.data())
@@ -721,12 +767,20 @@ def test_sample_next(data):
         top_p=draw(st.sampled_from([1.0, 0.9, 0.3, 1e-6]), label="top_p"),
         min_p=draw(st.sampled_from([None, 0.0, 0.1, 0.9]), label="min_p"),
         repetition_penalty=draw(st.sampled_from([1.0, 1.5, 0.7]), label="repetition_penalty"),
+        epsilon_cutoff=draw(st.sampled_from([None, 1e-4, 0.05, 0.3]), label="epsilon_cutoff"),
+        eta_cutoff=draw(st.sampled_from([None, 1e-4, 0.02, 0.5]), label="eta_cutoff"),
     )
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16), label="prev seed"))
     prev = torch.randint(-1, vocab, (rows, draw(st.integers(0, 5))), generator=g)
     seed = draw(st.integers(0, 2**32), label="seed")
     blocks, engine_settings = draw(blocking(rows, vocab))
     d, row_tol = _decision_tolerance(head, transform["softcap"], transform["logit_scale"])
+    options.update(draw_logit_bias(draw, g, d))
+    if options["logit_bias"] is not None:
+        # The values are added in fp32 (fp64 for fp64), rounded to their sums' magnitude.
+        eps = torch.finfo(torch.promote_types(head.dtype, torch.float32)).eps
+        dense = reference.dense_bias(options["logit_bias"], vocab).double()
+        row_tol = row_tol + 4 * eps * dense.nan_to_num(0.0, 0.0, 0.0).abs().amax(-1, keepdim=True)
     call = lambda: cl.sample_next(  # noqa: E731
         head.hidden,
         head.weight,
@@ -739,13 +793,14 @@ def test_sample_next(data):
         **blocks,
     )
     with engine(engine_settings):
-        if (d == math.inf).any() or d.isnan().any():
-            # No distribution to draw from (a +inf logit: a masked token under a negative scale).
+        if not options["logit_bias_only"] and ((d == math.inf).any() or d.isnan().any()):
+            # No distribution to draw from (a +inf logit: a masked token under a negative scale;
+            # logit_bias_only replaces every logit).
             expect_refusal(call, ["hidden_last"])
             return
         out = call()
     assert out.tokens.shape == (rows,) and out.tokens.dtype == torch.long
-    fine = acceptable_tokens(d, row_tol, out.tokens, dict(options, prev_tokens=prev))
+    fine = acceptable_tokens(d, row_tol, out.tokens, dict(options, prev_tokens=prev), head.dtype)
     assert fine.all(), f"rows {(~fine).nonzero().flatten().tolist()} drew {out.tokens.tolist()}"
     # The naive log-probs: the model's logits log_softmax-ed in fp32 (fp64 for fp64), as
     # generate() and the reference compute them; not in fp64, which would hold ours to a
@@ -1033,3 +1088,21 @@ def test_reference_z_loss_of_no_counted_label_has_zero_gradient():
     ours = hidden.detach().clone().requires_grad_()
     cl.linear_cross_entropy(ours, weight, torch.full((3,), IGNORE), z_loss=1e-2).backward()
     assert torch.equal(ours.grad, hidden.grad)
+
+
+def test_reference_ignored_row_with_an_infinite_logit_has_zero_gradient():
+    # Regression (found by test_linear_cross_entropy, blob
+    # AXicc2RgdGQCQwZHBgYGCO3ICCbBPAawOEwACAGOZgVj): a -inf bias under a negative logit_scale is
+    # a +inf logit in every row; F.cross_entropy's backward sent 0 * NaN = NaN to the ignored
+    # rows and to the bias, where chunklogits, which drops them, gives 0.
+    hidden, weight = torch.randn(3, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    labels = torch.tensor([0, IGNORE, IGNORE])
+    results = []
+    for fn in (reference.linear_cross_entropy, cl.linear_cross_entropy):
+        h, b = leaves([hidden, torch.tensor([0.5, -math.inf], dtype=torch.float64)], [True, True])
+        loss = fn(h, weight, labels, bias=b, logit_scale=-1.5, reduction="none")
+        loss.sum().backward()
+        results.append([loss.detach(), h.grad, b.grad])
+    for what, expected, ours in zip(["loss", "grad hidden", "grad bias"], *results, strict=True):
+        torch.testing.assert_close(ours, expected, equal_nan=True, msg=what)
+    assert results[0][1][1:].eq(0).all() and results[0][1][0].isnan().all()
