@@ -992,29 +992,6 @@ def _hidden_grad(grad_rows: Tensor, hidden2d: Tensor, index: Tensor | None) -> T
     return grad_hidden
 
 
-def _add_product_(out: Tensor, a: Tensor, b: Tensor, summed: bool = True) -> None:
-    """``out += a @ b`` for ``out`` in fp32 (fp64) and ``a``, ``b`` in the GEMMs' dtype.
-
-    A half-precision GEMM returns its product rounded to that dtype: half an ulp of the product.
-    Where ``summed`` (``out`` sums the products of several blocks: a row's gradient over the
-    vocabulary shards, a weight shard's over the row chunks), products that nearly cancel (a
-    confident row's top token and its target in different shards) would carry that rounding of
-    each into a much smaller sum, which the naive single GEMM rounds once. So the product's
-    rounding error is added too, from a second GEMM that subtracts the rounded product in its
-    fp32 accumulator (``addmm`` with ``beta=-1``): the sum is then exact to the rounding of that
-    error (2^-16 of each product in bf16). A GEMM that rounded the product before subtracting
-    would give a correction of 0: one rounding per product, as without it. Cost: one more
-    half-precision GEMM per block, where an fp32 product costs about as much as two (one core of
-    this AVX512-BF16 CPU, [256, 2048] x [2048, 1024]: 5.4 ms in bf16, 12.0 ms in fp32)."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-        return
-    rounded = a @ b
-    out.add_(rounded)
-    if summed:
-        out.add_(torch.addmm(rounded, a, b, beta=-1))
-
-
 def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, transform, plan, needs):
     """The gradients ``(hidden2d, weight, bias)`` (None where ``needs`` says so) of the blocks'
     ``dL/dz`` (``_block_grad``), from the rows' ``centre = (max, log_sum)`` ``[N]`` each."""
@@ -1022,7 +999,7 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
     stat_dtype, device = log_sum.dtype, log_sum.device
     need_hidden, need_weight, need_bias = needs
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
-    single_chunk, several_shards = len(plan.chunks) == 1, len(plan.shards) > 1
+    single_chunk = len(plan.chunks) == 1
     grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=device)
     grad_rows = grad_rows if need_hidden else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
@@ -1044,9 +1021,9 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
             if grad_bias is not None:
                 grad_bias[v0:v1] += column_sums
             if grad_rows is not None:
-                _add_product_(grad_rows[r0:r1], grad, w, several_shards)
+                grad_rows[r0:r1] += grad @ w
             if grad_w is not None:
-                _add_product_(grad_w, grad.T, h)  # accumulated in fp32 without an fp32 copy
+                grad_w += grad.T @ h  # accumulated in fp32 without an fp32 copy
             elif need_weight and weight.dtype == grad.dtype:
                 torch.mm(grad.T, h, out=grad_weight[v0:v1])
             elif need_weight:
@@ -1144,10 +1121,17 @@ def _fused_loss_blocks(
             grad, column_sums = rows_grads(z, centre, coef, chunk_targets, v0, v1, work)
             if grads.bias is not None:
                 grads.bias[v0:v1] += column_sums
+            same = grad.dtype == stat_dtype  # else a half-precision product, added in fp32
             if grads.rows is not None:
-                _add_product_(grads.rows[r0:r1], grad, w, len(plan.shards) > 1)
+                if same:
+                    grads.rows[r0:r1].addmm_(grad, w)
+                else:
+                    grads.rows[r0:r1] += grad @ w
             if grads.weight is not None:
-                _add_product_(grads.weight[v0:v1], grad.T, h, len(plan.chunks) > 1)
+                if same:
+                    grads.weight[v0:v1].addmm_(grad.T, h)
+                else:
+                    grads.weight[v0:v1] += grad.T @ h
     if not chunk_stats:  # no row
         return running.stats(weight.shape[0]).finished(), loss, grads
     stats = RowStats(
@@ -1417,9 +1401,9 @@ class _HeadGradients:
         if self.plan.compute_dtype != self.stat_dtype:
             grad = work.get("raw", *grad.shape, self.plan.compute_dtype).copy_(grad)
         if self.rows is not None:
-            _add_product_(self.rows[r0:r1], grad, w, len(self.plan.shards) > 1)
+            self.rows[r0:r1] += grad @ w
         if self.shard_grad is not None:
-            _add_product_(self.shard_grad, grad.T, h)
+            self.shard_grad += grad.T @ h
         elif self.weight_grad is not None and self.weight.dtype == grad.dtype:
             torch.mm(grad.T, h, out=self.weight_grad[v0:v1])
         elif self.weight_grad is not None:
