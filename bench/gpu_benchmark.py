@@ -200,7 +200,7 @@ def implementation(name: str, device) -> tuple[Callable, Callable]:
             if kernels is not None and device.type == "cpu" and name != "chunklogits-torch":
                 # The dispatch serves CUDA tensors only; route the dry run's CPU tensors through
                 # the (interpreted) kernels as the tests do.
-                _blocks._block_functions = lambda _: (
+                _blocks._block_functions = lambda *_: (
                     kernels.forward_stats,
                     kernels.backward_blocks,
                 )

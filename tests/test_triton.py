@@ -53,7 +53,7 @@ def kernels(monkeypatch):
     """Route the block engine through the Triton kernels whatever the device (on CPU they run in
     the interpreter)."""
     kernels = (_triton.forward_stats, _triton.backward_blocks)
-    monkeypatch.setattr(_blocks, "_block_functions", lambda hidden2d: kernels)
+    monkeypatch.setattr(_blocks, "_block_functions", lambda hidden2d, transform=None: kernels)
     previous = _triton.set_gradient_filter(None)
     yield
     _triton.set_gradient_filter(previous)
