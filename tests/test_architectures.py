@@ -152,6 +152,14 @@ def _shrunk(config_class, defaults=None):
             arguments[name] = tiny
     if "kv_lora_rank" in values:  # multi-head latent attention: as many kv heads as heads
         arguments["num_key_value_heads"] = _TINY["num_attention_heads"]
+    # Sizes left None that the model derives from none: a head size, hidden / heads; kv heads, as
+    # many as heads (what None means where a model handles it).
+    if values.get("head_dim", 0) is None and "num_attention_heads" in values:
+        arguments["head_dim"] = _TINY["hidden_size"] // _TINY["num_attention_heads"]
+    if values.get("num_key_value_heads", 0) is None and "num_attention_heads" in values:
+        arguments["num_key_value_heads"] = _TINY["num_attention_heads"]
+    if values.get("per_layer_config"):
+        arguments["per_layer_config"] = _per_layer_config(values, arguments)
     rope = values.get("rope_parameters")
     mrope = "mrope_section" in getattr(config_class, "ignore_keys_at_rope_validation", ())
     if isinstance(rope, dict) and rope and (mrope or "mrope_section" in rope):
@@ -165,6 +173,23 @@ def _shrunk(config_class, defaults=None):
         }
     arguments.update(_OVERRIDES.get(config_class.model_type, {}))
     return config_class(**{**(defaults or {}), **arguments})
+
+
+def _per_layer_config(values: dict, arguments: dict) -> dict:
+    """A heterogeneous config's per-layer overrides ({layer index: {attribute: value}}) for the
+    tiny layers: each tiny layer takes the (shrunk) overrides of the first full-size layer of its
+    kind (its layer type), the indices then in range of the tiny layer count."""
+    overrides = {int(index): each for index, each in values["per_layer_config"].items()}
+    kinds_before = values.get("layer_types") or list(range(max(overrides) + 1))
+    kinds = arguments.get("layer_types", kinds_before)[:_LAYERS]
+    tiny = {}
+    for index, kind in enumerate(kinds):
+        layer = kinds_before.index(kind)
+        if layer in overrides:
+            tiny[index] = {k: _tiny_value(k, v, None) for k, v in overrides[layer].items()}
+            if "kv_lora_rank" in values and "num_key_value_heads" in tiny[index]:
+                tiny[index]["num_key_value_heads"] = _TINY["num_attention_heads"]  # as below
+    return tiny
 
 
 # Per-class arguments that the generic shrinking cannot derive (layer patterns, head counts tied
@@ -182,6 +207,8 @@ _OVERRIDES: dict[str, dict] = {
         "layer_types": ["mamba", "attention"],
     },
     "mamba2": {"head_dim": 16},
+    # Its sliding-window layers' head size is their latent attention's nope + rope head sizes.
+    "dots3_note_text": {"head_dim": _TINY["qk_nope_head_dim"] + _TINY["qk_rope_head_dim"]},
 }
 
 # Entries whose tiny model cannot be built here, and why (none of it chunklogits'): a missing
@@ -198,21 +225,15 @@ CANNOT_BUILD: dict[str, str] = {
             "dots1": "TypeError in torch.empty from a size left None",
             "dots3_note": "per_layer_config keys beyond 2 layers",
             "gemma3n_text": "its cache-sharing layer types do not survive 2 layers",
-            "gemma4": "per_layer_config keys beyond 2 layers",
             "gemma4_assistant": "its defaults fail validation (hidden_size_per_layer_input)",
-            "gemma4_unified": "per_layer_config keys beyond 2 layers",
             "gemma4_unified_assistant": "per_layer_config keys beyond 2 layers",
-            "hunyuan_v1_dense": "a RoPE parameter left None",
-            "hunyuan_v1_moe": "a RoPE parameter left None",
             "inkling2_loop_text": "an embedding index out of range (n-gram sizes)",
             "inkling2_text": "an embedding index out of range (n-gram sizes)",
             "kolibri1_1": "NVFP4 key/value rounding needs head_dim a multiple of 16",
             "lfm2_moe": "a per-layer list left None",
             "mamba2": "repeat_interleave size from n_groups",
-            "ministral": "a RoPE parameter left None",
             "musicgen": "text encoder and decoder configs, no single text config",
             "musicgen_melody": "text encoder and decoder configs, no single text config",
-            "nemotron": "a head size left None",
             "prophetnet": "its n-gram stream shapes",
             "qwen4_exp": "its n-gram embedding sizes",
             "qwen4_exp_text": "its n-gram embedding sizes",
