@@ -95,7 +95,7 @@ _TINY = {
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token"), 2),
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
-    **dict.fromkeys(("vocab_size", "decoder_vocab_size"), VOCAB),
+    **dict.fromkeys(("vocab_size", "decoder_vocab_size", "unpadded_vocab_size"), VOCAB),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 64),
     **dict.fromkeys(("first_k_dense_replace", "num_dense_layers"), 1),
     # The logit transforms, set where they change the logits visibly (random-init logits are
@@ -135,9 +135,36 @@ def tiny_config(model_type: str):
     return _shrunk(CONFIG_MAPPING[model_type])
 
 
-def _shrunk(config_class, defaults=None):
+_WIDTHS = ("hidden_size", "d_model", "n_embd", "embed_dim")
+
+
+def _hidden_sizes(values: dict) -> set:
+    """The full-size hidden sizes of a config's ``to_dict()`` and of its sub-configs'."""
+    sizes = {values[k] for k in _WIDTHS if isinstance(values.get(k), int)}
+    for sub in values.values():
+        if isinstance(sub, dict):
+            sizes |= {sub[k] for k in _WIDTHS if isinstance(sub.get(k), int)}
+    return sizes
+
+
+def _tied_width(name: str, value, widths: set) -> bool:
+    """Whether attribute ``name`` (not in ``_TINY``) is a width tied to a hidden size: a size or
+    dimension whose default is one of the full-size hidden sizes ``widths`` of its config, its
+    sub-configs or its parents (an adapter's or projection's input/output width, which a
+    composite config requires to equal the hidden size it connects to)."""
+    return (
+        name not in _TINY
+        and type(value) is int
+        and value in widths
+        and ("size" in name or "dim" in name)
+        and not any(part in name for part in ("vocab", "position", "window", "chunk", "image"))
+    )
+
+
+def _shrunk(config_class, defaults=None, widths=frozenset()):
     default = config_class(**(defaults or {}))
     values = default.to_dict()
+    widths = widths | _hidden_sizes(values)
     layers_before = next(
         (values[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in values), None
     )
@@ -145,7 +172,10 @@ def _shrunk(config_class, defaults=None):
     for name, value in values.items():
         if name in getattr(config_class, "sub_configs", {}) and value is not None:
             sub = getattr(default, name)
-            arguments[name] = _shrunk(type(sub), value).to_dict()
+            arguments[name] = _shrunk(type(sub), value, widths).to_dict()
+            continue
+        if _tied_width(name, value, widths):
+            arguments[name] = _TINY["hidden_size"]
             continue
         tiny = _tiny_value(name, value, layers_before)
         if tiny is not value:
@@ -158,6 +188,11 @@ def _shrunk(config_class, defaults=None):
         arguments["head_dim"] = _TINY["hidden_size"] // _TINY["num_attention_heads"]
     if values.get("num_key_value_heads", 0) is None and "num_attention_heads" in values:
         arguments["num_key_value_heads"] = _TINY["num_attention_heads"]
+    if "kv_lora_rank" in values and isinstance(values.get("head_dim"), int):
+        # Latent attention's rotary part (head_dim x partial_rotary_factor) is qk_rope_head_dim.
+        partial = (values.get("rope_parameters") or {}).get("partial_rotary_factor")
+        if partial:
+            arguments["head_dim"] = int(_TINY["qk_rope_head_dim"] / partial)
     if values.get("per_layer_config"):
         arguments["per_layer_config"] = _per_layer_config(values, arguments)
     rope = values.get("rope_parameters")
@@ -207,6 +242,43 @@ _OVERRIDES: dict[str, dict] = {
         "layer_types": ["mamba", "attention"],
     },
     "mamba2": {"head_dim": 16},
+    # Defaults left None (per-layer kinds, RoPE per layer type, the sparse-attention indexer,
+    # the vision layers fed to the decoder), which the models index without deriving them.
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
+    "cohere_compass_text": {
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    },
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 4,
+        "indexer_compress_ratio": 2,
+    },
+    "granite4_vision": {"deepstack_layer_map": [[0, 0], [1, 1]], "spatial_target_layers": [1]},
+    "molmo2_adapter": {"vision_feature_layer": [-1, -2]},
+    # Validated limits: NVFP4 key/value rounding of 16-wide heads; ZAYA's single-expert routing.
+    # Kolibri's sparse-attention indexer: heads within one kv head's queries, a layer in range.
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 2, "index_layers": [1]},
+    # Gemma-3n's kv-cache sharing: its shared layers reuse the last earlier layer of each type,
+    # so a sliding and a full layer before two sharing ones.
+    "gemma3n_text": {
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "num_kv_shared_layers": 2,
+        "intermediate_size": [_TINY["intermediate_size"]] * 4,
+        "activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0],
+    },
+    "zaya": {"num_experts_per_tok": 1},
+    # Multimodal RoPE sections the models default to without declaring them (PaddleOCR-VL), or
+    # whose height and width sections must be equal (ERNIE-4.5-VL), of the tiny heads' half.
+    "paddleocr_vl_text": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 1, 1]}
+    },
+    "ernie4_5_vl_moe_text": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [1, 1, 2]}
+    },
     # Its sliding-window layers' head size is their latent attention's nope + rope head sizes.
     "dots3_note_text": {"head_dim": _TINY["qk_nope_head_dim"] + _TINY["qk_rope_head_dim"]},
 }
@@ -220,23 +292,18 @@ CANNOT_BUILD: dict[str, str] = {
         model_type: _NO_TINY_CONFIG + reason
         for model_type, reason in {
             "blt": "its sub-configs (patcher, local encoder/decoder) lack num_hidden_layers",
-            "cohere_compass_text": "KeyError 'full_attention' from its layer-type table",
             "dbrx": "DbrxAttentionConfig has no rope_theta once shrunk",
             "dots1": "TypeError in torch.empty from a size left None",
-            "dots3_note": "per_layer_config keys beyond 2 layers",
             "gemma3n_text": "its cache-sharing layer types do not survive 2 layers",
             "gemma4_assistant": "its defaults fail validation (hidden_size_per_layer_input)",
             "gemma4_unified_assistant": "per_layer_config keys beyond 2 layers",
             "inkling2_loop_text": "an embedding index out of range (n-gram sizes)",
             "inkling2_text": "an embedding index out of range (n-gram sizes)",
             "kolibri1_1": "NVFP4 key/value rounding needs head_dim a multiple of 16",
-            "lfm2_moe": "a per-layer list left None",
             "mamba2": "repeat_interleave size from n_groups",
             "musicgen": "text encoder and decoder configs, no single text config",
             "musicgen_melody": "text encoder and decoder configs, no single text config",
             "prophetnet": "its n-gram stream shapes",
-            "qwen4_exp": "its n-gram embedding sizes",
-            "qwen4_exp_text": "its n-gram embedding sizes",
             "reformer": "ReformerModelWithLMHead needs is_decoder=True and axial position shapes",
             "xlstm": "its own forward fails on 7 tokens (matC_old has wrong shape)",
             "zamba": "tie_weights_keys of its shared transformer with one hybrid layer",
