@@ -302,10 +302,7 @@ CANNOT_BUILD: dict[str, str] = {
             "apertus1p5": "its audio tokenizer's codebook_dim must equal its hidden size",
             "chameleon": "its default config has no vocabulary_map",
             "emu3": "its default config has no vocabulary_map",
-            "diffusion_gemma": "per_layer_config keys beyond 2 layers",
             "granite4_vision": "deepstack_layer_map left None",
-            "inkling2": "the vision text_hidden_size must equal the text hidden size",
-            "inkling2_loop": "the vision text_hidden_size must equal the text hidden size",
             "pp_formulanet": "its base model implements no get_input_embeddings",
         }.items()
     },
@@ -348,6 +345,12 @@ REFUSED: dict[str, dict[str, str]] = {
             "sample": f"refuses {MAPPING[model_type]}, whose head it does not reproduce",
         }
         for model_type in ("muse_glimmer", "muse_spark")
+    },
+    # A block-diffusion model, not a causal LM: its forward fills the tokens up to a block.
+    "diffusion_gemma": {
+        "wrap": "refusing DiffusionGemmaForBlockDiffusion (in_features=32",
+        "sample": "expected a transformers causal LM (a GenerationMixin such as LlamaForCausalLM)"
+        ", got DiffusionGemmaForBlockDiffusion",
     },
     # Its own forward (the unwrapped model's too) requires mm_token_type_ids when training.
     "molmo2": {"wrap": "`mm_token_type_ids` is required as a model input when training"},
