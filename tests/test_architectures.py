@@ -273,6 +273,14 @@ _OVERRIDES: dict[str, dict] = {
     # xLSTM's cache rounds its q/k and v widths (hidden x factor) up to a multiple of 64, its
     # layers do not: widths of 64 agree.
     "xlstm": {"qk_dim_factor": 2.0, "v_dim_factor": 2.0},
+    # Reformer's LM head runs as a decoder; its axial position embeddings split the hidden size
+    # and factor the positions; local attention only (LSH hashes sequences of chunks).
+    "reformer": {
+        "is_decoder": True,
+        "axial_pos_embds_dim": [16, 16],
+        "axial_pos_shape": [8, 8],
+        "attn_layers": ["local", "local"],
+    },
     # Validated limits: NVFP4 key/value rounding of 16-wide heads; ZAYA's single-expert routing.
     # Kolibri's sparse-attention indexer: heads within one kv head's queries, a layer in range.
     "kolibri1_1": {"head_dim": 16, "index_num_heads": 2, "index_layers": [1]},
@@ -321,7 +329,6 @@ CANNOT_BUILD: dict[str, str] = {
         for model_type, reason in {
             "gemma4_assistant": "its defaults fail validation (hidden_size_per_layer_input)",
             "gemma4_unified_assistant": "its cache-sharing layer types do not survive 2 layers",
-            "reformer": "ReformerModelWithLMHead needs is_decoder=True and axial position shapes",
         }.items()
     },
 }
@@ -346,6 +353,9 @@ REFUSED: dict[str, dict[str, str]] = {
         "wrap": "MusicgenForCausalLM's output layer is a torch.nn.modules.container.ModuleList",
         "sample": "repeat_interleave() received an invalid combination of arguments",
     },
+    # Its own forward (the unwrapped model's too) trains only on sequences as long as its axial
+    # position shape's product (64 here), not on the checks' 7 tokens.
+    "reformer": {"wrap": "make sure that config.axial_pos_shape factors: (8, 8) multiply to"},
     # Its forward computes no loss from token ids and labels alone (an image-token offset).
     "git": {"wrap": "refusing GitForCausalLM, whose forward fails on token ids and labels"},
     # cl.sample: the output layer is fed more than the base model's last hidden state (BERT-style

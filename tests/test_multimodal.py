@@ -302,7 +302,8 @@ CANNOT_BUILD: dict[str, str] = {
             "apertus1p5": "its audio tokenizer's codebook_dim must equal its hidden size",
             "chameleon": "its default config has no vocabulary_map",
             "emu3": "its default config has no vocabulary_map",
-            "granite4_vision": "deepstack_layer_map left None",
+            "granite4_vision": "its config sets its Q-Former's heads to the vision hidden size "
+            "// 64, none for the tiny vision tower",
             "pp_formulanet": "its base model implements no get_input_embeddings",
         }.items()
     },
