@@ -458,16 +458,27 @@ def _refusal(run) -> str | None:
     return None
 
 
+def _in_fp64(model):
+    """A fp64 copy of ``model``, its experts (if any) run by transformers' per-expert loop: the
+    grouped GEMM (``torch._grouped_mm``) takes no fp64."""
+    exact = copy.deepcopy(model)
+    for module in exact.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+            config._experts_implementation = "eager"
+    return exact.double()
+
+
 def _check_wrap(model):
     """Training loss and gradients, generate and sequence_logprobs against the unwrapped model
     (HF's own code). The loss and gradients by the accuracy rule against the fp64 model where
-    the model runs in fp64 (the fp32 backward of some, RWKV's, is itself 1e-4 off); else
-    (grouped-GEMM experts, fp32-only kernels) within fp32 rounding of the unwrapped model's: the
-    head's blocks differ from its one GEMM in the order of summation."""
+    the model runs in fp64 (the fp32 backward of some, RWKV's, is itself 1e-4 off; experts by
+    the per-expert loop there); else (fp32-only kernels) within fp32 rounding of the unwrapped
+    model's: the head's blocks differ from its one GEMM in the order of summation."""
     input_ids = _ids(1)
     ours = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     results = {}
-    for name, each in (("ours", ours), ("naive", model), ("exact", copy.deepcopy(model).double())):
+    for name, each in (("ours", ours), ("naive", model), ("exact", _in_fp64(model))):
         torch.manual_seed(0)
         try:
             loss = each(input_ids=input_ids, labels=input_ids).loss
