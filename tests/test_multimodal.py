@@ -296,15 +296,16 @@ CANNOT_BUILD: dict[str, str] = {
         ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"),
         "its own generate() fails: its config has no vision_start_token_id for the RoPE index",
     ),
+    "pp_formulanet": "transformers: PPFormulaNetModel implements no get_input_embeddings "
+    "(NotImplementedError)",
     **{
         model_type: _NO_TINY_CONFIG + reason
         for model_type, reason in {
-            "apertus1p5": "its audio tokenizer's codebook_dim must equal its hidden size",
+            "apertus1p5": "its audio token ids (up to 262376) must lie inside the vocabulary",
             "chameleon": "its default config has no vocabulary_map",
             "emu3": "its default config has no vocabulary_map",
             "granite4_vision": "its config sets its Q-Former's heads to the vision hidden size "
             "// 64, none for the tiny vision tower",
-            "pp_formulanet": "its base model implements no get_input_embeddings",
         }.items()
     },
 }
