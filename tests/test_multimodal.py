@@ -296,31 +296,16 @@ CANNOT_BUILD: dict[str, str] = {
         ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"),
         "its own generate() fails: its config has no vision_start_token_id for the RoPE index",
     ),
+    "pp_formulanet": "transformers: PPFormulaNetModel implements no get_input_embeddings "
+    "(NotImplementedError)",
     **{
         model_type: _NO_TINY_CONFIG + reason
         for model_type, reason in {
-            "apertus1p5": "its audio tokenizer's codebook_dim must equal its hidden size",
+            "apertus1p5": "its audio token ids (up to 262376) must lie inside the vocabulary",
             "chameleon": "its default config has no vocabulary_map",
             "emu3": "its default config has no vocabulary_map",
-            "cohere_compass": "KeyError 'full_attention' from its layer-type table",
-            "deepseek_ocr2": "a size left None",
-            "diffusion_gemma": "per_layer_config keys beyond 2 layers",
-            "dots3_note": "per_layer_config keys beyond 2 layers",
-            "gemma4": "per_layer_config keys beyond 2 layers",
-            "gemma4_unified": "per_layer_config keys beyond 2 layers",
-            "ernie4_5_vl_moe": "its 3D RoPE sections of the tiny heads",
-            "paddleocr_vl": "its RoPE sections (an undeclared default) of the tiny heads",
-            "mistral4": "its interleaved RoPE on the tiny latent-attention heads",
-            "granite4_vision": "deepstack_layer_map left None",
-            "granite_docling": "the vision output size must equal the text hidden size",
-            "llava_onevision1_5": "the vision output size must equal the text hidden size",
-            "inkling2": "the vision text_hidden_size must equal the text hidden size",
-            "inkling2_loop": "the vision text_hidden_size must equal the text hidden size",
-            "muse_spark": "the audio output size must equal the text hidden size",
-            "molmo2": "its adapter's vision feature layers beyond 2 layers",
-            "hunyuan_vl": "a RoPE parameter left None",
-            "pp_formulanet": "its base model implements no get_input_embeddings",
-            "qwen4_exp": "its n-gram embedding sizes",
+            "granite4_vision": "its config sets its Q-Former's heads to the vision hidden size "
+            "// 64, none for the tiny vision tower",
         }.items()
     },
 }
@@ -356,10 +341,21 @@ REFUSED: dict[str, dict[str, str]] = {
         "wrap": "NemotronH_Omni_Reasoning_V3 has no output embedding",
         "sample": _NO_BASE_MODEL,
     },
-    "muse_glimmer": {
-        "wrap": "is an unknown logit transform applied?",
-        "sample": "refuses MuseGlimmerForConditionalGeneration, whose head it does not reproduce",
+    **{
+        model_type: {
+            "wrap": "is an unknown logit transform applied?",
+            "sample": f"refuses {MAPPING[model_type]}, whose head it does not reproduce",
+        }
+        for model_type in ("muse_glimmer", "muse_spark")
     },
+    # A block-diffusion model, not a causal LM: its forward fills the tokens up to a block.
+    "diffusion_gemma": {
+        "wrap": "refusing DiffusionGemmaForBlockDiffusion (in_features=32",
+        "sample": "expected a transformers causal LM (a GenerationMixin such as LlamaForCausalLM)"
+        ", got DiffusionGemmaForBlockDiffusion",
+    },
+    # Its own forward (the unwrapped model's too) requires mm_token_type_ids when training.
+    "molmo2": {"wrap": "`mm_token_type_ids` is required as a model input when training"},
     "step3p7": {  # its tiny config sets no sliding_window, which its forward needs
         "wrap": f"refusing Step3p7ForConditionalGeneration, {_FORWARD_NEEDS_IMAGES}",
         "sample": "Could not find a `sliding_window`",
