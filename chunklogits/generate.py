@@ -190,20 +190,31 @@ def sample(
     will_sample = bool(config.do_sample) if do_sample is None else do_sample
     check_sampling_options(do_sample=will_sample, **sampling)
     _add_stop_strings(config, stop_strings, tokenizer, generate_kwargs)
-    return model.generate(
-        input_ids,
-        attention_mask=attention_mask,
-        custom_generate=decode,
-        seed=seed,
-        generator=generator,
-        return_logprobs=return_logprobs,
-        shards=shards,
-        token_streamer=streamer,
-        # generate() would hand a custom_generate loop no assistant: decode takes it itself.
-        assistant=generate_kwargs.pop("assistant_model", None),
-        **given,
-        **generate_kwargs,
-    )
+    try:
+        return model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            custom_generate=decode,
+            seed=seed,
+            generator=generator,
+            return_logprobs=return_logprobs,
+            shards=shards,
+            token_streamer=streamer,
+            # generate() would hand a custom_generate loop no assistant: decode takes it itself.
+            assistant=generate_kwargs.pop("assistant_model", None),
+            **given,
+            **generate_kwargs,
+        )
+    except ValueError as error:
+        # A model's own generate() that keeps its arguments from GenerationMixin.generate
+        # (MusicGen-Melody's) refuses the custom_generate loop as an unused model_kwarg.
+        if "are not used by the model" not in str(error) or "custom_generate" not in str(error):
+            raise
+        raise ValueError(
+            f"model: chunklogits.sample refuses {type(model).__name__}, whose own generate() "
+            "does not hand chunklogits' decoding loop (custom_generate=) to "
+            f"GenerationMixin.generate: {error}"
+        ) from error
 
 
 # What ``generate()``'s first parameter is called where it takes the token ids.

@@ -361,11 +361,13 @@ REFUSED: dict[str, dict[str, str]] = {
         "sample": "Could not find a `sliding_window`",
     },
     # Encoder-decoder models.
-    "florence2": {"wrap": "refusing Florence2ForConditionalGeneration (in_features"},
-    "t5gemma2": {
-        "wrap": "T5Gemma2ForConditionalGeneration's loss_function is ForMaskedLMLoss",
-        "sample": "refuses T5Gemma2ForConditionalGeneration, whose head it does not reproduce",
+    "florence2": {
+        "wrap": "refusing Florence2ForConditionalGeneration (in_features",
+        "sample": "refuses Florence2ForConditionalGeneration, whose head it does not reproduce",
     },
+    # Its loss, gradients, generate and cl.sample pass; cl.sequence_logprobs (in the wrap
+    # check) scores a causal LM's own tokens and refuses an encoder-decoder model by name.
+    "t5gemma2": {"wrap": "T5Gemma2ForConditionalGeneration is an encoder-decoder model"},
     **{
         model_type: {
             "wrap": f"refusing {MAPPING[model_type]}, {_FORWARD_NEEDS_IMAGES}",

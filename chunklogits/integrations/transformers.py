@@ -183,16 +183,16 @@ def wrap(
     slots = _linear_slots(outer)
     layers = [_checked_linear(causal_lm, _slot_get(causal_lm, slot)) for slot in slots]
     with _evaluating(causal_lm):
-        inputs, labels = _probe_inputs(causal_lm, layers[0].weight)
         try:
+            inputs, labels = _probe_inputs(causal_lm, layers[0].weight)
             expected = causal_lm(**inputs, labels=labels)
+            transform = forward_transform(causal_lm, layers[0].weight)
         except Exception as error:  # any failure of the model's own code on these inputs
             raise ValueError(
                 f"ChunkedLMHead.wrap: refusing {name}, whose forward fails on token ids and labels "
                 f"alone (the probe; a model that needs image inputs fails so): "
                 f"{type(error).__name__}: {error}"
             ) from error
-        transform = forward_transform(causal_lm, layers[0].weight)
         heads = [head_class(x.weight, x.bias, shards=shards, **transform) for x in layers]
         for head in heads:
             head.return_logits = return_logits
