@@ -471,19 +471,15 @@ def _in_fp64(model):
     return exact.double()
 
 
-def _check_wrap(model):
-    """Training loss and gradients, generate and sequence_logprobs against the unwrapped model
-    (HF's own code). The loss and gradients by the accuracy rule against the fp64 model where
-    the model runs in fp64 (the fp32 backward of some, RWKV's, is itself 1e-4 off; experts by
-    the per-expert loop there); else (fp32-only kernels) within fp32 rounding of the unwrapped
-    model's: the head's blocks differ from its one GEMM in the order of summation."""
-    input_ids = _ids(1)
-    ours = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+def losses_and_embedding_grads(runs: dict, loss_of) -> dict:
+    """``{name: {"loss", "output embedding grad", "input embedding grad"}}`` of each model of
+    ``runs`` (``{name: model}``, the fp64 one named "exact", last), its loss ``loss_of(model)``
+    backpropagated; "exact" left out where the model does not run in fp64 (a RuntimeError)."""
     results = {}
-    for name, each in (("ours", ours), ("naive", model), ("exact", _in_fp64(model))):
+    for name, each in runs.items():
         torch.manual_seed(0)
         try:
-            loss = each(input_ids=input_ids, labels=input_ids).loss
+            loss = loss_of(each)
         except RuntimeError:
             if name != "exact":
                 raise
@@ -494,6 +490,21 @@ def _check_wrap(model):
             "output embedding grad": each.get_output_embeddings().weight.grad,
             "input embedding grad": each.get_input_embeddings().weight.grad,
         }
+    return results
+
+
+def _check_wrap(model):
+    """Training loss and gradients, generate and sequence_logprobs against the unwrapped model
+    (HF's own code). The loss and gradients by the accuracy rule against the fp64 model where
+    the model runs in fp64 (the fp32 backward of some, RWKV's, is itself 1e-4 off; experts by
+    the per-expert loop there); else (fp32-only kernels) within fp32 rounding of the unwrapped
+    model's: the head's blocks differ from its one GEMM in the order of summation."""
+    input_ids = _ids(1)
+    ours = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
+    runs = {"ours": ours, "naive": model, "exact": _in_fp64(model)}
+    results = losses_and_embedding_grads(
+        runs, lambda each: each(input_ids=input_ids, labels=input_ids).loss
+    )
     for key in results["naive"]:
         if "exact" in results:
             assert_as_accurate(*(r[key] for r in results.values()), torch.float32, key)

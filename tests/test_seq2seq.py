@@ -244,21 +244,12 @@ def _check_wrap(model):
     the unwrapped model's), generate greedy unchanged."""
     ours = cl.ChunkedLMHead.wrap(copy.deepcopy(model))
     runs = {"ours": ours, "naive": model, "exact": copy.deepcopy(model).double()}
-    results = {}
-    for name, each in runs.items():
+
+    def loss_of(each):
         each.train()
-        try:
-            loss = each(**_encoder_input(each), labels=_labels()).loss
-        except RuntimeError:
-            if name != "exact":
-                raise
-            break  # no fp64 run of this model
-        loss.backward()
-        results[name] = {
-            "loss": loss.detach(),
-            "output embedding grad": each.get_output_embeddings().weight.grad,
-            "input embedding grad": each.get_input_embeddings().weight.grad,
-        }
+        return each(**_encoder_input(each), labels=_labels()).loss
+
+    results = architectures.losses_and_embedding_grads(runs, loss_of)
     for key in results["naive"]:
         if results["naive"][key] is None:  # mT5's untied shared embedding: used by neither
             assert all(r[key] is None for r in results.values()), key
