@@ -532,12 +532,17 @@ def _check_sample(model):
     assert torch.equal(got, expected)
 
 
-def outcome(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) -> dict[str, str]:
+def outcome(
+    model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *, make=None, checks=None
+) -> dict[str, str]:
     """{"wrap" / "sample": refusal message} of ``model_type``'s tiny model (its class in
-    ``mapping``); empty if it passes."""
+    ``mapping``, or ``make()``: a fresh model per check) under ``checks`` (by default the causal
+    LMs' ``{"wrap": _check_wrap, "sample": _check_sample}``); empty if it passes."""
+    make = make or (lambda: build(model_type, mapping))
+    checks = checks or {"wrap": _check_wrap, "sample": _check_sample}
     refusals = {}
-    for what, check in (("wrap", _check_wrap), ("sample", _check_sample)):
-        model = build(model_type, mapping)
+    for what, check in checks.items():
+        model = make()
         message = _refusal(lambda: check(model))  # noqa: B023
         if message is not None:
             refusals[what] = message
@@ -555,12 +560,14 @@ def assert_passes_or_is_refused_by_name(
     mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     refused=REFUSED,
     cannot_build=CANNOT_BUILD,
+    outcome_of=None,
 ) -> None:
-    """``outcome`` of ``model_type``'s class in ``mapping`` is the refusals ``refused`` lists
-    for it (none: it passes); skipped with the reason ``cannot_build`` gives for it."""
+    """``outcome`` of ``model_type``'s class in ``mapping`` (or ``outcome_of(model_type)``) is
+    the refusals ``refused`` lists for it (none: it passes); skipped with the reason
+    ``cannot_build`` gives for it."""
     if model_type in cannot_build:
         pytest.skip(f"cannot build {model_type}: {cannot_build[model_type]}")
-    refusals = outcome(model_type, mapping)
+    refusals = outcome_of(model_type) if outcome_of else outcome(model_type, mapping)
     if _PROCESSOR_REFUSAL in refusals.get("sample", ""):
         del refusals["sample"]
     expected = refused.get(model_type, {})
