@@ -31,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 import chunklogits as cl
 from chunklogits import reference
+from chunklogits.integrations import transformers as integration
 from tests.helpers import one_thread, seeded
 from tests.test_architectures import assert_passes_or_is_refused_by_name, tiny_config
 from tests.test_transformers import _compare_with_unwrapped
@@ -253,7 +254,7 @@ def test_generate_unchanged_and_sample_greedy_equals_generate(model_type):
         torch.testing.assert_close(cl.sequence_logprobs(model, input_ids, **images), truth)
 
 
-def test_a_text_config_transform_the_forward_ignores():
+def test_a_text_config_transform_the_forward_ignores(monkeypatch):
     """transformers 5.x's Gemma3ForConditionalGeneration does not apply its text config's
     final_logit_softcapping (Gemma3ForCausalLM does): the wrapped model and cl.sample follow the
     forward, which the probe shows applies none."""
@@ -268,7 +269,12 @@ def test_a_text_config_transform_the_forward_ignores():
     with torch.no_grad():
         expected = model.generate(input_ids, **images, max_new_tokens=3, do_sample=False)
         got = cl.sample(model, input_ids, **images, max_new_tokens=3, do_sample=False)
-    assert torch.equal(got, expected)
+        # The probe's answer is kept: a second call runs no probe forward.
+        probes = []
+        monkeypatch.setattr(integration, "_probe_head", lambda *a, **k: probes.append(a))
+        again = cl.sample(model, input_ids, **images, max_new_tokens=3, do_sample=False)
+        monkeypatch.undo()
+    assert torch.equal(got, expected) and torch.equal(again, expected) and not probes
     text_model = transformers.Gemma3ForCausalLM(config.text_config)
     assert cl.ChunkedLMHead.wrap(text_model).lm_head.softcap == 0.5
 

@@ -137,13 +137,18 @@ def forward_transform(model: nn.Module, weight: Tensor) -> dict[str, float | Non
     probe shows (``_probe_head`` on token ids; in transformers 5.x
     ``Gemma3ForConditionalGeneration`` and ``Cohere2VisionForConditionalGeneration`` apply
     neither the ``final_logit_softcapping`` nor the ``logit_scale`` that their text models
-    apply). A transform that neither matches is left for the caller's probe to refuse."""
+    apply). A transform that neither matches is left for the caller's probe to refuse. The
+    probe's answer is kept per model and ``weight`` (``cl.sample`` asks at every call)."""
     transform = logit_transform(model.config)
     identity = dict.fromkeys(transform)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text_config is config or transform == identity:
         return transform
+    kept = _FORWARD_TRANSFORMS.get(model)
+    if kept is not None and kept[0]() is weight and kept[1] == transform:
+        return kept[2]
+    found = transform
     with _evaluating(model):
         inputs = _unlabelled(model, *_probe_inputs(model, weight))
         for candidate in (transform, identity):
@@ -151,8 +156,15 @@ def forward_transform(model: nn.Module, weight: Tensor) -> dict[str, float | Non
                 _probe_head(model, weight, candidate["softcap"], candidate["logit_scale"], inputs)
             except ValueError:
                 continue
-            return candidate
-    return transform
+            found = candidate
+            break
+    _FORWARD_TRANSFORMS[model] = (weakref.ref(weight), transform, found)
+    return found
+
+
+# forward_transform's answers: per model, (its output layer's weight, the config's transform,
+# the transform the forward applies).
+_FORWARD_TRANSFORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def with_output_bias(model: nn.Module, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
