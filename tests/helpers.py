@@ -233,6 +233,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, worker, args) -> 
     )
     try:
         torch.save(worker(rank, world, *args), f"{out_dir}/{rank}.pt")
+        # Every rank past its last collective before any tears the group down: a rank that
+        # destroyed it (rank 0 hosts its store) while another was still in a collective or in
+        # its own teardown aborted that one (SIGABRT, seen under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
