@@ -1004,20 +1004,13 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
     costs 17% of a bf16 loss step on an AVX512-BF16 CPU; fp32 block GEMMs
     (``set_cpu_gemm_dtype("fp32")``) do not round the products."""
     row_max, log_sum = centre
-    stat_dtype, device = log_sum.dtype, log_sum.device
-    need_hidden, need_weight, need_bias = needs
+    stat_dtype = log_sum.dtype
     rows, work = _Rows(hidden2d, index, plan), _Workspace(plan, hidden2d.device)
-    single_chunk = len(plan.chunks) == 1
-    grad_rows = torch.zeros(plan.rows, hidden2d.shape[1], dtype=stat_dtype, device=device)
-    grad_rows = grad_rows if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=stat_dtype, device=device) if need_bias else None
-    block_grads = _BlockGrads(transform, plan, stat_dtype, need_bias)
+    sink = _HeadGradients(hidden2d, weight, bias, index, plan, needs, stat_dtype)
+    block_grads = _BlockGrads(transform, plan, stat_dtype, needs[2])
     for v0, v1 in plan.shards:
         w, b = _shard_params(weight, bias, v0, v1, plan)
-        grad_w = None
-        if need_weight and not single_chunk:
-            grad_w = torch.zeros(v1 - v0, hidden2d.shape[1], dtype=stat_dtype, device=device)
+        sink.start_shard(v0, v1)
         for r0, r1, h in rows:
             rows_grads = block_grads.rows(r0, r1)
             block = rows_grads.logits(h, w, b, work)
@@ -1026,22 +1019,9 @@ def _backward_blocks(hidden2d, weight, bias, index, targets, centre, coef, trans
             grad, column_sums = rows_grads(
                 block, rows_centre, coef.rows(r0, r1), chunk_targets, v0, v1, work, tanh=True
             )
-            if grad_bias is not None:
-                grad_bias[v0:v1] += column_sums
-            if grad_rows is not None:
-                grad_rows[r0:r1] += grad @ w
-            if grad_w is not None:
-                grad_w += grad.T @ h  # accumulated in fp32 without an fp32 copy
-            elif need_weight and weight.dtype == grad.dtype:
-                torch.mm(grad.T, h, out=grad_weight[v0:v1])
-            elif need_weight:
-                grad_weight[v0:v1] = grad.T @ h
-        if grad_w is not None:
-            grad_weight[v0:v1] = grad_w
-    grad_hidden = None if grad_rows is None else _hidden_grad(grad_rows, hidden2d, index)
-    if grad_bias is not None:
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+            sink.add(grad, h, w, r0, r1, v0, v1, work, column_sums)
+        sink.finish_shard(v0, v1)
+    return sink.result()
 
 
 def _loss_and_grads(row_loss, stats: RowStats, row_weight) -> tuple[Tensor, RowStats, Tensor]:
@@ -1089,7 +1069,7 @@ def _fused_loss_blocks(
     is summed over the chunks in an fp32 ``[V, D]`` buffer (the result itself for an fp32
     weight), and a half-precision weight is converted once to the GEMMs' dtype where that
     differs (another ``[V, D]``), instead of once per chunk."""
-    need_hidden, need_weight, need_bias, need_row_weight = needs
+    need_row_weight = needs[3]
     compile_with = transform if plan.compiled and not transform.per_row else None
     running = _RunningStats(plan.rows, targets, want_mean, want_entropy, hidden2d, compile_with)
     stat_dtype, device = running.dtype, hidden2d.device
@@ -1098,13 +1078,11 @@ def _fused_loss_blocks(
     params = [_shard_params(weight, bias, v0, v1, plan) for v0, v1 in plan.shards]
     kept = [work.kept(i) for i in range(len(params))]
     new = {"device": device, "dtype": stat_dtype}
-    grads = _FusedGrads(
-        torch.zeros(plan.rows, hidden2d.shape[1], **new) if need_hidden else None,
-        torch.zeros(weight.shape, **new) if need_weight else None,
-        torch.zeros(weight.shape[0], **new) if need_bias else None,
-        torch.zeros(plan.rows, **new) if need_row_weight else None,
+    sink = _HeadGradients(
+        hidden2d, weight, bias, index, plan, needs[:3], stat_dtype, rows_outer=True
     )
-    block_grads = _BlockGrads(transform, plan, stat_dtype, need_bias)
+    row_weight_grads = torch.zeros(plan.rows, **new) if need_row_weight else None
+    block_grads = _BlockGrads(transform, plan, stat_dtype, needs[2])
     loss, chunk_stats = torch.zeros((), **new), []
     for r0, r1, h in rows:
         blocks, rows_grads = [], block_grads.rows(r0, r1)
@@ -1120,26 +1098,15 @@ def _fused_loss_blocks(
         chunk_weight = None if row_weight is None else row_weight[r0:r1]
         chunk_loss, stat_grads, row_weight_grad = _loss_and_grads(row_loss, stats, chunk_weight)
         loss += chunk_loss
-        if grads.row_weight is not None:
-            grads.row_weight[r0:r1] = row_weight_grad
+        if row_weight_grads is not None:
+            row_weight_grads[r0:r1] = row_weight_grad
         coef = _coefficients(stats, stat_grads, vocab)
         chunk_targets = None if targets is None else targets[r0:r1]
         for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
             centre = (stats.max, stats.log_sum)
             grad, column_sums = rows_grads(z, centre, coef, chunk_targets, v0, v1, work)
-            if grads.bias is not None:
-                grads.bias[v0:v1] += column_sums
-            same = grad.dtype == stat_dtype  # else a half-precision product, added in fp32
-            if grads.rows is not None:
-                if same:
-                    grads.rows[r0:r1].addmm_(grad, w)
-                else:
-                    grads.rows[r0:r1] += grad @ w
-            if grads.weight is not None:
-                if same:
-                    grads.weight[v0:v1].addmm_(grad.T, h)
-                else:
-                    grads.weight[v0:v1] += grad.T @ h
+            sink.add(grad, h, w, r0, r1, v0, v1, work, column_sums)
+    grads = _FusedGrads(sink.rows, sink.weight_grad, sink.bias_grad, row_weight_grads)
     if not chunk_stats:  # no row
         return running.stats(weight.shape[0]).finished(), loss, grads
     stats = RowStats(
@@ -1377,41 +1344,53 @@ def row_stats(
 
 
 class _HeadGradients:
-    """Gradients of one head's hidden rows, weight and bias, written block by block from fp32
-    ``dL/dx`` blocks (``x`` the raw logits) by ops whose backward is not ``row_stats``' (the
-    distillation losses). Shard by shard, as ``_backward_blocks``: a shard's weight gradient is
-    finished before the next starts, and with one row chunk it is written once, without an fp32
-    accumulator. ``needs``: which of (hidden, weight, bias) want a gradient."""
+    """Gradients of one head's hidden rows, weight and bias, summed block by block from the
+    blocks' ``dL/dx`` (``x`` the raw logits): the one place where a pass multiplies its blocks
+    back through the two gradient GEMMs (``_backward_blocks``, ``_fused_loss_blocks``, the
+    distillation losses). ``needs``: which of (hidden, weight, bias) want a gradient.
 
-    def __init__(self, hidden2d, weight, bias, index, plan, needs, stat_dtype):
+    Shards outer (default): a shard's weight gradient is finished before the next starts
+    (``start_shard``/``finish_shard``), and with one row chunk it is written once by its GEMM,
+    without an fp32 accumulator. ``rows_outer``: every row chunk walks the whole vocabulary (the
+    fused pass), and the weight gradient is summed over the chunks in an fp32 (``stat_dtype``)
+    ``[V, D]`` buffer. Products of half-precision GEMMs come back rounded to that dtype and are
+    added to the fp32 sums (see ``_backward_blocks``); fp32 ones are added by the GEMM itself."""
+
+    def __init__(self, hidden2d, weight, bias, index, plan, needs, stat_dtype, rows_outer=False):
         self.hidden2d, self.weight, self.bias, self.index = hidden2d, weight, bias, index
         self.plan, self.stat_dtype = plan, stat_dtype
         need_hidden, need_weight, need_bias = needs
         new = {"dtype": stat_dtype, "device": hidden2d.device}
         self.rows = torch.zeros(plan.rows, hidden2d.shape[1], **new) if need_hidden else None
-        self.weight_grad = torch.zeros_like(weight) if need_weight else None
+        self.weight_grad = self.shard_grad = None
+        if need_weight and rows_outer:
+            self.weight_grad = torch.zeros(weight.shape, **new)
+        elif need_weight:  # every shard's rows are written, unless there is no row
+            self.weight_grad = torch.empty_like(weight) if plan.rows else torch.zeros_like(weight)
         self.bias_grad = torch.zeros(weight.shape[0], **new) if need_bias else None
-        self.single_chunk = len(plan.chunks) == 1
-        self.shard_grad = None
+        self.rows_outer, self.single_chunk = rows_outer, len(plan.chunks) == 1
 
     def start_shard(self, v0: int, v1: int) -> None:
-        if self.weight_grad is not None and not self.single_chunk:
+        if self.weight_grad is not None and not (self.single_chunk or self.rows_outer):
             self.shard_grad = torch.zeros(
                 v1 - v0, self.hidden2d.shape[1], dtype=self.stat_dtype, device=self.hidden2d.device
             )
 
-    def add(self, grad: Tensor, h: Tensor, w: Tensor, r0: int, r1: int, v0: int, v1: int, work):
-        """Fold the fp32 block ``grad = dL/dx`` of rows ``[r0, r1)`` x shard ``[v0, v1)``, whose
-        rows and weight shard in the compute dtype are ``h`` and ``w``; ``work``'s ``raw``
-        buffer holds its compute-dtype copy."""
+    def add(self, grad, h, w, r0, r1, v0, v1, work, column_sums=None) -> None:
+        """Fold the block ``grad = dL/dx`` of rows ``[r0, r1)`` x shard ``[v0, v1)``, whose
+        rows and weight shard in the compute dtype are ``h`` and ``w``: either in the compute
+        dtype with its ``column_sums`` (the bias gradient's share, when needed), or in fp32,
+        summed here and converted into ``work``'s ``raw`` buffer."""
         if self.bias_grad is not None:
-            self.bias_grad[v0:v1] += grad.sum(0)
-        if self.plan.compute_dtype != self.stat_dtype:
+            self.bias_grad[v0:v1] += grad.sum(0) if column_sums is None else column_sums
+        if grad.dtype != self.plan.compute_dtype:
             grad = work.get("raw", *grad.shape, self.plan.compute_dtype).copy_(grad)
         if self.rows is not None:
-            self.rows[r0:r1] += grad @ w
-        if self.shard_grad is not None:
-            self.shard_grad += grad.T @ h
+            _add_product(self.rows[r0:r1], grad, w)
+        if self.rows_outer and self.weight_grad is not None:
+            _add_product(self.weight_grad[v0:v1], grad.T, h)
+        elif self.shard_grad is not None:
+            _add_product(self.shard_grad, grad.T, h)
         elif self.weight_grad is not None and self.weight.dtype == grad.dtype:
             torch.mm(grad.T, h, out=self.weight_grad[v0:v1])
         elif self.weight_grad is not None:
@@ -1424,12 +1403,18 @@ class _HeadGradients:
 
     def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(hidden2d's gradient, zero at unselected rows; weight's; bias'), in their dtypes."""
-        grad_hidden = None
-        if self.rows is not None:
-            grad_hidden = torch.zeros_like(self.hidden2d)
-            if self.index is None:
-                grad_hidden.copy_(self.rows)
-            else:
-                grad_hidden[self.index] = self.rows.to(self.hidden2d.dtype)
+        grad_hidden = (
+            None if self.rows is None else _hidden_grad(self.rows, self.hidden2d, self.index)
+        )
+        grad_weight = None if self.weight_grad is None else self.weight_grad.to(self.weight.dtype)
         grad_bias = None if self.bias_grad is None else self.bias_grad.to(self.bias.dtype)
-        return grad_hidden, self.weight_grad, grad_bias
+        return grad_hidden, grad_weight, grad_bias
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b``: by the GEMM itself where ``out`` has the product's dtype, else the
+    (half-precision) product added to ``out`` (fp32)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
