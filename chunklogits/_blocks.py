@@ -568,6 +568,13 @@ class _FoldState(NamedTuple):
     weighted: Tensor | None
 
 
+def _centre(row_max: Tensor) -> Tensor:
+    """What ``_fold_block`` subtracts from a row before ``exp``: its running maximum, or 0 for a
+    row with no finite logit yet (a -inf bias masks tokens), so that its ``z - max`` is -inf,
+    not NaN (the zero rescale of the next finite maximum drops what it summed)."""
+    return row_max.masked_fill(row_max == -math.inf, 0.0)
+
+
 def _fold_block(z: Tensor, state: _FoldState, inside, column, work, keep: bool) -> _FoldState:
     """``state`` with the transformed block ``z`` (its rows, in the statistics' dtype) folded in
     by the online merge; the target logit is ``z`` at ``column`` in the rows where ``inside``.
@@ -579,10 +586,7 @@ def _fold_block(z: Tensor, state: _FoldState, inside, column, work, keep: bool) 
         target = torch.where(inside, z.gather(1, column[:, None]).squeeze(1), target)
     total = None if state.total is None else state.total + z.sum(1)
     new_max = torch.maximum(state.max, z.amax(1))
-    # Rows with no finite logit yet (a -inf bias masks tokens) are centred on 0, so that
-    # their z - max is -inf, not NaN; the zero rescale of the next finite maximum drops
-    # what they summed.
-    centre = new_max.masked_fill(new_max == -math.inf, 0.0)
+    centre = _centre(new_max)
     # exp(-inf) = 0 for the first block; clamped so that -inf * 0 below stays 0.
     step = (state.max - centre).clamp_(min=torch.finfo(z.dtype).min)
     rescale = step.exp()
@@ -849,41 +853,59 @@ def _coefficients(stats: RowStats, grads: RowStats, vocab: int) -> _GradCoeffici
 
 
 def _block_grad(
-    z, centre, coef: _GradCoefficients, inside, column, transform, work, tanh=None
+    z, centre, coef: _GradCoefficients, inside, column, transform, work, tanh=None, exp_centre=None
 ) -> Tensor:
     """``dL/dx`` of the raw block under ``z`` (rows of ``centre = (max, log_sum)`` and
     ``coef``; the target, where ``inside``, at ``column``) in ``z``'s dtype, in the workspace;
     ``tanh``: the softcap's ``tanh(u / c)`` of the block (``LogitTransform.chain_``), or None;
     ``z`` is overwritten unless the softcap's derivative is read off it. The one formula of both
     passes, as ``_fold_block``. ``log p = (z - max) - log_sum``, as the naive log_softmax:
-    exact for the top token, where ``z - lse`` loses ``eps * |lse|``."""
+    exact for the top token, where ``z - lse`` loses ``eps * |lse|``.
+
+    ``exp_centre``: None, or ``[rows]``: ``z`` then holds ``exp(z - exp_centre)`` as
+    ``_fold_block`` left it (the fused pass folds its kept blocks in place), and ``p`` is that
+    times ``exp(exp_centre - max - log_sum)``: a product instead of a second ``exp`` per logit.
+    For blocks without a softcap, and coefficients without a ``log p`` term (``plogp_coef``)."""
     shape, dtype = z.shape, z.dtype
     row_max, log_sum = centre
-    if transform.softcap is not None and tanh is None:  # the softcap's derivative is read off z
-        logp = torch.sub(z, row_max[:, None], out=work.get("logp", *shape, dtype))
-    else:
-        logp = z.sub_(row_max[:, None])
     p_coef = coef.p_coef[:, None] if coef.p_coef is not None else 0.0
-    if coef.p_delta is None and coef.plogp_coef is None:
-        # p = exp(z - max) / sum_exp: the division folded into the row's coefficient, so that
-        # log p itself is never formed (the floor raised by log_sum keeps p a normal number).
-        # No floor in a row holding a +inf logit: p is exactly 0 at its other tokens, as in
-        # torch's logsumexp backward (exp(z - inf)), and NaN at the inf.
-        floor = (log_sum + log_floor(dtype)).masked_fill(row_max == math.inf, -math.inf)
-        logp.clamp_(min=floor[:, None])
-        grad = logp.exp_().mul_(p_coef * torch.exp(-log_sum)[:, None])
-    else:
-        _floor_(logp.sub_(log_sum[:, None]))
-    if coef.p_delta is not None:  # -t * (p - onehot), then the rest added (_GradCoefficients)
-        grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
-        if coef.plogp_coef is None:
-            rest = torch.mul(grad, coef.p_delta[:, None], out=logp)
+    rest = None  # with p_delta: p * (p_delta + plogp_coef * log p), added after the target's entry
+    if exp_centre is not None:
+        # p = e * f, f = exp(exp_centre - lse) floored as log p is below; e raised to tiny / f
+        # first, so that no product is subnormal (as no exp is, _floor_).
+        factor = (exp_centre - row_max - log_sum).clamp_(min=log_floor(dtype)).exp_()
+        z.clamp_(min=(torch.finfo(dtype).tiny / factor)[:, None])
+        if coef.p_delta is None:
+            grad = z.mul_(p_coef * factor[:, None])
         else:
-            rest = logp.mul_(coef.plogp_coef[:, None]).add_(coef.p_delta[:, None]).mul_(grad)
-        grad.mul_(p_coef)
-    elif coef.plogp_coef is not None:
-        grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
-        grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
+            grad = torch.mul(z, factor[:, None], out=work.get("grad", *shape, dtype))
+            rest = torch.mul(grad, coef.p_delta[:, None], out=z)
+            grad.mul_(p_coef)
+    else:
+        if transform.softcap is not None and tanh is None:  # its derivative is read off z
+            logp = torch.sub(z, row_max[:, None], out=work.get("logp", *shape, dtype))
+        else:
+            logp = z.sub_(row_max[:, None])
+        if coef.p_delta is None and coef.plogp_coef is None:
+            # p = exp(z - max) / sum_exp: the division folded into the row's coefficient, so
+            # that log p itself is never formed (the floor raised by log_sum keeps p a normal
+            # number). No floor in a row holding a +inf logit: p is exactly 0 at its other
+            # tokens, as in torch's logsumexp backward (exp(z - inf)), and NaN at the inf.
+            floor = (log_sum + log_floor(dtype)).masked_fill(row_max == math.inf, -math.inf)
+            logp.clamp_(min=floor[:, None])
+            grad = logp.exp_().mul_(p_coef * torch.exp(-log_sum)[:, None])
+        else:
+            _floor_(logp.sub_(log_sum[:, None]))
+            grad = torch.exp(logp, out=work.get("grad", *shape, dtype))
+            if coef.p_delta is not None:  # -t * (p - onehot), then the rest (_GradCoefficients)
+                if coef.plogp_coef is None:
+                    rest = torch.mul(grad, coef.p_delta[:, None], out=logp)
+                else:
+                    rest = logp.mul_(coef.plogp_coef[:, None]).add_(coef.p_delta[:, None])
+                    rest.mul_(grad)
+                grad.mul_(p_coef)
+            else:
+                grad.mul_(logp.mul_(coef.plogp_coef[:, None]).add_(p_coef))
     # p_coef = -target_coef: the target's entry p_t * p_coef + target_coef is target_value.
     if coef.target_coef is not None and torch.compiler.is_compiling():
         # As a comparison that fuses into the loop: a scatter would make inductor write the
@@ -893,7 +915,7 @@ def _block_grad(
     elif coef.target_coef is not None:
         kept = grad.gather(1, column[:, None]).squeeze(1)
         grad.scatter_(1, column[:, None], torch.where(inside, coef.target_value, kept)[:, None])
-    if coef.p_delta is not None:
+    if rest is not None:
         grad.add_(rest)
     if coef.uniform is not None:
         grad.add_(coef.uniform[:, None])
@@ -950,19 +972,24 @@ class _BlockGrads:
             return None
         return work.get("tanh", rows, cols, self.stat_dtype)
 
-    def __call__(self, block, centre, coef: _GradCoefficients, targets, v0, v1, work, tanh=False):
+    def __call__(
+        self, block, centre, coef: _GradCoefficients, targets, v0, v1, work, tanh=False,
+        exp_centre=None,
+    ):  # fmt: skip
         """``(dL/dx, column sums or None)`` of ``block`` (overwritten) of the rows of ``centre =
         (max, log_sum)``, ``coef``, ``targets`` and vocabulary ``[v0, v1)``; ``tanh``: whether
         ``block`` comes from ``logits`` with its ``tanh``, else it is a transformed block of
         ``_block_logits`` (the fused pass's kept ones) whose softcap's derivative is read off
-        it."""
+        it; ``exp_centre``: as in ``_block_grad`` (eager blocks only)."""
         inside = column = None
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v1)
         compute_dtype = self.plan.compute_dtype
         if self.compiled is None or not _compilable(*block.shape):
             tanh = self._tanh(work, *block.shape) if tanh else None
-            grad = _block_grad(block, centre, coef, inside, column, self.transform, work, tanh)
+            grad = _block_grad(
+                block, centre, coef, inside, column, self.transform, work, tanh, exp_centre
+            )
             column_sums = grad.sum(0) if self.need_bias else None
             if compute_dtype != grad.dtype:
                 grad = work.get("raw", *grad.shape, compute_dtype).copy_(grad)
@@ -1084,12 +1111,17 @@ def _fused_loss_blocks(
     row_weight_grads = torch.zeros(plan.rows, **new) if need_row_weight else None
     block_grads = _BlockGrads(transform, plan, stat_dtype, needs[2])
     loss, chunk_stats = torch.zeros((), **new), []
+    # Without a softcap or compiled passes, each kept block is folded in place into
+    # exp(z - centre), which its gradient then scales (_block_grad's exp_centre): one exp per
+    # logit instead of two.
+    exp_once = running.compiled is None and transform.softcap is None and not want_entropy
     for r0, r1, h in rows:
-        blocks, rows_grads = [], block_grads.rows(r0, r1)
+        blocks, centres, rows_grads = [], [], block_grads.rows(r0, r1)
         for (v0, v1), (w, b), shard_work in zip(plan.shards, params, kept, strict=True):
             z = running.logits(h, w, b, rows_grads.transform, shard_work)
-            running.fold(z, r0, r1, v0, v1, work, keep=True)
+            running.fold(z, r0, r1, v0, v1, work, keep=not exp_once)
             blocks.append(z)
+            centres.append(_centre(running.state.max[r0:r1]) if exp_once else None)
         stats = running.stats(weight.shape[0], slice(r0, r1))
         if vocab_parallel is not None:
             stats = vocab_parallel.combine(stats)
@@ -1102,9 +1134,13 @@ def _fused_loss_blocks(
             row_weight_grads[r0:r1] = row_weight_grad
         coef = _coefficients(stats, stat_grads, vocab)
         chunk_targets = None if targets is None else targets[r0:r1]
-        for (v0, v1), (w, _), z in zip(plan.shards, params, blocks, strict=True):
-            centre = (stats.max, stats.log_sum)
-            grad, column_sums = rows_grads(z, centre, coef, chunk_targets, v0, v1, work)
+        centre = (stats.max, stats.log_sum)
+        for (v0, v1), (w, _), z, exp_centre in zip(
+            plan.shards, params, blocks, centres, strict=True
+        ):
+            grad, column_sums = rows_grads(
+                z, centre, coef, chunk_targets, v0, v1, work, exp_centre=exp_centre
+            )
             sink.add(grad, h, w, r0, r1, v0, v1, work, column_sums)
     grads = _FusedGrads(sink.rows, sink.weight_grad, sink.bias_grad, row_weight_grads)
     if not chunk_stats:  # no row
