@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -12,9 +11,14 @@ from torch.distributed import ProcessGroup
 from . import _blocks, _library
 from ._blocks import BlockPlan, RowStats, _check_count, plan_head, row_stats
 from ._checks import (
+    check_bool,
+    check_choice,
     check_head,
+    check_ignore_index,
     check_in_vocab,
     check_num_items,
+    check_real_in,
+    check_shift,
     check_tensor,
     check_token_tensor,
     flat_rows,
@@ -164,19 +168,14 @@ def linear_cross_entropy(
     with checked_on_every_rank(process_group) as ranks:
         check_head(hidden, weight, bias)
         labels = _check_labels(labels, hidden, ignore_index, shift)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-        _check_fraction("label_smoothing", label_smoothing, high=1.0)
-        _check_fraction("z_loss", z_loss, high=None)
+        check_choice("reduction", reduction, _REDUCTIONS)
+        check_real_in("label_smoothing", label_smoothing, 0, 1.0)
+        check_real_in("z_loss", z_loss, 0, None)
         if num_items_in_batch is not None:
             _check_num_items(num_items_in_batch, reduction)
         _check_class_weight(class_weight, weight, label_smoothing)
-        for name, flag in (
-            ("return_z_loss", return_z_loss),
-            ("return_token_accuracy", return_token_accuracy),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        check_bool("return_z_loss", return_z_loss)
+        check_bool("return_token_accuracy", return_token_accuracy)
         extras = return_z_loss or return_token_accuracy
         # One node of the graph under torch.compile (see chunklogits._library), which checks
         # the values of the labels and the temperatures. Vocabulary parallelism and the extra
@@ -444,10 +443,8 @@ class _Labelled(NamedTuple):
 def _check_labels(labels, hidden: Tensor, ignore_index, shift: bool) -> Tensor:
     """The labels as int64 (``check_token_tensor``), after checking them and the options."""
     labels = check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if shift and hidden.dim() < 2:
-        raise ValueError(f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}")
+    check_ignore_index(ignore_index)
+    check_shift("hidden", hidden, shift)
     return labels
 
 
@@ -481,14 +478,6 @@ def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
     the weight), and the PyTorch loop is what would run anyway (no Triton kernels)."""
     wide = weight.dtype in (torch.float32, torch.float64)
     return wide and _blocks._block_functions(hidden2d)[0] is _blocks._forward_stats
-
-
-def _check_fraction(name: str, value, high: float | None) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a float, got {value!r}")
-    if not (value >= 0 and (high is None or value <= high)):
-        expected = f"in [0, {high}]" if high is not None else ">= 0"
-        raise ValueError(f"{name}: expected a float {expected}, got {value!r}")
 
 
 def _check_num_items(num_items, reduction: str) -> None:
