@@ -229,18 +229,53 @@ def flat_rows(hidden: Tensor) -> Tensor:
 
 
 def check_real_in(
-    name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+    name: str,
+    value,
+    low: float,
+    high: float | None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     """A real number in ``[low, high]`` (``(low`` with ``low_open``, ``high)`` with
-    ``high_open``), returned as a float."""
+    ``high_open``; no upper bound for ``high=None``), returned as a float."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a float, got {value!r}")
     above_low = value > low if low_open else value >= low
-    below_high = value < high if high_open else value <= high
+    below_high = high is None or (value < high if high_open else value <= high)
     if not (above_low and below_high):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name}: expected a float in {interval}, got {value!r}")
+        if high is None:
+            expected = f"{'>' if low_open else '>='} {low}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: expected a float {expected}, got {value!r}")
     return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (a ``reduction``, ...)."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_ignore_index(ignore_index) -> int:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    return ignore_index
+
+
+def check_shift(name: str, hidden: Tensor, shift) -> None:
+    """``shift=True`` (predict position ``t + 1`` from ``t``) needs a position axis: ``hidden``
+    (called ``name``) ``[..., T, D]``."""
+    if shift and hidden.dim() < 2:
+        raise ValueError(f"{name}: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}")
 
 
 def check_sampling_options(
@@ -258,8 +293,7 @@ def check_sampling_options(
     ``min_p`` None or in [0, 1], ``repetition_penalty`` > 0, ``temperature`` > 0 when sampling,
     ``epsilon_cutoff`` and ``eta_cutoff`` None or in (0, 1). Those not given take their neutral
     value."""
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample: expected a bool, got {do_sample!r}")
+    check_bool("do_sample", do_sample)
     if not isinstance(top_k, int) or isinstance(top_k, bool):
         raise TypeError(f"top_k: expected an int (0 turns top-k off), got {top_k!r}")
     if top_k < 0:

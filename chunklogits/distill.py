@@ -37,9 +37,12 @@ from ._blocks import (
     plan_blocks,
 )
 from ._checks import (
+    check_choice,
     check_head,
+    check_ignore_index,
     check_num_items,
     check_real_in,
+    check_shift,
     check_token_tensor,
     flat_rows,
     make_transform,
@@ -150,21 +153,15 @@ def linear_jsd(
         lead = student_hidden.shape[:-1]
         if labels is not None:
             check_token_tensor("labels", labels, lead, student_hidden.device)
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        check_ignore_index(ignore_index)
         beta = check_real_in("beta", beta, 0.0, 1.0)
         transform = make_transform(
             None, None, temperature, student_hidden, "student_hidden.shape[:-1]"
         )
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+        check_choice("reduction", reduction, _REDUCTIONS)
         if num_items_in_batch is not None:
             _check_num_items(num_items_in_batch, reduction)
-        if shift and student_hidden.dim() < 2:
-            raise ValueError(
-                "student_hidden: shift=True needs shape [..., T, D], "
-                f"got {tuple(student_hidden.shape)}"
-            )
+        check_shift("student_hidden", student_hidden, shift)
         out_shape = (*lead[:-1], lead[-1] - 1) if shift else tuple(lead)
         index = _kept_rows(lead, labels, ignore_index, shift, student_hidden.device)
         transform = transform.selected(index)

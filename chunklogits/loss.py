@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -10,11 +10,16 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from . import _blocks, _library
-from ._blocks import BlockPlan, RowStats, _check_count, plan_head, row_stats
+from ._blocks import BlockPlan, LogitTransform, RowStats, _check_count, plan_head, row_stats
 from ._checks import (
+    check_bool,
+    check_choice,
     check_head,
+    check_ignore_index,
     check_in_vocab,
     check_num_items,
+    check_real_in,
+    check_shift,
     check_tensor,
     check_token_tensor,
     flat_rows,
@@ -162,110 +167,36 @@ def linear_cross_entropy(
     on every device.
     """
     with checked_on_every_rank(process_group) as ranks:
-        check_head(hidden, weight, bias)
-        labels = _check_labels(labels, hidden, ignore_index, shift)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-        _check_fraction("label_smoothing", label_smoothing, high=1.0)
-        _check_fraction("z_loss", z_loss, high=None)
-        if num_items_in_batch is not None:
-            _check_num_items(num_items_in_batch, reduction)
-        _check_class_weight(class_weight, weight, label_smoothing)
-        for name, flag in (
-            ("return_z_loss", return_z_loss),
-            ("return_token_accuracy", return_token_accuracy),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        extras = return_z_loss or return_token_accuracy
         # One node of the graph under torch.compile (see chunklogits._library), which checks
         # the values of the labels and the temperatures. Vocabulary parallelism and the extra
-        # outputs run the engine in the trace instead.
-        custom_op = torch.compiler.is_compiling() and process_group is None and not extras
-        transform = make_transform(
-            softcap, logit_scale, temperature, hidden, read_values=not custom_op
-        )
-        if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
-            raise TypeError(
-                f"grad_in_forward: expected True, False or None, got {grad_in_forward!r}"
-            )
-        if grad_in_forward and reduction == "none":
-            raise ValueError(
-                "grad_in_forward: True needs a scalar loss (reduction 'mean' or 'sum'), "
-                "got reduction='none'"
-            )
-        if grad_in_forward and return_token_accuracy:
-            raise ValueError(
-                "grad_in_forward: True does not serve return_token_accuracy=True (the fused pass "
-                "computes no top-k statistic); use grad_in_forward=None or False"
-            )
+        # outputs run the engine in the trace instead. (``is False``: the flags are checked by
+        # _check_arguments, which this decides for; no flag of another type is read as a bool.)
+        custom_op = torch.compiler.is_compiling() and process_group is None
+        custom_op = custom_op and return_z_loss is False and return_token_accuracy is False
+        labels, transform = _check_arguments(
+            hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch,
+            label_smoothing, z_loss, softcap, logit_scale, temperature, shift, class_weight,
+            return_z_loss, return_token_accuracy, grad_in_forward, read_values=not custom_op,
+        )  # fmt: skip
         if custom_op:
-            if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
-                num_items_in_batch = torch.tensor(num_items_in_batch, device=hidden.device)
-            arguments = (
+            return _custom_op_loss(
                 hidden, weight, labels, bias, class_weight, num_items_in_batch, shards,
-                chunk_size, ignore_index, reduction, label_smoothing, z_loss, transform.softcap,
-                transform.logit_scale, *_library.temperature_arguments(temperature), shift,
-                grad_in_forward,
+                chunk_size, ignore_index, reduction, label_smoothing, z_loss, transform,
+                temperature, shift, grad_in_forward,
             )  # fmt: skip
-            needs = [_grads_needed(t) for t in (hidden, weight, bias, class_weight)]
-            if reduction != "none" and any(needs):
-                # The gradients from the forward call, as eager's cost (see _library).
-                return _library.linear_cross_entropy_and_grads(needs, *arguments)[0]
-            return _library.linear_cross_entropy(*arguments)
         rows = _Labelled.select(hidden, weight, labels, ignore_index, shift, shards, chunk_size)
         transform = transform.selected(rows.index)
         vocab_slice = ranks.agree(rows.hidden2d, weight, bias, transform, rows.targets, "labels")
-    fused = reduction != "none" and rows.targets.numel() > 0 and _grads_needed(hidden, weight, bias)
-    # The token accuracy's top-1 statistic is computed by the recomputing path only.
-    fused = fused and not return_token_accuracy
-    if grad_in_forward is None:
-        fused = fused and _fused_costs_nothing(rows.hidden2d, weight)
-    else:
-        fused = fused and grad_in_forward
-    if fused:  # chunks sized for the whole vocabulary, the same on every rank
-        # Where an fp32 [V, D] sum of the weight gradient is held anyway, a chunk's kept logits
-        # may be as large (D rows): CPU GEMMs of a few dozen rows run at a fraction of their speed.
-        summed = weight.requires_grad and weight.dtype not in (torch.float32, torch.float64)
-        kept_rows = hidden.shape[-1] if summed else 1
-        plan = plan_head(
-            rows.targets.numel(),
-            hidden,
-            weight,
-            shards=shards,
-            chunk_size=chunk_size,
-            kept_vocab=ranks.vocab,
-            kept_rows=kept_rows,
-        )
-        if grad_in_forward is None and plan.chunk_size < min(plan.rows, _FUSED_MIN_ROWS):
-            fused = False
-        else:
-            rows = rows._replace(plan=plan)
+    fused_plan = _fused_plan(
+        hidden, weight, bias, rows, ranks.vocab, shards, chunk_size, reduction, grad_in_forward,
+        return_token_accuracy,
+    )  # fmt: skip
+    fused = fused_plan is not None
+    if fused:
+        rows = rows._replace(plan=fused_plan)
     check_in_vocab("labels", rows.targets, ranks.vocab, ignore_index)
-    if class_weight is not None and class_weight.shape[0] != ranks.vocab:
-        raise ValueError(
-            f"class_weight: expected shape [V] = [{ranks.vocab}] (the whole vocabulary), got "
-            f"{tuple(class_weight.shape)}"
-        )
-    row_weight = None
-    if class_weight is not None:
-        stat_dtype = torch.promote_types(hidden.dtype, torch.float32)
-        row_weight = class_weight.to(stat_dtype)[rows.targets]
-
-    def row_loss_of(stats: RowStats, row_weight: Tensor | None) -> Tensor:
-        # -log p_target, formed from the centred statistics (``RowStats.logprob``), not as
-        # lse - z_target: exact for a confident token, whose loss is far below eps * |lse|.
-        row_loss = -stats.logprob
-        if label_smoothing > 0:
-            # lse - (1 - eps) z_t - eps * mean(z) = -(1 - eps) log p_t + eps * (lse - mean(z))
-            spread = stats.log_sum - (stats.mean - stats.max)
-            row_loss = (1.0 - label_smoothing) * row_loss + label_smoothing * spread
-        if z_loss > 0:
-            row_loss = row_loss + z_loss * stats.lse.square()
-        if row_weight is not None:
-            row_loss = row_loss * row_weight
-        return row_loss
-
+    row_weight = _row_weights(class_weight, rows.targets, ranks.vocab, hidden.dtype)
+    row_loss = _RowLoss(label_smoothing, z_loss)
     result = row_stats(
         rows.hidden2d,
         weight,
@@ -277,27 +208,21 @@ def linear_cross_entropy(
         want_mean=label_smoothing > 0,
         vocab_parallel=vocab_slice,
         top_k=1 if return_token_accuracy else 0,
-        row_loss=row_loss_of if fused else None,
+        row_loss=row_loss if fused else None,
         row_weight=row_weight if fused else None,
     )
     if fused:
-        (stats, total), row_loss = result, None
+        (stats, total), per_row = result, None
     else:
-        stats, row_loss = result, row_loss_of(result, row_weight)
-        total = row_loss.sum()
-    loss = rows.reduce(row_loss, reduction, num_items_in_batch, row_weight, total=total)
+        stats, per_row = result, row_loss(result, row_weight)
+        total = per_row.sum()
+    loss = rows.reduce(per_row, reduction, num_items_in_batch, row_weight, total=total)
     if not (return_z_loss or return_token_accuracy):
         return loss
-    out = LossOutput(loss, None, None)
-    if return_z_loss:
-        row_z = z_loss * stats.lse.square()
-        if row_weight is not None:
-            row_z = row_z * row_weight
-        out = out._replace(z_loss=rows.reduce(row_z, reduction, num_items_in_batch, row_weight))
-    if return_token_accuracy:
-        correct = (stats.top.above_target() == 0).to(stats.lse.dtype)
-        out = out._replace(token_accuracy=rows.reduce(correct, reduction))
-    return out
+    return _with_extra_outputs(
+        loss, stats, rows, row_weight, reduction, num_items_in_batch, z_loss, return_z_loss,
+        return_token_accuracy,
+    )  # fmt: skip
 
 
 class LossOutput(NamedTuple):
@@ -441,13 +366,159 @@ class _Labelled(NamedTuple):
         return total / self.targets.numel()
 
 
+def _check_arguments(
+    hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch, label_smoothing,
+    z_loss, softcap, logit_scale, temperature, shift, class_weight, return_z_loss,
+    return_token_accuracy, grad_in_forward, *, read_values: bool,
+) -> tuple[Tensor, LogitTransform]:  # fmt: skip
+    """``linear_cross_entropy``'s arguments checked before any block is computed: the labels as
+    int64 and the ``LogitTransform`` (``make_transform``; the temperatures' values are not read
+    without ``read_values``: the custom op checks them when it runs). What needs the whole
+    vocabulary (the labels' range, ``class_weight``'s size) is checked once the ranks agreed."""
+    check_head(hidden, weight, bias)
+    labels = _check_labels(labels, hidden, ignore_index, shift)
+    check_choice("reduction", reduction, _REDUCTIONS)
+    check_real_in("label_smoothing", label_smoothing, 0, 1.0)
+    check_real_in("z_loss", z_loss, 0, None)
+    if num_items_in_batch is not None:
+        _check_num_items(num_items_in_batch, reduction)
+    _check_class_weight(class_weight, weight, label_smoothing)
+    check_bool("return_z_loss", return_z_loss)
+    check_bool("return_token_accuracy", return_token_accuracy)
+    transform = make_transform(softcap, logit_scale, temperature, hidden, read_values=read_values)
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward: expected True, False or None, got {grad_in_forward!r}")
+    if grad_in_forward and reduction == "none":
+        raise ValueError(
+            "grad_in_forward: True needs a scalar loss (reduction 'mean' or 'sum'), "
+            "got reduction='none'"
+        )
+    if grad_in_forward and return_token_accuracy:
+        raise ValueError(
+            "grad_in_forward: True does not serve return_token_accuracy=True (the fused pass "
+            "computes no top-k statistic); use grad_in_forward=None or False"
+        )
+    return labels, transform
+
+
+def _custom_op_loss(
+    hidden, weight, labels, bias, class_weight, num_items_in_batch, shards, chunk_size,
+    ignore_index, reduction, label_smoothing, z_loss, transform, temperature, shift,
+    grad_in_forward,
+) -> Tensor:  # fmt: skip
+    """The loss as one node of the graph that ``torch.compile`` traces (``chunklogits._library``'s
+    custom ops, whose schemas take these arguments in this order), the checked ``transform``
+    giving the softcap and the logit scale."""
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = torch.tensor(num_items_in_batch, device=hidden.device)
+    arguments = (
+        hidden, weight, labels, bias, class_weight, num_items_in_batch, shards, chunk_size,
+        ignore_index, reduction, label_smoothing, z_loss, transform.softcap,
+        transform.logit_scale, *_library.temperature_arguments(temperature), shift,
+        grad_in_forward,
+    )  # fmt: skip
+    needs = [_grads_needed(t) for t in (hidden, weight, bias, class_weight)]
+    if reduction != "none" and any(needs):
+        # The gradients from the forward call, as eager's cost (see _library).
+        return _library.linear_cross_entropy_and_grads(needs, *arguments)[0]
+    return _library.linear_cross_entropy(*arguments)
+
+
+def _fused_plan(
+    hidden, weight, bias, rows: _Labelled, vocab: int, shards, chunk_size, reduction: str,
+    grad_in_forward: bool | None, return_token_accuracy: bool,
+) -> BlockPlan | None:  # fmt: skip
+    """The block plan of the ``grad_in_forward`` pass (row chunks through the whole vocabulary,
+    ``vocab`` the group's, the same on every rank), or None where the loss takes the
+    recomputing path: no gradient or no scalar loss asked for, no kept row, the token accuracy
+    asked for (its top-1 statistic is computed by the recomputing path only), or, for
+    ``grad_in_forward=None``, ``_fused_costs_nothing`` false or chunks of fewer than
+    ``_FUSED_MIN_ROWS`` rows (see ``linear_cross_entropy``)."""
+    if reduction == "none" or rows.targets.numel() == 0 or not _grads_needed(hidden, weight, bias):
+        return None
+    if return_token_accuracy or grad_in_forward is False:
+        return None
+    if grad_in_forward is None and not _fused_costs_nothing(rows.hidden2d, weight):
+        return None
+    # Where an fp32 [V, D] sum of the weight gradient is held anyway, a chunk's kept logits may
+    # be as large (D rows): CPU GEMMs of a few dozen rows run at a fraction of their speed.
+    summed = weight.requires_grad and weight.dtype not in (torch.float32, torch.float64)
+    kept_rows = hidden.shape[-1] if summed else 1
+    plan = plan_head(
+        rows.targets.numel(),
+        hidden,
+        weight,
+        shards=shards,
+        chunk_size=chunk_size,
+        kept_vocab=vocab,
+        kept_rows=kept_rows,
+    )
+    if grad_in_forward is None and plan.chunk_size < min(plan.rows, _FUSED_MIN_ROWS):
+        return None
+    return plan
+
+
+def _row_weights(class_weight, targets: Tensor, vocab: int, dtype: torch.dtype) -> Tensor | None:
+    """The class weight of each kept row's label (``[N]``, in the statistics' dtype for
+    ``hidden``'s ``dtype``), or None without ``class_weight``, which must span the whole
+    vocabulary (``vocab``: with a process group, the group's)."""
+    if class_weight is None:
+        return None
+    if class_weight.shape[0] != vocab:
+        raise ValueError(
+            f"class_weight: expected shape [V] = [{vocab}] (the whole vocabulary), got "
+            f"{tuple(class_weight.shape)}"
+        )
+    return class_weight.to(torch.promote_types(dtype, torch.float32))[targets]
+
+
+@dataclass(frozen=True)
+class _RowLoss:
+    """Each kept row's loss from its ``RowStats``: ``-log p_target``, smoothed by
+    ``label_smoothing``, plus ``z_loss * lse^2``, times the row's class weight (``row_weight
+    [rows]`` or None). The fused pass calls it chunk by chunk (``row_stats(row_loss=)``)."""
+
+    label_smoothing: float
+    z_loss: float
+
+    def __call__(self, stats: RowStats, row_weight: Tensor | None) -> Tensor:
+        # -log p_target, formed from the centred statistics (``RowStats.logprob``), not as
+        # lse - z_target: exact for a confident token, whose loss is far below eps * |lse|.
+        row_loss = -stats.logprob
+        if self.label_smoothing > 0:
+            # lse - (1 - eps) z_t - eps * mean(z) = -(1 - eps) log p_t + eps * (lse - mean(z))
+            spread = stats.log_sum - (stats.mean - stats.max)
+            row_loss = (1.0 - self.label_smoothing) * row_loss + self.label_smoothing * spread
+        if self.z_loss > 0:
+            row_loss = row_loss + self.z_loss * stats.lse.square()
+        if row_weight is not None:
+            row_loss = row_loss * row_weight
+        return row_loss
+
+
+def _with_extra_outputs(
+    loss, stats: RowStats, rows: _Labelled, row_weight, reduction, num_items_in_batch, z_loss,
+    return_z_loss, return_token_accuracy,
+) -> LossOutput:  # fmt: skip
+    """``LossOutput``: the loss with the z-loss term and the token accuracy asked for, from the
+    same statistics, each reduced as the loss."""
+    out = LossOutput(loss, None, None)
+    if return_z_loss:
+        row_z = z_loss * stats.lse.square()
+        if row_weight is not None:
+            row_z = row_z * row_weight
+        out = out._replace(z_loss=rows.reduce(row_z, reduction, num_items_in_batch, row_weight))
+    if return_token_accuracy:
+        correct = (stats.top.above_target() == 0).to(stats.lse.dtype)
+        out = out._replace(token_accuracy=rows.reduce(correct, reduction))
+    return out
+
+
 def _check_labels(labels, hidden: Tensor, ignore_index, shift: bool) -> Tensor:
     """The labels as int64 (``check_token_tensor``), after checking them and the options."""
     labels = check_token_tensor("labels", labels, hidden.shape[:-1], hidden.device)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if shift and hidden.dim() < 2:
-        raise ValueError(f"hidden: shift=True needs shape [..., T, D], got {tuple(hidden.shape)}")
+    check_ignore_index(ignore_index)
+    check_shift("hidden", hidden, shift)
     return labels
 
 
@@ -481,14 +552,6 @@ def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
     the weight), and the PyTorch loop is what would run anyway (no Triton kernels)."""
     wide = weight.dtype in (torch.float32, torch.float64)
     return wide and _blocks._block_functions(hidden2d)[0] is _blocks._forward_stats
-
-
-def _check_fraction(name: str, value, high: float | None) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a float, got {value!r}")
-    if not (value >= 0 and (high is None or value <= high)):
-        expected = f"in [0, {high}]" if high is not None else ">= 0"
-        raise ValueError(f"{name}: expected a float {expected}, got {value!r}")
 
 
 def _check_num_items(num_items, reduction: str) -> None:

@@ -72,6 +72,7 @@ from ._blocks import (
     plan_blocks,
 )
 from ._checks import (
+    check_bool,
     check_head,
     check_integer_tensor,
     check_sampling_options,
@@ -224,8 +225,7 @@ def sample_next(
             if value is not None
         }
         token_bias = _token_bias(logit_bias, logit_bias_only, hidden_last)
-        if not isinstance(return_logprobs, bool):
-            raise TypeError(f"return_logprobs: expected a bool, got {return_logprobs!r}")
+        check_bool("return_logprobs", return_logprobs)
         penalty = float(repetition_penalty)
         source = randomness(seed, generator, hidden_last.device)
         prev = _penalised_tokens(prev_tokens, hidden_last, penalty)
@@ -387,8 +387,7 @@ def _gumbel(key: Tensor, rows: Tensor, vocab: Tensor) -> Tensor:
 
 def _token_bias(logit_bias, only, hidden: Tensor) -> tuple[Tensor, Tensor] | None:
     """``logit_bias`` checked: ``(tokens int64, values in the statistics' dtype)``, or None."""
-    if not isinstance(only, bool):
-        raise TypeError(f"logit_bias_only: expected a bool, got {only!r}")
+    check_bool("logit_bias_only", only)
     if logit_bias is None:
         if only:
             raise ValueError("logit_bias: logit_bias_only=True needs the tokens to keep, got None")

@@ -321,6 +321,7 @@ BAD_INPUTS = {
     "beta: expected a float in [0.0, 1.0], got 1.5": lambda a: {"beta": 1.5},
     "temperature: expected a finite float > 0, got 0.0": lambda a: {"temperature": 0.0},
     "reduction: expected one of": lambda a: {"reduction": "elementwise"},
+    "ignore_index: expected an int, got True": lambda a: {"ignore_index": True},
     "num_items_in_batch: divides the summed divergence": (
         lambda a: {"reduction": "none", "num_items_in_batch": 4}
     ),
