@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from chunklogits import memory
+from chunklogits._blocks import block_compute_dtype
 
 MiB = 2**20
 LLAMA3_VOCAB = 128_256
@@ -27,6 +28,19 @@ HEAD_SHAPES = {
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def instruction_set() -> dict:
+    """What decides the speed of the block passes on this CPU: its vector extensions that
+    multiply half precision natively, and the dtype the blocks' GEMMs run in for bf16 inputs."""
+    cpu = torch.cpu
+    flags = {
+        name: bool(getattr(cpu, f"_is_{name}_supported", lambda: False)())
+        for name in ("avx2", "avx512", "avx512_bf16", "amx_tile", "amx_fp16")
+    }
+    flags["bf16_gemm_dtype"] = str(block_compute_dtype(torch.bfloat16, torch.device("cpu")))
+    flags["threads"] = torch.get_num_threads()
+    return flags
 
 
 def measure(

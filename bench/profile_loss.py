@@ -6,8 +6,10 @@ self CPU time summed by kind of op, beside the three-GEMM floor of ``test_bench_
 
 Prints seconds per kind: the block GEMMs (``mm``/``addmm``), the elementwise passes over the
 blocks, the dtype conversions (``copy_``/``to``) and the rest; a profile, not a benchmark: the
-profiler adds a little time to every op. ``--compile``: with ``set_block_compile(True)``
-("compiled block passes"; the warm-up step compiles them, its time is printed).
+profiler adds a little time to every op. Then the time besides the GEMMs per logit of the head
+(target: 1 ns), and the CPU's instruction set, which decides what each kind costs.
+``--compile``: with ``set_block_compile(True)`` ("compiled block passes"; the warm-up step
+compiles them, its time is printed).
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import argparse
 import time
 from collections import defaultdict
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 import chunklogits as cl
-from bench.common import HEAD_SHAPES, head_inputs
+from bench.common import HEAD_SHAPES, head_inputs, instruction_set
 from chunklogits._blocks import block_compute_dtype
 
 _KINDS = {
@@ -74,11 +75,15 @@ def main() -> None:
     seconds = defaultdict(float)
     for event in trace.key_averages():
         seconds[_kind(event.key)] += event.self_cpu_time_total / 1e6
-    print(f"{args.shape}, {dtype} GEMMs, {torch.get_num_threads()} threads")
+    print(f"{args.shape}, {dtype} GEMMs, cpu: {instruction_set()}")
     print(f"floor (3 whole-matrix GEMMs): {floor_s:.2f} s; profiled step: {step_s:.2f} s")
     print(f"warm-up step (compiles with --compile): {warmup_s:.2f} s")
     for kind, total in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f"  {kind:28s} {total:6.2f} s  ({total / floor_s:.2f}x floor)")
+    # Self CPU time summed over the ops (per op, not per thread), per logit of the N x V head.
+    besides = sum(total for kind, total in seconds.items() if kind != "GEMMs")
+    n, _, v = HEAD_SHAPES[args.shape]
+    print(f"besides the GEMMs: {besides * 1e9 / (n * v):.2f} ns per logit (forward + backward)")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,40 @@ def test_gemm_floor(benchmark, shape):
     benchmark.group = f"loss fwd+bwd {shape}"
     benchmark.extra_info["gemm_dtype"] = str(dtype)
     measure(benchmark, step, rounds=2 if "1024" in shape else 3)
+
+
+# The default's choice between the two gradient paths, against both, on the CPU at hand: the
+# recomputing backward (4 GEMMs) and the fused pass (3 GEMMs, more passes over kept blocks).
+PATHS = {"default": None, "fused": True, "recomputing": False}
+WEIGHTS = {  # weight dtype, whether it is trained
+    "bf16": (torch.bfloat16, True),
+    "bf16-frozen-weight": (torch.bfloat16, False),
+    "fp32": (torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("shape", ["head-1k-x-1024-x-32k", "llama3-head-1k-x-256"])
+def test_gradient_path_choice(benchmark, monkeypatch, shape, weights, path):
+    from chunklogits import _blocks
+
+    hidden, weight, labels, _ = problem(shape)
+    dtype, trained = WEIGHTS[weights]
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_(trained)
+    fused_calls = []
+    fused = _blocks._fused_loss_blocks
+    monkeypatch.setattr(
+        _blocks, "_fused_loss_blocks", lambda *a: fused_calls.append(1) or fused(*a)
+    )
+
+    def reset():
+        hidden.grad = weight.grad = None
+
+    def step():
+        cl.linear_cross_entropy(hidden, weight, labels, grad_in_forward=PATHS[path]).backward()
+
+    benchmark.group = f"gradient path {shape} {weights} weight"
+    measure(benchmark, step, reset=reset, returned_bytes=hidden.nbytes + weight.nbytes * trained)
+    benchmark.extra_info["took_fused_pass"] = bool(fused_calls)
