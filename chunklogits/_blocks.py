@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from copy import copy
 from dataclasses import dataclass, replace
 from functools import cache, partial
@@ -749,12 +750,36 @@ def _top_columns(decision: Tensor, k: int) -> Tensor:
     return chosen.nonzero()[:, 1].view(decision.shape[0], k)
 
 
-def _by_value_then_index(values: Tensor, index: Tensor) -> Tensor:
-    """The positions ordering each row of ``values`` descending, equal values by ascending
-    ``index`` (a sort by index, then a stable sort by value)."""
-    by_index = index.argsort(dim=1)
-    order = values.gather(1, by_index).sort(dim=1, descending=True, stable=True).indices
-    return by_index.gather(1, order)
+def _merge_top(k: int, parts: Sequence[Sequence[Tensor]], *, by_index: bool = True) -> list[Tensor]:
+    """The ``k`` largest of the candidates of ``parts`` (a running top-k and a block's, or every
+    rank's): each part ``(values, index, *payloads)``, tensors ``[n, m_i]`` (the same number in
+    every part, ``sum(m_i) >= k``), the candidates ``j`` of row ``i`` being ``values[i, j]`` at
+    vocabulary ``index[i, j]``, carrying ``payloads[..][i, j]``. Returns ``[values, index,
+    *payloads]`` of the kept ones, each ``[n, k]``, by descending value.
+
+    ``by_index``: equal values by ascending ``index``, also at the ``k``-th place (of values tied
+    there, those of smaller index are kept); placeholders of a running top-k that must lose to
+    every real candidate of an equal value take an index above the vocabulary (``_NO_INDEX``).
+    Otherwise in ``torch.topk``'s order, which leaves ties in no particular order: for callers
+    that never depend on it, as a sort costs several times a ``topk`` on the CPU. NaN ranks
+    above every value, as in ``torch.sort`` and ``torch.topk`` (``_RunningTop`` maps it first).
+
+    Naive equivalent (``by_index``)::
+
+        values, index, *payloads = (torch.cat(columns, 1) for columns in zip(*parts))
+        for i in range(n):  # each row: its candidates by (-value, index), the first k
+            pos = sorted(range(values.shape[1]), key=lambda j: (-values[i, j], index[i, j]))[:k]
+            kept = [values[i, pos], index[i, pos], *(p[i, pos] for p in payloads)]
+    """
+    joined = [torch.cat(columns, 1) for columns in zip(*parts, strict=True)]
+    values, index = joined[:2]
+    if by_index:  # a sort by index, then a stable sort by value
+        order = index.argsort(dim=1)
+        by_value = values.gather(1, order).sort(dim=1, descending=True, stable=True).indices
+        pos = order.gather(1, by_value[:, :k])
+    else:
+        pos = values.topk(k, dim=1).indices
+    return [t.gather(1, pos) for t in joined]
 
 
 class _RunningTop:
@@ -784,15 +809,13 @@ class _RunningTop:
         torch.nan_to_num(decision, **nan_to_num, out=ranked)
         cols = _top_columns(ranked, min(self.k, decision.shape[1]))
         block_top = ranked.gather(1, cols).to(self.decision.dtype)
-        index = torch.cat([self.index[r0:r1], cols + v0], 1)
-        joined = torch.cat([self.decision[r0:r1], block_top], 1)
-        pos = _by_value_then_index(joined, index)[:, : self.k]
-        self.decision[r0:r1] = joined.gather(1, pos)
-        self.index[r0:r1] = index.gather(1, pos)
         value = z.gather(1, cols)
         if transform.tempered:
             value.div_(transform.temperature)
-        self.value[r0:r1] = torch.cat([self.value[r0:r1], value], 1).gather(1, pos)
+        running = (self.decision[r0:r1], self.index[r0:r1], self.value[r0:r1])
+        merged = _merge_top(self.k, [running, (block_top, cols + v0, value)])
+        for kept, new in zip(running, merged, strict=True):
+            kept.copy_(new)
         if targets is not None:
             inside, column = _target_in_shard(targets, v0, v0 + decision.shape[1])
             picked = decision.gather(1, column[:, None]).squeeze(1).to(self.target.dtype)

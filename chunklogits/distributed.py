@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from ._blocks import LogitTransform, RowStats, TopLogits, _by_value_then_index
+from ._blocks import LogitTransform, RowStats, TopLogits, _merge_top
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ERRORS = (None, ValueError, TypeError, RuntimeError)
@@ -118,10 +118,9 @@ class VocabSlice:
         # [world, n, k] -> [n, world * k]: every rank's candidates side by side.
         every = [t.transpose(0, 1).flatten(1) for t in self.gather(parts)]
         # Equal decisions by the smaller whole-vocabulary index, as within a rank.
-        pos = _by_value_then_index(every[0], every[1])[:, :k]
-        decision = every[0].gather(1, pos)
+        decision, index, value = _merge_top(k, [every[:3]])
         target = None if top.target_decision is None else every[3].amax(1)
-        return TopLogits(decision, every[1].gather(1, pos), every[2].gather(1, pos), target)
+        return TopLogits(decision, index, value, target)
 
     def reduce_grad(self, grad_hidden: Tensor) -> Tensor:
         """Each rank's hidden gradient covers its own slice; the full one is their sum."""

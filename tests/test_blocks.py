@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import chunklogits as cl
-from chunklogits._blocks import _BYTES_PER_BLOCK_ELEMENT, _SHARD_ALIGN, plan_blocks
-from tests.helpers import assert_as_accurate, check_infinite_bias_mask
+from chunklogits._blocks import (
+    _BYTES_PER_BLOCK_ELEMENT,
+    _NO_INDEX,
+    _SHARD_ALIGN,
+    _merge_top,
+    plan_blocks,
+)
+from tests.helpers import assert_as_accurate, check_infinite_bias_mask, seeded
 
 CPU = torch.device("cpu")
 
@@ -117,3 +125,35 @@ def test_entropy_does_not_cancel_a_large_offset():
 @pytest.mark.parametrize("masked", ["scattered", 300], ids=["scattered", "leading"])
 def test_far_below_the_maximum_and_masked_by_an_infinite_bias(masked):
     check_infinite_bias_mask(masked, CPU)
+
+
+@pytest.mark.parametrize("by_index", [True, False])
+def test_merge_top_against_a_sort_of_every_candidate(by_index):
+    # A running top-k and a block's candidates valued on a few levels: ties within and across
+    # the parts, at the k-th place, at -inf against the running top's placeholders, and NaN.
+    g = seeded(4)
+    rows, k, width = 6, 5, 9
+    levels = torch.tensor([-math.inf, -1.0, 0.0, 2.5, math.nan])
+    values = levels[torch.randint(0, len(levels), (rows, k + width), generator=g)]
+    index = torch.stack([torch.randperm(40, generator=g)[: k + width] for _ in range(rows)])
+    values[:2, :k], index[:2, :k] = -math.inf, _NO_INDEX  # running tops still empty
+    payload = index * 0.5  # must travel with its index
+    running, block = (
+        [t[:, cols] for t in (values, index, payload)] for cols in (slice(k), slice(k, None))
+    )
+    kept_values, kept_index, kept_payload = _merge_top(k, [running, block], by_index=by_index)
+    for row in range(rows):
+        # The naive order: descending value (NaN first, as torch.sort and topk), then index.
+        pairs = sorted(
+            zip(values[row].tolist(), index[row].tolist(), strict=True),
+            key=lambda vi: (-math.inf if math.isnan(vi[0]) else -vi[0], vi[1]),
+        )[:k]
+        expected = torch.tensor([v for v, _ in pairs])
+        assert torch.equal(kept_values[row].nan_to_num(7.0), expected.nan_to_num(7.0))
+        if by_index:
+            assert kept_index[row].tolist() == [i for _, i in pairs]
+        else:  # any of the tied candidates, each once, with its own value
+            at = (kept_index[row, :, None] == index[row]).int().argmax(1)
+            assert len(set(kept_index[row].tolist())) == k
+            assert torch.equal(values[row, at].nan_to_num(7.0), kept_values[row].nan_to_num(7.0))
+    assert torch.equal(kept_payload, kept_index * 0.5)
