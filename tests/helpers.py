@@ -223,6 +223,15 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, worker, args) -> 
 
     import torch.distributed as dist
 
+    # Imported before the default group exists: torch.distributed.nn.functional binds
+    # ``group.WORLD`` as its functions' default argument when it is first imported, and imported
+    # under a live group (DTensor's first use imports it, through torch._dynamo and FSDP) it kept
+    # that group alive past destroy_process_group. Its gloo worker threads then outlived it into
+    # interpreter finalisation, where one that released its last collective's tensors could not
+    # take the GIL and was ended by std::terminate (SIGABRT, "terminate called without an active
+    # exception"), now and then.
+    import torch.distributed.nn
+
     torch.set_num_threads(1)  # several ranks share a few cores
     dist.init_process_group(
         "gloo",
@@ -233,9 +242,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, worker, args) -> 
     )
     try:
         torch.save(worker(rank, world, *args), f"{out_dir}/{rank}.pt")
-        # Every rank past its last collective before any tears the group down: a rank that
-        # destroyed it (rank 0 hosts its store) while another was still in a collective or in
-        # its own teardown aborted that one (SIGABRT, seen under load).
+        # Every rank past its last collective before any tears the group down (rank 0 hosts
+        # its store), so that no rank's last collective meets a closed connection.
         dist.barrier()
     finally:
         dist.destroy_process_group()
