@@ -1111,7 +1111,8 @@ def _fused_loss_blocks(
     None). ``needs``: which of (hidden, weight, bias, row_weight) want a gradient.
 
     Row chunks outer, vocabulary inner: a chunk's blocks are computed once, folded into its
-    statistics, kept (fp32, ``chunk x V``, one workspace buffer per shard; under
+    statistics, kept (fp32, ``chunk x V``, one workspace buffer per shard: as ``exp(z -
+    centre)``, folded in place, where no softcap or entropy needs ``z`` itself; under
     ``set_block_compile`` the raw GEMM output, in the GEMMs' dtype) until its log-sum-exp
     is known (combined over the ranks' slices under vocabulary parallelism), then turned into
     ``dL/dx`` and multiplied into the gradients: 3 GEMMs of ``2 * chunk * V * D`` per chunk

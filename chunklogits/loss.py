@@ -29,7 +29,7 @@ from .distributed import checked_on_every_rank
 
 _REDUCTIONS = ("mean", "sum", "none")
 # The fewest rows per chunk with which grad_in_forward=None takes the fused pass (see there).
-_FUSED_MIN_ROWS = 256
+_FUSED_MIN_ROWS = 128
 
 
 def linear_cross_entropy(
@@ -119,26 +119,29 @@ def linear_cross_entropy(
             ``class_weight`` that requires grad) during the forward pass, so that ``backward``
             only scales them (see "Memory and time"). Needs a scalar loss (``reduction``
             "mean" or "sum"). ``True`` forces it, ``False`` forbids it, ``None`` (default) uses
-            it when gradients of hidden, weight or bias are needed, the weight is fp32 or fp64,
-            the device is one the Triton kernels do not serve, and the budget holds the logits
-            of at least ``_FUSED_MIN_ROWS`` rows (256) for the whole vocabulary. Why: the fused
-            pass saves one of the four ``2 N V D`` GEMMs and adds eager passes over each kept
-            block, so it is faster only where the GEMMs dominate, i.e. where they run in fp32
-            (AVX2 CPU, fp32: 1.24x the 3-GEMM floor against the recomputing path's 1.66x), and
-            slower where they are cheap (a Xeon with AVX512-BF16 and AMX, bf16 GEMMs: 2.2x
-            against 1.84x) or have few rows (AVX2, fp32: 1.77x at N = 1,024, D = 256,
-            V = 128,256 with its 60-row chunks). A half-precision weight, trainable or frozen,
-            keeps the recomputing path: the fused pass would hold an fp32 sum of a trainable
-            weight's gradient beyond the block budget (803 against 30 MiB of working memory at
-            N = 2,048, D = 1,024, V = 128,256), and an fp32 copy of the weight where the CPU
-            does not multiply half precision natively (``set_cpu_gemm_dtype``); where it does,
-            it gains little or loses (AMX: 2.2x against 1.84x the floor; AVX512-BF16 without
-            AMX: 1.34x against 1.44x at D = 1,024, 2.17x against 1.68x at D = 256). The rule
-            reads dtypes and the budget, never a timing. The fused pass
-            computes no top-k statistic: with ``return_token_accuracy``, ``None`` uses the
-            recomputing path and ``True`` is refused (ValueError). ``class_weight`` and
-            ``return_z_loss`` are served by both. Either way the loss behaves as an autograd
-            op: ``backward(retain_graph=True)`` may be called again, with the same gradients.
+            it when gradients of hidden, weight or bias are needed, it holds no more memory than
+            the recomputing path (an fp32 or fp64 weight, whose fp32 gradient is its own sum, or
+            a frozen half-precision weight whose GEMMs run in its dtype; a trainable one would
+            need an fp32 ``[V, D]`` sum of its gradient beyond the block budget: 226 against
+            16 MiB of working memory at N = 1,024, D = 1,024, V = 32,768), the device is one the
+            Triton kernels do not serve, and the budget holds the logits of at least
+            ``_FUSED_MIN_ROWS`` rows (128) for the whole vocabulary. Why: the fused pass saves
+            one GEMM of ``2 N V D`` flops but keeps each row chunk's logits for the whole
+            vocabulary, so its chunks hold fewer rows (GEMMs of few rows run slower on CPUs)
+            and its blocks are written out of the cache and read back. Measured side by side
+            (``bench/test_bench_loss.py::test_gradient_path_choice``, AVX512-BF16 without AMX),
+            the fused pass takes 0.75x the recomputing path's time for a frozen bf16 weight and
+            0.87x for an fp32 one at D = 1,024, V = 32,768 (186-row chunks), but 1.26x and
+            1.17x at D = 256, V = 128,256 (59-row chunks); with AVX2 and fp32 GEMMs, 1.24x
+            against 1.66x the three-GEMM floor at D = 1,024. Where the CPU has AMX, its
+            half-precision GEMMs are so fast that the passes decide: a half-precision weight
+            keeps the recomputing path there (2.2x against 1.84x the floor). The rule reads
+            dtypes, the instruction set and the budget, never a timing; the two paths differ
+            only in the rounding of the gradients. The fused pass computes no top-k statistic:
+            with ``return_token_accuracy``, ``None`` uses the recomputing path and ``True`` is
+            refused (ValueError). ``class_weight`` and ``return_z_loss`` are served by both.
+            Either way the loss behaves as an autograd op: ``backward(retain_graph=True)`` may
+            be called again, with the same gradients.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): a scalar, or per label for ``reduction="none"``.
@@ -432,17 +435,17 @@ def _fused_plan(
     ``vocab`` the group's, the same on every rank), or None where the loss takes the
     recomputing path: no gradient or no scalar loss asked for, no kept row, the token accuracy
     asked for (its top-1 statistic is computed by the recomputing path only), or, for
-    ``grad_in_forward=None``, ``_fused_costs_nothing`` false or chunks of fewer than
-    ``_FUSED_MIN_ROWS`` rows (see ``linear_cross_entropy``)."""
+    ``grad_in_forward=None``, more memory or time (``_fused_fits``, chunks of fewer than
+    ``_FUSED_MIN_ROWS`` rows) than the recomputing path (see ``linear_cross_entropy``)."""
     if reduction == "none" or rows.targets.numel() == 0 or not _grads_needed(hidden, weight, bias):
         return None
     if return_token_accuracy or grad_in_forward is False:
         return None
-    if grad_in_forward is None and not _fused_costs_nothing(rows.hidden2d, weight):
+    if grad_in_forward is None and not _fused_fits(rows.hidden2d, weight):
         return None
     # Where an fp32 [V, D] sum of the weight gradient is held anyway, a chunk's kept logits may
     # be as large (D rows): CPU GEMMs of a few dozen rows run at a fraction of their speed.
-    summed = weight.requires_grad and weight.dtype not in (torch.float32, torch.float64)
+    summed = _grads_needed(weight) and weight.dtype not in (torch.float32, torch.float64)
     kept_rows = hidden.shape[-1] if summed else 1
     plan = plan_head(
         rows.targets.numel(),
@@ -545,13 +548,20 @@ def _grads_needed(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _fused_costs_nothing(hidden2d: Tensor, weight: Tensor) -> bool:
-    """Whether ``grad_in_forward`` needs no memory beyond the block budget and the gradients
-    and is not the slower path (see ``linear_cross_entropy``): an fp32/fp64 weight (its fp32
-    gradient is its own sum, the GEMMs run in fp32 and dominate the time, no converted copy of
-    the weight), and the PyTorch loop is what would run anyway (no Triton kernels)."""
-    wide = weight.dtype in (torch.float32, torch.float64)
-    return wide and _blocks._block_functions(hidden2d)[0] is _blocks._forward_stats
+def _fused_fits(hidden2d: Tensor, weight: Tensor) -> bool:
+    """Whether ``grad_in_forward`` needs no memory beyond the block budget and the gradients,
+    the PyTorch loop is what would run anyway (no Triton kernels), and its kind of weight is one
+    the fused pass serves faster where it is (see ``linear_cross_entropy``): an fp32/fp64
+    weight (its fp32 gradient is its own sum), or a frozen one whose GEMMs run in its own
+    half precision (no gradient to sum, no converted copy of it) on a CPU without AMX (whose
+    half-precision GEMMs are so fast that the passes over the kept blocks decide)."""
+    if _blocks._block_functions(hidden2d)[0] is not _blocks._forward_stats:
+        return False
+    if weight.dtype in (torch.float32, torch.float64):
+        return True
+    own_dtype = _blocks.block_compute_dtype(weight.dtype, weight.device) == weight.dtype
+    amx = weight.device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+    return own_dtype and not amx and not _grads_needed(weight)
 
 
 def _check_num_items(num_items, reduction: str) -> None:

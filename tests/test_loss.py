@@ -544,21 +544,19 @@ def test_grad_in_forward_default_budget_plan():
     ("dtype", "weight_grad", "reduction", "budget", "expected"),
     [
         (torch.float32, True, "mean", None, True),  # the fp32 weight gradient is its own sum
-        # A half-precision weight, even frozen: slower fused where the CPU multiplies bf16
-        # natively, an fp32 copy of the weight where it does not.
-        (torch.bfloat16, False, "sum", None, False),
+        # A frozen half-precision weight: nothing to sum, no copy where its GEMMs run in its
+        # dtype (an fp32 copy of it where they run in fp32), and not where AMX makes them cheap.
+        (torch.bfloat16, False, "sum", None, "native"),
         (torch.bfloat16, True, "mean", None, False),  # would need an fp32 [V, D] sum
         (torch.float32, True, "none", None, False),  # no scalar loss
-        # The budget holds the whole vocabulary's logits for fewer than 256 of the 300 rows.
+        # The budget holds the whole vocabulary's logits for fewer than 128 of the 300 rows.
         (torch.float32, True, "mean", 2**17, False),
     ],
 )
 def test_grad_in_forward_default_decides(
     monkeypatch, cpu_gemm, dtype, weight_grad, reduction, budget, expected
 ):
-    # The rule reads dtypes and the budget only: a bf16 weight keeps the recomputing path
-    # whether the CPU's GEMMs run in bf16 (where fusing is slower) or in fp32 (where it would
-    # hold an fp32 copy of the weight).
+    # The rule reads dtypes, the instruction set and the budget only.
     from chunklogits import _blocks
 
     calls = []
@@ -577,6 +575,9 @@ def test_grad_in_forward_default_decides(
         results.append((loss.detach(), h.grad))
     for ours, naive, exact in zip(*results, strict=True):
         assert_as_accurate(ours, naive, exact, dtype, "loss and hidden gradient")
+    if expected == "native":
+        native = _blocks.block_compute_dtype(dtype, hidden.device) == dtype
+        expected = native and not torch.cpu._is_amx_tile_supported()
     assert bool(calls) == expected
 
 
