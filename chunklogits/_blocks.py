@@ -51,6 +51,9 @@ _KEPT_SHARD = 4096
 # gradient) starts 64 bytes apart in fp32: CPU GEMMs writing rows at other offsets ran up to 1.5x
 # slower (torch 2.13, AVX2: [2048, 2048] x [2048, C] at 82 GFLOP/s for C = 1018, 125 for 1016).
 _SHARD_ALIGN = 16
+# Numbers of a half-precision gradient product converted to fp32 at a time before they are
+# added to an fp32 sum (_HeadGradients): a 1 MiB buffer, beside products of up to D x shard.
+_CONVERTED_NUMEL = 2**18
 
 _CPU_GEMM_MODES = ("auto", "model", "fp32")
 _settings = {"block_budget": 32 * 2**20, "cpu_gemm": os.environ.get("CHUNKLOGITS_CPU_GEMM", "auto")}
@@ -1488,8 +1491,14 @@ class _HeadGradients:
 
     def _add_product(self, out: Tensor, a: Tensor, b: Tensor) -> None:
         """``out += a @ b``: by the GEMM itself where ``out`` has the product's dtype, else the
-        (half-precision) product converted to ``out``'s dtype (fp32) and added."""
+        (half-precision) product converted to ``out``'s dtype (fp32) and added, a slice of
+        at most ``_CONVERTED_NUMEL`` numbers at a time."""
         if out.dtype == a.dtype:
             out.addmm_(a, b)
-        else:
-            out += self._buffer("converted", out.shape, out.dtype).copy_(self._product(a, b))
+            return
+        product = self._product(a, b)
+        step = max(1, _CONVERTED_NUMEL // out.shape[1])  # rows converted at a time
+        for r in range(0, out.shape[0], step):
+            rows = slice(r, r + step)
+            converted = self._buffer("converted", product[rows].shape, out.dtype)
+            out[rows] += converted.copy_(product[rows])

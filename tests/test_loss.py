@@ -581,6 +581,28 @@ def test_grad_in_forward_default_decides(
     assert bool(calls) == expected
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_half_precision_products_added_a_slice_at_a_time(monkeypatch, grad_in_forward):
+    # bf16 block GEMMs: each gradient product is converted to fp32 a few rows at a time before
+    # it is added to the fp32 sums (here one row at a time, several shards and row chunks).
+    from chunklogits import _blocks
+
+    previous = cl.set_cpu_gemm_dtype("model")
+    try:
+        hidden, weight, bias, labels = make_inputs((2, 30), 300, 24, torch.bfloat16, 0.1, True)
+        ours = functools.partial(
+            cl.linear_cross_entropy, shards=3, chunk_size=16, grad_in_forward=grad_in_forward
+        )
+        args = (hidden, weight, bias, labels, torch.bfloat16)
+        whole, _ = check_against_oracle(*args, ours_fn=ours)
+        monkeypatch.setattr(_blocks, "_CONVERTED_NUMEL", 30)
+        sliced, _ = check_against_oracle(*args, ours_fn=ours)
+    finally:
+        cl.set_cpu_gemm_dtype(previous)
+    for a, b in zip(whole, sliced, strict=True):  # the same additions, in slices
+        assert torch.equal(a, b)
+
+
 def test_grad_in_forward_without_grad_is_the_loss():
     hidden, weight, bias, labels = make_inputs((3, 10), 99, 20, torch.float32, 0.3, bias=True)
     with torch.no_grad():
