@@ -419,7 +419,15 @@ FAST = [
     "xlm",
     "xlnet",
 ]
-ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
+
+
+def sweep_entries(every: list[str], fast: list[str]) -> list[str]:
+    """The model types a sweep runs: ``every`` one with ``CHUNKLOGITS_ALL_ARCHITECTURES=1``,
+    else its default subset ``fast``."""
+    return every if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else fast
+
+
+ENTRIES = sweep_entries(ALL, FAST)
 
 
 def build(model_type: str, mapping=MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, config=None):

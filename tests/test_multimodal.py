@@ -22,7 +22,6 @@ runs the whole mapping.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -33,7 +32,11 @@ import chunklogits as cl
 from chunklogits import reference
 from chunklogits.integrations import transformers as integration
 from tests.helpers import one_thread, seeded
-from tests.test_architectures import assert_passes_or_is_refused_by_name, tiny_config
+from tests.test_architectures import (
+    assert_passes_or_is_refused_by_name,
+    sweep_entries,
+    tiny_config,
+)
 from tests.test_transformers import _compare_with_unwrapped
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -398,7 +401,7 @@ FAST = [
     "muse_glimmer",
     "shieldgemma2",
 ]
-ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
+ENTRIES = sweep_entries(ALL, FAST)
 
 
 @pytest.mark.parametrize("model_type", ENTRIES)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -320,7 +319,7 @@ FAST = [
     "t5",
     "t5gemma",
 ]
-ENTRIES = ALL if os.environ.get("CHUNKLOGITS_ALL_ARCHITECTURES") == "1" else FAST
+ENTRIES = architectures.sweep_entries(ALL, FAST)
 
 
 @pytest.mark.parametrize("model_type", ENTRIES)
